@@ -1,0 +1,193 @@
+"""The ``cliptune`` command: export | tune | eval | predict | env.
+
+Every deliberate error is a :class:`CliptuneError`: printed as one line, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import CliptuneError, ConfigError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with exit status 2 and a one-line message (its default is a usage dump)."""
+
+    def error(self, message: str):  # noqa: D401
+        print(f"cliptune: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _add_tune_args(p: argparse.ArgumentParser) -> None:
+    from .config import BUDGET_UNITS, METHODS, MIXTURES, OPTIMIZERS
+
+    p.add_argument("--task", help="task name (default sst2): sst2, yelp_polarity, ag_news, dbpedia, mrpc, rte, snli")
+    p.add_argument("--method", choices=METHODS, help="clip (default) | bbt | manual")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, help="cma (default) | random")
+    p.add_argument("--seed", type=int, help="seed of the few-shot split, projection and optimiser (default 42)")
+    p.add_argument("--model-dir", help="exported model dir (default: the embedded splade-tiny, exported on demand)")
+    p.add_argument("--data-dir", help="data folder (default: the vendored data)")
+    p.add_argument("--data-source", choices=("local", "hub"), help="local JSONL (default) or the HF hub (online)")
+    p.add_argument("--k", type=int, help="thinned networks per candidate (default 4)")
+    p.add_argument("--p", type=float, help="dropout rate of the embedded model's export (default 0.1)")
+    p.add_argument("--mixture", choices=MIXTURES, help="how K rewards combine (default mean_loss)")
+    p.add_argument("--loss", choices=("ce", "hinge"), help="default: the task's (hinge for mrpc, snli, rte)")
+    p.add_argument("--d", type=int, help="intrinsic dimension (default 500)")
+    p.add_argument("--popsize", type=int, help="CMA-ES population (default 20)")
+    p.add_argument("--sigma0", type=float, help="CMA-ES initial step size (default 1.0)")
+    p.add_argument("--budget", type=int, help="budget (default 8000)")
+    p.add_argument("--budget-unit", choices=BUDGET_UNITS, help="calls (default) or forward passes")
+    p.add_argument("--eval-every", type=int, help="calls between dev evaluations (default 100)")
+    p.add_argument("--checkpoint-every", type=int, help="generations between checkpoints (default 10)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto (CUDA when present)")
+    p.add_argument("--cands-per-call", type=int, help="candidates per session run (0 = 1 on CPU, all on CUDA)")
+    p.add_argument("--n-buckets", type=int, help="length buckets of the train set (default 4; 1 = one padded batch)")
+    p.add_argument("--threads", type=int, help="ORT intra-op threads (0 = cores)")
+    p.add_argument("--workers", type=int, help="parallel single-threaded session runs on CPU (0 = one per core)")
+    p.add_argument("--max-len", type=int, help="token limit per example (0 = the model's)")
+    p.add_argument("--verbalizer-policy", choices=("error", "first"), help="multi-token verbalizer words")
+    p.add_argument("--config", help="JSON file of settings (CLI flags override it)")
+
+
+_TUNE_KEYS = ("task", "method", "optimizer", "seed", "model_dir", "data_dir", "data_source", "k", "p", "mixture",
+              "loss", "d", "popsize", "sigma0", "budget", "budget_unit", "eval_every", "checkpoint_every", "device",
+              "cands_per_call", "n_buckets", "threads", "workers", "max_len", "verbalizer_policy")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="cliptune", description="Clip-Tuning on ONNX Runtime: derivative-free prompt learning")
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    e = sub.add_parser("export", help="export a HF masked LM into K+1 ONNX graphs (needs the export extra)")
+    e.add_argument("model", help="local Hugging Face masked-LM folder or hub id")
+    e.add_argument("--out", required=True, help="output model dir")
+    e.add_argument("--k", type=int, default=4, help="thinned graphs (default 4)")
+    e.add_argument("--p", type=float, default=0.1, help="dropout rate of the masks (default 0.1)")
+    e.add_argument("--seed", type=int, default=0, help="mask seed base: graph k uses seed + k (default 0)")
+    e.add_argument("--n-prompt", type=int, default=50, help="prompt positions L (default 50)")
+    e.add_argument("--random-init", action="store_true", help="random weights from config.json (benchmarks)")
+    e.add_argument("--tokenizer", help="tokenizer folder/id when it differs from the model's")
+    e.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32", help="graph precision")
+    e.add_argument("--atol", type=float, default=None, help="parity tolerance (default 1e-4 fp32)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+    t = sub.add_parser("tune", help="tune a soft prompt (default: SST-2 on the embedded model)")
+    _add_tune_args(t)
+    t.add_argument("--out", help="run dir (default runs/<task>_<method>_seed<seed>)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    t.add_argument("--force-resume", action="store_true", help="resume even if settings or model differ")
+    t.add_argument("--overwrite", action="store_true", help="delete an existing run in --out first")
+    t.add_argument("--quiet", action="store_true", help="no progress output")
+
+    v = sub.add_parser("eval", help="evaluate a run's best prompt on a split with the full network")
+    v.add_argument("run_dir")
+    v.add_argument("--split", choices=("train", "dev", "test"), default="test")
+    v.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
+
+    pr = sub.add_parser("predict", help="classify text with a tuned prompt (run dir or deployed .onnx)")
+    pr.add_argument("run_dir", help="run dir, or a deployed classifier .onnx")
+    pr.add_argument("--text", action="append", required=True, help="text to classify (repeatable)")
+    pr.add_argument("--text-b", action="append", help="second text for pair tasks (repeatable)")
+    pr.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
+
+    sub.add_parser("env", help="print versions and available ONNX Runtime providers")
+    return ap
+
+
+def _default_run_dir(cfg) -> Path:
+    return Path("runs") / f"{cfg.task}_{cfg.method}_seed{cfg.seed}"
+
+
+def cmd_export(a) -> int:
+    try:
+        from cliptune_export import ExportOptions, export_model
+    except ImportError as e:
+        raise ConfigError(f"`cliptune export` needs the export extra ({e.name} is missing): "
+                          "pip install torch==2.13.0 && pip install -e '.[export]'") from None
+    opts = ExportOptions(k=a.k, p=a.p, seed=a.seed, n_prompt=a.n_prompt, random_init=a.random_init,
+                         tokenizer=a.tokenizer, overwrite=a.overwrite, precision=a.precision)
+    if a.atol is not None:
+        opts.atol = a.atol
+    man = export_model(a.model, a.out, opts)
+    print(json.dumps({"out": a.out, "graphs": {g["file"]: g["max_abs_diff"] for g in man["graphs"]}}, indent=1))
+    return 0
+
+
+def cmd_tune(a) -> int:
+    from .config import build_config
+    from .tuner import RunInterrupted, tune
+
+    cfg = build_config(a.config, **{k: getattr(a, k) for k in _TUNE_KEYS if k != "config"})
+    out = Path(a.out) if a.out else _default_run_dir(cfg)
+    try:
+        res = tune(cfg, out, resume=a.resume, overwrite=a.overwrite, force_resume=a.force_resume,
+                   progress=not a.quiet)
+    except RunInterrupted as e:
+        print(f"cliptune: {e}", file=sys.stderr)
+        return 130
+    _print_result(res, out)
+    return 0
+
+
+def _print_result(res: dict, out: Path) -> None:
+    test = res["test"]["metric"] if res.get("test") else None
+    line = {"run_dir": str(out), "task": res["task"], "method": res["method"], "seed": res["seed"],
+            "train_metric": res["train"]["metric"], "dev_metric": res["dev"]["metric"],
+            "test_metric": test, "metric": res["metric"], "calls": res["calls"],
+            "forward_passes": res["forward_passes"], "wall_seconds": res["wall_seconds"],
+            "provider": res["provider"]}
+    print(json.dumps(line))
+
+
+def cmd_eval(a) -> int:
+    from .predict import evaluate_run
+
+    res = evaluate_run(a.run_dir, a.split, device=a.device)
+    print(json.dumps(res))
+    return 0
+
+
+def cmd_predict(a) -> int:
+    from .predict import predict
+
+    rows = predict(a.run_dir, a.text, a.text_b, device=a.device)
+    for r in rows:
+        print(json.dumps(r))
+    return 0
+
+
+def cmd_env(a) -> int:
+    import importlib.metadata as md
+    import platform
+
+    import onnxruntime as ort
+
+    info = {"cliptune_ort": __import__("cliptune_ort").__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "onnxruntime": ort.__version__,
+            "onnxruntime_device": ort.get_device(), "providers": ort.get_available_providers()}
+    for pkg in ("numpy", "cma", "tokenizers", "datasets", "torch", "transformers", "onnx"):
+        try:
+            info[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            info[pkg] = None
+    print(json.dumps(info, indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    handlers = {"export": cmd_export, "tune": cmd_tune, "eval": cmd_eval, "predict": cmd_predict, "env": cmd_env}
+    try:
+        return handlers[a.cmd](a)
+    except CliptuneError as e:
+        msg = " ".join(str(e).split())
+        print(f"cliptune: error: {msg}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Every tuning default in one place, with a comment, and the checks on user values.
+
+A :class:`TuneConfig` is built from defaults, then a JSON config file (``--config``), then CLI
+flags; :func:`validate` turns every bad value into a one-line :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+METHODS = ("clip", "bbt", "manual")
+OPTIMIZERS = ("cma", "random")
+MIXTURES = ("mean_loss", "mean_logits", "assign")
+BUDGET_UNITS = ("calls", "forward")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class TuneConfig:
+    task: str = "sst2"  # task name from the task table (cliptune_ort.tasks)
+    method: str = "clip"  # clip: K thinned nets | bbt: full network only | manual: no soft prompt
+    optimizer: str = "cma"  # cma (CMA-ES, the `cma` package) | random (Gaussian local random search)
+    seed: int = 42  # few-shot sample, projection A, optimiser
+    model_dir: str | None = None  # exported model dir; None = the embedded splade-tiny (exported on demand)
+    data_dir: str | None = None  # data folder; None = the vendored data
+    data_source: str = "local"  # local (JSONL files) | hub (datasets.load_dataset, needs network)
+    per_class: int = 16  # few-shot examples per class in train and in dev
+    k: int = 4  # thinned networks scored per candidate (clip); must be <= the export's K
+    p: float = 0.1  # dropout rate of the embedded default's export (only used to pick/export it)
+    mixture: str = "mean_loss"  # how the K rewards combine: mean_loss | mean_logits | assign
+    loss: str | None = None  # ce | hinge; None = the task's default (hinge for mrpc, snli, rte)
+    margin: float = 2.0  # hinge margin (BBT)
+    d: int = 500  # intrinsic dimension of z
+    popsize: int = 20  # candidates per generation
+    sigma0: float = 1.0  # CMA-ES initial step size (also scales the projection A)
+    budget: int = 8000  # stop after this many calls (or forward passes, see budget_unit)
+    budget_unit: str = "calls"  # calls: one candidate on the train set | forward: one pass through one graph
+    eval_every: int = 100  # calls between dev evaluations of the best candidate so far
+    checkpoint_every: int = 10  # generations between checkpoints
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda
+    cands_per_call: int = 0  # candidates stacked per session run; 0 = 1 on CPU, all on CUDA
+    n_buckets: int = 4  # length buckets of the fixed train set, each padded to its own longest (1 = BBT: one padded batch)
+    eval_chunk: int = 256  # dev/test examples per session run (bounds memory)
+    threads: int = 0  # ORT intra-op threads per session; 0 = 1 when workers > 1, else the number of cores
+    workers: int = 0  # parallel session runs on the CPU; 0 = one per core (each single-threaded)
+    max_len: int = 0  # token limit per example; 0 = the model's limit
+    verbalizer_policy: str = "error"  # error: a multi-token verbalizer word is refused | first: first sub-token
+    plot: bool = True  # write convergence.png (matplotlib)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def run_key(self) -> dict[str, Any]:
+        """The values that define a run's results (a resume must match them)."""
+        d = self.to_dict()
+        for k in ("device", "threads", "workers", "checkpoint_every", "plot", "eval_chunk"):
+            d.pop(k)
+        return d
+
+
+_FIELDS = {f.name: f for f in fields(TuneConfig)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Convert ``value`` to the field's type; one-line error when it cannot be."""
+    default = getattr(TuneConfig, name, None)
+    typ = type(default) if default is not None else str
+    if name in ("model_dir", "data_dir", "loss"):
+        return None if value is None else str(value)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "0", "false", "no"):
+            return value.lower() in ("1", "true", "yes")
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} must be an integer, got {value!r}") from None
+    if typ is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} must be a number, got {value!r}") from None
+        return v
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} must be a string, got {value!r}")
+    return value
+
+
+def build_config(file: str | Path | None = None, **overrides: Any) -> TuneConfig:
+    """Defaults <- JSON config file <- overrides (None values are ignored); validated."""
+    values: dict[str, Any] = {}
+    if file is not None:
+        path = Path(file)
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist: pass an existing JSON file to --config") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"config file {path} is not valid JSON ({e}): fix the file") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a JSON object of settings, got {type(raw).__name__}")
+        values.update(raw)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = sorted(set(values) - set(_FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}: expected names from "
+                          f"{', '.join(sorted(_FIELDS))}")
+    cfg = TuneConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    validate(cfg)
+    return cfg
+
+
+def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ConfigError(f"{name} must be one of {', '.join(options)}, got {value!r}")
+
+
+def _positive(name: str, value: float, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok or (isinstance(value, float) and not math.isfinite(value)):
+        raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'} and finite, got {value!r}")
+
+
+def validate(cfg: TuneConfig) -> None:
+    """Raise ConfigError (one line) for any value out of its domain."""
+    _choice("method", cfg.method, METHODS)
+    _choice("optimizer", cfg.optimizer, OPTIMIZERS)
+    _choice("mixture", cfg.mixture, MIXTURES)
+    _choice("budget_unit", cfg.budget_unit, BUDGET_UNITS)
+    _choice("device", cfg.device, DEVICES)
+    _choice("data_source", cfg.data_source, ("local", "hub"))
+    _choice("verbalizer_policy", cfg.verbalizer_policy, ("error", "first"))
+    if cfg.loss is not None:
+        _choice("loss", cfg.loss, ("ce", "hinge"))
+    for name in ("per_class", "d", "popsize", "budget", "eval_every", "checkpoint_every", "n_buckets", "eval_chunk"):
+        _positive(name, getattr(cfg, name))
+    for name in ("cands_per_call", "threads", "workers", "max_len", "seed"):
+        _positive(name, getattr(cfg, name), allow_zero=True)
+    if cfg.method == "clip":
+        _positive("k", cfg.k)
+    _positive("sigma0", cfg.sigma0)
+    _positive("margin", cfg.margin, allow_zero=True)
+    if not (0.0 < cfg.p < 1.0):
+        raise ConfigError(f"p must be in (0, 1), got {cfg.p!r}")
+    if cfg.popsize < 2:
+        raise ConfigError(f"popsize must be >= 2 (CMA-ES needs a population), got {cfg.popsize}")
+    if cfg.budget < cfg.popsize:
+        raise ConfigError(f"budget ({cfg.budget}) must be at least one generation (popsize {cfg.popsize})")
+    if cfg.seed >= 2**31:
+        raise ConfigError(f"seed must be < 2**31, got {cfg.seed}")

@@ -1,0 +1,497 @@
+"""Data loading and the BBT few-shot protocol.
+
+Local data (the default) are JSON Lines files, one object per line with ``text``, ``label`` (int) and, for
+pair tasks, ``text_b``; files may be gzipped (``*.jsonl.gz``). The vendored copy lives in
+``cliptune_ort/assets/data/<task>/`` (see :func:`default_data_dir`); ``--data-dir`` points elsewhere.
+
+Few-shot protocol (BBT, Sun et al. 2022; LM-BFF style): a seed shuffles the full train split; walking in that
+order, the first ``per_class`` examples of each label are train and the next ``per_class`` of each label are
+dev (:func:`bbt_sample`). Tasks whose full train split is not offline (ag_news, dbpedia, yelp_polarity) use
+the fixed RLPrompt splits ``fewshot_rlprompt/<per_class>-<seed>/{train,dev}.jsonl`` instead. The test split
+is the task's original evaluation split (``TaskSpec.local_test`` / ``TaskSpec.hub_test_split``).
+
+Only numpy is imported at module load; ``datasets`` is imported lazily by :func:`load_hub_split`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import zlib
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cliptune_ort.errors import ConfigError, DataError
+from cliptune_ort.tasks import TaskSpec, get_task
+
+#: Folder (under a task's data folder) holding predrawn few-shot splits as ``<per_class>-<seed>/``.
+PREDRAWN_DIR = "fewshot_rlprompt"
+#: Hub split the few-shot train/dev sets are sampled from when ``source="hub"``.
+HUB_TRAIN_SPLIT = "train"
+#: Hub column holding the integer label (the same for all seven tasks).
+HUB_LABEL = "label"
+
+_SPLIT_PART = re.compile(r"^[A-Za-z0-9_\-.]+$")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One labelled example: ``text`` (and ``text_b`` for pair tasks) with its label id."""
+
+    text: str
+    label: int
+    text_b: str | None = None
+
+
+@dataclass
+class FewShot:
+    """A few-shot task instance.
+
+    Fields:
+        train: ``per_class * labels`` examples the prompt is optimised on (walk order of the sampler).
+        dev: ``per_class * labels`` examples that select the prompt, disjoint from train.
+        test: the evaluation split, or None where none is available (``info["test_note"]`` says why).
+        info: JSON-serialisable record of how the split was made: ``task``, ``seed``, ``per_class``,
+            ``source`` ("local"/"hub"), ``data_dir`` (str or None), ``fewshot`` ("sampled"/"predrawn"),
+            ``train_source`` / ``test_source`` (file or hub split), ``train_counts`` / ``dev_counts`` /
+            ``test_counts`` (examples per label id, lists of length labels; test_counts None without test),
+            ``test_note``, ``train_note``; for sampled splits also ``pool_size`` (examples sampled from),
+            ``dropped_rows`` (rows without a gold label removed first) and ``train_indices`` /
+            ``dev_indices`` (positions of the chosen examples in that pool).
+    """
+
+    train: list[Example]
+    dev: list[Example]
+    test: list[Example] | None
+    info: dict[str, Any]
+
+
+def default_data_dir() -> Path:
+    """The vendored data folder, ``cliptune_ort/assets/data`` (next to this file)."""
+    return Path(__file__).resolve().parent / "assets" / "data"
+
+
+def _spec(task: str | TaskSpec) -> TaskSpec:
+    return task if isinstance(task, TaskSpec) else get_task(task)
+
+
+def _check_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise ConfigError(f"seed {seed!r}: expected an int in 0..2**32-1 (numpy RandomState); pass --seed "
+                          "with such a value, e.g. 13, 21, 42, 87 or 100")
+    return int(seed)
+
+
+def _check_per_class(per_class: int) -> int:
+    if isinstance(per_class, bool) or not isinstance(per_class, (int, np.integer)) or per_class < 1:
+        raise ConfigError(f"per_class {per_class!r}: expected a positive int (examples per label in train "
+                          "and in dev, 16 in BBT)")
+    return int(per_class)
+
+
+def _read_jsonl(
+    path: Path, n_labels: int | None, pair: bool, drop_labels: Collection[int]
+) -> tuple[list[dict[str, Any]], int]:
+    """:func:`read_jsonl`'s work; also returns how many rows were dropped (label in drop_labels)."""
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found; expected a JSON Lines file there (pass --data-dir "
+                        "pointing at a folder with one sub-folder per task)")
+    try:
+        raw = path.read_bytes()
+        if path.name.endswith(".gz"):
+            raw = gzip.decompress(raw)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: expected a gzip-compressed JSON Lines file, found a corrupt or truncated "
+                        f"gzip stream ({e}); restore the file (check it against SHA256SUMS)") from e
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the data file ({e}); check that it is a readable file") from e
+    try:
+        content = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: expected UTF-8 text, found invalid byte(s) "
+                        f"{raw[e.start:e.end]!r}; re-encode the file as UTF-8") from e
+
+    drop = frozenset(drop_labels)
+    rows: list[dict[str, Any]] = []
+    n_objects = 0
+    loads = json.loads
+    # split("\n"), not splitlines(): U+2028 and friends may legally occur inside JSON strings.
+    for lineno, line in enumerate(content.split("\n"), start=1):
+        if not line.strip():
+            continue
+        n_objects += 1
+        try:
+            row = loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: expected one JSON object per line, found invalid JSON "
+                            f"({e.msg} at column {e.colno}); fix or remove that line") from e
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object per line, found a JSON "
+                            f"{type(row).__name__}; write one {{\"text\": ..., \"label\": ...}} object per line")
+        label = row.get("label")
+        if type(label) is not int:  # bool is an int subclass: rejected too
+            found = "no 'label' field" if "label" not in row else f"label {label!r}"
+            raise DataError(f"{path}:{lineno}: expected an int 'label' field, found {found}; "
+                            "labels must be integer class ids")
+        if label in drop:
+            continue
+        if n_labels is not None and not 0 <= label < n_labels:
+            raise DataError(f"{path}:{lineno}: expected a label in 0..{n_labels - 1}, found {label}; "
+                            "use the task's label ids (see the task's README)")
+        text = row.get("text")
+        if not isinstance(text, str):
+            found = "no 'text' field" if "text" not in row else f"{type(text).__name__} {text!r:.40}"
+            raise DataError(f"{path}:{lineno}: expected a string 'text' field, found {found}; "
+                            "every row needs its input text in 'text'")
+        if pair:
+            text_b = row.get("text_b")
+            if not isinstance(text_b, str):
+                found = "no 'text_b' field" if "text_b" not in row else f"{type(text_b).__name__} {text_b!r:.40}"
+                raise DataError(f"{path}:{lineno}: expected a string 'text_b' field (sentence-pair task), "
+                                f"found {found}; every row needs its second sentence in 'text_b'")
+        rows.append(row)
+    if n_objects == 0:
+        raise DataError(f"{path}: expected JSON Lines rows, found an empty file; restore the file (check "
+                        "it against SHA256SUMS)")
+    return rows, n_objects - len(rows)
+
+
+def read_jsonl(
+    path: str | os.PathLike[str],
+    *,
+    n_labels: int | None = None,
+    pair: bool = False,
+    drop_labels: Collection[int] = (),
+) -> list[dict[str, Any]]:
+    """Read and validate a JSON Lines file (``.jsonl``, or gzipped when the name ends in ``.gz``).
+
+    Each non-blank line must be a JSON object with a string ``text`` and an int ``label`` (in
+    ``range(n_labels)`` when ``n_labels`` is given), plus a string ``text_b`` when ``pair`` is true. Rows
+    whose label is in ``drop_labels`` (SNLI's -1 = no gold label) are skipped. The file must be strict
+    UTF-8 and hold at least one row.
+
+    Why plain ``json`` + ``gzip`` (the default path for local files): the file is read and decoded once
+    and parsed line by line, which loads SST-2's 67k-row train split in ~0.25 s and writes nothing.
+    ``datasets`` would build and cache an Arrow table on first use (seconds, plus files under
+    ``~/.cache``) and is a heavy import, for no gain at these sizes.
+
+    Returns:
+        The kept rows as dicts in file order (every field of a row, not only the checked ones).
+
+    Raises:
+        DataError: one line naming the file (and line number where there is one) for a missing or
+            unreadable file, a corrupt gzip stream, non-UTF-8 bytes, a line that is not a JSON object, a
+            missing or mistyped field, a label out of range, or an empty file.
+    """
+    rows, _ = _read_jsonl(Path(path), n_labels, pair, drop_labels)
+    return rows
+
+
+def _resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path:
+    root = default_data_dir() if data_dir is None else Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"data directory {root} not found; expected a folder with one sub-folder per task "
+                        "(sst2/, mrpc/, ...); pass --data-dir pointing at it")
+    return root
+
+
+def _task_dir(spec: TaskSpec, data_dir: str | os.PathLike[str] | None) -> Path:
+    folder = _resolve_data_dir(data_dir) / spec.local_dir
+    if not folder.is_dir():
+        raise DataError(f"task folder {folder} not found; expected the {spec.name} data in "
+                        f"<data-dir>/{spec.local_dir}/; pass --data-dir pointing at a folder that has it")
+    return folder
+
+
+def _load_local(spec: TaskSpec, path: Path) -> tuple[list[Example], int]:
+    """Examples of one local file of ``spec`` and the number of rows dropped for having no gold label."""
+    rows, dropped = _read_jsonl(path, spec.n_labels, spec.pair, spec.drop_labels)
+    if not rows:
+        raise DataError(f"{path}: expected at least one labelled example, found none (all {dropped} rows "
+                        f"have a label in {sorted(spec.drop_labels)}); restore the file")
+    if spec.pair:
+        return [Example(r["text"], r["label"], r["text_b"]) for r in rows], dropped
+    return [Example(r["text"], r["label"]) for r in rows], dropped
+
+
+def _split_path(spec: TaskSpec, folder: Path, split: str) -> Path:
+    """Local file of ``split``: "train"/"test" through the spec, else ``<split>`` or ``<split>.jsonl[.gz]``."""
+    if split == "train":
+        if spec.local_train is None:
+            raise DataError(f"task {spec.name!r} has no full train split offline (its few-shot splits are "
+                            f"predrawn in {folder / PREDRAWN_DIR}); use load_fewshot, or source='hub'")
+        return folder / spec.local_train
+    if split == "test":
+        if spec.local_test is None:
+            raise DataError(f"task {spec.name!r}: {spec.test_note}")
+        return folder / spec.local_test
+    parts = split.split("/") if isinstance(split, str) else [""]
+    if not all(_SPLIT_PART.match(p) and p not in (".", "..") for p in parts):
+        raise DataError(f"split {split!r}: expected 'train', 'test' or a file under {folder}, with or without "
+                        "its .jsonl[.gz] extension (letters, digits, '_', '-', '.', '/'; no '..')")
+    for suffix in ("", ".jsonl", ".jsonl.gz"):
+        candidate = folder / f"{split}{suffix}"
+        if candidate.name.endswith((".jsonl", ".jsonl.gz")) and candidate.is_file():
+            return candidate
+    available = sorted(f.relative_to(folder).as_posix().split(".jsonl")[0] for f in folder.rglob("*.jsonl*"))
+    raise DataError(f"split {split!r} of task {spec.name!r}: expected {folder / split}.jsonl[.gz], not "
+                    f"found; available: train, test, {', '.join(available)}")
+
+
+def load_split(
+    task: str | TaskSpec, split: str, data_dir: str | os.PathLike[str] | None = None
+) -> list[Example]:
+    """Load one local split of ``task`` as a list of :class:`Example` (file order).
+
+    ``split`` is "train" (the spec's full train file, e.g. ``sst2/train.jsonl.gz``), "test" (the spec's
+    evaluation file, e.g. GLUE ``validation.jsonl`` for sst2) or a file under the task folder, with or
+    without its extension (e.g. "validation", "fewshot_rlprompt/16-13/dev", "test.jsonl" for MRPC's
+    labelled MSR test file, which is not BBT's test split). Rows without a gold label (SNLI -1)
+    are dropped. ``data_dir`` defaults to :func:`default_data_dir`.
+
+    Raises:
+        DataError: missing data dir / task folder / file, malformed file, or no examples.
+        TaskError: unknown task name.
+    """
+    spec = _spec(task)
+    folder = _task_dir(spec, data_dir)
+    return _load_local(spec, _split_path(spec, folder, split))[0]
+
+
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:limit]}"
+
+
+def _load_hub(spec: TaskSpec, split: str) -> tuple[list[Example], int, str]:
+    """Examples of a hub split, rows dropped for having no gold label, and a description of the source."""
+    hub_split = spec.hub_test_split if split == "test" else split
+    where = f"hub dataset {spec.hub_path}" + (f"/{spec.hub_config}" if spec.hub_config else "")
+    where += f" split {hub_split!r}"
+    try:
+        import datasets  # lazy: heavy import, only needed online
+    except ImportError as e:
+        raise DataError(f"{where}: source='hub' needs the 'datasets' package, which is not installed; "
+                        "pip install datasets, or use the local data (source='local')") from e
+    try:
+        ds = datasets.load_dataset(spec.hub_path, spec.hub_config, split=hub_split)
+    except (OSError, ValueError) as e:  # network errors, dataset/split not found, offline mode
+        raise DataError(f"{where}: could not be loaded ({_one_line(e)}); check the network, or use the "
+                        "local data (source='local')") from e
+
+    columns = [spec.hub_text, HUB_LABEL] + ([spec.hub_text_b] if spec.hub_text_b else [])
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise DataError(f"{where}: expected columns {columns}, found {ds.column_names} (missing {missing}); "
+                        "the hub dataset changed: use the local data (source='local')")
+    names = getattr(ds.features[HUB_LABEL], "names", None)
+    if names is not None and tuple(names) != spec.label_names:
+        raise DataError(f"{where}: expected label names {list(spec.label_names)}, found {list(names)}; the "
+                        "label ids would not match the verbalizer: use the local data (source='local')")
+
+    texts = list(ds[spec.hub_text])
+    labels = list(ds[HUB_LABEL])
+    texts_b = list(ds[spec.hub_text_b]) if spec.hub_text_b else [None] * len(texts)
+    drop = frozenset(spec.drop_labels)
+    examples: list[Example] = []
+    for i, (text, label, text_b) in enumerate(zip(texts, labels, texts_b)):
+        if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
+            raise DataError(f"{where} row {i}: expected an int label, found {label!r}; use source='local'")
+        label = int(label)
+        if label in drop:
+            continue
+        if not 0 <= label < spec.n_labels:
+            raise DataError(f"{where} row {i}: expected a label in 0..{spec.n_labels - 1}, found {label}; "
+                            "use source='local'")
+        if not isinstance(text, str) or (spec.pair and not isinstance(text_b, str)):
+            raise DataError(f"{where} row {i}: expected string text column(s) {columns[::2]}, found "
+                            f"{type(text).__name__}/{type(text_b).__name__}; use source='local'")
+        examples.append(Example(text, label, text_b))
+    if not examples:
+        raise DataError(f"{where}: expected at least one labelled example, found an empty split; "
+                        "use the local data (source='local')")
+    return examples, len(texts) - len(examples), where
+
+
+def load_hub_split(task: str | TaskSpec, split: str) -> list[Example]:
+    """Load one split of ``task`` from the Hugging Face hub (needs ``datasets`` and a network).
+
+    ``split`` is "test" (the spec's ``hub_test_split``: GLUE "validation" for sst2/mrpc/rte, "test"
+    elsewhere) or a hub split name ("train", "validation", ...). Columns are mapped to :class:`Example`
+    via ``hub_text`` / ``hub_text_b`` / "label"; the dataset's label names must equal the spec's
+    ``label_names``; rows without a gold label (SNLI -1) are dropped. Texts are kept as the hub has them.
+
+    Raises:
+        DataError: ``datasets`` missing, the dataset or split cannot be loaded, unexpected columns or label
+            names, a bad label, or an empty split.
+    """
+    return _load_hub(_spec(task), split)[0]
+
+
+def bbt_sample_indices(
+    labels: Sequence[int], n_labels: int, seed: int, per_class: int = 16
+) -> tuple[list[int], list[int]]:
+    """BBT's few-shot sampler on a list of label ids; returns ``(train_indices, dev_indices)``.
+
+    ``rng = np.random.RandomState(seed)`` permutes ``range(len(labels))``; walking in that order, the first
+    ``per_class`` indices of each label go to train and the next ``per_class`` to dev. This equals BBT's
+    ``np.random.seed(seed); np.random.shuffle(all_indices)`` walk. Both lists have
+    ``per_class * n_labels`` indices, in walk order, and are disjoint. Deterministic in ``seed``.
+
+    Raises:
+        DataError: a label outside ``range(n_labels)``, or a label with fewer than ``2 * per_class``
+            examples.
+        ConfigError: a seed outside 0..2**32-1, a per_class < 1 or an n_labels < 1.
+    """
+    seed = _check_seed(seed)
+    per_class = _check_per_class(per_class)
+    if isinstance(n_labels, bool) or not isinstance(n_labels, (int, np.integer)) or n_labels < 1:
+        raise ConfigError(f"n_labels {n_labels!r}: expected a positive int (the task's number of classes)")
+    lab = np.asarray(labels)
+    if lab.ndim != 1 or (lab.size and not np.issubdtype(lab.dtype, np.integer)):
+        raise DataError(f"few-shot sampling: expected a flat list of int label ids, found an array of "
+                        f"shape {lab.shape} and dtype {lab.dtype}")
+    if lab.size and (lab.min() < 0 or lab.max() >= n_labels):
+        bad = int(lab.min()) if lab.min() < 0 else int(lab.max())
+        raise DataError(f"few-shot sampling: expected label ids in 0..{n_labels - 1}, found {bad}; drop "
+                        "rows without a gold label before sampling")
+    counts = np.bincount(lab.astype(np.int64), minlength=n_labels) if lab.size else np.zeros(n_labels, int)
+    short = {c: int(counts[c]) for c in range(n_labels) if counts[c] < 2 * per_class}
+    if short:
+        raise DataError(f"few-shot sampling: expected at least {2 * per_class} examples of every label "
+                        f"({per_class} train + {per_class} dev), found {short} (label: count); use a larger "
+                        "train split or a smaller per_class")
+
+    label_list = lab.tolist()
+    train_left = [per_class] * n_labels
+    dev_left = [per_class] * n_labels
+    remaining = 2 * per_class * n_labels
+    train: list[int] = []
+    dev: list[int] = []
+    for i in np.random.RandomState(seed).permutation(len(label_list)).tolist():
+        c = label_list[i]
+        if train_left[c]:
+            train_left[c] -= 1
+            train.append(i)
+        elif dev_left[c]:
+            dev_left[c] -= 1
+            dev.append(i)
+        else:
+            continue
+        remaining -= 1
+        if remaining == 0:
+            break
+    return train, dev
+
+
+def bbt_sample(
+    examples: Sequence[Example], n_labels: int, seed: int, per_class: int = 16
+) -> tuple[list[Example], list[Example]]:
+    """BBT / LM-BFF few-shot split of a full train split: ``(train, dev)``, each ``per_class * n_labels``.
+
+    See :func:`bbt_sample_indices` for the procedure (seeded permutation, first ``per_class`` of each label
+    to train, next ``per_class`` to dev). Same seed, same split.
+    """
+    train_idx, dev_idx = bbt_sample_indices([e.label for e in examples], n_labels, seed, per_class)
+    return [examples[i] for i in train_idx], [examples[i] for i in dev_idx]
+
+
+def _counts(examples: Sequence[Example], n_labels: int) -> list[int]:
+    return np.bincount([e.label for e in examples], minlength=n_labels).tolist() if examples else [0] * n_labels
+
+
+def _predrawn(spec: TaskSpec, folder: Path, seed: int, per_class: int) -> tuple[list[Example], list[Example], Path]:
+    base = folder / PREDRAWN_DIR
+    pdir = base / f"{per_class}-{seed}"
+    if not pdir.is_dir():
+        seeds = sorted(int(d.name.split("-", 1)[1]) for d in base.glob(f"{per_class}-*")
+                       if d.is_dir() and d.name.split("-", 1)[1].isdigit()) if base.is_dir() else []
+        found = ", ".join(map(str, seeds)) if seeds else "none"
+        raise DataError(f"task {spec.name!r} has no predrawn {per_class}-shot split for seed {seed} (expected "
+                        f"{pdir}); available seeds: {found}; pass --seed with one of these, or use "
+                        "source='hub' to sample from the full train split")
+    train = _load_local(spec, pdir / "train.jsonl")[0]
+    dev = _load_local(spec, pdir / "dev.jsonl")[0]
+    for name, part in (("train", train), ("dev", dev)):
+        counts = _counts(part, spec.n_labels)
+        if any(c != per_class for c in counts):
+            raise DataError(f"{pdir / name}.jsonl: expected {per_class} examples of every label, found "
+                            f"{counts} (per label id); restore the file (check it against SHA256SUMS)")
+    return train, dev, pdir
+
+
+def load_fewshot(
+    task_name_or_spec: str | TaskSpec,
+    seed: int,
+    data_dir: str | os.PathLike[str] | None = None,
+    per_class: int = 16,
+    source: str = "local",
+) -> FewShot:
+    """Build the few-shot train/dev split and the test split of a task (BBT protocol).
+
+    ``source="local"`` (default): tasks with ``fewshot == "sample"`` (sst2, mrpc, rte, snli) run
+    :func:`bbt_sample` with ``seed`` over the local train file (for snli the first 100k train lines, see
+    ``info["train_note"]``); ``"predrawn"`` tasks (ag_news, dbpedia, yelp_polarity) read
+    ``fewshot_rlprompt/<per_class>-<seed>/{train,dev}.jsonl`` (seeds 13, 21, 42, 87, 100 ship). Test is
+    the spec's local test file, or None where none is offline (yelp_polarity). ``source="hub"``: samples
+    every task from the hub's full train split and tests on the hub's test split.
+
+    Returns:
+        :class:`FewShot` with ``per_class * labels`` train and dev examples and ``info`` describing them.
+
+    Raises:
+        DataError: missing data dir or file, a predrawn seed that does not exist, a malformed or empty split,
+            too few examples of a label.
+        ConfigError: bad ``seed`` / ``per_class`` / ``source``.
+        TaskError: unknown task name.
+    """
+    spec = _spec(task_name_or_spec)
+    seed = _check_seed(seed)
+    per_class = _check_per_class(per_class)
+    if source not in ("local", "hub"):
+        raise ConfigError(f"source {source!r}: expected 'local' (the data folder) or 'hub' (Hugging Face hub)")
+
+    info: dict[str, Any] = {"task": spec.name, "seed": seed, "per_class": per_class, "source": source}
+    test: list[Example] | None
+    if source == "hub":
+        pool, dropped, where = _load_hub(spec, HUB_TRAIN_SPLIT)
+        train_idx, dev_idx = bbt_sample_indices([e.label for e in pool], spec.n_labels, seed, per_class)
+        test, _, test_where = _load_hub(spec, "test")
+        info.update(data_dir=None, fewshot="sampled", train_source=where, test_source=test_where,
+                    train_note="", test_note=f"hub split {spec.hub_test_split!r}, BBT's test split")
+    else:
+        folder = _task_dir(spec, data_dir)
+        info.update(data_dir=str(folder.parent), train_note=spec.train_note, test_note=spec.test_note)
+        if spec.fewshot == "sample":
+            path = _split_path(spec, folder, "train")
+            pool, dropped = _load_local(spec, path)
+            train_idx, dev_idx = bbt_sample_indices([e.label for e in pool], spec.n_labels, seed, per_class)
+            info.update(fewshot="sampled", train_source=path.relative_to(folder.parent).as_posix())
+        else:
+            train, dev, pdir = _predrawn(spec, folder, seed, per_class)
+            info.update(fewshot="predrawn", train_source=pdir.relative_to(folder.parent).as_posix())
+        if spec.local_test is None:
+            test = None
+            info["test_source"] = None
+        else:
+            test_path = _split_path(spec, folder, "test")
+            test = _load_local(spec, test_path)[0]
+            info["test_source"] = test_path.relative_to(folder.parent).as_posix()
+
+    if info["fewshot"] == "sampled":
+        train = [pool[i] for i in train_idx]
+        dev = [pool[i] for i in dev_idx]
+        info.update(pool_size=len(pool), dropped_rows=dropped, train_indices=train_idx, dev_indices=dev_idx)
+    info.update(
+        train_counts=_counts(train, spec.n_labels),
+        dev_counts=_counts(dev, spec.n_labels),
+        test_counts=None if test is None else _counts(test, spec.n_labels),
+    )
+    return FewShot(train=train, dev=dev, test=test, info=info)

@@ -1,0 +1,64 @@
+"""Finding a model directory: a user's export, or the embedded splade-tiny exported on demand.
+
+The export needs torch, which a tune process must never import: the embedded default is exported
+by a *subprocess* (``python -m cliptune_export``) into a cache folder, once per (K, p, seed).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .errors import ConfigError, ModelDirError
+from .manifest import MANIFEST_NAME
+
+EMBEDDED_MODEL = Path(__file__).resolve().parent / "assets" / "models" / "splade-tiny"
+
+
+def cache_dir() -> Path:
+    """``$CLIPTUNE_CACHE`` or ``~/.cache/cliptune``."""
+    env = os.environ.get("CLIPTUNE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "cliptune"
+
+
+def embedded_export_dir(k: int, p: float, seed: int = 0, precision: str = "fp32") -> Path:
+    tag = f"splade-tiny_k{k}_p{p:g}_s{seed}" + ("" if precision == "fp32" else f"_{precision}")
+    return cache_dir() / "exports" / tag
+
+
+def export_subprocess(model: str | Path, out: Path, k: int, p: float, seed: int = 0,
+                      extra: list[str] | None = None) -> None:
+    """Run the export in a child process (the parent never imports torch)."""
+    cmd = [sys.executable, "-m", "cliptune_export", str(model), "--out", str(out), "--k", str(k),
+           "--p", repr(p), "--seed", str(seed), *(extra or [])]
+    print(f"[cliptune] exporting {model} -> {out} (K={k}, p={p:g}); this happens once", file=sys.stderr, flush=True)
+    res = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+    if res.returncode != 0:
+        tail = (res.stderr or "").strip().splitlines()
+        last = tail[-1] if tail else f"exit {res.returncode}"
+        if "No module named 'torch'" in (res.stderr or "") or "No module named 'transformers'" in (res.stderr or ""):
+            raise ModelDirError("exporting the embedded model needs the export extra (torch, transformers, onnx): "
+                                "pip install torch==2.13.0 && pip install -e '.[export]', or pass --model-dir")
+        raise ModelDirError(f"export of {model} failed: {last}")
+
+
+def resolve_model_dir(model_dir: str | None, k: int, p: float, precision: str = "fp32") -> Path:
+    """The model dir to use: the given one, or the embedded export (made now if missing)."""
+    if model_dir is not None:
+        path = Path(model_dir)
+        if not path.exists():
+            raise ModelDirError(f"model dir {path} does not exist: run `cliptune export MODEL --out {path}` first")
+        return path
+    k_export = max(4, k)
+    out = embedded_export_dir(k_export, p, precision=precision)
+    if not (out / MANIFEST_NAME).is_file():
+        if not EMBEDDED_MODEL.is_dir():
+            raise ModelDirError(f"the embedded model is missing at {EMBEDDED_MODEL}: reinstall cliptune-ort")
+        extra = [] if precision == "fp32" else ["--precision", precision]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        export_subprocess(EMBEDDED_MODEL, out, k_export, p, extra=extra)
+        if not (out / MANIFEST_NAME).is_file():
+            raise ConfigError(f"export finished but {out / MANIFEST_NAME} is missing")
+    return out

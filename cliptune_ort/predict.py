@@ -1,0 +1,68 @@
+"""Using a finished run: re-evaluate its best prompt on a split, classify new text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .config import build_config
+from .data import Example
+from .errors import ConfigError
+from .tuner import evaluate, prepare
+
+
+def _load_run(run_dir: str | Path, device: str | None):
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file():
+        raise ConfigError(f"{run_dir} has no config.json: expected a run dir written by `cliptune tune`")
+    raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+    model_dir = raw.pop("resolved_model_dir", None)
+    raw.pop("loss_used", None)
+    if device is not None:
+        raw["device"] = device
+    cfg = build_config(**raw)
+    if cfg.method != "manual" and not (run_dir / "best_prompt.npy").is_file():
+        raise ConfigError(f"{run_dir} has no best_prompt.npy: the run has not finished; resume it first")
+    prompt = None
+    if cfg.method != "manual":
+        prompt = np.load(run_dir / "best_prompt.npy", allow_pickle=False)
+    ws = prepare(cfg, Path(model_dir) if model_dir else None)
+    return cfg, ws, prompt
+
+
+def evaluate_run(run_dir: str | Path, split: str = "test", device: str | None = None) -> dict:
+    """Metric and loss of the run's best prompt on ``split`` with the full network."""
+    cfg, ws, prompt = _load_run(run_dir, device)
+    batch = {"train": ws.train, "dev": ws.dev, "test": ws.test}[split]
+    if batch is None:
+        raise ConfigError(f"task {cfg.task} has no {split} split offline: pick another --split")
+    return {"run_dir": str(run_dir), "split": split, "metric_name": ws.task.metric, **evaluate(ws, prompt, batch)}
+
+
+def predict(run_dir: str | Path, texts: list[str], texts_b: list[str] | None = None,
+            device: str | None = None) -> list[dict]:
+    """Class probabilities for each text (pair tasks take ``texts_b``)."""
+    if str(run_dir).endswith(".onnx"):
+        from .deploy import predict_deployed
+
+        return predict_deployed(run_dir, texts, texts_b)
+    cfg, ws, prompt = _load_run(run_dir, device)
+    if ws.task.pair and (not texts_b or len(texts_b) != len(texts)):
+        raise ConfigError(f"task {cfg.task} classifies text pairs: pass one --text-b per --text")
+    exs = [Example(t, 0, texts_b[i] if texts_b else None) for i, t in enumerate(texts)]
+    enc = ws.ptok.encode(ws.task.template, exs, use_prompt=cfg.method != "manual")
+    batch = ws.engine.prepare(enc, 1)
+    p = ws.zero_prompt() if prompt is None else prompt[None].astype(np.float32)
+    logits = ws.engine.logits(0, p, batch, ws.verbalizer_ids)[0]
+    z = logits - logits.max(axis=-1, keepdims=True)
+    probs = np.exp(z) / np.exp(z).sum(axis=-1, keepdims=True)
+    out = []
+    for i, t in enumerate(texts):
+        j = int(np.argmax(probs[i]))
+        out.append({"text": t, "label": j, "label_name": ws.task.label_names[j],
+                    "verbalizer": ws.task.verbalizer[j],
+                    "probs": {ws.task.label_names[c]: round(float(probs[i, c]), 6) for c in range(probs.shape[1])}})
+    return out

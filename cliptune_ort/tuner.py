@@ -1,0 +1,498 @@
+"""The tuning loop: CMA-ES proposes z, the thinned networks score A z, the best prompt is kept.
+
+Data flow (DESIGN.md)::
+
+    ask -> Z [pop, d] -> A Z -> prompts [pop, L, hidden] -> K sessions -> logits [K, pop, n, labels]
+    tell <- fitness [pop] <- mixture over K <- loss per (k, candidate)
+    every eval_every calls: best z so far -> full graph on dev -> keep best -> test once at the end
+
+A run directory holds: config.json (resolved), history.jsonl (one line per dev evaluation),
+checkpoint.json (+ checkpoint.prev.json), best_z.npy [d], best_prompt.npy [L, hidden],
+result.json and convergence.png.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import signal
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .config import TuneConfig
+from .data import FewShot, load_fewshot
+from .encoding import Encoded, PromptTokenizer
+from .engine import Engine, FixedBatch
+from .errors import CheckpointError, ConfigError, NumericError
+from .fileio import append_line, atomic_write_bytes, atomic_write_json, atomic_write_text
+from .losses import loss_fn, metric_fn
+from .manifest import Manifest, load_manifest
+from .models import resolve_model_dir
+from .optim import digest, make_optimizer
+from .tasks import TaskSpec, get_task
+
+CKPT = "checkpoint.json"
+CKPT_PREV = "checkpoint.prev.json"
+
+
+def projection(seed: int, d: int, n_prompt: int, hidden: int, emb_std: float, sigma0: float) -> np.ndarray:
+    """The fixed random projection, transposed: At [d, L*hidden], entries N(0, s^2),
+    s = emb_std / (sqrt(d) * sigma0) (BBT). prompt = z @ At."""
+    s = emb_std / (math.sqrt(d) * sigma0)
+    rng = np.random.default_rng([seed, 1])
+    at = rng.standard_normal((d, n_prompt * hidden), dtype=np.float32)
+    at *= np.float32(s)
+    return at
+
+
+@dataclass
+class Workspace:
+    """Everything a run needs, built once: task, model, sessions, fixed batches, projection."""
+
+    cfg: TuneConfig
+    task: TaskSpec
+    manifest: Manifest
+    engine: Engine
+    ptok: PromptTokenizer
+    verbalizer_ids: np.ndarray
+    fewshot: FewShot
+    train: FixedBatch
+    dev: FixedBatch
+    test: FixedBatch | None
+    at: np.ndarray | None  # [d, L*hidden]
+    loss: str
+    graphs_train: list[int]
+
+    def prompts(self, z: np.ndarray) -> np.ndarray:
+        """Z [pop, d] -> prompts [pop, L, hidden] (float32)."""
+        z = np.asarray(z, dtype=np.float32).reshape(-1, self.cfg.d)
+        return (z @ self.at).reshape(z.shape[0], self.manifest.n_prompt, self.manifest.hidden)
+
+    def zero_prompt(self) -> np.ndarray:
+        return np.zeros((1, self.manifest.n_prompt, self.manifest.hidden), dtype=np.float32)
+
+
+def eval_batch(engine: Engine, enc: Encoded, chunk: int) -> FixedBatch:
+    """Dev/test sets: length-sorted chunks of at most ``chunk`` rows (bounded memory, little padding)."""
+    return engine.prepare(enc, n_buckets=max(1, math.ceil(len(enc) / chunk)))
+
+
+def prepare(cfg: TuneConfig, model_dir: Path | None = None, log=print) -> Workspace:
+    task = get_task(cfg.task)
+    model_dir = model_dir or resolve_model_dir(cfg.model_dir, cfg.k, cfg.p)
+    manifest = load_manifest(model_dir)
+    if cfg.method == "clip":
+        if cfg.k > manifest.k:
+            raise ConfigError(f"k={cfg.k} thinned networks asked for, but {model_dir} has {manifest.k}: "
+                              f"re-export with --k {cfg.k} or lower --k")
+        graphs_train = list(range(1, cfg.k + 1))
+    else:
+        graphs_train = [0]
+    fewshot = load_fewshot(task, cfg.seed, data_dir=cfg.data_dir, per_class=cfg.per_class, source=cfg.data_source)
+    max_len = cfg.max_len or int(manifest.data["model"]["max_positions"])
+    ptok = PromptTokenizer(manifest.tokenizer_path, manifest.data["tokenizer"], manifest.n_prompt,
+                           manifest.data["placeholder_ids"], max_len)
+    verb = ptok.verbalizer_ids(task.verbalizer, cfg.verbalizer_policy)
+    use_prompt = cfg.method != "manual"
+    engine = Engine(manifest, sorted(set(graphs_train) | {0}), device=cfg.device, cands_per_call=cfg.cands_per_call,
+                    threads=cfg.threads, workers=cfg.workers)
+    enc_train = ptok.encode(task.template, fewshot.train, use_prompt)
+    enc_dev = ptok.encode(task.template, fewshot.dev, use_prompt)
+    train = engine.prepare(enc_train, cfg.n_buckets)
+    dev = eval_batch(engine, enc_dev, cfg.eval_chunk)
+    test = None
+    if fewshot.test is not None:
+        enc_test = ptok.encode(task.template, fewshot.test, use_prompt)
+        test = eval_batch(engine, enc_test, cfg.eval_chunk)
+    at = None
+    if use_prompt:
+        at = projection(cfg.seed, cfg.d, manifest.n_prompt, manifest.hidden, manifest.embedding_std, cfg.sigma0)
+    return Workspace(cfg, task, manifest, engine, ptok, verb, fewshot, train, dev, test, at,
+                     cfg.loss or task.loss, graphs_train)
+
+
+def score(ws: Workspace, prompts: np.ndarray) -> np.ndarray:
+    """Fitness [pop] (lower is better) of prompts [pop, L, hidden]: the mixture of rewards."""
+    cfg, eng, labels = ws.cfg, ws.engine, ws.train.labels
+    pop = prompts.shape[0]
+
+    def loss(logits):
+        return loss_fn(ws.loss, logits, labels, cfg.margin)
+
+    if cfg.method != "clip":
+        return loss(eng.logits(0, prompts, ws.train, ws.verbalizer_ids))
+    if cfg.mixture == "assign":
+        fit = np.empty(pop)
+        nets = len(ws.graphs_train)
+        parts = [(g, np.arange(j, pop, nets)) for j, g in enumerate(ws.graphs_train) if j < pop]
+        res = eng.logits_multi([(g, prompts[idx]) for g, idx in parts], ws.train, ws.verbalizer_ids)
+        for (g, idx), logits in zip(parts, res):
+            fit[idx] = loss(logits)
+        return fit
+    per_net = eng.logits_multi([(g, prompts) for g in ws.graphs_train], ws.train, ws.verbalizer_ids)
+    if cfg.mixture == "mean_logits":
+        return loss(np.mean(per_net, axis=0))
+    return np.mean([loss(x) for x in per_net], axis=0)
+
+
+def evaluate(ws: Workspace, prompt: np.ndarray | None, batch: FixedBatch) -> dict[str, float]:
+    """Full-network metric and loss of one prompt [L, hidden] (None: no soft prompt) on ``batch``."""
+    p = ws.zero_prompt() if prompt is None else prompt.reshape(1, ws.manifest.n_prompt, ws.manifest.hidden)
+    logits = ws.engine.logits(0, p.astype(np.float32), batch, ws.verbalizer_ids)[0]
+    return {"metric": metric_fn(ws.task.metric, logits, batch.labels),
+            "loss": float(loss_fn(ws.loss, logits, batch.labels, ws.cfg.margin)), "n": batch.n}
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _checksum(state: dict) -> str:
+    body = {k: v for k, v in state.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def save_checkpoint(run_dir: Path, state: dict) -> None:
+    """Atomic write; the previous good checkpoint is kept as checkpoint.prev.json."""
+    state = dict(state)
+    state["checksum"] = _checksum(state)
+    cur = run_dir / CKPT
+    if cur.exists():
+        cur.replace(run_dir / CKPT_PREV)
+    atomic_write_json(cur, state)
+
+
+def _read_checkpoint(path: Path) -> dict | None:
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(state, dict) or state.get("checksum") != _checksum(state):
+        return None
+    return state
+
+
+def load_checkpoint(run_dir: Path) -> dict | None:
+    """The newest valid checkpoint; a corrupt newest one falls back to the previous with a warning."""
+    cur, prev = run_dir / CKPT, run_dir / CKPT_PREV
+    if cur.exists():
+        state = _read_checkpoint(cur)
+        if state is not None:
+            return state
+        if prev.exists():
+            state = _read_checkpoint(prev)
+            if state is not None:
+                warnings.warn(f"{cur} is corrupt or truncated; resuming from {prev.name} "
+                              f"(generation {state['generation']})", RuntimeWarning, stacklevel=2)
+                return state
+        raise CheckpointError(f"{cur} is corrupt and no valid {CKPT_PREV} exists: start over with --overwrite")
+    if prev.exists():
+        return _read_checkpoint(prev)
+    return None
+
+
+def _save_array(path: Path, arr: np.ndarray) -> None:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(arr), allow_pickle=False)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+# ---------------------------------------------------------------- the run
+
+
+class _Interrupt:
+    """SIGINT: finish the current generation, checkpoint, exit. A second SIGINT stops at once."""
+
+    def __init__(self):
+        self.hit = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def _handler(self, signum, frame):
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+        print("\n[cliptune] interrupt: finishing this generation and writing a checkpoint "
+              "(Ctrl-C again to stop now)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+class RunInterrupted(Exception):
+    """Raised after a SIGINT checkpoint; the CLI exits 130 with the resume command."""
+
+
+def versions() -> dict[str, str]:
+    import cma
+    import onnxruntime
+
+    return {"cliptune_ort": __version__, "python": platform.python_version(), "numpy": np.__version__,
+            "onnxruntime": onnxruntime.__version__, "cma": cma.__version__, "platform": platform.platform()}
+
+
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber a run; clear it on --overwrite."""
+    if not run_dir.exists():
+        return
+    has_run = any((run_dir / f).exists() for f in (CKPT, CKPT_PREV, "result.json", "config.json"))
+    if has_run and overwrite:
+        import shutil
+
+        shutil.rmtree(run_dir)
+    elif has_run and not resume:
+        raise ConfigError(f"run dir {run_dir} already holds a run: pass --resume to continue it, "
+                          "--overwrite to start over, or another --out")
+
+
+def tune(cfg: TuneConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
+         force_resume: bool = False, progress: bool = True, model_dir: Path | None = None,
+         stop_after_generations: int | None = None) -> dict[str, Any]:
+    """Run (or resume) one tuning run in ``run_dir``; returns the result dict (also result.json)."""
+    t_start = time.perf_counter()
+    run_dir = Path(run_dir)
+    check_run_dir(run_dir, resume, overwrite)
+    if resume and (run_dir / "result.json").exists():
+        return json.loads((run_dir / "result.json").read_text())
+    ws = prepare(cfg, model_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = ws.manifest.fingerprint()
+    state = load_checkpoint(run_dir) if resume else None
+    if state is not None and not force_resume:
+        if state.get("run_key") != cfg.run_key():
+            old = state.get("run_key") or {}
+            diff = sorted(k for k in set(old) | set(cfg.run_key()) if old.get(k) != cfg.run_key().get(k))
+            raise CheckpointError(f"run dir {run_dir} was started with other settings ({', '.join(diff)}): resume "
+                                  "with the same settings, or pass --force-resume to continue anyway")
+        if state.get("model") != fingerprint:
+            raise CheckpointError(f"run dir {run_dir} was started on another model export: pass the same "
+                                  "--model-dir, or --force-resume to continue anyway")
+    atomic_write_json(run_dir / "config.json", {**cfg.to_dict(), "resolved_model_dir": str(ws.manifest.root.resolve()),
+                                                "loss_used": ws.loss})
+
+    timing = {"ask_tell": 0.0, "projection": 0.0, "scoring": 0.0, "eval": 0.0}
+    if cfg.method == "manual":
+        result = _finish(ws, run_dir, None, None, [], 0, 0, timing, t_start, None)
+        return result
+
+    opt = make_optimizer(cfg.optimizer, cfg.d, cfg.popsize, cfg.sigma0, cfg.seed)
+    if state is None:
+        state = {"format": "cliptune-checkpoint", "version": 1, "run_key": cfg.run_key(), "model": fingerprint,
+                 "generation": 0, "calls": 0, "forward_passes": 0, "elapsed": 0.0, "fitness": [], "digests": [],
+                 "best_fit": None, "best_z": None, "best_dev": None, "best_dev_z": None, "best_dev_calls": None,
+                 "evals": [], "next_eval": cfg.eval_every}
+        atomic_write_text(run_dir / "history.jsonl", "")
+    else:
+        opt.replay(state["fitness"], state["digests"])
+        atomic_write_text(run_dir / "history.jsonl", "".join(json.dumps(e) + "\n" for e in state["evals"]))
+        print(f"[cliptune] resumed {run_dir} at generation {state['generation']} ({state['calls']} calls)",
+              file=sys.stderr, flush=True)
+    elapsed0 = float(state["elapsed"])
+    t_loop = time.perf_counter()
+
+    def used() -> int:
+        return state["calls"] if cfg.budget_unit == "calls" else state["forward_passes"]
+
+    bar = _progress(cfg.budget, used(), progress)
+    stop_reason = None
+    gens_this_process = 0
+    with _Interrupt() as intr:
+        while used() < cfg.budget:
+            t0 = time.perf_counter()
+            z = opt.ask()
+            t1 = time.perf_counter()
+            prompts = ws.prompts(z)
+            t2 = time.perf_counter()
+            fp0 = ws.engine.forward_passes
+            fit = score(ws, prompts)
+            t3 = time.perf_counter()
+            if not np.all(np.isfinite(fit)):
+                bad = int(np.flatnonzero(~np.isfinite(fit))[0])
+                atomic_write_json(run_dir / "nan_candidate.json", {"generation": state["generation"], "index": bad,
+                                                                   "fitness": repr(fit[bad]), "z": z[bad].tolist()})
+                raise NumericError(f"loss is {fit[bad]} for candidate {bad} of generation {state['generation']} "
+                                   f"(saved to {run_dir / 'nan_candidate.json'}): lower --sigma0 or check the model")
+            opt.tell(z, fit)
+            t4 = time.perf_counter()
+            timing["ask_tell"] += (t1 - t0) + (t4 - t3)
+            timing["projection"] += t2 - t1
+            timing["scoring"] += t3 - t2
+            state["fitness"].append([float(f) for f in fit])
+            state["digests"].append(digest(z))
+            state["generation"] += 1
+            state["calls"] += len(fit)
+            state["forward_passes"] += ws.engine.forward_passes - fp0
+            i = int(np.argmin(fit))
+            if state["best_fit"] is None or fit[i] < state["best_fit"]:
+                state["best_fit"] = float(fit[i])
+                state["best_z"] = [float(v) for v in z[i]]
+            while state["calls"] >= state["next_eval"] or used() >= cfg.budget:
+                te = time.perf_counter()
+                _dev_eval(ws, state, run_dir)
+                timing["eval"] += time.perf_counter() - te
+                state["next_eval"] += cfg.eval_every
+                if used() >= cfg.budget:
+                    break
+            bar.update(used(), state)
+            gens_this_process += 1
+            reason = opt.stop_reason()
+            last = used() >= cfg.budget or reason is not None
+            if last or state["generation"] % cfg.checkpoint_every == 0 or intr.hit or (
+                    stop_after_generations is not None and gens_this_process >= stop_after_generations):
+                state["elapsed"] = elapsed0 + time.perf_counter() - t_loop
+                save_checkpoint(run_dir, state)
+            if reason is not None:
+                stop_reason = f"optimizer stopped: {reason}"
+                break
+            if intr.hit:
+                bar.close()
+                raise RunInterrupted(f"interrupted at generation {state['generation']} ({state['calls']} calls); "
+                                     f"checkpoint written. Resume with: cliptune tune --resume --out {run_dir} "
+                                     "(same settings)")
+            if stop_after_generations is not None and gens_this_process >= stop_after_generations:
+                bar.close()
+                return {"stopped_after_generations": gens_this_process, "generation": state["generation"]}
+    bar.close()
+    state["elapsed"] = elapsed0 + time.perf_counter() - t_loop
+    return _finish(ws, run_dir, state, stop_reason, state["evals"], state["calls"], state["forward_passes"],
+                   timing, t_start, elapsed0)
+
+
+def _dev_eval(ws: Workspace, state: dict, run_dir: Path) -> None:
+    """Score the best candidate so far on dev with the full network; keep it if it is the best."""
+    z = np.asarray(state["best_z"])
+    r = evaluate(ws, ws.prompts(z)[0], ws.dev)
+    improved = state["best_dev"] is None or r["metric"] > state["best_dev"]
+    if improved:
+        state["best_dev"] = r["metric"]
+        state["best_dev_z"] = state["best_z"]
+        state["best_dev_calls"] = state["calls"]
+    entry = {"calls": state["calls"], "forward_passes": state["forward_passes"], "generation": state["generation"],
+             "best_train_fitness": state["best_fit"], "dev_metric": r["metric"], "dev_loss": r["loss"],
+             "best_dev_metric": state["best_dev"], "improved": improved}
+    state["evals"].append(entry)
+    append_line(run_dir / "history.jsonl", json.dumps(entry))
+
+
+def _finish(ws: Workspace, run_dir: Path, state: dict | None, stop_reason: str | None, evals: list, calls: int,
+            passes: int, timing: dict, t_start: float, elapsed0: float | None) -> dict[str, Any]:
+    """Test once with the best-dev prompt; write best_z/best_prompt, result.json and the plot."""
+    cfg = ws.cfg
+    te = time.perf_counter()
+    if state is not None:
+        z = np.asarray(state["best_dev_z"], dtype=np.float64)
+        prompt = ws.prompts(z)[0]
+        _save_array(run_dir / "best_z.npy", z)
+        _save_array(run_dir / "best_prompt.npy", prompt)
+    else:
+        prompt = None
+    train = evaluate(ws, prompt, ws.train)
+    dev = evaluate(ws, prompt, ws.dev)
+    test = evaluate(ws, prompt, ws.test) if ws.test is not None else None
+    timing["final_eval"] = time.perf_counter() - te
+    wall = time.perf_counter() - t_start + (elapsed0 or 0.0)
+    timing["session_run_seconds"] = ws.engine.session_seconds
+    result = {
+        "task": cfg.task, "method": cfg.method, "optimizer": cfg.optimizer, "seed": cfg.seed,
+        "k": cfg.k if cfg.method == "clip" else 0, "mixture": cfg.mixture if cfg.method == "clip" else None,
+        "p": ws.manifest.data["p"] if cfg.method == "clip" else None, "loss": ws.loss, "metric": ws.task.metric,
+        "train": train, "dev": {**dev, "best_at_calls": state["best_dev_calls"] if state else None},
+        "test": test, "test_note": None if test is not None else ws.fewshot.info.get("test_note", "no test split"),
+        "calls": calls, "forward_passes": passes, "generations": state["generation"] if state else 0,
+        "budget": cfg.budget, "budget_unit": cfg.budget_unit, "stop_reason": stop_reason,
+        "best_train_fitness": state["best_fit"] if state else None,
+        "wall_seconds": round(wall, 3), "timing_seconds": {k: round(v, 4) for k, v in timing.items()},
+        "provider": ws.engine.provider, "cands_per_call": ws.engine.cands_per_call,
+        "train_padded_fraction": round(ws.train.padded_fraction, 4), "n_buckets": cfg.n_buckets,
+        "model_dir": str(ws.manifest.root.resolve()), "model_source": ws.manifest.data["model"]["source"],
+        "export_id": ws.manifest.data["export_id"], "fewshot": ws.fewshot.info,
+        "versions": versions(),
+    }
+    atomic_write_json(run_dir / "result.json", result)
+    if cfg.plot and evals:
+        try:
+            plot_convergence(evals, run_dir / "convergence.png", f"{cfg.task} {cfg.method} seed {cfg.seed}")
+        except ImportError:
+            warnings.warn("matplotlib is not installed: no convergence.png", RuntimeWarning, stacklevel=2)
+    return result
+
+
+def plot_convergence(evals: list[dict], path: Path, title: str) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    calls = [e["calls"] for e in evals]
+    fig, ax1 = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    ax1.plot(calls, [e["dev_metric"] for e in evals], label="dev metric (best-so-far candidate)", color="C0")
+    ax1.plot(calls, [e["best_dev_metric"] for e in evals], label="best dev metric", color="C0", linestyle="--")
+    ax1.set_xlabel("calls")
+    ax1.set_ylabel("dev metric")
+    ax2 = ax1.twinx()
+    ax2.plot(calls, [e["best_train_fitness"] for e in evals], label="best train fitness", color="C1")
+    ax2.set_ylabel("train fitness (loss)")
+    ax1.set_title(title)
+    lines = ax1.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    labels = ax1.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]
+    ax1.legend(lines, labels, loc="center right", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+class _progress:
+    """A progress bar on stderr (tqdm when the terminal is interactive)."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, initial=start, unit="call", dynamic_ncols=True, file=sys.stderr)
+            except ImportError:
+                self.bar = None
+        self.enabled = enabled
+        self.last = start
+        self.total = total
+        self._t = time.perf_counter()
+
+    def update(self, used: int, state: dict) -> None:
+        if self.bar is not None:
+            self.bar.update(used - self.last)
+            self.bar.set_postfix(loss=f"{state['best_fit']:.4f}",
+                                 dev=f"{state['best_dev']:.3f}" if state["best_dev"] is not None else "-")
+        elif self.enabled and (time.perf_counter() - self._t > 10 or used >= self.total):
+            self._t = time.perf_counter()
+            dev = f"{state['best_dev']:.3f}" if state["best_dev"] is not None else "-"
+            print(f"[cliptune] {used}/{self.total} best train loss {state['best_fit']:.4f} best dev {dev}",
+                  file=sys.stderr, flush=True)
+        self.last = used
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
