@@ -48,13 +48,15 @@ def _add_tune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="ORT intra-op threads (0 = cores)")
     p.add_argument("--workers", type=int, help="parallel single-threaded session runs on CPU (0 = one per core)")
     p.add_argument("--max-len", type=int, help="token limit per example (0 = the model's)")
+    p.add_argument("--template", help="override the task template (<P>, {text}, [MASK])")
+    p.add_argument("--verbalizer", help="override the verbalizer: comma-separated words in label order")
     p.add_argument("--verbalizer-policy", choices=("error", "first"), help="multi-token verbalizer words")
     p.add_argument("--config", help="JSON file of settings (CLI flags override it)")
 
 
 _TUNE_KEYS = ("task", "method", "optimizer", "seed", "model_dir", "data_dir", "data_source", "k", "p", "mixture",
               "loss", "d", "popsize", "sigma0", "budget", "budget_unit", "eval_every", "checkpoint_every", "device",
-              "cands_per_call", "n_buckets", "threads", "workers", "max_len", "verbalizer_policy")
+              "cands_per_call", "n_buckets", "threads", "workers", "max_len", "template", "verbalizer", "verbalizer_policy")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--random-init", action="store_true", help="random weights from config.json (benchmarks)")
     e.add_argument("--tokenizer", help="tokenizer folder/id when it differs from the model's")
     e.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32", help="graph precision")
-    e.add_argument("--atol", type=float, default=None, help="parity tolerance (default 1e-4 fp32)")
+    e.add_argument("--atol", type=float, default=None, help="parity tolerance (default 1e-4 fp32, 2e-2 fp16)")
+    e.add_argument("--fold-masks", action=argparse.BooleanOptionalAction, default=None,
+                   help="fold masks into weights (default: on for fp16, off otherwise)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
     t = sub.add_parser("tune", help="tune a soft prompt (default: SST-2 on the embedded model)")
@@ -108,7 +112,8 @@ def cmd_export(a) -> int:
         raise ConfigError(f"`cliptune export` needs the export extra ({e.name} is missing): "
                           "pip install torch==2.13.0 && pip install -e '.[export]'") from None
     opts = ExportOptions(k=a.k, p=a.p, seed=a.seed, n_prompt=a.n_prompt, random_init=a.random_init,
-                         tokenizer=a.tokenizer, overwrite=a.overwrite, precision=a.precision)
+                         tokenizer=a.tokenizer, overwrite=a.overwrite, precision=a.precision,
+                         fold_masks=a.fold_masks)
     if a.atol is not None:
         opts.atol = a.atol
     man = export_model(a.model, a.out, opts)

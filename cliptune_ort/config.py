@@ -50,6 +50,8 @@ class TuneConfig:
     threads: int = 0  # ORT intra-op threads per session; 0 = 1 when workers > 1, else the number of cores
     workers: int = 0  # parallel session runs on the CPU; 0 = one per core (each single-threaded)
     max_len: int = 0  # token limit per example; 0 = the model's limit
+    template: str | None = None  # override the task's template (must hold <P>, [MASK] and {text})
+    verbalizer: str | None = None  # override the task's verbalizer: comma-separated words in label order
     verbalizer_policy: str = "error"  # error: a multi-token verbalizer word is refused | first: first sub-token
     plot: bool = True  # write convergence.png (matplotlib)
 
@@ -71,8 +73,16 @@ def _coerce(name: str, value: Any) -> Any:
     """Convert ``value`` to the field's type; one-line error when it cannot be."""
     default = getattr(TuneConfig, name, None)
     typ = type(default) if default is not None else str
-    if name in ("model_dir", "data_dir", "loss"):
-        return None if value is None else str(value)
+    if name in ("model_dir", "data_dir", "loss", "template"):
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return value
+    if name == "verbalizer":
+        if isinstance(value, (list, tuple)) and all(isinstance(w, str) for w in value):
+            value = ",".join(value)
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"verbalizer must be comma-separated words or a list of strings, got {value!r}")
+        return value
     if typ is bool:
         if isinstance(value, bool):
             return value

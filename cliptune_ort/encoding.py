@@ -49,6 +49,14 @@ class Encoded:
     min_seq: int = 1
 
 
+def clean_text(text: str | None) -> str | None:
+    """BBT's per-task clean-ups, harmless everywhere: literal backslash-n pairs (Yelp) become spaces,
+    outer whitespace (DBPedia's leading space, SST-2's trailing space) is stripped."""
+    if text is None:
+        return None
+    return text.replace("\\n", " ").strip()
+
+
 class PromptTokenizer:
     """Renders task templates with a model directory's tokenizer and prompt placeholders."""
 
@@ -106,7 +114,7 @@ class PromptTokenizer:
             raise TaskError(f"template {template!r} must contain [MASK] exactly once")
         if "<P>" in parts and parts[0] != "<P>":
             raise TaskError(f"template {template!r} must start with <P> (prompt positions 1..L)")
-        texts = {"{text}": ex.text, "{text_b}": ex.text_b}
+        texts = {"{text}": clean_text(ex.text), "{text_b}": clean_text(ex.text_b)}
         fixed = 2  # [CLS] [SEP]
         segs: list[tuple[str, list[int]]] = []
         for i, part in enumerate(parts):

@@ -68,7 +68,8 @@ class Engine:
             self.sessions = {g: self._make(g, spec) for g in self.graphs}
         self._pool = ThreadPoolExecutor(self.workers) if self.workers > 1 and self.device == "cpu" else None
         self.cands_per_call = int(cands_per_call) if cands_per_call else (1 if self.device == "cpu" else 10**9)
-        self.dtype = np.float16 if manifest.precision == "fp16" else np.float32
+        pe = next(i for i in next(iter(self.sessions.values())).get_inputs() if i.name == "prompt_embeds")
+        self.dtype = np.float16 if pe.type == "tensor(float16)" else np.float32
         self.forward_passes = 0  # candidate x example-set passes through one graph
         self.session_runs = 0
         self.session_seconds = 0.0

@@ -76,6 +76,7 @@ class SessionSpec:
     optimization: str = "all"  # ORT graph optimisation level: disable|basic|extended|all
     cuda_options: dict = field(default_factory=dict)  # extra CUDA provider options
     cuda_graph: bool = False  # capture CUDA graphs (fixed shapes and IOBinding only)
+    cpu_arena: bool = False  # ORT CPU memory arena (keeps peak allocations; off measured leaner)
 
 
 _LEVELS = {
@@ -94,6 +95,9 @@ def make_session(path: str | Path, spec: SessionSpec, shared: SharedWeights | No
     so.intra_op_num_threads = spec.threads or (os.cpu_count() or 1)
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if spec.device == "cpu" and not spec.cpu_arena:
+        # varying shapes (buckets, dev/test chunks) make the arena keep every peak: measured 618 -> 357 MB peak RSS for an SST-2 run, same speed
+        so.enable_cpu_mem_arena = False
     if spec.n_live > 1:
         # several sessions called in turn on few cores: spinning pools fight (142 ms vs 37 ms measured)
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")

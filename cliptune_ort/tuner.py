@@ -86,8 +86,25 @@ def eval_batch(engine: Engine, enc: Encoded, chunk: int) -> FixedBatch:
     return engine.prepare(enc, n_buckets=max(1, math.ceil(len(enc) / chunk)))
 
 
-def prepare(cfg: TuneConfig, model_dir: Path | None = None, log=print) -> Workspace:
+def task_for(cfg: TuneConfig) -> TaskSpec:
+    """The task spec with the run's template/verbalizer overrides applied (checked by TaskSpec)."""
+    import dataclasses
+
     task = get_task(cfg.task)
+    changes: dict[str, Any] = {}
+    if cfg.template is not None:
+        changes["template"] = cfg.template
+    if cfg.verbalizer is not None:
+        words = tuple(w.strip() for w in cfg.verbalizer.split(","))
+        if len(words) != task.n_labels or not all(words):
+            raise ConfigError(f"verbalizer {cfg.verbalizer!r} has {len(words)} words, task {task.name} has "
+                              f"{task.n_labels} labels ({', '.join(task.label_names)}): give one word per label")
+        changes["verbalizer"] = words
+    return dataclasses.replace(task, **changes) if changes else task
+
+
+def prepare(cfg: TuneConfig, model_dir: Path | None = None) -> Workspace:
+    task = task_for(cfg)
     model_dir = model_dir or resolve_model_dir(cfg.model_dir, cfg.k, cfg.p)
     manifest = load_manifest(model_dir)
     if cfg.method == "clip":

@@ -93,6 +93,23 @@ def last_layer_at_mask(layer: nn.Module, h: torch.Tensor, hm: torch.Tensor, bias
     return layer.output(layer.intermediate(a), a)  # FFN -> (mask) -> LayerNorm
 
 
+@torch.no_grad()
+def fold_mask(parent: nn.Module, mask: torch.Tensor) -> None:
+    """Fold a per-unit mask into the weights that produce the masked output (exact).
+
+    Attention-output / FFN-output sites: ``dropout(dense(x))`` -> rows of dense scaled by the mask.
+    Embedding site: ``dropout(LayerNorm(x))`` -> LayerNorm's gamma and beta scaled by the mask.
+    No Mul node remains, so ORT's Attention/SkipLayerNorm fusions still match.
+    """
+    m = mask.to(torch.float32)
+    if hasattr(parent, "dense"):
+        parent.dense.weight.mul_(m[:, None])
+        parent.dense.bias.mul_(m)
+    else:  # embeddings
+        parent.LayerNorm.weight.mul_(m)
+        parent.LayerNorm.bias.mul_(m)
+
+
 def lm_head_parts(mlm: nn.Module, arch: Arch):
     """(transform, decoder weight [vocab, hidden], decoder bias [vocab]) of the MLM head."""
     if arch.model_type == "bert":
@@ -118,13 +135,17 @@ class ContractModel(nn.Module):
     """
 
     def __init__(self, mlm: nn.Module, arch: Arch, masks: dict[str, torch.Tensor] | None,
-                 last_layer_at_mask: bool = True):
+                 last_layer_at_mask: bool = True, fold_masks: bool = False):
         super().__init__()
         self.last_layer_at_mask = last_layer_at_mask
         self.mlm = mlm
         self.arch = arch
         for name, parent, attr in dropout_sites(mlm, arch):
-            setattr(parent, attr, MaskMul(masks[name]) if masks is not None else nn.Identity())
+            if masks is not None and fold_masks:
+                fold_mask(parent, masks[name])
+                setattr(parent, attr, nn.Identity())
+            else:
+                setattr(parent, attr, MaskMul(masks[name]) if masks is not None else nn.Identity())
         base = getattr(mlm, arch.base_attr)
         self.embeddings = base.embeddings
         self.layers = base.encoder.layer

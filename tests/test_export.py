@@ -1,0 +1,134 @@
+"""Export: parity with the hook-based masked torch reference, distinct masks, shared weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cliptune_ort.engine import Engine
+from cliptune_ort.manifest import load_manifest
+
+from .conftest import needs_export, read_json
+
+pytestmark = needs_export
+
+
+def _inputs(man, pop=2, batch=6, extra=33, seed=3):
+    rng = np.random.default_rng(seed)
+    L, H = man.n_prompt, man.hidden
+    seq = L + extra
+    ids = rng.integers(1000, 20000, size=(batch, seq)).astype(np.int64)
+    lengths = rng.integers(L + 5, seq + 1, size=batch)
+    am = (np.arange(seq)[None] < lengths[:, None]).astype(np.int64)
+    ids[am == 0] = man.data["tokenizer"]["pad_id"]
+    mask_pos = np.array([rng.integers(L + 1, n) for n in lengths], dtype=np.int64)
+    prompts = (rng.standard_normal((pop, L, H)) * man.embedding_std).astype(np.float32)
+    verb = np.array([2307, 6659, 1045], dtype=np.int64)
+    return ids, am, mask_pos, prompts, verb
+
+
+def _reference(src, man, graph, ids, am, mask_pos, prompts, verb):
+    import torch
+    from transformers import AutoModelForMaskedLM
+
+    from cliptune_export.exporter import draw_masks
+    from cliptune_export.reference import reference_logits
+    from cliptune_export.wrapper import ARCHS, dropout_sites
+
+    mlm = AutoModelForMaskedLM.from_pretrained(str(src), attn_implementation="eager").eval()
+    arch = ARCHS[mlm.config.model_type]
+    g = man.data["graphs"][graph]
+    masks = None
+    if g["kind"] == "thinned":
+        names = [s[0] for s in dropout_sites(mlm, arch)]
+        masks = {k: torch.from_numpy(v) for k, v in draw_masks(names, man.hidden, g["p"], g["mask_seed"]).items()}
+    t = [torch.from_numpy(x) for x in (ids, am, mask_pos, prompts, verb)]
+    return reference_logits(mlm, arch, masks, *t).numpy()
+
+
+def _ort_logits(man, graph, ids, am, mask_pos, prompts, verb):
+    eng = Engine(man, [graph], device="cpu", cands_per_call=1)
+    sess = eng.sessions[graph]
+    return sess.run(["logits"], {"input_ids": ids, "attention_mask": am, "mask_pos": mask_pos,
+                                 "prompt_embeds": prompts, "verbalizer_ids": verb})[0]
+
+
+@pytest.mark.parametrize("which", ["splade", "roberta"])
+def test_every_graph_matches_masked_reference(which, splade_dir, roberta_dir, tiny_roberta_src):
+    from .conftest import SPLADE
+
+    model_dir, src = (splade_dir, SPLADE) if which == "splade" else (roberta_dir, tiny_roberta_src)
+    man = load_manifest(model_dir)
+    inputs = _inputs(man)
+    outs = []
+    for g in range(man.k + 1):
+        assert man.data["graphs"][g]["max_abs_diff"] <= 1e-4  # the export's own check
+        got = _ort_logits(man, g, *inputs)  # shapes differ from export and export-check shapes
+        ref = _reference(src, man, g, *inputs)
+        assert got.shape == (2, 6, 3)
+        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+        outs.append(got)
+    for i in range(len(outs)):
+        for j in range(i + 1, len(outs)):
+            assert np.max(np.abs(outs[i] - outs[j])) > 1e-3, f"graphs {i} and {j} do not differ"
+
+
+def test_repeated_calls_are_bit_identical(splade_dir):
+    man = load_manifest(splade_dir)
+    inputs = _inputs(man, seed=11)
+    eng = Engine(man, [0, 1], device="cpu")
+    sess = eng.sessions[1]
+    feeds = dict(zip(["input_ids", "attention_mask", "mask_pos", "prompt_embeds", "verbalizer_ids"], inputs))
+    first = sess.run(["logits"], feeds)[0]
+    for _ in range(3):
+        assert np.array_equal(sess.run(["logits"], feeds)[0], first)
+
+
+def test_candidates_are_independent_of_stacking(splade_dir):
+    """A candidate's logits do not depend on which other candidates share the call."""
+    man = load_manifest(splade_dir)
+    ids, am, mp, prompts, verb = _inputs(man, pop=3, seed=5)
+    eng = Engine(man, [2], device="cpu")
+    s = eng.sessions[2]
+    both = s.run(["logits"], {"input_ids": ids, "attention_mask": am, "mask_pos": mp, "prompt_embeds": prompts,
+                              "verbalizer_ids": verb})[0]
+    one = s.run(["logits"], {"input_ids": ids, "attention_mask": am, "mask_pos": mp, "prompt_embeds": prompts[1:2],
+                             "verbalizer_ids": verb})[0]
+    np.testing.assert_allclose(both[1], one[0], atol=1e-5)
+
+
+def test_manifest_and_shared_weights(splade_dir):
+    import onnx
+
+    data = read_json(splade_dir / "manifest.json")
+    assert data["schema_version"] == 1 and data["k"] == 4 and data["n_prompt"] == 50
+    assert data["model"]["model_type"] == "bert" and data["model"]["hidden"] == 128
+    assert [g["mask_seed"] for g in data["graphs"]] == [None, 1, 2, 3, 4]
+    assert data["placeholder_ids"][0] == 1000 and len(data["placeholder_ids"]) == 50
+    assert 0.01 < data["embedding_std"] < 1.0
+    names = None
+    for g in data["graphs"]:
+        m = onnx.load(str(splade_dir / g["file"]), load_external_data=False)
+        ext = {i.name for i in m.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL}
+        assert all(e.value == "weights.bin" for i in m.graph.initializer
+                   if i.data_location == onnx.TensorProto.EXTERNAL for e in i.external_data if e.key == "location")
+        names = ext if names is None else names
+        assert ext == names  # every graph references the same shared tensors
+        ops = {n.op_type for n in m.graph.node}
+        assert "If" not in ops  # no control flow (CUDA graphs refuse it)
+    # one copy of the weights: weights.bin is about the model's parameter bytes, not (K+1) times
+    size = (splade_dir / "weights.bin").stat().st_size
+    assert size < 1.05 * data["model"]["parameters"] * 4
+    graph_bytes = sum((splade_dir / g["file"]).stat().st_size for g in data["graphs"])
+    assert graph_bytes < 0.1 * size
+
+
+def test_thinned_masks_have_rate_p(splade_dir):
+    from cliptune_export.exporter import draw_masks
+
+    masks = draw_masks([f"s{i}" for i in range(5)], 4096, 0.1, 7)
+    vals = np.concatenate(list(masks.values()))
+    assert set(np.unique(vals).tolist()) == {0.0, np.float32(1 / 0.9)}
+    assert abs(np.mean(vals == 0) - 0.1) < 0.01
+    again = draw_masks([f"s{i}" for i in range(5)], 4096, 0.1, 7)
+    assert all(np.array_equal(masks[k], again[k]) for k in masks)

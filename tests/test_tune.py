@@ -1,0 +1,107 @@
+"""The tuning loop: results, determinism, resume, methods, mixtures."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cliptune_ort.config import build_config
+from cliptune_ort.tuner import prepare, score, tune
+
+from .conftest import needs_export
+
+pytestmark = needs_export
+
+SMALL = dict(task="sst2", budget=120, popsize=6, eval_every=30, d=50, checkpoint_every=2, plot=False)
+
+
+def _cfg(**kw):
+    return build_config(**{**SMALL, **kw})
+
+
+def test_clip_run_writes_everything(splade_dir, tmp_path):
+    res = tune(_cfg(method="clip", k=2), tmp_path / "run", model_dir=splade_dir, progress=False)
+    for f in ("config.json", "history.jsonl", "checkpoint.json", "best_z.npy", "best_prompt.npy", "result.json"):
+        assert (tmp_path / "run" / f).is_file(), f
+    assert res["calls"] == 120 and res["forward_passes"] == 240 and res["generations"] == 20
+    assert res["test"]["n"] == 872 and 0.0 <= res["test"]["metric"] <= 1.0
+    hist = [json.loads(x) for x in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert [h["calls"] for h in hist] == [30, 60, 90, 120]
+    assert max(h["dev_metric"] for h in hist) == res["dev"]["metric"]
+    z = np.load(tmp_path / "run" / "best_z.npy", allow_pickle=False)
+    assert z.shape == (50,)
+    assert np.load(tmp_path / "run" / "best_prompt.npy").shape == (50, 128)
+
+
+def test_runs_are_deterministic(splade_dir, tmp_path):
+    a = tune(_cfg(method="bbt"), tmp_path / "a", model_dir=splade_dir, progress=False)
+    b = tune(_cfg(method="bbt"), tmp_path / "b", model_dir=splade_dir, progress=False)
+    assert a["best_train_fitness"] == b["best_train_fitness"]
+    assert a["test"] == b["test"]
+    assert np.array_equal(np.load(tmp_path / "a" / "best_z.npy"), np.load(tmp_path / "b" / "best_z.npy"))
+
+
+@pytest.mark.parametrize("optimizer", ["cma", "random"])
+def test_resume_matches_uninterrupted(splade_dir, tmp_path, optimizer):
+    cfg = _cfg(method="clip", k=2, optimizer=optimizer)
+    full = tune(cfg, tmp_path / "full", model_dir=splade_dir, progress=False)
+    part = tune(cfg, tmp_path / "part", model_dir=splade_dir, progress=False, stop_after_generations=7)
+    assert part["generation"] == 7
+    ck = json.loads((tmp_path / "part" / "checkpoint.json").read_text())
+    assert ck["generation"] == 7
+    resumed = tune(cfg, tmp_path / "part", model_dir=splade_dir, progress=False, resume=True)
+    assert np.array_equal(np.load(tmp_path / "full" / "best_z.npy"), np.load(tmp_path / "part" / "best_z.npy"))
+    for key in ("train", "dev", "test", "calls", "forward_passes", "best_train_fitness"):
+        assert resumed[key] == full[key], key
+    h1 = (tmp_path / "full" / "history.jsonl").read_text()
+    h2 = (tmp_path / "part" / "history.jsonl").read_text()
+    assert h1 == h2
+
+
+def test_mixtures_and_budget_units(splade_dir):
+    ws = prepare(_cfg(method="clip", k=3), splade_dir)
+    z = np.random.default_rng(1).standard_normal((6, 50))
+    p = ws.prompts(z)
+    per_net = [ws.engine.logits(g, p, ws.train, ws.verbalizer_ids) for g in (1, 2, 3)]
+    from cliptune_ort.losses import loss_fn
+
+    want = np.mean([loss_fn("ce", x, ws.train.labels) for x in per_net], axis=0)
+    np.testing.assert_allclose(score(ws, p), want, rtol=1e-12)
+    ws.cfg.mixture = "mean_logits"
+    np.testing.assert_allclose(score(ws, p), loss_fn("ce", np.mean(per_net, axis=0), ws.train.labels), rtol=1e-12)
+    ws.cfg.mixture = "assign"
+    fit = score(ws, p)
+    for i in range(6):
+        assert fit[i] == pytest.approx(loss_fn("ce", per_net[i % 3][i:i + 1], ws.train.labels)[0], abs=1e-9)
+
+
+def test_budget_in_forward_passes(splade_dir, tmp_path):
+    res = tune(_cfg(method="clip", k=2, budget_unit="forward", budget=120), tmp_path / "fw", model_dir=splade_dir,
+               progress=False)
+    assert res["forward_passes"] == 120 and res["calls"] == 60
+
+
+def test_bucketed_losses_equal_padded(splade_dir):
+    a = prepare(_cfg(method="clip", k=2, n_buckets=1), splade_dir)
+    b = prepare(_cfg(method="clip", k=2, n_buckets=4), splade_dir)
+    assert b.train.padded_fraction < a.train.padded_fraction
+    p = a.prompts(np.random.default_rng(2).standard_normal((6, 50)))
+    np.testing.assert_allclose(score(a, p), score(b, p), atol=1e-5, rtol=0)
+
+
+def test_manual_method_has_no_calls(splade_dir, tmp_path):
+    res = tune(_cfg(method="manual"), tmp_path / "m", model_dir=splade_dir, progress=False)
+    assert res["calls"] == 0 and res["test"]["n"] == 872
+    assert not (tmp_path / "m" / "best_z.npy").exists()
+
+
+def test_default_model_dir_is_exported_once(tmp_path):
+    """--model-dir omitted: the embedded model is exported (in a subprocess) into the cache."""
+    from cliptune_ort.models import embedded_export_dir, resolve_model_dir
+
+    out = resolve_model_dir(None, 2, 0.1)
+    assert out == embedded_export_dir(4, 0.1) and (out / "manifest.json").is_file()
+    mtime = (out / "manifest.json").stat().st_mtime
+    assert resolve_model_dir(None, 4, 0.1) == out and (out / "manifest.json").stat().st_mtime == mtime
