@@ -44,6 +44,8 @@ def _add_tune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, help="generations between checkpoints (default 10)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto (CUDA when present)")
     p.add_argument("--cands-per-call", type=int, help="candidates per session run (0 = 1 on CPU, all on CUDA)")
+    p.add_argument("--iobinding", choices=("auto", "on", "off"), help="IOBinding (default auto: on for CUDA)")
+    p.add_argument("--cuda-graph", action="store_true", default=None, help="capture CUDA graphs (device cuda)")
     p.add_argument("--n-buckets", type=int, help="length buckets of the train set (default 4; 1 = one padded batch)")
     p.add_argument("--threads", type=int, help="ORT intra-op threads (0 = cores)")
     p.add_argument("--workers", type=int, help="parallel single-threaded session runs on CPU (0 = one per core)")
@@ -56,7 +58,7 @@ def _add_tune_args(p: argparse.ArgumentParser) -> None:
 
 _TUNE_KEYS = ("task", "method", "optimizer", "seed", "model_dir", "data_dir", "data_source", "k", "p", "mixture",
               "loss", "d", "popsize", "sigma0", "budget", "budget_unit", "eval_every", "checkpoint_every", "device",
-              "cands_per_call", "n_buckets", "threads", "workers", "max_len", "template", "verbalizer", "verbalizer_policy")
+              "cands_per_call", "iobinding", "cuda_graph", "n_buckets", "threads", "workers", "max_len", "template", "verbalizer", "verbalizer_policy")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -45,6 +45,8 @@ class TuneConfig:
     checkpoint_every: int = 10  # generations between checkpoints
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
     cands_per_call: int = 0  # candidates stacked per session run; 0 = 1 on CPU, all on CUDA
+    iobinding: str = "auto"  # auto (on for CUDA) | on | off: fixed inputs resident on the device
+    cuda_graph: bool = False  # capture each (graph, bucket) shape as a CUDA graph (device cuda only)
     n_buckets: int = 4  # length buckets of the fixed train set, each padded to its own longest (1 = BBT: one padded batch)
     eval_chunk: int = 256  # dev/test examples per session run (bounds memory)
     threads: int = 0  # ORT intra-op threads per session; 0 = 1 when workers > 1, else the number of cores
@@ -61,7 +63,8 @@ class TuneConfig:
     def run_key(self) -> dict[str, Any]:
         """The values that define a run's results (a resume must match them)."""
         d = self.to_dict()
-        for k in ("device", "threads", "workers", "checkpoint_every", "plot", "eval_chunk"):
+        for k in ("device", "threads", "workers", "checkpoint_every", "plot", "eval_chunk", "iobinding",
+                  "cuda_graph"):
             d.pop(k)
         return d
 
@@ -152,6 +155,7 @@ def validate(cfg: TuneConfig) -> None:
     _choice("budget_unit", cfg.budget_unit, BUDGET_UNITS)
     _choice("device", cfg.device, DEVICES)
     _choice("data_source", cfg.data_source, ("local", "hub"))
+    _choice("iobinding", cfg.iobinding, ("auto", "on", "off"))
     _choice("verbalizer_policy", cfg.verbalizer_policy, ("error", "first"))
     if cfg.loss is not None:
         _choice("loss", cfg.loss, ("ce", "hinge"))

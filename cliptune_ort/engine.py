@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+import itertools
+import threading
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -21,6 +23,9 @@ from .manifest import Manifest
 from .sessions import SessionSpec, SharedWeights, check_contract, make_session, resolve_device, warn
 
 
+_BATCH_IDS = itertools.count(1)
+
+
 @dataclass
 class FixedBatch:
     """A tokenised example set prepared once: length buckets with their feeds ready to send."""
@@ -28,6 +33,7 @@ class FixedBatch:
     enc: Encoded
     parts: list[tuple[np.ndarray, dict[str, np.ndarray]]]  # (row index, feeds without the prompt)
     padded_fraction: float
+    uid: int = field(default_factory=lambda: next(_BATCH_IDS))  # never reused (IOBinding cache key)
 
     @property
     def n(self) -> int:
@@ -38,41 +44,72 @@ class FixedBatch:
         return self.enc.labels
 
 
+@dataclass
+class _Binding:
+    """A prepared IOBinding for one (graph, bucket, candidates-per-run) shape."""
+
+    sess: object
+    io: object
+    prompt: object  # OrtValue, updated in place every run
+    out: np.ndarray  # host buffer for the logits [rows, n_bucket, labels]
+    out_dev: object  # device OrtValue for the logits (CUDA) or None (CPU: ORT writes into `out`)
+    run_opts: object
+    keep: tuple  # OrtValues that must outlive the binding
+
+
 class Engine:
-    """Sessions for the graphs a run needs, plus the counters the benchmarks read."""
+    """Sessions for the graphs a run needs, plus the counters the benchmarks read.
+
+    CPU: ``workers`` single-threaded session runs in parallel (default one per core), one candidate
+    per run. CUDA: every candidate of a job stacked in one run per length bucket, through IOBinding
+    with the fixed token inputs resident on the device; with ``cuda_graph`` each (graph, bucket)
+    shape is captured once as a CUDA graph and replayed.
+    """
 
     def __init__(self, manifest: Manifest, graphs: list[int], device: str = "auto", cands_per_call: int = 0,
-                 threads: int = 0, workers: int = 0, optimization: str = "all", share_weights: bool = True):
+                 threads: int = 0, workers: int = 0, optimization: str = "all", share_weights: bool = True,
+                 iobinding: bool | None = None, cuda_graph: bool = False):
         self.manifest = manifest
-        asked = device
-        self.device = resolve_device(device)
         self.graphs = sorted(set(graphs))
         for g in self.graphs:
             if g < 0 or g > manifest.k:
                 raise ConfigError(f"graph {g} asked for, the model dir has graphs 0..{manifest.k}: "
                                   f"re-export with --k {g} or lower --k")
         self.shared = SharedWeights(manifest) if share_weights else None
-        cores = os.cpu_count() or 1
-        # CPU: `workers` parallel single-threaded runs (default: one per core); CUDA: one stream of runs
-        self.workers = 1 if self.device == "cuda" else (workers or (1 if threads else cores))
-        threads = threads or (1 if self.workers > 1 else cores)
-        spec = SessionSpec(device=self.device, threads=threads, n_live=max(len(self.graphs), self.workers),
-                           optimization=optimization)
+        self._threads, self._workers, self._optimization = threads, workers, optimization
+        self.cuda_graph = bool(cuda_graph)
+        device_asked = device
+        self.device = resolve_device(device)
+        if self.cuda_graph and self.device != "cuda":
+            raise ConfigError("cuda_graph needs --device cuda (CUDA graphs exist on the CUDA provider only)")
         try:
-            self.sessions = {g: self._make(g, spec) for g in self.graphs}
+            self._open_sessions()
         except ProviderError:
-            if asked != "auto" or self.device == "cpu":
+            if device_asked != "auto" or self.device == "cpu":
                 raise
             warn("the CUDA provider did not take; falling back to the CPU (pass --device cuda to make this an error)")
-            self.device = spec.device = "cpu"
-            self.sessions = {g: self._make(g, spec) for g in self.graphs}
-        self._pool = ThreadPoolExecutor(self.workers) if self.workers > 1 and self.device == "cpu" else None
+            self.device = "cpu"
+            self._open_sessions()
+        self.iobinding = (self.device == "cuda") if iobinding is None else bool(iobinding)
+        if self.cuda_graph:
+            self.iobinding = True
         self.cands_per_call = int(cands_per_call) if cands_per_call else (1 if self.device == "cpu" else 10**9)
         pe = next(i for i in next(iter(self.sessions.values())).get_inputs() if i.name == "prompt_embeds")
         self.dtype = np.float16 if pe.type == "tensor(float16)" else np.float32
         self.forward_passes = 0  # candidate x example-set passes through one graph
         self.session_runs = 0
         self.session_seconds = 0.0
+        self._bound: dict = {}  # (graph, id(batch), part, rows) -> _Binding
+        self._resident: dict = {}  # (id(batch), part) -> fixed inputs as device OrtValues
+
+    def _open_sessions(self) -> None:
+        cores = os.cpu_count() or 1
+        self.workers = 1 if self.device == "cuda" else (self._workers or (1 if self._threads else cores))
+        threads = self._threads or (1 if self.workers > 1 else cores)
+        spec = SessionSpec(device=self.device, threads=threads, n_live=max(len(self.graphs), self.workers),
+                           optimization=self._optimization, cuda_graph=self.cuda_graph)
+        self.sessions = {g: self._make(g, spec) for g in self.graphs}
+        self._pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
 
     def _make(self, g: int, spec: SessionSpec):
         path = self.manifest.graph_path(g)
@@ -122,15 +159,21 @@ class Engine:
             step = max(1, min(self.cands_per_call, pop))
             for c0 in range(0, pop, step):
                 chunk = np.ascontiguousarray(prompts[c0:c0 + step], dtype=self.dtype)
-                for idx, feeds in batch.parts:
-                    units.append((j, graph, c0, chunk, idx, feeds))
+                for part, (idx, feeds) in enumerate(batch.parts):
+                    units.append((j, graph, c0, chunk, idx, part))
             self.forward_passes += pop
 
+        verb = np.ascontiguousarray(verbalizer_ids, dtype=np.int64)
+
         def run(unit):
-            j, graph, c0, chunk, idx, feeds = unit
+            j, graph, c0, chunk, idx, part = unit
+            feeds = batch.parts[part][1]
             t0 = time.perf_counter()
-            res = self.sessions[graph].run(["logits"], {**feeds, "prompt_embeds": chunk,
-                                                        "verbalizer_ids": verbalizer_ids})[0]
+            if self.iobinding:
+                res = self._run_bound(graph, batch, part, chunk, verb)
+            else:
+                res = self.sessions[graph].run(["logits"], {**feeds, "prompt_embeds": chunk,
+                                                            "verbalizer_ids": verb})[0]
             outs[j][c0:c0 + chunk.shape[0], idx] = res
             return time.perf_counter() - t0
 
@@ -141,6 +184,54 @@ class Engine:
         self.session_seconds += sum(secs)
         self.session_runs += len(units)
         return outs
+
+    def _run_bound(self, graph: int, batch: FixedBatch, part: int, chunk: np.ndarray,
+                   verb: np.ndarray) -> np.ndarray:
+        """One run through IOBinding: token inputs stay on the device, the prompts are copied into a
+        persistent device buffer, the logits land in a persistent host buffer (no per-call allocation)."""
+        import onnxruntime as ort
+
+        # one binding per worker thread: parallel CPU runs must not share a prompt buffer
+        key = (graph, batch.uid, part, chunk.shape, verb.tobytes(), threading.get_ident())
+        b = self._bound.get(key)
+        if b is None:
+            feeds = batch.parts[part][1]
+            dev = "cuda" if self.device == "cuda" else "cpu"
+            rkey = (batch.uid, part)
+            if rkey not in self._resident:
+                self._resident[rkey] = {k: ort.OrtValue.ortvalue_from_numpy(v, dev, 0) for k, v in feeds.items()}
+            fixed = self._resident[rkey]
+            sess = self.sessions[graph]
+            io = sess.io_binding()
+            for name, value in fixed.items():
+                io.bind_ortvalue_input(name, value)
+            verb_host = verb.copy()  # CPU OrtValues alias numpy memory: keep every array alive
+            verb_v = ort.OrtValue.ortvalue_from_numpy(verb_host, dev, 0)
+            io.bind_ortvalue_input("verbalizer_ids", verb_v)
+            prompt_host = np.zeros(chunk.shape, chunk.dtype)
+            prompt_v = ort.OrtValue.ortvalue_from_numpy(prompt_host, dev, 0)
+            io.bind_ortvalue_input("prompt_embeds", prompt_v)
+            out = np.empty((chunk.shape[0], feeds["input_ids"].shape[0], len(verb)), dtype=np.float32)
+            out_v = ort.OrtValue.ortvalue_from_numpy(out, "cpu", 0)
+            if self.device == "cuda":  # logits land on the device, then one small copy to the host buffer
+                out_dev = ort.OrtValue.ortvalue_from_shape_and_type(out.shape, np.float32, "cuda", 0)
+                io.bind_ortvalue_output("logits", out_dev)
+            else:
+                out_dev = None
+                io.bind_ortvalue_output("logits", out_v)
+            run_opts = ort.RunOptions()
+            if self.cuda_graph:
+                run_opts.add_run_config_entry("gpu_graph_id", str(len(self._bound) + 1))
+            b = _Binding(sess, io, prompt_v, out, out_dev, run_opts, (verb_v, verb_host, prompt_host, out_v, fixed))
+            self._bound[key] = b
+        b.prompt.update_inplace(chunk)
+        if b.out_dev is None:
+            b.io.synchronize_inputs()
+            b.sess.run_with_iobinding(b.io, b.run_opts)
+            return b.out
+        b.sess.run_with_iobinding(b.io, b.run_opts)
+        b.out[...] = b.out_dev.numpy()
+        return b.out
 
     def close(self) -> None:
         if self._pool is not None:

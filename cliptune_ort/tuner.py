@@ -121,7 +121,8 @@ def prepare(cfg: TuneConfig, model_dir: Path | None = None) -> Workspace:
     verb = ptok.verbalizer_ids(task.verbalizer, cfg.verbalizer_policy)
     use_prompt = cfg.method != "manual"
     engine = Engine(manifest, sorted(set(graphs_train) | {0}), device=cfg.device, cands_per_call=cfg.cands_per_call,
-                    threads=cfg.threads, workers=cfg.workers)
+                    threads=cfg.threads, workers=cfg.workers,
+                    iobinding={"auto": None, "on": True, "off": False}[cfg.iobinding], cuda_graph=cfg.cuda_graph)
     enc_train = ptok.encode(task.template, fewshot.train, use_prompt)
     enc_dev = ptok.encode(task.template, fewshot.dev, use_prompt)
     train = engine.prepare(enc_train, cfg.n_buckets)
