@@ -1,0 +1,250 @@
+"""Accuracy sweep: methods x tasks x seeds at the default budget, resumable per cell.
+
+    python benchmarks/accuracy.py                          # the full sweep (hours on 2 cores)
+    python benchmarks/accuracy.py --tasks sst2 --methods manual,bbt,clip_k4 --seeds 13,42,100
+    python benchmarks/accuracy.py --report-only            # rebuild table/plot from finished cells
+
+Each cell is one `cliptune tune` run in OUT/runs/<task>/<method>/seed<seed>/; a finished cell (result.json)
+is skipped and an unfinished one resumes from its checkpoint, so a crashed sweep continues where it
+stopped. Writes OUT/results.json (every finished cell), OUT/table.md (mean +- std over seeds per task and
+method, plus the average over tasks) and OUT/dev_vs_calls.png (dev metric vs calls, BBT vs Clip-Tuning).
+Prompts are selected on dev only; test is evaluated once per cell at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cliptune_ort.config import build_config  # noqa: E402
+from cliptune_ort.fileio import atomic_write_json, atomic_write_text  # noqa: E402
+from cliptune_ort.tasks import TASKS  # noqa: E402
+
+#: method name -> settings (every method uses the default budget, popsize, d, sigma0)
+METHODS = {
+    "manual": dict(method="manual"),
+    "bbt": dict(method="bbt"),
+    "clip_k4": dict(method="clip", k=4, p=0.1),
+    "random": dict(method="bbt", optimizer="random"),
+    "clip_k2": dict(method="clip", k=2, p=0.1),
+    "clip_k8": dict(method="clip", k=8, p=0.1),
+    "clip_k4_p0.05": dict(method="clip", k=4, p=0.05),
+    "clip_k4_p0.2": dict(method="clip", k=4, p=0.2),
+}
+TASK_ORDER = ["sst2", "yelp_polarity", "ag_news", "dbpedia", "mrpc", "snli", "rte"]
+SEEDS = [13, 21, 42, 87, 100]
+
+
+def cell_dir(out: Path, task: str, method: str, seed: int) -> Path:
+    return out / "runs" / task / method / f"seed{seed}"
+
+
+def run_cell(out: Path, task: str, method: str, seed: int, budget: int | None) -> dict:
+    from cliptune_ort.tuner import tune
+
+    d = cell_dir(out, task, method, seed)
+    if (d / "result.json").is_file():
+        return json.loads((d / "result.json").read_text())
+    overrides = dict(task=task, seed=seed, **METHODS[method])
+    if budget is not None:
+        overrides["budget"] = budget
+    cfg = build_config(**overrides)
+    resume = (d / "checkpoint.json").exists() or (d / "checkpoint.prev.json").exists()
+    if d.exists() and not resume:
+        import shutil
+
+        shutil.rmtree(d)  # a cell that died before its first checkpoint starts over
+    return tune(cfg, d, resume=resume, progress=False)
+
+
+def collect(out: Path) -> list[dict]:
+    rows = []
+    for f in sorted((out / "runs").glob("*/*/seed*/result.json")):
+        r = json.loads(f.read_text())
+        method = f.parent.parent.name
+        rows.append({
+            "task": r["task"], "method": method, "seed": r["seed"], "metric": r["metric"],
+            "dev": r["dev"]["metric"], "test": r["test"]["metric"] if r["test"] else None,
+            "test_n": r["test"]["n"] if r["test"] else 0, "test_note": r.get("test_note"),
+            "train": r["train"]["metric"], "calls": r["calls"], "forward_passes": r["forward_passes"],
+            "wall_seconds": r["wall_seconds"], "fewshot": r["fewshot"].get("fewshot"),
+            "budget": r["budget"], "k": r["k"], "p": r["p"], "optimizer": r["optimizer"],
+        })
+    return rows
+
+
+def _fmt(vals: list[float]) -> str:
+    if not vals:
+        return "-"
+    a = np.asarray(vals) * 100
+    return f"{a.mean():.1f} ± {a.std(ddof=1) if len(a) > 1 else 0.0:.1f} (n={len(a)})"
+
+
+def table(rows: list[dict], methods: list[str], tasks: list[str]) -> str:
+    notes = {t: TASKS[t].test_note for t in tasks}
+    lines = ["| method | " + " | ".join(tasks) + " | average |", "|---" * (len(tasks) + 2) + "|"]
+    for m in methods:
+        cells, means = [], []
+        for t in tasks:
+            rs = [r for r in rows if r["task"] == t and r["method"] == m]
+            tests = [r["test"] for r in rs if r["test"] is not None]
+            if tests:
+                cells.append(_fmt(tests))
+                means.append(float(np.mean(tests)))
+            elif rs:
+                cells.append("no test split offline; dev " + _fmt([r["dev"] for r in rs]))
+            else:
+                cells.append("-")
+        avg = f"{np.mean(means) * 100:.1f} ({len(means)} tasks)" if means else "-"
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {avg} |")
+    lines.append("")
+    lines.append("Test metric in % (accuracy; F1 for MRPC), mean ± std over seeds (n = seeds finished). "
+                 "Prompts selected on dev only.")
+    for t in tasks:
+        if notes[t]:
+            lines.append(f"- {t}: {notes[t]}")
+    return "\n".join(lines) + "\n"
+
+
+def comparison(rows: list[dict], tasks: list[str]) -> list[dict]:
+    """Per task: best clip K vs bbt on test (paired by seed), with the seed std."""
+    out = []
+    for t in tasks:
+        bbt = {r["seed"]: r for r in rows if r["task"] == t and r["method"] == "bbt"}
+        key = "test" if any(r["test"] is not None for r in bbt.values()) else "dev"
+        best = None
+        for m in ("clip_k2", "clip_k4", "clip_k8"):
+            cl = {r["seed"]: r for r in rows if r["task"] == t and r["method"] == m}
+            seeds = sorted(set(bbt) & set(cl))
+            if not seeds:
+                continue
+            # the best K is chosen on mean *dev*, never on test
+            dev_mean = float(np.mean([cl[s]["dev"] for s in seeds]))
+            if best is None or dev_mean > best["dev_mean"]:
+                diffs = [cl[s][key] - bbt[s][key] for s in seeds]
+                best = {"task": t, "clip": m, "seeds": seeds, "on": key, "dev_mean": dev_mean,
+                        "clip_mean": float(np.mean([cl[s][key] for s in seeds])),
+                        "bbt_mean": float(np.mean([bbt[s][key] for s in seeds])),
+                        "mean_diff": float(np.mean(diffs)),
+                        "diff_std": float(np.std(diffs, ddof=1)) if len(diffs) > 1 else None,
+                        "bbt_seed_std": float(np.std([bbt[s][key] for s in seeds], ddof=1)) if len(seeds) > 1
+                        else None}
+        if best:
+            out.append(best)
+    return out
+
+
+def plot(out: Path, tasks: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in tasks if any((out / "runs" / t).glob("*/seed*/history.jsonl"))]
+    if not tasks:
+        return
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.2), squeeze=False)
+    for ax, t in zip(axes[0], tasks):
+        for m, color in (("bbt", "C0"), ("clip_k4", "C1")):
+            curves = []
+            for h in sorted((out / "runs" / t / m).glob("seed*/history.jsonl")):
+                if not (h.parent / "result.json").exists():
+                    continue
+                ev = [json.loads(x) for x in h.read_text().splitlines() if x.strip()]
+                curves.append(([e["calls"] for e in ev], [e["best_dev_metric"] for e in ev]))
+            if not curves:
+                continue
+            n = min(len(c[0]) for c in curves)
+            calls = curves[0][0][:n]
+            ys = np.array([c[1][:n] for c in curves])
+            ax.plot(calls, ys.mean(0), color=color, label=f"{m} (n={len(curves)})")
+            ax.fill_between(calls, ys.min(0), ys.max(0), color=color, alpha=0.15)
+        ax.set_title(t)
+        ax.set_xlabel("calls")
+        ax.set_ylabel("best dev metric")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "dev_vs_calls.png", dpi=90)
+    plt.close(fig)
+
+
+def report(out: Path, methods: list[str], tasks: list[str], wall: float | None) -> None:
+    rows = collect(out)
+    comp = comparison(rows, tasks)
+    prev = {}
+    if (out / "results.json").exists():
+        prev = json.loads((out / "results.json").read_text())
+    total_wall = (prev.get("sweep_wall_seconds") or 0.0) + (wall or 0.0)
+    atomic_write_json(out / "results.json", {"cells": rows, "clip_vs_bbt": comp, "sweep_wall_seconds": total_wall,
+                                              "cell_wall_seconds_sum": sum(r["wall_seconds"] for r in rows),
+                                              "command": " ".join(sys.argv)})
+    md = table(rows, methods, tasks)
+    md += "\n### Clip-Tuning (best K, chosen on dev) vs BBT, paired by seed\n\n"
+    md += "| task | best K | on | clip | bbt | mean diff | std of diff | bbt seed std | exceeds std? |\n"
+    md += "|---|---|---|---|---|---|---|---|---|\n"
+    for c in comp:
+        exceeds = "-" if c["bbt_seed_std"] is None else ("yes" if abs(c["mean_diff"]) > c["bbt_seed_std"] else "no")
+        std = "-" if c["diff_std"] is None else f"{c['diff_std'] * 100:.1f}"
+        bstd = "-" if c["bbt_seed_std"] is None else f"{c['bbt_seed_std'] * 100:.1f}"
+        md += (f"| {c['task']} | {c['clip']} | {c['on']} (seeds {','.join(map(str, c['seeds']))}) | "
+               f"{c['clip_mean'] * 100:.1f} | {c['bbt_mean'] * 100:.1f} | {c['mean_diff'] * 100:+.1f} | {std} | "
+               f"{bstd} | {exceeds} |\n")
+    md += f"\nSum of cell wall times: {sum(r['wall_seconds'] for r in rows) / 60:.1f} min over {len(rows)} cells.\n"
+    atomic_write_text(out / "table.md", md)
+    try:
+        plot(out, tasks)
+    except ImportError:
+        pass
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", default=",".join(TASK_ORDER))
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    ap.add_argument("--budget", type=int, default=None, help="default: the package default (8000 calls)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "accuracy"))
+    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--max-minutes", type=float, default=None, help="stop starting new cells after this long")
+    a = ap.parse_args(argv)
+    tasks = [t for t in a.tasks.split(",") if t]
+    methods = [m for m in a.methods.split(",") if m]
+    seeds = [int(s) for s in a.seeds.split(",") if s]
+    bad = [t for t in tasks if t not in TASKS] + [m for m in methods if m not in METHODS]
+    if bad:
+        print(f"accuracy.py: unknown task/method {bad}: tasks {sorted(TASKS)}, methods {list(METHODS)}",
+              file=sys.stderr)
+        return 2
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if not a.report_only:
+        # order: the central comparison first (manual, bbt, clip K=4 over every task and seed), then the rest
+        cells = [(t, m, s) for m in methods for s in seeds for t in tasks]
+        for i, (t, m, s) in enumerate(cells):
+            if a.max_minutes is not None and (time.perf_counter() - t0) / 60 > a.max_minutes:
+                print(f"[accuracy] --max-minutes reached; {len(cells) - i} cells left", flush=True)
+                break
+            if (cell_dir(out, t, m, s) / "result.json").is_file():
+                continue
+            tc = time.perf_counter()
+            r = run_cell(out, t, m, s, a.budget)
+            test = r["test"]["metric"] if r["test"] else None
+            print(f"[accuracy] {i + 1}/{len(cells)} {t} {m} seed {s}: dev {r['dev']['metric']:.4f} test {test} "
+                  f"({time.perf_counter() - tc:.0f} s)", flush=True)
+            report(out, methods, tasks, None)
+    report(out, methods, tasks, time.perf_counter() - t0 if not a.report_only else None)
+    print((out / "table.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
