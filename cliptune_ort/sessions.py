@@ -119,6 +119,8 @@ def make_session(path: str | Path, spec: SessionSpec, shared: SharedWeights | No
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelDirError(f"ONNX Runtime cannot load {path} ({msg[:300]}): the file is damaged or not a "
                             "cliptune graph; re-export the model dir") from None
+    # the session reads the shared weights from the memory map without owning it: keep it alive
+    sess._cliptune_shared = shared
     want = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
     got = sess.get_providers()[0]
     if got != want:
