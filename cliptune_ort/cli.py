@@ -1,4 +1,4 @@
-"""The ``cliptune`` command: export | tune | eval | predict | env.
+"""The ``cliptune`` command: export | tune | eval | predict | deploy | env.
 
 Every deliberate error is a :class:`CliptuneError`: printed as one line, exit status 2.
 """
@@ -99,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--text-b", action="append", help="second text for pair tasks (repeatable)")
     pr.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
 
+    dp = sub.add_parser("deploy", help="write a standalone classifier .onnx (+ .json sidecar) from a run (needs onnx)")
+    dp.add_argument("run_dir", help="finished bbt/clip run dir")
+    dp.add_argument("--out", required=True, help="classifier file, e.g. classifier.onnx (sidecar: classifier.json)")
+    dp.add_argument("--int8", action="store_true", help="dynamic per-channel int8 weights (agreement is reported)")
+    dp.add_argument("--check-split", choices=("train", "dev", "test", "none"), default="dev",
+                    help="split checked against the run's full graph (default dev)")
+    dp.add_argument("--overwrite", action="store_true", help="replace an existing classifier and sidecar")
+
     sub.add_parser("env", help="print versions and available ONNX Runtime providers")
     return ap
 
@@ -107,9 +115,57 @@ def _default_run_dir(cfg) -> Path:
     return Path("runs") / f"{cfg.task}_{cfg.method}_seed{cfg.seed}"
 
 
+def _check_export_source(model: str, out: str, random_init: bool, tokenizer: str | None = None) -> None:
+    """Refuse, before torch is even imported, what cannot be exported: a path that does not exist (it
+    would be sent to the hub as an id), a folder whose config.json names a model without an MLM head
+    (transformers would silently give it a random head) or that has no tokenizer files (transformers
+    would silently make an empty one), an --out that is a file."""
+    import os
+
+    from .errors import ModelDirError
+
+    tok_files = ("tokenizer.json", "vocab.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model")
+    local = Path(os.path.expanduser(model))
+    looks_local = model.startswith(("/", "./", "../", "~", ".\\")) or model.count("/") > 1 or "\\" in model
+    if looks_local and not local.exists():
+        raise ModelDirError(f"model folder {model} does not exist: expected a local Hugging Face masked-LM folder "
+                            "(config.json, weights, tokenizer files) or a hub id such as roberta-large")
+    cfg_path = local / "config.json"
+    if local.is_dir() and cfg_path.is_file():
+        try:
+            raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as e:
+            raise ModelDirError(f"{cfg_path} is not readable JSON ({' '.join(str(e).split())[:120]}): expected the "
+                                "config.json of a Hugging Face model; restore it") from None
+        if not isinstance(raw, dict):
+            raise ModelDirError(f"{cfg_path} holds a {type(raw).__name__}, expected a JSON object: restore it")
+        archs = raw.get("architectures")
+        mlm = ("ForMaskedLM", "ForPreTraining")
+        if not random_init and isinstance(archs, list) and archs and not any(
+                isinstance(x, str) and x.endswith(mlm) for x in archs):
+            raise ModelDirError(f"model folder {model} holds a {', '.join(map(str, archs))} (config.json "
+                                "architectures), expected a masked language model with its MLM head "
+                                "(*ForMaskedLM): export a checkpoint that has the head, e.g. BertForMaskedLM, or "
+                                "pass --random-init for random weights")
+        if tokenizer is None and not any((local / f).is_file() for f in tok_files):
+            # transformers would silently make an empty default tokenizer (every word [UNK])
+            raise ModelDirError(f"model folder {model} has no tokenizer files (tokenizer.json, or vocab.txt / "
+                                "vocab.json + merges.txt): copy the model's tokenizer files into it, or pass "
+                                "--tokenizer with a folder or hub id that has them")
+    tdir = Path(os.path.expanduser(tokenizer)) if tokenizer is not None else None
+    if tdir is not None and tdir.is_dir() and not any((tdir / f).is_file() for f in tok_files):
+        raise ModelDirError(f"--tokenizer {tokenizer} has no tokenizer files (tokenizer.json, or vocab.txt / "
+                            "vocab.json + merges.txt): pass the folder of the model's tokenizer")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(f"--out {out} is a file, expected a folder for the model dir: pass another --out")
+
+
 def cmd_export(a) -> int:
+    import os
+
+    _check_export_source(a.model, a.out, a.random_init, a.tokenizer)
     try:
-        from cliptune_export import ExportOptions, export_model
+        from cliptune_export import ExportError, ExportOptions, export_model
     except ImportError as e:
         raise ConfigError(f"`cliptune export` needs the export extra ({e.name} is missing): "
                           "pip install torch==2.13.0 && pip install -e '.[export]'") from None
@@ -118,7 +174,17 @@ def cmd_export(a) -> int:
                          fold_masks=a.fold_masks)
     if a.atol is not None:
         opts.atol = a.atol
-    man = export_model(a.model, a.out, opts)
+    try:
+        man = export_model(a.model, a.out, opts)
+    except (CliptuneError, KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as e:  # torch/transformers/onnx on a folder they cannot handle: one line, exit 2
+        if os.environ.get("CLIPTUNE_DEBUG"):
+            raise
+        msg = " ".join(str(e).split())[:300] or "no message"
+        raise ExportError(f"export of {a.model} failed ({type(e).__name__}: {msg}): expected a BERT- or "
+                          "RoBERTa-style *ForMaskedLM folder with config.json, weights and tokenizer files; check "
+                          "the folder (CLIPTUNE_DEBUG=1 shows the traceback)") from e
     print(json.dumps({"out": a.out, "graphs": {g["file"]: g["max_abs_diff"] for g in man["graphs"]}}, indent=1))
     return 0
 
@@ -166,6 +232,21 @@ def cmd_predict(a) -> int:
     return 0
 
 
+def cmd_deploy(a) -> int:
+    try:
+        import onnx  # noqa: F401
+        from cliptune_export.deploy import DeployOptions, deploy_run
+    except ImportError as e:
+        raise ConfigError(f"`cliptune deploy` needs the onnx package ({e.name} is missing): "
+                          "pip install -e '.[export]' (or pip install onnx)") from None
+    opts = DeployOptions(int8=a.int8, check_split=None if a.check_split == "none" else a.check_split,
+                         overwrite=a.overwrite)
+    meta = deploy_run(a.run_dir, a.out, opts)
+    print(json.dumps({"out": a.out, "sidecar": str(Path(a.out).with_suffix(".json")), "task": meta["task"],
+                      "precision": meta["onnx"]["precision"], "bytes": meta["onnx"]["bytes"], "check": meta["check"]}))
+    return 0
+
+
 def cmd_env(a) -> int:
     import importlib.metadata as md
     import platform
@@ -185,15 +266,53 @@ def cmd_env(a) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A CliptuneError (bad input), an OSError (disk full, permissions) or a MemoryError is
+    one line on stderr and exit status 2; an interrupt exits 130 saying how to resume; warnings are one line
+    each. ``CLIPTUNE_DEBUG=1`` shows tracebacks instead of the OS and memory one-liners."""
+    import os
+    import warnings
+
     ap = build_parser()
     a = ap.parse_args(argv)
-    handlers = {"export": cmd_export, "tune": cmd_tune, "eval": cmd_eval, "predict": cmd_predict, "env": cmd_env}
-    try:
-        return handlers[a.cmd](a)
-    except CliptuneError as e:
-        msg = " ".join(str(e).split())
-        print(f"cliptune: error: {msg}", file=sys.stderr)
-        return e.exit_code
+    handlers = {"export": cmd_export, "tune": cmd_tune, "eval": cmd_eval, "predict": cmd_predict, "env": cmd_env,
+                "deploy": cmd_deploy}
+    debug = bool(os.environ.get("CLIPTUNE_DEBUG"))
+
+    def error(msg: str) -> None:
+        print(f"cliptune: error: {' '.join(str(msg).split())}", file=sys.stderr, flush=True)
+
+    def warning_line(message, category, filename, lineno, file=None, line=None):
+        print(f"cliptune: warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+
+    with warnings.catch_warnings():
+        if not debug:
+            warnings.showwarning = warning_line  # one line per warning, like the errors
+        try:
+            return handlers[a.cmd](a)
+        except CliptuneError as e:
+            error(str(e))
+            return e.exit_code
+        except KeyboardInterrupt:
+            if a.cmd == "tune":
+                out = getattr(a, "out", None) or "RUN_DIR"
+                error("interrupted: stopped at once; progress since the last checkpoint is lost. Resume with: "
+                      f"cliptune tune --resume --out {out} (same settings)")
+            else:
+                error(f"interrupted: `cliptune {a.cmd}` stopped before it finished; run it again")
+            return 130
+        except MemoryError:
+            if debug:
+                raise
+            error("out of memory: expected the work to fit in RAM; lower --popsize, --d, --eval-chunk or "
+                  "--cands-per-call, or use a smaller model (CLIPTUNE_DEBUG=1 shows the traceback)")
+            return 2
+        except OSError as e:  # disk full, permissions, a path that vanished: the environment, not a bug
+            if debug:
+                raise
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            error(f"{e.strerror or e}{where}: check the path, its permissions and the free disk space "
+                  "(CLIPTUNE_DEBUG=1 shows the traceback)")
+            return 2
 
 
 if __name__ == "__main__":

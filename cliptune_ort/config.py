@@ -61,10 +61,14 @@ class TuneConfig:
         return asdict(self)
 
     def run_key(self) -> dict[str, Any]:
-        """The values that define a run's results (a resume must match them)."""
+        """The values that define a run's results (a resume must match them).
+
+        ``model_dir`` is left out: a path says nothing about the model (a model dir may be copied to
+        another machine); a resume compares the export's fingerprint (export id and sha256s) instead.
+        """
         d = self.to_dict()
         for k in ("device", "threads", "workers", "checkpoint_every", "plot", "eval_chunk", "iobinding",
-                  "cuda_graph"):
+                  "cuda_graph", "model_dir"):
             d.pop(k)
         return d
 
@@ -78,37 +82,42 @@ def _coerce(name: str, value: Any) -> Any:
     typ = type(default) if default is not None else str
     if name in ("model_dir", "data_dir", "loss", "template"):
         if value is not None and not isinstance(value, str):
-            raise ConfigError(f"{name} must be a string, got {value!r}")
+            raise ConfigError(f"{name} must be a string, got {value!r:.80}")
+        if name in ("model_dir", "data_dir") and value is not None and ("\0" in value or not value.strip()):
+            raise ConfigError(f"{name} must be a folder path, got {value!r:.80}: pass the path of an existing folder")
         return value
     if name == "verbalizer":
         if isinstance(value, (list, tuple)) and all(isinstance(w, str) for w in value):
             value = ",".join(value)
         if value is not None and not isinstance(value, str):
-            raise ConfigError(f"verbalizer must be comma-separated words or a list of strings, got {value!r}")
+            raise ConfigError(f"verbalizer must be comma-separated words or a list of strings, got {value!r:.80}")
         return value
     if typ is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("1", "true", "yes", "0", "false", "no"):
             return value.lower() in ("1", "true", "yes")
-        raise ConfigError(f"{name} must be true or false, got {value!r}")
+        raise ConfigError(f"{name} must be true or false, got {value!r:.80}")
     if typ is int:
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise ConfigError(f"{name} must be an integer, got {value!r}")
+            raise ConfigError(f"{name} must be an integer, got {value!r:.80}")
         try:
-            return int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{name} must be an integer, got {value!r}") from None
+            v = int(value)
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"{name} must be an integer, got {value!r:.80}") from None
+        if not -2**63 <= v < 2**63:
+            raise ConfigError(f"{name} must be an integer below 2**63 in size, got a {v.bit_length()}-bit number")
+        return v
     if typ is float:
         if isinstance(value, bool):
-            raise ConfigError(f"{name} must be a number, got {value!r}")
+            raise ConfigError(f"{name} must be a number, got {value!r:.80}")
         try:
             v = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{name} must be a number, got {value!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"{name} must be a number, got {value!r:.80}") from None
         return v
     if not isinstance(value, str):
-        raise ConfigError(f"{name} must be a string, got {value!r}")
+        raise ConfigError(f"{name} must be a string, got {value!r:.80}")
     return value
 
 
@@ -121,15 +130,23 @@ def build_config(file: str | Path | None = None, **overrides: Any) -> TuneConfig
             raw = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist: pass an existing JSON file to --config") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"config file {path} is not valid JSON ({e}): fix the file") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {path} is a folder: pass a JSON file to --config") from None
+        except OSError as e:
+            raise ConfigError(f"config file {path} cannot be read ({e.strerror}): check its permissions") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at "
+                              f"offset {e.start}): save it as UTF-8 JSON") from None
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise ConfigError(f"config file {path} is not valid JSON ({' '.join(str(e).split())[:120]}): "
+                              "fix the file") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a JSON object of settings, got {type(raw).__name__}")
         values.update(raw)
     values.update({k: v for k, v in overrides.items() if v is not None})
     unknown = sorted(set(values) - set(_FIELDS))
     if unknown:
-        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}: expected names from "
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)[:200]}: expected names from "
                           f"{', '.join(sorted(_FIELDS))}")
     cfg = TuneConfig(**{k: _coerce(k, v) for k, v in values.items()})
     validate(cfg)
@@ -138,17 +155,24 @@ def build_config(file: str | Path | None = None, **overrides: Any) -> TuneConfig
 
 def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
     if value not in options:
-        raise ConfigError(f"{name} must be one of {', '.join(options)}, got {value!r}")
+        raise ConfigError(f"{name} must be one of {', '.join(options)}, got {value!r:.80}")
 
 
 def _positive(name: str, value: float, allow_zero: bool = False) -> None:
     ok = value >= 0 if allow_zero else value > 0
     if not ok or (isinstance(value, float) and not math.isfinite(value)):
-        raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'} and finite, got {value!r}")
+        raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'} and finite, got {value!r:.80}")
 
 
 def validate(cfg: TuneConfig) -> None:
     """Raise ConfigError (one line) for any value out of its domain."""
+    from .errors import TaskError
+    from .tasks import get_task
+
+    try:
+        get_task(cfg.task)
+    except TaskError as e:
+        raise ConfigError(str(e)) from None
     _choice("method", cfg.method, METHODS)
     _choice("optimizer", cfg.optimizer, OPTIMIZERS)
     _choice("mixture", cfg.mixture, MIXTURES)

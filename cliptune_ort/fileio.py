@@ -66,11 +66,52 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def append_line(path: str | os.PathLike, line: str) -> None:
-    """Append one line and fsync (JSONL histories; a torn last line is ignored by readers)."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line.rstrip("\n") + "\n")
+    """Append one line and fsync (JSONL histories).
+
+    A process killed mid-append leaves a torn last line (no trailing newline); it is cut off here
+    before the new line is written, so a torn line never glues onto a good one, and
+    :func:`read_jsonl_lines` ignores it.
+    """
+    with open(path, "a+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        if end:
+            f.seek(end - 1)
+            if f.read(1) != b"\n":
+                f.seek(0)
+                data = f.read()
+                f.truncate(data.rfind(b"\n") + 1)
+        f.seek(0, os.SEEK_END)
+        f.write((line.rstrip("\n") + "\n").encode("utf-8"))
         f.flush()
         os.fsync(f.fileno())
+
+
+def read_jsonl_lines(path: str | os.PathLike) -> list[Any]:
+    """The JSON values of a JSONL file this package appended to (e.g. history.jsonl).
+
+    A torn last line (no trailing newline: the writer was killed mid-append) is ignored; a bad line
+    anywhere else raises ValueError naming the file and line, since it cannot come from a kill.
+    """
+    complete = Path(path).read_bytes().split(b"\n")[:-1]  # the last piece is b"" or a torn line
+    out = []
+    for i, raw in enumerate(complete, start=1):
+        if not raw.strip():
+            continue
+        try:
+            out.append(json.loads(raw.decode("utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}:{i}: expected one JSON value per line, found a corrupt line ({e})") from None
+    return out
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files :func:`atomic_write_bytes` leaves when killed (``.NAME.*.tmp``)."""
+    removed = []
+    for p in Path(folder).glob(".*.tmp"):
+        if p.is_file() and not p.is_symlink():
+            p.unlink()
+            removed.append(p)
+    return removed
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:

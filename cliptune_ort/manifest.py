@@ -7,7 +7,9 @@ graphs as external data) and ``tokenizer.json``.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,20 @@ WEIGHTS_NAME = "weights.bin"
 
 _REQUIRED = ("schema_version", "export_id", "model", "tokenizer", "n_prompt", "placeholder_ids",
              "embedding_std", "graphs", "weights", "precision")
+#: the manifest's own checksum (sha256 of the canonical JSON of every other field); written by the
+#: exporter via :func:`seal_manifest`, checked by :func:`load_manifest` when present
+CHECKSUM_FIELD = "manifest_sha256"
+
+
+def manifest_checksum(data: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON (sorted keys), without its own checksum field."""
+    body = {k: v for k, v in data.items() if k != CHECKSUM_FIELD}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode("utf-8")).hexdigest()
+
+
+def seal_manifest(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with its checksum set (call last, just before writing manifest.json)."""
+    return {**{k: v for k, v in data.items() if k != CHECKSUM_FIELD}, CHECKSUM_FIELD: manifest_checksum(data)}
 
 
 @dataclass
@@ -67,14 +83,118 @@ class Manifest:
                 "graphs": [g["sha256"] for g in self.data["graphs"]]}
 
 
+def _plain_name(mpath: Path, what: str, name: Any) -> str:
+    """A file name the manifest lists must be a plain name inside the model dir (no folders, no '..')."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name \
+            or "\0" in name:
+        raise ModelDirError(f"{mpath}: the {what} file name {name!r} is not a plain file name inside the model "
+                            "dir: the manifest is damaged; re-export")
+    return name
+
+
+def _check_structure(mpath: Path, data: dict[str, Any]) -> None:
+    """Types and ranges of the fields the runtime reads: one ModelDirError instead of a KeyError later."""
+
+    def bad(field: str, want: str) -> ModelDirError:
+        got = data
+        for part in field.split("."):
+            got = got.get(part) if isinstance(got, dict) else None
+        return ModelDirError(f"{mpath}: field {field} is {got!r:.60}, expected {want}: the manifest is damaged; "
+                             "re-export the model dir")
+
+    def is_int(v: Any, lo: int = 0) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+    for sub in ("model", "tokenizer", "weights"):
+        if not isinstance(data[sub], dict):
+            raise bad(sub, "a JSON object")
+    model, tok, weights = data["model"], data["tokenizer"], data["weights"]
+    for key in ("hidden", "max_positions", "vocab"):
+        if not is_int(model.get(key), 1):
+            raise bad(f"model.{key}", "a positive integer")
+    if not is_int(data["n_prompt"], 1):
+        raise bad("n_prompt", "a positive integer")
+    ph = data["placeholder_ids"]
+    if not (isinstance(ph, list) and len(ph) == data["n_prompt"] and all(is_int(i) for i in ph)
+            and max(ph) < model["vocab"]):
+        raise bad("placeholder_ids", f"{data['n_prompt']} (n_prompt) token ids below the vocabulary size "
+                                     f"{model['vocab']}")
+    std = data["embedding_std"]
+    if isinstance(std, bool) or not isinstance(std, (int, float)) or not math.isfinite(std) or std <= 0:
+        raise bad("embedding_std", "a positive finite number")
+    for key in ("cls_id", "sep_id", "mask_id", "pad_id"):
+        if not is_int(tok.get(key)) or tok[key] >= model["vocab"]:
+            raise bad(f"tokenizer.{key}", f"a token id below the vocabulary size {model['vocab']}")
+    if len({tok["cls_id"], tok["sep_id"], tok["mask_id"], tok["pad_id"]}) != 4:
+        raise bad("tokenizer", "four distinct ids cls_id, sep_id, mask_id, pad_id")
+    _plain_name(mpath, "tokenizer", tok.get("file"))
+    _plain_name(mpath, "weights", weights.get("file"))
+    if not isinstance(weights.get("tensors"), list):
+        raise bad("weights.tensors", "a list of tensors")
+    graphs = data["graphs"]
+    if not isinstance(graphs, list) or not graphs:
+        raise ModelDirError(f"{mpath} lists no graphs: re-export the model dir")
+    for i, g in enumerate(graphs):
+        if not isinstance(g, dict):
+            raise ModelDirError(f"{mpath}: graph entry {i} is {g!r:.60}, expected a JSON object: re-export")
+        if g.get("index") != i:
+            raise ModelDirError(f"{mpath}: graph entry {i} has index {g.get('index')!r}, expected {i}: the "
+                                "manifest is damaged; re-export")
+        _plain_name(mpath, f"graph {i}", g.get("file"))
+    for what, entry in [("tokenizer", tok), ("weights", weights)] + [(f"graph {i}", g) for i, g in enumerate(graphs)]:
+        sha = entry.get("sha256")
+        if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+            raise ModelDirError(f"{mpath}: the {what} entry has sha256 {sha!r:.70}, expected 64 hex digits: the "
+                                "manifest is damaged; re-export")
+
+
+def _check_tokenizer(man: "Manifest") -> None:
+    """The tokenizer file must be the one the manifest describes: its special ids, inside the vocabulary."""
+    from tokenizers import Tokenizer
+
+    path = man.tokenizer_path
+    info, vocab = man.data["tokenizer"], int(man.data["model"]["vocab"])
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on bad files
+        msg = " ".join(str(e).split())[:200]
+        raise ModelDirError(f"{path} is not a readable tokenizers file ({msg}): re-export the model dir") from None
+    size = tok.get_vocab_size(with_added_tokens=True)
+    if size > vocab or size < vocab // 2 or size <= max(man.data["placeholder_ids"]):
+        # far fewer tokens than embedding rows: e.g. the empty default tokenizer transformers makes for a
+        # model folder without tokenizer files; every word would become [UNK]
+        raise IntegrityError(f"{path} has {size} tokens, the model's vocabulary has {vocab}: the tokenizer belongs to "
+                             "another model (or is a default one made for a folder without tokenizer files); copy "
+                             "the tokenizer.json of this export, or re-export with the model's tokenizer (--tokenizer)")
+    try:
+        special = {i: t.content for i, t in tok.get_added_tokens_decoder().items() if t.special}
+    except AttributeError:  # tokenizers < 0.14: no special-token table to compare with
+        return
+    for key in ("cls_id", "sep_id", "mask_id", "pad_id"):
+        i = int(info[key])
+        if i not in special:
+            found = tok.id_to_token(i)
+            raise IntegrityError(f"{path}: the manifest's {key} {i} is {found!r} in this tokenizer, expected one of "
+                                 f"its special tokens {sorted(special.values())}: the tokenizer does not match "
+                                 "the manifest; copy the tokenizer.json of this export or re-export")
+    if "mask" not in special[int(info["mask_id"])].lower():
+        raise IntegrityError(f"{path}: the manifest's mask_id {info['mask_id']} is "
+                             f"{special[int(info['mask_id'])]!r} in this tokenizer, expected its mask token: the "
+                             "tokenizer does not match the manifest; re-export")
+
+
 def load_manifest(model_dir: str | Path, verify: bool = True) -> Manifest:
     """Read and check ``model_dir/manifest.json``; with ``verify`` hash every file it pins.
 
-    Raises ModelDirError for a missing or incomplete folder or an unknown schema version, and
-    IntegrityError for a file whose sha256 differs from the manifest.
+    Raises ModelDirError for a missing or incomplete folder, a damaged manifest or an unknown schema
+    version, and IntegrityError for a file whose sha256 differs from the manifest, a manifest edited
+    after export (its own checksum, when it has one) or a tokenizer that does not match it.
     """
     root = Path(model_dir)
     if not root.is_dir():
+        if root.exists():
+            raise ModelDirError(f"model dir {root} is a file: expected the folder written by "
+                                f"`cliptune export MODEL --out DIR`; pass that folder")
         raise ModelDirError(f"model dir {root} does not exist: run `cliptune export MODEL --out {root}` first")
     mpath = root / MANIFEST_NAME
     if not mpath.is_file():
@@ -82,27 +202,38 @@ def load_manifest(model_dir: str | Path, verify: bool = True) -> Manifest:
                             f"`cliptune export`; re-export it")
     try:
         data = json.loads(mpath.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelDirError(f"{mpath} is not valid JSON ({e}): re-export the model dir") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ModelDirError(f"{mpath} is not valid JSON ({' '.join(str(e).split())[:120]}): re-export the "
+                            "model dir") from None
+    except OSError as e:
+        raise ModelDirError(f"cannot read {mpath} ({e.strerror}): check the file's permissions") from None
     if not isinstance(data, dict):
         raise ModelDirError(f"{mpath} holds a {type(data).__name__}, expected a JSON object: re-export")
     ver = data.get("schema_version")
-    if not isinstance(ver, int):
-        raise ModelDirError(f"{mpath} has no integer schema_version: re-export the model dir")
+    if not isinstance(ver, int) or isinstance(ver, bool):
+        raise ModelDirError(f"{mpath} has schema_version {ver!r:.40}, expected an integer: re-export the model dir")
     if ver > SCHEMA_VERSION:
         raise ModelDirError(f"{mpath} has schema_version {ver}, newer than this cliptune-ort reads "
                             f"({SCHEMA_VERSION}): upgrade cliptune-ort or re-export with this version")
     if ver < 1:
-        raise ModelDirError(f"{mpath} has unknown schema_version {ver}: re-export the model dir")
+        raise ModelDirError(f"{mpath} has unknown schema_version {ver}, expected 1..{SCHEMA_VERSION}: re-export "
+                            "the model dir")
     missing = [k for k in _REQUIRED if k not in data]
     if missing:
         raise ModelDirError(f"{mpath} lacks {', '.join(missing)}: the manifest is incomplete; re-export")
-    if not isinstance(data["graphs"], list) or not data["graphs"]:
-        raise ModelDirError(f"{mpath} lists no graphs: re-export the model dir")
+    if CHECKSUM_FIELD in data:
+        try:
+            ok = data[CHECKSUM_FIELD] == manifest_checksum(data)
+        except ValueError:  # NaN/inf somewhere: never written by the exporter
+            ok = False
+        if not ok:
+            raise IntegrityError(f"{mpath} was edited after export (its {CHECKSUM_FIELD} does not match its "
+                                 "content): restore the original manifest.json or re-export")
+    _check_structure(mpath, data)
     man = Manifest(root, data)
-    files = [(f"graph {g.get('index')}", root / str(g.get("file")), g.get("sha256")) for g in data["graphs"]]
-    files.append(("weights", man.weights_path, data["weights"].get("sha256")))
-    files.append(("tokenizer", man.tokenizer_path, data["tokenizer"].get("sha256")))
+    files = [(f"graph {g['index']}", root / g["file"], g["sha256"]) for g in data["graphs"]]
+    files.append(("weights", man.weights_path, data["weights"]["sha256"]))
+    files.append(("tokenizer", man.tokenizer_path, data["tokenizer"]["sha256"]))
     for what, path, _ in files:
         if not path.is_file():
             raise ModelDirError(f"model dir {root} is incomplete: {what} file {path.name} is missing; "
@@ -113,4 +244,5 @@ def load_manifest(model_dir: str | Path, verify: bool = True) -> Manifest:
             if got != want:
                 raise IntegrityError(f"{path} has sha256 {got[:16]}.., the manifest pins {str(want)[:16]}..: "
                                      f"the {what} file was changed or comes from another export; re-export")
+        _check_tokenizer(man)
     return man

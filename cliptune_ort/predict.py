@@ -48,6 +48,9 @@ def predict(run_dir: str | Path, texts: list[str], texts_b: list[str] | None = N
     if str(run_dir).endswith(".onnx"):
         from .deploy import predict_deployed
 
+        if device == "cuda":
+            raise ConfigError("a deployed classifier runs on the CPU provider: drop --device cuda, or predict "
+                              "from the run dir to use the CUDA runtime")
         return predict_deployed(run_dir, texts, texts_b)
     cfg, ws, prompt = _load_run(run_dir, device)
     if ws.task.pair and (not texts_b or len(texts_b) != len(texts)):

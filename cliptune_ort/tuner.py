@@ -173,48 +173,75 @@ def evaluate(ws: Workspace, prompt: np.ndarray | None, batch: FixedBatch) -> dic
 # ---------------------------------------------------------------- checkpoints
 
 
+CKPT_FORMAT = "cliptune-checkpoint"
+CKPT_VERSION = 1
+
+
 def _checksum(state: dict) -> str:
+    """sha256 of a checkpoint's canonical JSON (sorted keys), without its own checksum."""
     body = {k: v for k, v in state.items() if k != "checksum"}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def save_checkpoint(run_dir: Path, state: dict) -> None:
-    """Atomic write; the previous good checkpoint is kept as checkpoint.prev.json."""
+    """Write checkpoint.json atomically (temp file, fsync, rename, fsync dir); the previous *valid*
+    checkpoint becomes checkpoint.prev.json.
+
+    At every instant of a write the run dir holds a valid checkpoint.json or checkpoint.prev.json: a
+    kill between the rotation and the rename leaves the previous one as checkpoint.prev.json, and a
+    corrupt checkpoint.json is overwritten, never rotated over a good checkpoint.prev.json.
+    """
+    from .fileio import fsync_dir
+
     state = dict(state)
     state["checksum"] = _checksum(state)
     cur = run_dir / CKPT
-    if cur.exists():
+    if cur.exists() and _read_checkpoint(cur) is not None:
         cur.replace(run_dir / CKPT_PREV)
+        fsync_dir(run_dir)
     atomic_write_json(cur, state)
 
 
 def _read_checkpoint(path: Path) -> dict | None:
+    """The state in ``path``, or None when it is unreadable, truncated, not a checkpoint or fails its checksum."""
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):  # ValueError: UnicodeDecodeError, JSONDecodeError
         return None
-    if not isinstance(state, dict) or state.get("checksum") != _checksum(state):
+    if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT or state.get("checksum") != _checksum(state):
         return None
     return state
 
 
 def load_checkpoint(run_dir: Path) -> dict | None:
-    """The newest valid checkpoint; a corrupt newest one falls back to the previous with a warning."""
+    """The newest valid checkpoint, or None when the run dir has none.
+
+    A corrupt or truncated checkpoint.json falls back to checkpoint.prev.json with a warning; when no
+    valid checkpoint is left, or one is from a newer cliptune-ort, CheckpointError (never a silent restart).
+    """
     cur, prev = run_dir / CKPT, run_dir / CKPT_PREV
+    state, path = None, None
     if cur.exists():
-        state = _read_checkpoint(cur)
-        if state is not None:
-            return state
-        if prev.exists():
-            state = _read_checkpoint(prev)
-            if state is not None:
-                warnings.warn(f"{cur} is corrupt or truncated; resuming from {prev.name} "
-                              f"(generation {state['generation']})", RuntimeWarning, stacklevel=2)
-                return state
-        raise CheckpointError(f"{cur} is corrupt and no valid {CKPT_PREV} exists: start over with --overwrite")
-    if prev.exists():
-        return _read_checkpoint(prev)
-    return None
+        state, path = _read_checkpoint(cur), cur
+        if state is None:
+            if prev.exists():
+                state, path = _read_checkpoint(prev), prev
+            if state is None:
+                raise CheckpointError(f"{cur} is corrupt or truncated (checksum or JSON check failed) and no valid "
+                                      f"{CKPT_PREV} is left: expected a checkpoint written by `cliptune tune`; start "
+                                      "over with --overwrite")
+            warnings.warn(f"{cur} is corrupt or truncated (checksum or JSON check failed); resuming from {prev.name} "
+                          f"(generation {state.get('generation')})", RuntimeWarning, stacklevel=2)
+    elif prev.exists():
+        state, path = _read_checkpoint(prev), prev
+        if state is None:
+            raise CheckpointError(f"{prev} is corrupt or truncated and there is no {CKPT}: expected a checkpoint "
+                                  "written by `cliptune tune`; start over with --overwrite")
+    if state is not None and state.get("version") != CKPT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {state.get('version')!r}, this cliptune-ort reads "
+                              f"version {CKPT_VERSION}: resume with the cliptune-ort that wrote it, or start over "
+                              "with --overwrite")
+    return state
 
 
 def _save_array(path: Path, arr: np.ndarray) -> None:
@@ -229,29 +256,40 @@ def _save_array(path: Path, arr: np.ndarray) -> None:
 
 
 class _Interrupt:
-    """SIGINT: finish the current generation, checkpoint, exit. A second SIGINT stops at once."""
+    """SIGINT or SIGTERM: finish the current generation, write a checkpoint, exit (the CLI prints how to
+    resume and exits 130). A second signal stops at once (KeyboardInterrupt; the last checkpoint stays)."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
 
     def __init__(self):
         self.hit = False
-        self._old = None
+        self.signal_name: str | None = None
+        self._old: dict = {}
 
     def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGINT, self._handler)
-        except ValueError:  # not the main thread
-            self._old = None
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is None:
+                continue
+            try:
+                self._old[sig] = signal.signal(sig, self._handler)
+            except (ValueError, OSError):  # not the main thread, or the platform refuses
+                pass
         return self
 
     def _handler(self, signum, frame):
+        name = signal.Signals(signum).name
         if self.hit:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt(f"second {name}")
         self.hit = True
-        print("\n[cliptune] interrupt: finishing this generation and writing a checkpoint "
-              "(Ctrl-C again to stop now)", file=sys.stderr, flush=True)
+        self.signal_name = name
+        print(f"\n[cliptune] {name}: finishing this generation and writing a checkpoint "
+              f"({'Ctrl-C' if name == 'SIGINT' else name} again to stop now)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
         return False
 
 
@@ -267,62 +305,135 @@ def versions() -> dict[str, str]:
             "onnxruntime": onnxruntime.__version__, "cma": cma.__version__, "platform": platform.platform()}
 
 
-def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber a run; clear it on --overwrite."""
-    if not run_dir.exists():
-        return
-    has_run = any((run_dir / f).exists() for f in (CKPT, CKPT_PREV, "result.json", "config.json"))
-    if has_run and overwrite:
-        import shutil
+#: every file a run writes into its run dir (what --overwrite deletes; nothing else is touched)
+RUN_FILES = ("config.json", "history.jsonl", CKPT, CKPT_PREV, "best_z.npy", "best_prompt.npy", "result.json",
+             "convergence.png", "nan_candidate.json")
 
-        shutil.rmtree(run_dir)
-    elif has_run and not resume:
+
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> bool:
+    """Refuse to clobber a run or to use something that is not a folder; True when ``run_dir`` holds a run.
+
+    Nothing is deleted here: on --overwrite, tune() deletes the old run's files only once every input of
+    the new run has been checked, so a bad input never costs the old run.
+    """
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other: pass --resume to continue the run in "
+                          "--out, or --overwrite to delete it and start over")
+    if not run_dir.exists():
+        return False
+    if not run_dir.is_dir():
+        raise ConfigError(f"run dir {run_dir} is a file, expected a folder: pass another --out")
+    has_run = any((run_dir / f).exists() for f in (CKPT, CKPT_PREV, "result.json", "config.json"))
+    if has_run and not resume and not overwrite:
         raise ConfigError(f"run dir {run_dir} already holds a run: pass --resume to continue it, "
                           "--overwrite to start over, or another --out")
+    return has_run
 
 
 def tune(cfg: TuneConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
          force_resume: bool = False, progress: bool = True, model_dir: Path | None = None,
          stop_after_generations: int | None = None) -> dict[str, Any]:
-    """Run (or resume) one tuning run in ``run_dir``; returns the result dict (also result.json)."""
+    """Run (or resume) one tuning run in ``run_dir``; returns the result dict (also result.json).
+
+    Every input is checked before anything is written; a run dir this call creates is removed again if
+    it fails before its loop starts. A resume refuses other settings or another model export unless
+    ``force_resume``.
+    """
+    import shutil
+
+    from .errors import DataError
+    from .fileio import remove_stale_temps
+
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
-    check_run_dir(run_dir, resume, overwrite)
-    if resume and (run_dir / "result.json").exists():
-        return json.loads((run_dir / "result.json").read_text())
+    had_run = check_run_dir(run_dir, resume, overwrite)
+    new_key = cfg.run_key()
+
+    def refuse_other_settings(old: dict | None, where: str) -> None:
+        if force_resume or not isinstance(old, dict):
+            return
+        diff = [k for k in new_key if old.get(k) != new_key[k]]
+        if diff:
+            shown = "; ".join(f"{k} {old.get(k)!r:.40}, now {new_key[k]!r:.40}" for k in diff[:6])
+            more = "; ..." if len(diff) > 6 else ""
+            raise CheckpointError(f"run dir {run_dir} was started with other settings ({shown}{more}) per its "
+                                  f"{where}: resume with the same settings (see {run_dir / 'config.json'}), or pass "
+                                  "--force-resume to continue anyway")
+
+    def read_json(path: Path) -> dict | None:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    if resume and had_run:
+        refuse_other_settings(read_json(run_dir / "config.json"), "config.json")
+        if (run_dir / "result.json").exists():
+            done = read_json(run_dir / "result.json")
+            if done is not None:
+                return done
+            warnings.warn(f"{run_dir / 'result.json'} is corrupt or truncated: finishing the run again from its "
+                          "last checkpoint", RuntimeWarning, stacklevel=2)
+    if cfg.data_source == "hub":
+        from .data import hub_unreachable
+
+        why = hub_unreachable()
+        if why:
+            raise DataError(f"--data-source hub: the Hugging Face hub is not reachable ({why}): check the network, "
+                            "set HF_HUB_OFFLINE=1 to use datasets already in the local cache, or use the vendored "
+                            "data (--data-source local)")
     ws = prepare(cfg, model_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    max_pos = int(ws.manifest.data["model"]["max_positions"])
+    if cfg.max_len > max_pos:
+        raise ConfigError(f"max_len {cfg.max_len} is more than the model's {max_pos} positions: pass --max-len "
+                          f"{max_pos} or less (0 = the model's limit)")
     fingerprint = ws.manifest.fingerprint()
-    state = load_checkpoint(run_dir) if resume else None
-    if state is not None and not force_resume:
-        if state.get("run_key") != cfg.run_key():
-            old = state.get("run_key") or {}
-            diff = sorted(k for k in set(old) | set(cfg.run_key()) if old.get(k) != cfg.run_key().get(k))
-            raise CheckpointError(f"run dir {run_dir} was started with other settings ({', '.join(diff)}): resume "
-                                  "with the same settings, or pass --force-resume to continue anyway")
-        if state.get("model") != fingerprint:
-            raise CheckpointError(f"run dir {run_dir} was started on another model export: pass the same "
-                                  "--model-dir, or --force-resume to continue anyway")
-    atomic_write_json(run_dir / "config.json", {**cfg.to_dict(), "resolved_model_dir": str(ws.manifest.root.resolve()),
-                                                "loss_used": ws.loss})
+    state = None
+    if resume and had_run:
+        state = load_checkpoint(run_dir)
+        if state is not None:
+            refuse_other_settings(state.get("run_key"), CKPT)
+            if state.get("model") != fingerprint and not force_resume:
+                was = (state.get("model") or {}).get("export_id")
+                raise CheckpointError(f"run dir {run_dir} was started on another model export (export {was}, now "
+                                      f"{fingerprint['export_id']}): pass the same --model-dir, or --force-resume to "
+                                      "continue anyway")
+    if had_run and overwrite:
+        for name in RUN_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+    if run_dir.exists():
+        remove_stale_temps(run_dir)
+    elif resume:
+        print(f"[cliptune] {run_dir} holds no run yet: starting a new one", file=sys.stderr, flush=True)
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        atomic_write_json(run_dir / "config.json", {**cfg.to_dict(),
+                                                    "resolved_model_dir": str(ws.manifest.root.resolve()),
+                                                    "loss_used": ws.loss})
 
-    timing = {"ask_tell": 0.0, "projection": 0.0, "scoring": 0.0, "eval": 0.0}
-    if cfg.method == "manual":
-        result = _finish(ws, run_dir, None, None, [], 0, 0, timing, t_start, None)
-        return result
+        timing = {"ask_tell": 0.0, "projection": 0.0, "scoring": 0.0, "eval": 0.0}
+        if cfg.method == "manual":
+            result = _finish(ws, run_dir, None, None, [], 0, 0, timing, t_start, None)
+            return result
 
-    opt = make_optimizer(cfg.optimizer, cfg.d, cfg.popsize, cfg.sigma0, cfg.seed)
-    if state is None:
-        state = {"format": "cliptune-checkpoint", "version": 1, "run_key": cfg.run_key(), "model": fingerprint,
-                 "generation": 0, "calls": 0, "forward_passes": 0, "elapsed": 0.0, "fitness": [], "digests": [],
-                 "best_fit": None, "best_z": None, "best_dev": None, "best_dev_z": None, "best_dev_calls": None,
-                 "evals": [], "next_eval": cfg.eval_every}
-        atomic_write_text(run_dir / "history.jsonl", "")
-    else:
-        opt.replay(state["fitness"], state["digests"])
-        atomic_write_text(run_dir / "history.jsonl", "".join(json.dumps(e) + "\n" for e in state["evals"]))
-        print(f"[cliptune] resumed {run_dir} at generation {state['generation']} ({state['calls']} calls)",
-              file=sys.stderr, flush=True)
+        opt = make_optimizer(cfg.optimizer, cfg.d, cfg.popsize, cfg.sigma0, cfg.seed)
+        if state is None:
+            state = {"format": CKPT_FORMAT, "version": CKPT_VERSION, "run_key": new_key, "model": fingerprint,
+                     "generation": 0, "calls": 0, "forward_passes": 0, "elapsed": 0.0, "fitness": [], "digests": [],
+                     "best_fit": None, "best_z": None, "best_dev": None, "best_dev_z": None, "best_dev_calls": None,
+                     "evals": [], "next_eval": cfg.eval_every}
+            atomic_write_text(run_dir / "history.jsonl", "")
+        else:
+            opt.replay(state["fitness"], state["digests"])
+            atomic_write_text(run_dir / "history.jsonl", "".join(json.dumps(e) + "\n" for e in state["evals"]))
+            print(f"[cliptune] resumed {run_dir} at generation {state['generation']} ({state['calls']} calls)",
+                  file=sys.stderr, flush=True)
+    except BaseException:
+        if created:  # nothing of a run was made: leave no half-made run dir behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     elapsed0 = float(state["elapsed"])
     t_loop = time.perf_counter()
 
@@ -342,12 +453,15 @@ def tune(cfg: TuneConfig, run_dir: str | Path, resume: bool = False, overwrite: 
             fp0 = ws.engine.forward_passes
             fit = score(ws, prompts)
             t3 = time.perf_counter()
-            if not np.all(np.isfinite(fit)):
+            if not np.all(np.isfinite(fit)):  # never tell CMA-ES a NaN/inf: stop, keep the evidence
                 bad = int(np.flatnonzero(~np.isfinite(fit))[0])
-                atomic_write_json(run_dir / "nan_candidate.json", {"generation": state["generation"], "index": bad,
-                                                                   "fitness": repr(fit[bad]), "z": z[bad].tolist()})
-                raise NumericError(f"loss is {fit[bad]} for candidate {bad} of generation {state['generation']} "
-                                   f"(saved to {run_dir / 'nan_candidate.json'}): lower --sigma0 or check the model")
+                atomic_write_json(run_dir / "nan_candidate.json", {
+                    "generation": state["generation"], "calls": state["calls"], "index": bad,
+                    "fitness": repr(float(fit[bad])), "all_fitness": [repr(float(f)) for f in fit],
+                    "z": [float(v) for v in z[bad]], "run_key": cfg.run_key(), "model": fingerprint})
+                raise NumericError(f"expected a finite loss, found {float(fit[bad])} for candidate {bad} of generation "
+                                   f"{state['generation']} (its z is saved in {run_dir / 'nan_candidate.json'}; the "
+                                   "last checkpoint is kept): lower --sigma0 or check the model dir")
             opt.tell(z, fit)
             t4 = time.perf_counter()
             timing["ask_tell"] += (t1 - t0) + (t4 - t3)
