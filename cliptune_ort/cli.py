@@ -193,8 +193,17 @@ def cmd_tune(a) -> int:
     from .config import build_config
     from .tuner import RunInterrupted, tune
 
-    cfg = build_config(a.config, **{k: getattr(a, k) for k in _TUNE_KEYS if k != "config"})
+    flags = {k: getattr(a, k) for k in _TUNE_KEYS if k != "config"}
+    cfg = build_config(a.config, **flags)
     out = Path(a.out) if a.out else _default_run_dir(cfg)
+    if a.resume and (out / "config.json").is_file():
+        # resume with the run's own settings; flags given now override them (and are checked)
+        from .predict import read_run_config
+
+        base = read_run_config(out)
+        if a.config is not None:
+            base.update(json.loads(Path(a.config).read_text(encoding="utf-8")))
+        cfg = build_config(None, **{**base, **{k: v for k, v in flags.items() if v is not None}})
     try:
         res = tune(cfg, out, resume=a.resume, overwrite=a.overwrite, force_resume=a.force_resume,
                    progress=not a.quiet)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .encoding import Encoded, buckets, padded_fraction
-from .errors import ConfigError, ProviderError
+from .errors import ConfigError, IntegrityError, ProviderError
 from .manifest import Manifest
 from .sessions import SessionSpec, SharedWeights, check_contract, make_session, resolve_device, warn
 
@@ -114,14 +114,13 @@ class Engine:
     def _make(self, g: int, spec: SessionSpec):
         path = self.manifest.graph_path(g)
         sess = make_session(path, spec, self.shared)
+        check_contract(sess, path, self.manifest.hidden)
         meta = sess.get_modelmeta().custom_metadata_map
         want = self.manifest.data["export_id"]
-        if meta.get("cliptune.export_id") not in (None, want):
-            from .errors import IntegrityError
-
-            raise IntegrityError(f"{path} comes from export {meta.get('cliptune.export_id')}, the manifest is "
-                                 f"export {want}: do not mix files of different exports; re-export")
-        check_contract(sess, path, self.manifest.hidden)
+        got_id, got_index = meta.get("cliptune.export_id"), meta.get("cliptune.graph_index")
+        if got_id != want or got_index != str(g):
+            raise IntegrityError(f"{path} comes from export {got_id} as graph {got_index}, the manifest expects "
+                                 f"export {want} graph {g}: do not mix or rename files of different exports; re-export")
         return sess
 
     @property

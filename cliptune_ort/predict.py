@@ -13,14 +13,29 @@ from .errors import ConfigError
 from .tuner import evaluate, prepare
 
 
-def _load_run(run_dir: str | Path, device: str | None):
+def read_run_config(run_dir: str | Path, keep_model_dir: bool = False) -> dict:
+    """The settings a run dir was started with (config.json), as build_config keywords."""
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.json"
     if not cfg_path.is_file():
         raise ConfigError(f"{run_dir} has no config.json: expected a run dir written by `cliptune tune`")
-    raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+    try:
+        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{cfg_path} is not readable JSON ({e}): restore it from the run or start a new run") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{cfg_path} holds a {type(raw).__name__}, expected the JSON object `cliptune tune` writes")
     model_dir = raw.pop("resolved_model_dir", None)
     raw.pop("loss_used", None)
+    if keep_model_dir:
+        raw["resolved_model_dir"] = model_dir
+    return raw
+
+
+def _load_run(run_dir: str | Path, device: str | None):
+    run_dir = Path(run_dir)
+    raw = read_run_config(run_dir, keep_model_dir=True)
+    model_dir = raw.pop("resolved_model_dir", None)
     if device is not None:
         raw["device"] = device
     cfg = build_config(**raw)
@@ -28,8 +43,15 @@ def _load_run(run_dir: str | Path, device: str | None):
         raise ConfigError(f"{run_dir} has no best_prompt.npy: the run has not finished; resume it first")
     prompt = None
     if cfg.method != "manual":
-        prompt = np.load(run_dir / "best_prompt.npy", allow_pickle=False)
+        try:
+            prompt = np.load(run_dir / "best_prompt.npy", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{run_dir / 'best_prompt.npy'} is unreadable ({e}): resume or re-run the tuning") from None
     ws = prepare(cfg, Path(model_dir) if model_dir else None)
+    want = (ws.manifest.n_prompt, ws.manifest.hidden)
+    if prompt is not None and (prompt.shape != want or prompt.dtype.kind != "f" or not np.all(np.isfinite(prompt))):
+        raise ConfigError(f"{run_dir / 'best_prompt.npy'} holds {prompt.dtype} {prompt.shape}, expected finite floats "
+                          f"of shape {want} for this model: the run dir is damaged or from another model")
     return cfg, ws, prompt
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import platform
 import signal
 import sys
@@ -32,7 +33,7 @@ from .config import TuneConfig
 from .data import FewShot, load_fewshot
 from .encoding import Encoded, PromptTokenizer
 from .engine import Engine, FixedBatch
-from .errors import CheckpointError, ConfigError, NumericError
+from .errors import CheckpointError, ConfigError, NumericError, TaskError
 from .fileio import append_line, atomic_write_bytes, atomic_write_json, atomic_write_text
 from .losses import loss_fn, metric_fn
 from .manifest import Manifest, load_manifest
@@ -100,7 +101,13 @@ def task_for(cfg: TuneConfig) -> TaskSpec:
             raise ConfigError(f"verbalizer {cfg.verbalizer!r} has {len(words)} words, task {task.name} has "
                               f"{task.n_labels} labels ({', '.join(task.label_names)}): give one word per label")
         changes["verbalizer"] = words
-    return dataclasses.replace(task, **changes) if changes else task
+    if not changes:
+        return task
+    try:
+        return dataclasses.replace(task, **changes)
+    except TaskError as e:
+        raise ConfigError(f"--template/--verbalizer do not fit task {task.name}: {str(e).split('; fix')[0]}; pass a "
+                          "--template with <P> first, {text} (and {text_b} for pair tasks) and one [MASK]") from None
 
 
 def prepare(cfg: TuneConfig, model_dir: Path | None = None) -> Workspace:
@@ -115,7 +122,11 @@ def prepare(cfg: TuneConfig, model_dir: Path | None = None) -> Workspace:
     else:
         graphs_train = [0]
     fewshot = load_fewshot(task, cfg.seed, data_dir=cfg.data_dir, per_class=cfg.per_class, source=cfg.data_source)
-    max_len = cfg.max_len or int(manifest.data["model"]["max_positions"])
+    max_pos = int(manifest.data["model"]["max_positions"])
+    if cfg.max_len > max_pos:
+        raise ConfigError(f"max_len {cfg.max_len} is more than the model's {max_pos} positions: pass --max-len "
+                          f"{max_pos} or less (0 = the model's limit)")
+    max_len = cfg.max_len or max_pos
     ptok = PromptTokenizer(manifest.tokenizer_path, manifest.data["tokenizer"], manifest.n_prompt,
                            manifest.data["placeholder_ids"], max_len)
     verb = ptok.verbalizer_ids(task.verbalizer, cfg.verbalizer_policy)
@@ -330,9 +341,38 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> bool:
     return has_run
 
 
+def _lock_run_dir(run_dir: Path) -> int:
+    """An exclusive advisory lock on ``run_dir/.lock``: two processes never run one run dir at once."""
+    import fcntl
+
+    fd = os.open(run_dir / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ConfigError(f"run dir {run_dir} is in use by another cliptune process: wait for it to finish, "
+                          "or use another --out") from None
+    return fd
+
+
 def tune(cfg: TuneConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
          force_resume: bool = False, progress: bool = True, model_dir: Path | None = None,
          stop_after_generations: int | None = None) -> dict[str, Any]:
+    """Run (or resume) one tuning run in ``run_dir``; returns the result dict (also result.json).
+
+    The run dir is locked (``.lock``, flock) while this call works in it.
+    """
+    locks: list[int] = []
+    try:
+        return _tune(cfg, run_dir, resume, overwrite, force_resume, progress, model_dir, stop_after_generations,
+                     locks)
+    finally:
+        for fd in locks:
+            os.close(fd)
+
+
+def _tune(cfg: TuneConfig, run_dir: str | Path, resume: bool, overwrite: bool, force_resume: bool, progress: bool,
+          model_dir: Path | None, stop_after_generations: int | None, locks: list[int]) -> dict[str, Any]:
     """Run (or resume) one tuning run in ``run_dir``; returns the result dict (also result.json).
 
     Every input is checked before anything is written; a run dir this call creates is removed again if
@@ -384,10 +424,6 @@ def tune(cfg: TuneConfig, run_dir: str | Path, resume: bool = False, overwrite: 
                             "set HF_HUB_OFFLINE=1 to use datasets already in the local cache, or use the vendored "
                             "data (--data-source local)")
     ws = prepare(cfg, model_dir)
-    max_pos = int(ws.manifest.data["model"]["max_positions"])
-    if cfg.max_len > max_pos:
-        raise ConfigError(f"max_len {cfg.max_len} is more than the model's {max_pos} positions: pass --max-len "
-                          f"{max_pos} or less (0 = the model's limit)")
     fingerprint = ws.manifest.fingerprint()
     state = None
     if resume and had_run:
@@ -409,6 +445,7 @@ def tune(cfg: TuneConfig, run_dir: str | Path, resume: bool = False, overwrite: 
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
+        locks.append(_lock_run_dir(run_dir))
         atomic_write_json(run_dir / "config.json", {**cfg.to_dict(),
                                                     "resolved_model_dir": str(ws.manifest.root.resolve()),
                                                     "loss_used": ws.loss})

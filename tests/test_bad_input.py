@@ -59,6 +59,11 @@ class Ctx:
         return json.loads((d / "manifest.json").read_text())
 
     def write_manifest(self, d: Path, man: dict) -> None:
+        """Write a hand-edited manifest without its seal (an unsealed manifest still loads, so the deeper
+        check under test is the one that must fire; sealed edits are covered in test_tamper.py)."""
+        from cliptune_ort.manifest import CHECKSUM_FIELD
+
+        man = {k: v for k, v in man.items() if k != CHECKSUM_FIELD}
         (d / "manifest.json").write_text(json.dumps(man, indent=1))
 
     def repin(self, d: Path, entry: str) -> None:
@@ -424,7 +429,7 @@ def manifest_edited_after_export(c):
     d = c.model_copy()
     man = seal_manifest(c.manifest(d))
     man["embedding_std"] *= 2
-    c.write_manifest(d, man)
+    (d / "manifest.json").write_text(json.dumps(man, indent=1))  # sealed, then edited by hand
     return c.tune(model=d), "was edited after export (its manifest_sha256 does not match its content)"
 
 
@@ -478,7 +483,7 @@ def graph_from_another_export(c):
             p.value = "0" * 32
     (d / "graph_1.onnx").write_bytes(m.SerializeToString())
     c.repin(d, "graph_1.onnx")
-    return c.tune(model=d), f"graph_1.onnx comes from export {'0' * 32}, the manifest is export"
+    return c.tune(model=d), f"graph_1.onnx comes from export {'0' * 32} as graph 1, the manifest expects export"
 
 
 @case

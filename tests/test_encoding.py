@@ -68,3 +68,19 @@ def test_buckets_cover_rows_and_cut_padding(ptok):
         for r, i in enumerate(idx):
             n = enc.lengths[i]
             np.testing.assert_array_equal(sub.ids[r, :n], enc.ids[i, :n])
+
+
+def test_longest_first_matches_token_by_token_truncation():
+    from cliptune_ort.encoding import longest_first
+
+    def slow(lens, room):
+        lens = list(lens)
+        while sum(lens) > room:
+            lens[int(np.argmax(lens))] -= 1
+        return lens
+
+    for a in range(15):
+        for room in range(1, 30):
+            assert longest_first([a], room) == slow([a], room)
+            for b in range(15):
+                assert longest_first([a, b], room) == slow([a, b], room), (a, b, room)

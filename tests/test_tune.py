@@ -105,3 +105,35 @@ def test_default_model_dir_is_exported_once(tmp_path):
     assert out == embedded_export_dir(4, 0.1) and (out / "manifest.json").is_file()
     mtime = (out / "manifest.json").stat().st_mtime
     assert resolve_model_dir(None, 4, 0.1) == out and (out / "manifest.json").stat().st_mtime == mtime
+
+
+def test_cli_resume_takes_the_run_settings(splade_dir, tmp_path, capsys):
+    """`cliptune tune --resume --out RUN` needs no flags repeated: the run's config.json is the base."""
+    from cliptune_ort.cli import main
+
+    run = tmp_path / "r"
+    args = ["tune", "--model-dir", str(splade_dir), "--budget", "40", "--popsize", "4", "--d", "20",
+            "--eval-every", "20", "--method", "bbt", "--out", str(run), "--quiet"]
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    (run / "result.json").unlink()  # as if killed after the last checkpoint
+    assert main(["tune", "--resume", "--out", str(run), "--quiet"]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["test_metric"] == first["test_metric"] and again["calls"] == 40
+    assert main(["tune", "--resume", "--out", str(run), "--budget", "60", "--quiet"]) == 2  # a changed setting
+
+
+def test_run_dir_is_locked(splade_dir, tmp_path):
+    from cliptune_ort.errors import ConfigError
+    from cliptune_ort.tuner import _lock_run_dir
+
+    run = tmp_path / "locked"
+    run.mkdir()
+    fd = _lock_run_dir(run)
+    try:
+        with pytest.raises(ConfigError, match="in use by another cliptune process"):
+            tune(_cfg(method="bbt"), run, model_dir=splade_dir, progress=False)
+    finally:
+        import os
+
+        os.close(fd)
