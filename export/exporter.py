@@ -4,6 +4,11 @@ Steps (kept separate, the optimum way): load -> draw masks -> export each graph 
 into one shared external-data file -> validate every graph against the hook-based PyTorch reference
 with the same mask -> write the manifest. Everything is written into a temporary folder that is
 renamed into place at the very end: a failed export leaves nothing behind.
+
+fp16 (the CUDA path): masks folded into the weights, ONNX Runtime's transformer fusions (one
+Attention per full-sequence layer, SkipLayerNormalization, BiasGelu), float16 weights, float32
+inputs and outputs; graph 0 is traced and fused once and every graph written from it
+(:class:`Fp16Template`), then validated like any other (atol 2e-2).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import numpy as np
 from cliptune_ort import __version__
 from cliptune_ort.errors import CliptuneError, ConfigError, ModelDirError
 from cliptune_ort.fileio import atomic_write_json, sha256_file
-from cliptune_ort.manifest import MANIFEST_NAME, SCHEMA_VERSION, WEIGHTS_NAME
+from cliptune_ort.manifest import MANIFEST_NAME, SCHEMA_VERSION, WEIGHTS_NAME, seal_manifest
 
 #: initializers at least this large go to the shared weight file; smaller ones (masks, biases of
 #: small models) stay inside each graph
@@ -123,7 +128,13 @@ def _load(model: str, opts: ExportOptions):
             torch.manual_seed(opts.init_seed)
             mlm = AutoModelForMaskedLM.from_config(config, attn_implementation="eager")
         else:
-            mlm = AutoModelForMaskedLM.from_pretrained(model, attn_implementation="eager")
+            mlm, info = AutoModelForMaskedLM.from_pretrained(model, attn_implementation="eager",
+                                                             output_loading_info=True)
+            head = [k for k in info.get("missing_keys", []) if k.startswith(("cls.", "lm_head."))
+                    and not k.endswith("decoder.weight")]  # the decoder weight is tied to the embeddings
+            if head:
+                raise ModelDirError(f"{model} has no trained MLM head (missing {', '.join(sorted(head)[:3])}): "
+                                    "expected a *ForMaskedLM checkpoint; export a model that has its MLM head")
     except (OSError, ValueError) as e:
         raise ModelDirError(
             f"cannot load masked-LM weights from {model!r} ({str(e).splitlines()[0]}): the folder needs "
@@ -138,6 +149,9 @@ def _load(model: str, opts: ExportOptions):
             f"cannot load a tokenizer from {tok_src!r} ({str(e).splitlines()[0]}): add tokenizer files "
             "to the model folder or pass --tokenizer"
         ) from None
+    if len(tok) > config.vocab_size or len(tok) < config.vocab_size // 2:
+        raise ModelDirError(f"the tokenizer of {tok_src!r} has {len(tok)} tokens, the model's vocabulary "
+                            f"{config.vocab_size}: the tokenizer belongs to another model; pass --tokenizer")
     if not getattr(tok, "is_fast", False):
         raise ModelDirError(f"tokenizer of {tok_src!r} is not a fast tokenizer: a tokenizer.json is needed")
     if tok.mask_token_id is None:
@@ -274,32 +288,31 @@ def export_model(model: str, out: str | os.PathLike, opts: ExportOptions | None 
         example = _dummy_inputs(rng, 2, 2, opts.n_prompt + 8, opts.n_prompt, hidden, vocab,
                                 tok.pad_token_id, emb_std, 2)
         masks_np = {}
+        args = tuple(torch.from_numpy(example[n]) for n in
+                     ("input_ids", "attention_mask", "mask_pos", "prompt_embeds", "verbalizer_ids"))
+        # fp16 with folded masks: every graph has graph 0's structure, so trace and fuse once and
+        # write each graph with its own folded tensors (None: not applicable, trace every graph)
+        template = Fp16Template.build(mlm, arch, tmp, args, opts) if (
+            opts.precision == "fp16" and opts.resolved_fold()) else None
         for g in graphs:
             gf = f"graph_{g['index']}.onnx"
             masks = None
             if g["kind"] == "thinned":
                 masks_np[g["index"]] = draw_masks(site_names, hidden, opts.p, g["mask_seed"])
                 masks = {k: torch.from_numpy(v) for k, v in masks_np[g["index"]].items()}
-            wrapped = ContractModel(copy.deepcopy(mlm), arch, masks, fold_masks=opts.resolved_fold()).eval()
-            args = tuple(torch.from_numpy(example[n]) for n in
-                         ("input_ids", "attention_mask", "mask_pos", "prompt_embeds", "verbalizer_ids"))
-            _log(f"exporting {gf} ({g['kind']})")
-            with torch.inference_mode(), _quiet_export():
-                torch.onnx.export(
-                    wrapped, args, str(tmp / gf),
-                    input_names=["input_ids", "attention_mask", "mask_pos", "prompt_embeds", "verbalizer_ids"],
-                    output_names=["logits"],
-                    dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
-                                  "mask_pos": {0: "batch"}, "prompt_embeds": {0: "pop", 1: "L"},
-                                  "verbalizer_ids": {0: "labels"}, "logits": {0: "pop", 1: "batch", 2: "labels"}},
-                    opset_version=opts.opset, do_constant_folding=True, dynamo=False,
-                    external_data=True,
-                )
-            del wrapped
             g["file"] = gf
+            if template is not None:
+                _log(f"writing {gf} ({g['kind']}): the fused fp16 graph with this graph's folded tensors")
+                template.write(tmp / gf, masks_np.get(g["index"]))
+                continue
+            wrapped = ContractModel(copy.deepcopy(mlm), arch, masks, fold_masks=opts.resolved_fold()).eval()
+            _log(f"exporting {gf} ({g['kind']})")
+            trace_graph(wrapped, args, tmp / gf, opts.opset)
+            del wrapped
             if opts.precision != "fp32":
                 _log(f"converting {gf} to {opts.precision}")
                 convert_precision(tmp / gf, opts.precision, cfg.num_attention_heads, hidden)
+        del template
         _log("sharing weights across graphs")
         weights = _share_weights(tmp, [g["file"] for g in graphs])
         _stamp_metadata(tmp, graphs, export_id)
@@ -384,7 +397,7 @@ def export_model(model: str, out: str | os.PathLike, opts: ExportOptions | None 
             "export_options": asdict(opts),
             "export_seconds": round(time.perf_counter() - t0, 2),
         }
-        atomic_write_json(tmp / MANIFEST_NAME, manifest)
+        atomic_write_json(tmp / MANIFEST_NAME, seal_manifest(manifest))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -393,6 +406,139 @@ def export_model(model: str, out: str | os.PathLike, opts: ExportOptions | None 
         raise
     _log(f"wrote {out} ({len(graphs)} graphs) in {time.perf_counter() - t0:.1f} s")
     return manifest
+
+
+def trace_graph(wrapped, args: tuple, path: Path, opset: int) -> None:
+    """``torch.onnx.export`` of a :class:`ContractModel` with the contract's names and dynamic axes."""
+    import torch
+
+    with torch.inference_mode(), _quiet_export():
+        torch.onnx.export(
+            wrapped, args, str(path),
+            input_names=["input_ids", "attention_mask", "mask_pos", "prompt_embeds", "verbalizer_ids"],
+            output_names=["logits"],
+            dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
+                          "mask_pos": {0: "batch"}, "prompt_embeds": {0: "pop", 1: "L"},
+                          "verbalizer_ids": {0: "labels"}, "logits": {0: "pop", 1: "batch", 2: "labels"}},
+            opset_version=opset, do_constant_folding=True, dynamo=False,
+            external_data=True,
+        )
+
+
+class Fp16Template:
+    """One traced, fused fp16 graph that every graph of an fp16 export (masks folded) is written from.
+
+    With the masks folded into the weights, the K+1 graphs differ only in the tensors the mask sites
+    scale (the attention-output and FFN-output dense weight and bias of every layer, the embedding
+    LayerNorm's gamma and beta): tracing and fusing each of them again costs ~1 minute per graph for
+    a large model, for the same graph. So the full network is traced once with those tensors set to
+    unique random *tags*, fused and converted to fp16 (:func:`convert_precision`), and every tag is
+    found again among the converted graph's initializers (its name, dtype and layout); each graph
+    is then that graph with the tags replaced by its own folded tensors, converted the way
+    ``float16`` converts them. Nothing is trusted: every graph is still validated against the masked
+    PyTorch reference afterwards. Where a tag is not found exactly once (another fusion or
+    converter release changed the layout), :meth:`build` returns None and every graph is traced.
+    """
+
+    ROLES = {"dense.weight": True, "dense.bias": False, "LayerNorm.weight": False, "LayerNorm.bias": False}
+
+    def __init__(self, model, where: dict, originals: dict):
+        self.model = model  # the converted ModelProto (all data inline)
+        self.where = where  # (site, role) -> initializer proto in self.model
+        self.originals = originals  # (site, role) -> float32 array in torch layout
+
+    @staticmethod
+    def _site_tensors(parent) -> list[tuple[str, "object"]]:
+        if hasattr(parent, "dense"):
+            return [("dense.weight", parent.dense.weight), ("dense.bias", parent.dense.bias)]
+        return [("LayerNorm.weight", parent.LayerNorm.weight), ("LayerNorm.bias", parent.LayerNorm.bias)]
+
+    @staticmethod
+    def _layout(role: str, arr: np.ndarray) -> np.ndarray:
+        """torch layout -> the initializer's layout (a Linear weight [out, in] is MatMul's [in, out])."""
+        return np.ascontiguousarray(arr.T) if Fp16Template.ROLES[role] else arr
+
+    @staticmethod
+    def _to(dtype: int, arr: np.ndarray) -> np.ndarray:
+        """``arr`` as the converter stores it: float16 with its clamping rule, or float32."""
+        import onnx
+        from onnxruntime.transformers.float16 import convert_np_to_float16
+
+        arr = np.asarray(arr, dtype=np.float32)
+        if dtype != onnx.TensorProto.FLOAT16:
+            return arr
+        lo, hi = 5.96e-08, 65504.0  # convert_float_to_float16's defaults: 0 < |x| < lo -> lo, |x| > hi -> hi
+        if arr.size < 4096:
+            return convert_np_to_float16(arr, min_positive_val=lo, max_finite_val=hi).astype(np.float16)
+        # the same rule, vectorised without the converter's float64 temporaries (~30x faster)
+        with np.errstate(over="ignore"):  # > 65504 becomes inf here, clamped below
+            out = arr.astype(np.float16)
+        mag = np.abs(arr)
+        small = (mag > 0) & (mag < lo)
+        big = (mag > hi) & np.isfinite(mag)
+        out[small] = np.where(arr[small] > 0, np.float16(lo), np.float16(-lo))
+        out[big] = np.where(arr[big] > 0, np.float16(hi), np.float16(-hi))
+        return out
+
+    @classmethod
+    def build(cls, mlm, arch, tmp: Path, args: tuple, opts: ExportOptions) -> "Fp16Template | None":
+        import onnx
+        import torch
+        from onnx import numpy_helper
+
+        from .wrapper import ContractModel, dropout_sites
+
+        tagged = copy.deepcopy(mlm)
+        rng = np.random.default_rng(20240611)
+        tags, originals = {}, {}
+        with torch.no_grad():
+            for (name, parent, _), (_, orig_parent, _) in zip(dropout_sites(tagged, arch), dropout_sites(mlm, arch)):
+                for (role, t), (_, o) in zip(cls._site_tensors(parent), cls._site_tensors(orig_parent)):
+                    # |tag| in [0.5, 1.5): exact in the fp16 conversion, no clamping, never equal to a weight
+                    tag = (rng.uniform(0.5, 1.5, tuple(t.shape)) * rng.choice([-1.0, 1.0], tuple(t.shape)))
+                    t.copy_(torch.from_numpy(tag.astype(np.float32)))
+                    tags[(name, role)] = tag.astype(np.float32)
+                    originals[(name, role)] = o.detach().float().cpu().numpy().copy()
+        wrapped = ContractModel(tagged, arch, None, fold_masks=True).eval()
+        path = tmp / "template.onnx"
+        _log("exporting the graph template (fp16, masks folded: traced and fused once for every graph)")
+        trace_graph(wrapped, args, path, opts.opset)
+        del wrapped, tagged
+        _log("converting the template to fp16")
+        convert_precision(path, "fp16", mlm.config.num_attention_heads, mlm.config.hidden_size)
+        model = onnx.load(str(path), load_external_data=True)
+        path.unlink()
+        for leftover in tmp.glob("template.onnx*.data"):
+            leftover.unlink()
+        by_bytes: dict[tuple, list] = {}
+        for init in model.graph.initializer:
+            if init.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT):
+                arr = numpy_helper.to_array(init)
+                by_bytes.setdefault((init.data_type, arr.shape, arr.tobytes()), []).append(init)
+        where = {}
+        for key, tag in tags.items():
+            found = []
+            for dtype in (onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT):
+                arr = cls._to(dtype, cls._layout(key[1], tag))
+                found += by_bytes.get((dtype, arr.shape, arr.tobytes()), [])
+            if len(found) != 1:
+                _log(f"template: {key[0]} {key[1]} found {len(found)} times in the fused graph (expected once); "
+                     "tracing every graph instead")
+                return None
+            where[key] = found[0]
+        return cls(model, where, originals)
+
+    def write(self, path: Path, masks: dict[str, np.ndarray] | None) -> None:
+        """Write one graph: the template with its site tensors folded with ``masks`` (None: graph 0)."""
+        for (site, role), init in self.where.items():
+            arr = self.originals[(site, role)]
+            if masks is not None:
+                m = masks[site].astype(np.float32)
+                arr = arr * (m[:, None] if self.ROLES[role] else m)  # exactly wrapper.fold_mask's product
+            init.raw_data = self._to(init.data_type, self._layout(role, arr)).tobytes()
+            del init.float_data[:]
+            del init.int32_data[:]
+        path.write_bytes(self.model.SerializeToString())  # < 2 GB, as convert_precision's onnx.save
 
 
 def convert_precision(path: Path, precision: str, heads: int, hidden: int) -> None:

@@ -23,6 +23,7 @@ Following BBT, the prompt is added *after* the embedding layer including its dro
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +71,43 @@ class MaskMul(nn.Module):
         return x * self.mask.to(x.dtype)
 
 
+def full_layer(layer: nn.Module, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """One encoder layer at every position, written out in the classic BERT pattern.
+
+    Why not the HF layer's own forward: with it (and the bias built from the pop-expanded mask
+    reshaped to 4-D), ``onnxruntime.transformers``' optimizer fused SkipLayerNormalization and
+    BiasGelu but no Attention (measured, onnxruntime 1.32, transformers 5.24), for two reasons:
+    transformers 5 scales the scores with a Mul (``QK^T * scaling``) and FusionAttention takes the
+    *first* Mul parent of the score Add as the mask's Mul, so it never reached the mask; and the
+    mask path was Cast <- Reshape <- Expand instead of Cast <- Unsqueeze <- Unsqueeze from a 2-D
+    mask. Written out here (same modules, same weights: the masked-reference parity still checks
+    it), the trace is exactly what the fusion matches, whatever the transformers release:
+
+        q/k/v: MatMul -> Add -> Reshape [rows, seq, heads, dh] -> Transpose (k straight to [.., dh, seq])
+        scores: MatMul(q, k) -> Div(sqrt(dh)) -> Add(bias) -> Softmax -> MatMul(., v)
+        ctx: Transpose -> Reshape [rows, seq, hidden] -> dense (MatMul, Add) -> (mask) -> Add(residual)
+             -> LayerNorm
+
+    ``bias`` must be built as in :meth:`ContractModel.forward` (Unsqueeze, Unsqueeze, Cast, Sub, Mul)
+    from the 2-D mask of *every* row: that is the mask path FusionAttention recognises, and it then
+    feeds the Attention op a right-padding mask index [rows] (no 4-D bias tensor).
+    h [rows, seq, hidden], bias [rows, 1, 1, seq]; returns [rows, seq, hidden].
+    """
+    att = layer.attention.self
+    rows, seq, hidden = h.shape
+    heads, dh = att.num_attention_heads, att.attention_head_size
+    q = att.query(h).reshape(rows, seq, heads, dh).transpose(1, 2)  # [rows, heads, seq, dh]
+    k = att.key(h).reshape(rows, seq, heads, dh).permute(0, 2, 3, 1)  # [rows, heads, dh, seq]
+    v = att.value(h).reshape(rows, seq, heads, dh).transpose(1, 2)  # [rows, heads, seq, dh]
+    # Div, not Mul: the fusion finds the bias as the *first* Mul parent of the Add, so a scaling Mul
+    # next to it would hide the mask path
+    scores = torch.matmul(q, k) / math.sqrt(dh) + bias  # [rows, heads, seq, seq]
+    ctx = torch.matmul(torch.softmax(scores, dim=-1), v)  # [rows, heads, seq, dh]
+    ctx = ctx.transpose(1, 2).reshape(rows, seq, hidden)
+    a = layer.attention.output(ctx, h)  # dense -> (mask) -> LayerNorm(x + h)
+    return layer.output(layer.intermediate(a), a)  # FFN -> (mask) -> LayerNorm
+
+
 def last_layer_at_mask(layer: nn.Module, h: torch.Tensor, hm: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """The last encoder layer evaluated only where the head reads it.
 
@@ -86,7 +124,7 @@ def last_layer_at_mask(layer: nn.Module, h: torch.Tensor, hm: torch.Tensor, bias
     q = att.query(hm).reshape(rows, 1, heads, dh).transpose(1, 2)  # [rows, heads, 1, dh]
     k = att.key(h).reshape(rows, seq, heads, dh).transpose(1, 2)  # [rows, heads, seq, dh]
     v = att.value(h).reshape(rows, seq, heads, dh).transpose(1, 2)
-    scores = torch.matmul(q, k.transpose(2, 3)) * att.scaling + bias  # [rows, heads, 1, seq]
+    scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(dh) + bias  # [rows, heads, 1, seq]
     ctx = torch.matmul(torch.softmax(scores, dim=-1), v)  # [rows, heads, 1, dh]
     ctx = ctx.transpose(1, 2).reshape(rows, 1, hidden)
     a = layer.attention.output(ctx, hm)  # dense -> (mask) -> LayerNorm(x + hm)
@@ -132,12 +170,29 @@ class ContractModel(nn.Module):
 
     ``masks`` maps site name -> tensor [hidden]; None means the full network.
     The wrapped model is modified in place (its dropout modules are replaced): pass a copy.
+    It also runs as a plain PyTorch module on any device and dtype (the GPU benchmark's baseline).
+
+    Export notes (what the trace must look like for ONNX Runtime on CUDA):
+    - attention: every full layer fuses into one ``Attention`` op (see :func:`full_layer`); the
+      last layer, evaluated at the mask position only, stays as plain MatMul/Softmax (by design).
+    - no control flow: the gather at the mask keeps its axis (no ``squeeze``: with a dynamic
+      dimension the exporter emits an ``If`` checking that the axis is 1), so CUDA graphs are not
+      refused for control-flow nodes.
+    - shape arithmetic (Shape/Gather/Concat/Where feeding Reshape/Expand/ConstantOfShape shape
+      inputs) is traced from the dynamic input shapes; ORT's CUDA provider places it on the CPU, which
+      CUDA-graph capture allows as long as no Memcpy node is needed (no CPU node consumes a device
+      tensor and no device node consumes a CPU node's data output). The benchmark checks the
+      optimised CUDA graph for Memcpy nodes.
     """
 
     def __init__(self, mlm: nn.Module, arch: Arch, masks: dict[str, torch.Tensor] | None,
-                 last_layer_at_mask: bool = True, fold_masks: bool = False):
+                 last_layer_at_mask: bool = True, fold_masks: bool = False, hf_layers: bool = False):
         super().__init__()
         self.last_layer_at_mask = last_layer_at_mask
+        # hf_layers: run the full layers through the HF modules' own forward (their attention
+        # implementation, e.g. SDPA) instead of :func:`full_layer`. For PyTorch baselines only: the
+        # export keeps full_layer, whose trace ORT's Attention fusion matches.
+        self.hf_layers = hf_layers
         self.mlm = mlm
         self.arch = arch
         for name, parent, attr in dropout_sites(mlm, arch):
@@ -157,15 +212,22 @@ class ContractModel(nn.Module):
         h = self.embeddings(input_ids=input_ids)  # [batch, seq, hidden] (site 0 mask applied)
         dtype = h.dtype
         prompt = prompt_embeds.to(dtype)
-        pre = torch.zeros(pop, 1, hidden, dtype=dtype)
-        post = torch.zeros(pop, seq - n_prompt - 1, hidden, dtype=dtype)
+        pre = torch.zeros(pop, 1, hidden, dtype=dtype, device=h.device)
+        post = torch.zeros(pop, seq - n_prompt - 1, hidden, dtype=dtype, device=h.device)
         ext = torch.cat([pre, prompt, post], dim=1)  # [pop, seq, hidden]
         h = (h.unsqueeze(0) + ext.unsqueeze(1)).reshape(pop * batch, seq, hidden)
-        am = attention_mask.unsqueeze(0).expand(pop, batch, seq).reshape(pop * batch, 1, 1, seq)
-        bias = (1.0 - am.to(dtype)) * MASK_BIAS  # [pop*batch, 1, 1, seq]
+        # The attention bias in the classic BERT form, from the 2-D mask of every row (the mask is
+        # expanded over pop *before* the bias is built): Unsqueeze, Unsqueeze, Cast, Sub, Mul is the
+        # pattern ORT's FusionAttention turns into one Attention op with a mask index [rows].
+        am = attention_mask.unsqueeze(0).expand(pop, batch, seq).reshape(pop * batch, seq)
+        bias = (1.0 - am.unsqueeze(1).unsqueeze(2).to(dtype)) * MASK_BIAS  # [pop*batch, 1, 1, seq]
         n_full = len(self.layers) - 1 if self.last_layer_at_mask else len(self.layers)
         for layer in self.layers[:n_full]:
-            h = layer(h, bias)
+            if self.hf_layers:
+                out = layer(h, bias)
+                h = out[0] if isinstance(out, tuple) else out
+            else:
+                h = full_layer(layer, h, bias)
         idx = mask_pos.reshape(1, batch, 1, 1).expand(pop, batch, 1, hidden).reshape(pop * batch, 1, hidden)
         hm = torch.gather(h, 1, idx)  # [pop*batch, 1, hidden]; no squeeze: no If node
         if self.last_layer_at_mask:

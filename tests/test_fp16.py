@@ -162,3 +162,21 @@ def test_shared_trace_equals_tracing_every_graph(fp16_dirs, tiny_roberta_src, tm
     feeds = _inputs(load_manifest(shared), seed=4)
     for g in (0, 1):
         np.testing.assert_allclose(_run(shared, g, feeds), _run(traced, g, feeds), atol=1e-6, rtol=0)
+
+
+def test_hf_layers_path_equals_the_exported_layers(tiny_roberta_src, roberta_dir):
+    """ContractModel(hf_layers=True) (the GPU benchmark's PyTorch baselines: the HF layers' own
+    attention) computes what the exported full_layer computes."""
+    import torch
+    from transformers import AutoModelForMaskedLM
+
+    from cliptune_export.wrapper import ARCHS, ContractModel
+
+    feeds = _inputs(load_manifest(roberta_dir), seed=8)
+    outs = []
+    for hf in (False, True):
+        mlm = AutoModelForMaskedLM.from_pretrained(str(tiny_roberta_src), attn_implementation="eager").eval()
+        model = ContractModel(mlm, ARCHS["roberta"], None, hf_layers=hf).eval()
+        with torch.inference_mode():
+            outs.append(model(*(torch.from_numpy(feeds[n]) for n in NAMES)).numpy())
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-5, rtol=0)

@@ -1,0 +1,891 @@
+#!/usr/bin/env python3
+"""The GPU benchmark: PyTorch vs ONNX Runtime CUDA on the roberta-large shape, and measured tune runs.
+
+One run on one machine (the lent H100/H200; see benchmarks/gpu_run.sh for the device call):
+
+1. export  random-weight roberta-large-shaped graphs (24 layers, hidden 1024, 16 heads, FFN 4096,
+           vocab 30522 with splade-tiny's WordPiece tokenizer, so the vendored SST-2 texts give real
+           lengths): fp16 with K=4 (masks folded, ORT transformer fusions; the tune runs use it) and
+           fp32 with K=0 (graph 0 only, for the fp32 cells). Both run in child processes on the
+           cores the timing process does not use; their fusion statistics are recorded.
+2. torch   PyTorch fp32 eager and fp16 + SDPA (``attn_implementation="sdpa"``, ``.half()``), the
+           same contract wrapper (``ContractModel(hf_layers=True)``: the HF layers' own attention),
+           the same weights as the export (same init seed), prompts copied from the host every call,
+           logits copied back (``torch.cuda.synchronize`` by the copy).
+3. ort     ORT CUDA fp16 and fp32 through the package's ``Engine`` (plain ``run``, IOBinding with the
+           fixed inputs resident on the device, CUDA graphs), graph 0.
+           Every cell: population 1 and 20 (20 candidates stacked in one call per length bucket) x
+           {1 bucket (padded to the longest), 4 length buckets}, on the real SST-2 16-shot train
+           set of seed 13 (32 examples); median/p90 of >= 15 calls after warm-up. One "call" scores
+           the candidates on all 32 examples (one session run per bucket).
+4. profile where ORT placed the fp16 graph's nodes (CPU vs CUDA), Memcpy nodes, and a logits
+           parity check ORT fp16 / torch fp16 vs torch fp32 on the GPU.
+5. tune    measured runs through the package API: ``tuner.tune`` on SST-2 with the fp16 export,
+           method bbt and clip (K=4), the full default budget (8,000 calls); wall_seconds from
+           result.json.
+
+Results: ``<out>/gpu_<device>.json`` and ``.md`` (device name, providers that ran, versions, every
+number, ratios to PyTorch fp16 + SDPA from the same run, the issue's targets), rewritten after
+every section so a timeout still leaves data. Exports and run dirs go to ``--work`` (never to
+``--out``: only small files travel back).
+
+``--quick``: fewer timed calls and a 1,000-call tune budget. ``--cpu-dry-run``: a tiny random
+RoBERTa, the CPU provider and torch on the CPU, 2 timed calls, a 100-call tune budget: catches
+bugs before the device run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+T0 = time.perf_counter()
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+SPLADE = ROOT / "cliptune_ort" / "assets" / "models" / "splade-tiny"
+
+#: the roberta-large shape (random weights; speed is a property of the shape)
+LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+             max_position_embeddings=514)
+#: the dry run's shape
+TINY = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
+            max_position_embeddings=514)
+TASK, FEWSHOT_SEED = "sst2", 13
+
+
+def log(msg: str) -> None:
+    print(f"[gpu {time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
+
+
+def elapsed() -> float:
+    return time.perf_counter() - T0
+
+
+# ---------------------------------------------------------------- results
+
+
+class Results:
+    """The JSON document, rewritten (atomically) with its markdown page after every section."""
+
+    def __init__(self, out: Path, slug: str):
+        self.out = out
+        self.slug = slug
+        self.data: dict = {"benchmark": "gpu", "status": "running", "sections_done": [], "errors": [],
+                           "cells": [], "tune": {}}
+
+    def error(self, section: str, exc: BaseException) -> None:
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        self.data["errors"].append({"section": section, "error": f"{type(exc).__name__}: {exc}"[:2000],
+                                    "traceback_tail": tb[-3000:]})
+        log(f"ERROR in {section}: {type(exc).__name__}: {exc}")
+
+    def save(self) -> None:
+        self.data["elapsed_s"] = round(elapsed(), 1)
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / f"gpu_{self.slug}.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, default=str) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        try:
+            md = markdown(self.data)
+            tmp = path.with_suffix(".md.tmp")
+            tmp.write_text(md, encoding="utf-8")
+            os.replace(tmp, path.with_suffix(".md"))
+        except Exception as e:  # the JSON is what counts; a page bug must not lose it
+            log(f"markdown failed: {e}")
+
+
+def summarize(samples: list[float]) -> dict:
+    import numpy as np
+
+    s = np.asarray(samples, dtype=np.float64) * 1e3
+    return {"n": int(s.size), "p50_ms": round(float(np.median(s)), 3), "p90_ms": round(float(np.percentile(s, 90)), 3),
+            "mean_ms": round(float(s.mean()), 3), "min_ms": round(float(s.min()), 3),
+            "max_ms": round(float(s.max()), 3)}
+
+
+def time_fn(fn, warmup: int, iters: int, max_seconds: float | None = None) -> list[float]:
+    """``warmup`` untimed calls, then ``iters`` timed calls (fewer, but >= 3, past ``max_seconds``)."""
+    for _ in range(warmup):
+        fn()
+    out: list[float] = []
+    spent = 0.0
+    while len(out) < iters and (max_seconds is None or spent < max_seconds or len(out) < 3):
+        t = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t
+        out.append(dt)
+        spent += dt
+    return out
+
+
+# ---------------------------------------------------------------- environment
+
+
+def device_info(cpu: bool) -> dict:
+    info: dict = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    try:
+        info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                                 if line.startswith("model name"))
+    except Exception:
+        pass
+    if cpu:
+        info["name"] = "cpu-dry-run"
+        return info
+    try:
+        import torch
+
+        info["name"] = torch.cuda.get_device_name(0)
+        props = torch.cuda.get_device_properties(0)
+        info["memory_gib"] = round(props.total_memory / 2**30, 1)
+        info["capability"] = f"{props.major}.{props.minor}"
+        info["multiprocessors"] = props.multi_processor_count
+    except Exception as e:
+        info["torch_cuda_error"] = str(e)
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+        info["nvidia_smi"] = smi.stdout.strip()
+        info.setdefault("name", smi.stdout.split(",")[0].strip() or "unknown-gpu")
+    except Exception as e:
+        info["nvidia_smi_error"] = str(e)
+    info.setdefault("name", "unknown-gpu")
+    return info
+
+
+def versions() -> dict:
+    out = {}
+    for mod in ("numpy", "torch", "transformers", "onnx", "onnxruntime", "cma", "tokenizers"):
+        try:
+            m = __import__(mod)
+            out[mod] = getattr(m, "__version__", "?")
+        except Exception as e:
+            out[mod] = f"missing ({type(e).__name__})"
+    try:
+        import torch
+
+        out["torch_cuda"] = str(torch.version.cuda)
+        out["cudnn"] = str(torch.backends.cudnn.version())
+        out["torch_tf32_matmul"] = bool(torch.backends.cuda.matmul.allow_tf32)
+    except Exception:
+        pass
+    try:
+        import onnxruntime as ort
+
+        out["ort_file"] = ort.__file__
+        out["ort_device"] = ort.get_device()
+        out["ort_available_providers"] = ort.get_available_providers()
+    except Exception:
+        pass
+    try:
+        import cliptune_ort
+
+        out["cliptune_ort"] = cliptune_ort.__version__
+    except Exception:
+        pass
+    return out
+
+
+def slugify(name: str) -> str:
+    s = "".join(c.lower() if c.isalnum() else "-" for c in name)
+    while "--" in s:
+        s = s.replace("--", "-")
+    return s.strip("-") or "unknown"
+
+
+# ---------------------------------------------------------------- exports
+
+
+EXPORT_CODE = r"""
+import json, os, sys, time
+a = json.loads(sys.argv[1])
+import torch  # before onnxruntime: ORT reuses the CUDA libraries torch ships
+torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+from cliptune_export import ExportOptions, export_model
+t = time.perf_counter()
+man = export_model(a["model"], a["out"], ExportOptions(**a["opts"]))
+print(json.dumps({"seconds": round(time.perf_counter() - t, 2), "export_seconds": man["export_seconds"]}))
+"""
+
+
+def make_src(work: Path, shape: dict) -> Path:
+    """A model folder: RobertaConfig of ``shape`` (weights drawn at export) + splade-tiny's tokenizer."""
+    from transformers import RobertaConfig
+
+    src = work / ("src_" + "_".join(str(v) for v in shape.values()))
+    if (src / "config.json").is_file():
+        return src
+    src.mkdir(parents=True, exist_ok=True)
+    cfg = RobertaConfig(vocab_size=30522, pad_token_id=0, bos_token_id=101, eos_token_id=102, type_vocab_size=1,
+                        **shape)
+    cfg.save_pretrained(src)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(SPLADE / f, src / f)
+    return src
+
+
+def start_export(src: Path, out: Path, logf: Path, cores: set[int] | None, **opts) -> subprocess.Popen:
+    args = {"model": str(src), "out": str(out),
+            "opts": {"random_init": True, "init_seed": 0, "overwrite": True, **opts}}
+    env = dict(os.environ)
+    if cores:
+        env["OMP_NUM_THREADS"] = str(len(cores))
+    with open(logf, "w") as f:
+        p = subprocess.Popen([sys.executable, "-c", EXPORT_CODE, json.dumps(args)], stdout=f, stderr=subprocess.STDOUT,
+                             env=env, cwd=str(ROOT))
+    if cores:  # pinned from here (no preexec_fn in a threaded parent); the child reads it after importing torch
+        os.sched_setaffinity(p.pid, cores)
+    return p
+
+
+def graph_stats(model_dir: Path) -> dict:
+    """Op counts of graph_0 (the fusions that fired), and the manifest's parity numbers."""
+    import collections
+
+    import onnx
+
+    man = json.loads((model_dir / "manifest.json").read_text())
+    m = onnx.load(str(model_dir / "graph_0.onnx"), load_external_data=False)
+    ops = collections.Counter(n.op_type for n in m.graph.node)
+    keys = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "LayerNormalization", "BiasGelu", "Gelu",
+            "FastGelu", "MatMul", "Softmax", "If", "Cast")
+    return {"layers": man["model"]["layers"], "fused_ops_graph_0": {k: ops.get(k, 0) for k in keys},
+            "nodes_graph_0": sum(ops.values()), "precision": man["precision"], "k": man["k"],
+            "masks_folded": man.get("masks_folded"), "export_seconds": man.get("export_seconds"),
+            "parity_max_abs_diff": [g["max_abs_diff"] for g in man["graphs"]],
+            "parity_rel_rms": [g.get("rel_rms_diff") for g in man["graphs"]],
+            "weights_mib": round((model_dir / "weights.bin").stat().st_size / 2**20, 1)}
+
+
+# ---------------------------------------------------------------- data
+
+
+def fewshot(model_dir: Path):
+    """(Encoded train set of SST-2 seed 13 [n, seq], verbalizer ids [labels]) with an export's tokenizer."""
+    from cliptune_ort.manifest import load_manifest
+
+    man = load_manifest(model_dir)
+    return _encode(man.tokenizer_path, man.data["tokenizer"], man.n_prompt, man.data["placeholder_ids"],
+                   int(man.data["model"]["max_positions"]))
+
+
+def fewshot_from_src(src: Path, work: Path, n_prompt: int = 50, offset: int = 1000):
+    """The same batch before any export exists: the tokenizer, ids and limits the exporter would record."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(src))
+    path = work / "tokenizer.json"
+    tok.backend_tokenizer.save(str(path))
+    info = {"cls_id": tok.cls_token_id, "sep_id": tok.sep_token_id, "mask_id": tok.mask_token_id,
+            "pad_id": tok.pad_token_id}
+    cfg = AutoConfig.from_pretrained(str(src))
+    max_pos = cfg.max_position_embeddings - (cfg.pad_token_id + 1)  # RoBERTa positions, as the exporter
+    return _encode(path, info, n_prompt, list(range(offset, offset + n_prompt)), max_pos)
+
+
+def _encode(tokenizer_path, info, n_prompt, placeholder_ids, max_len):
+    from cliptune_ort.data import load_fewshot
+    from cliptune_ort.encoding import PromptTokenizer
+    from cliptune_ort.tasks import get_task
+
+    task = get_task(TASK)
+    few = load_fewshot(task, FEWSHOT_SEED)
+    ptok = PromptTokenizer(tokenizer_path, info, n_prompt, placeholder_ids, max_len)
+    return ptok.encode(task.template, few.train), ptok.verbalizer_ids(task.verbalizer)
+
+
+def data_info(enc) -> dict:
+    from cliptune_ort.encoding import buckets, padded_fraction
+
+    out = {"task": TASK, "fewshot_seed": FEWSHOT_SEED, "n": len(enc), "len_mean": round(float(enc.lengths.mean()), 1),
+           "len_min": int(enc.lengths.min()), "len_max": int(enc.lengths.max()), "real_tokens": int(enc.lengths.sum())}
+    for nb in (1, 2, 4):
+        split = buckets(enc, nb)
+        out[f"buckets_{nb}"] = {"seq": [int(s.ids.shape[1]) for _, s in split], "rows": [len(s) for _, s in split],
+                                "padded_fraction": round(padded_fraction(split), 4)}
+    return out
+
+
+# ---------------------------------------------------------------- torch
+
+
+def build_torch(src: Path, device: str):
+    """(fp32 eager model, fp16 SDPA model) wrapped in the contract, the export's weights (same seed)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    from cliptune_export.wrapper import ARCHS, ContractModel
+
+    cfg = AutoConfig.from_pretrained(str(src))
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)  # = ExportOptions.init_seed: the same random weights as the export
+    mlm = AutoModelForMaskedLM.from_config(cfg, attn_implementation="eager").eval()
+    arch = ARCHS[cfg.model_type]
+    half = copy.deepcopy(mlm)
+    try:
+        half.set_attn_implementation("sdpa")
+    except Exception:
+        half.config._attn_implementation = "sdpa"
+    impl = half.config._attn_implementation
+    fp16_dtype = torch.float16 if device == "cuda" else torch.bfloat16  # CPU dry run: bf16 kernels exist there
+    m32 = ContractModel(mlm, arch, None, hf_layers=True).eval().to(device)
+    m16 = ContractModel(half, arch, None, hf_layers=True).eval().to(device=device, dtype=fp16_dtype)
+    return m32, m16, impl
+
+
+class TorchCall:
+    """One call = the candidates [pop, L, hidden] (host, float32) on every bucket -> logits [pop, n, labels]."""
+
+    def __init__(self, model, enc, verb, n_buckets: int, device: str):
+        import torch
+
+        from cliptune_ort.encoding import buckets
+
+        self.model, self.device = model, device
+        self.parts = []
+        for idx, sub in buckets(enc, n_buckets):
+            self.parts.append((idx, torch.from_numpy(sub.ids).to(device), torch.from_numpy(sub.attention_mask).to(device),
+                               torch.from_numpy(sub.mask_pos).to(device)))
+        self.verb = torch.from_numpy(verb).to(device)
+        self.n = len(enc)
+
+    def __call__(self, prompts):
+        import numpy as np
+        import torch
+
+        with torch.inference_mode():
+            p = torch.from_numpy(prompts).to(self.device, non_blocking=False)
+            res = np.empty((prompts.shape[0], self.n, len(self.verb)), dtype=np.float32)
+            for idx, ids, am, mp in self.parts:
+                res[:, idx] = self.model(ids, am, mp, p, self.verb).float().cpu().numpy()
+            return res
+
+
+# ---------------------------------------------------------------- ORT
+
+
+def make_engine(model_dir: Path, device: str, mode: str):
+    """The package's Engine over graph 0 in ``mode``: run (numpy feeds) | iobinding | cuda_graph."""
+    from cliptune_ort.engine import Engine
+    from cliptune_ort.manifest import load_manifest
+
+    man = load_manifest(model_dir)
+    kw = {"run": {"iobinding": False}, "iobinding": {"iobinding": True},
+          "cuda_graph": {"iobinding": True, "cuda_graph": True}}[mode]
+    return Engine(man, [0], device=device, **kw)
+
+
+def profile_placement(model_dir: Path, device: str, enc, verb, work: Path) -> dict:
+    """Where ORT ran each node of the fp16 graph 0 (from its profiler), and the Memcpy nodes."""
+    import collections
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from cliptune_ort.encoding import buckets
+    from cliptune_ort.manifest import load_manifest
+    from cliptune_ort.sessions import SharedWeights
+
+    man = load_manifest(model_dir)
+    shared = SharedWeights(man)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.enable_profiling = True
+    so.profile_file_prefix = str(work / "ort_profile")
+    opt_path = work / "graph_0.optimized.onnx"
+    so.optimized_model_filepath = str(opt_path)
+    so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "graph_0.optimized.data")
+    so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    so.add_session_config_entry("session.disable_prepacking", "1")
+    for name, value in shared.values.items():
+        so.add_initializer(name, value)
+    providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"] if device == "cuda" else \
+        ["CPUExecutionProvider"]
+    sess = ort.InferenceSession(str(man.graph_path(0)), so, providers=providers)
+    rng = np.random.default_rng(5)
+    prompts = (rng.standard_normal((20, man.n_prompt, man.hidden)) * man.embedding_std).astype(np.float32)
+    for _ in range(2):
+        for _, sub in buckets(enc, 4):
+            sess.run(["logits"], {"input_ids": sub.ids, "attention_mask": sub.attention_mask, "mask_pos": sub.mask_pos,
+                                  "prompt_embeds": prompts, "verbalizer_ids": verb})
+    prof = sess.end_profiling()
+    events = json.loads(Path(prof).read_text())
+    by_provider: dict = collections.defaultdict(collections.Counter)
+    seen = set()
+    for e in events:
+        a = e.get("args", {})
+        if e.get("cat") == "Node" and "provider" in a and e.get("name", "").endswith("_kernel_time"):
+            node = e["name"][: -len("_kernel_time")]
+            if node in seen:
+                continue
+            seen.add(node)
+            by_provider[a["provider"]][a.get("op_name", "?")] += 1
+    m = onnx.load(str(opt_path), load_external_data=False)
+    ops = collections.Counter(n.op_type for n in m.graph.node)
+    Path(prof).unlink(missing_ok=True)
+    for f in work.glob("graph_0.optimized.*"):
+        f.unlink()
+    return {"providers": sess.get_providers(),
+            "nodes_by_provider": {k: dict(v) for k, v in by_provider.items()},
+            "memcpy_nodes": {k: v for k, v in ops.items() if k.startswith("Memcpy")},
+            "optimized_ops": dict(ops.most_common())}
+
+
+# ---------------------------------------------------------------- markdown
+
+
+def _fmt(v, d=1):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.{d}f}"
+    return str(v)
+
+
+def markdown(data: dict) -> str:
+    dev = data.get("device", {})
+    v = data.get("versions", {})
+    lines = [f"# GPU benchmark: {dev.get('name', '?')}", "",
+             f"Status: {data.get('status')}; {data.get('elapsed_s')} s; sections: {', '.join(data.get('sections_done', []))}.",
+             f"Versions: onnxruntime {v.get('onnxruntime')} ({v.get('ort_device')}), torch {v.get('torch')} "
+             f"(CUDA {v.get('torch_cuda')}), transformers {v.get('transformers')}, onnx {v.get('onnx')}; "
+             f"providers available: {', '.join(v.get('ort_available_providers', []) or [])}.", ""]
+    if data.get("model"):
+        lines += [f"Model: {data['model']}", ""]
+    if data.get("data"):
+        d = data["data"]
+        lines += [f"Data: {d['task']} 16-shot train, seed {d['fewshot_seed']}: {d['n']} examples, {d['len_mean']} tokens "
+                  f"on average (with the prompt positions), {d['len_min']}..{d['len_max']}; padded fraction "
+                  f"1 bucket {d['buckets_1']['padded_fraction']}, 4 buckets {d['buckets_4']['padded_fraction']}.", ""]
+    for name, ex in (data.get("export") or {}).items():
+        if isinstance(ex, dict) and "fused_ops_graph_0" in ex:
+            lines.append(f"Export {name}: {ex.get('wall_seconds')} s; graph_0 fused ops {ex['fused_ops_graph_0']}; "
+                         f"parity max |ort - torch| {[f'{x:.1e}' for x in ex['parity_max_abs_diff']]}.")
+    lines.append("")
+    cells = data.get("cells", [])
+    if cells:
+        lines += ["| engine | precision | mode | pop | buckets | p50 ms | p90 ms | n | vs torch fp16+SDPA |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for c in cells:
+            lines.append(f"| {c['engine']} | {c['precision']} | {c['mode']} | {c['pop']} | {c['n_buckets']} | "
+                         f"{_fmt(c['p50_ms'], 2)} | {_fmt(c['p90_ms'], 2)} | {c['n']} | "
+                         f"{_fmt(c.get('speedup_vs_torch_fp16_sdpa'), 2)}x |")
+        lines.append("")
+    if data.get("ratios"):
+        lines += ["Best ORT fp16 vs best PyTorch fp16 + SDPA (each over modes and bucketings):", ""]
+        for k, r in data["ratios"].items():
+            lines.append(f"- {k}: {r}")
+        lines.append("")
+    if data.get("tune"):
+        lines += ["| tune run | calls | wall s | scoring s | session-run s | test acc | dev acc | provider | cuda graph |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for name, r in data["tune"].items():
+            if not isinstance(r, dict) or "wall_seconds" not in r:
+                continue
+            lines.append(f"| {name} | {r.get('calls')} | {_fmt(r.get('wall_seconds'))} | "
+                         f"{_fmt((r.get('timing_seconds') or {}).get('scoring'))} | "
+                         f"{_fmt((r.get('timing_seconds') or {}).get('session_run_seconds'))} | "
+                         f"{_fmt((r.get('test') or {}).get('metric'), 3)} | {_fmt((r.get('dev') or {}).get('metric'), 3)} | "
+                         f"{r.get('provider')} | {r.get('cuda_graph')} |")
+        lines.append("")
+    if data.get("targets"):
+        lines += ["Targets (issue):", ""]
+        for k, t in data["targets"].items():
+            lines.append(f"- {k}: {t}")
+        lines.append("")
+    if data.get("profile"):
+        p = data["profile"]
+        lines += [f"ORT placement (fp16 graph 0): {p.get('nodes_by_provider')}; Memcpy nodes {p.get('memcpy_nodes')}.", ""]
+    if data.get("parity"):
+        lines += [f"GPU parity (pop 20, 4 buckets, vs torch fp32): {data['parity']}", ""]
+    for e in data.get("errors", []):
+        lines.append(f"- ERROR {e['section']}: {e['error'][:300]}")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="results folder (small files only)")
+    ap.add_argument("--work", default="/tmp/cliptune_gpu_work", help="exports and run dirs (large; never --out)")
+    ap.add_argument("--quick", action="store_true", help="5 timed calls per cell, 1,000-call tune runs")
+    ap.add_argument("--cpu-dry-run", action="store_true", help="tiny random RoBERTa, CPU provider, 2 timed calls")
+    ap.add_argument("--skip", default="", help="comma list: export,torch,ort,fp32,profile,bbt,clip")
+    ap.add_argument("--iters", type=int, default=0, help="timed calls per cell (default 15; quick 5; dry run 2)")
+    ap.add_argument("--budget", type=int, default=0, help="tune budget in calls (default 8000; quick 1000; dry 100)")
+    ap.add_argument("--tune-seed", type=int, default=42, help="seed of the tune runs (few-shot sample, A, CMA-ES)")
+    ap.add_argument("--tune-cuda-graph", choices=("auto", "on", "off"), default="auto",
+                    help="CUDA graphs in the tune runs; auto: on when the engine's cuda_graph cells ran and were faster")
+    ap.add_argument("--deadline", type=float, default=345.0,
+                    help="seconds for the whole script; a tune run that would not fit gets a smaller budget (flagged)")
+    ap.add_argument("--no-overlap", action="store_true", help="do not time PyTorch fp32 while the exports run")
+    ap.add_argument("--fp16-dir", help="use this fp16 export (K>=4) instead of exporting")
+    ap.add_argument("--fp32-dir", help="use this fp32 export instead of exporting")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cpu = args.cpu_dry_run
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    iters = args.iters or (2 if cpu else 5 if args.quick else 15)
+    warmup = 1 if cpu else 3
+    budget = args.budget or (100 if cpu else 1000 if args.quick else 8000)
+    device = "cpu" if cpu else "cuda"
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+
+    import numpy as np
+    import torch  # before onnxruntime (ORT's CUDA provider reuses torch's CUDA/cuDNN libraries)
+
+    import onnxruntime as ort
+
+    if cpu:
+        torch.set_num_threads(1)  # the dry run's 2 shared cores: fewer threads, less noise
+    if not cpu and hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls()
+        except Exception as e:
+            log(f"preload_dlls: {e}")
+    dev = device_info(cpu)
+    res = Results(Path(args.out), slugify(dev["name"]))
+    res.data.update({"device": dev, "versions": versions(), "device_kind": device,
+                     "args": vars(args), "iters": iters, "warmup": warmup, "budget": budget,
+                     "model": "random-weight RoBERTa, " + ", ".join(f"{k}={v}" for k, v in (TINY if cpu else LARGE).items())
+                     + ", vocab 30522 (splade-tiny's WordPiece tokenizer), L=50",
+                     "definitions": {
+                         "call": "one candidate set (pop 1 or 20 prompts, stacked) scored on the 32 SST-2 train "
+                                 "examples: one session run (ORT) or forward (torch) per length bucket; prompts "
+                                 "copied from the host every call, logits copied back",
+                         "n_buckets": "1 = one batch padded to the longest example; 4 = length-sorted buckets, "
+                                      "each padded to its own longest",
+                         "ort modes": "run = session.run with numpy feeds; iobinding = token inputs resident on "
+                                      "the device, prompts copied into a bound buffer; cuda_graph = iobinding + "
+                                      "one captured CUDA graph per (bucket, pop) shape (the package's Engine)",
+                         "torch": "ContractModel(hf_layers=True): the HF layers' own attention (eager or SDPA), "
+                                  "the same gather-at-mask head and last layer at the mask as the export; "
+                                  "torch.backends.cuda.matmul.allow_tf32 left at its default (see versions)",
+                         "speedup_vs_torch_fp16_sdpa": "torch fp16+SDPA p50 / this cell's p50, same pop and "
+                                                       "bucketing, same run"}})
+    if not cpu and "CUDAExecutionProvider" not in ort.get_available_providers():
+        # no silent CPU fallback: the ORT sections are skipped, the exports and PyTorch still measured
+        res.data["errors"].append({"section": "onnxruntime", "error": "no CUDAExecutionProvider in "
+                                   f"{ort.get_available_providers()} ({ort.__file__}): install onnxruntime-gpu into "
+                                   "PYTHONPATH; ORT cells and tune runs skipped"})
+        skip |= {"ort", "profile", "bbt", "clip"}
+        log(res.data["errors"][-1]["error"])
+    res.save()
+    log(f"device {dev['name']}; ORT {ort.__version__} {ort.get_available_providers()}; torch {torch.__version__}")
+
+    # ------------------------------------------------ 1. exports (children), torch fp32 meanwhile
+    shape = TINY if cpu else LARGE
+    src = make_src(work, shape)
+    fp16_dir = Path(args.fp16_dir) if args.fp16_dir else work / "export_fp16_k4"
+    fp32_dir = Path(args.fp32_dir) if args.fp32_dir else work / "export_fp32_k0"
+    all_cores = set(os.sched_getaffinity(0))
+    overlap = (not cpu) and (not args.no_overlap) and len(all_cores) >= 8 and "export" not in skip \
+        and "torch" not in skip
+    main_cores = set(sorted(all_cores)[:2]) if overlap else None
+    export_cores = set(sorted(all_cores)[2:]) if overlap else None
+    procs: dict = {}
+    res.data["export"] = {"overlapped_with_torch_fp32": overlap}
+
+    def finish_exports():
+        for name, (p, t0, out) in list(procs.items()):
+            rc = p.wait()
+            info = {"wall_seconds": round(time.perf_counter() - t0, 1), "returncode": rc,
+                    "cores": len(export_cores) if export_cores else len(all_cores)}
+            logf = work / f"export_{name}.log"
+            shutil.copy(logf, Path(args.out) / f"gpu_export_{name}.log")
+            if rc == 0:
+                try:
+                    info.update(graph_stats(out))
+                except Exception as e:
+                    res.error(f"export {name} stats", e)
+            else:
+                res.data["errors"].append({"section": f"export {name}",
+                                           "error": logf.read_text(errors="replace")[-3000:]})
+            res.data["export"][name] = info
+            log(f"export {name}: rc {rc}, {info['wall_seconds']} s, {info.get('fused_ops_graph_0')}")
+            del procs[name]
+        res.save()
+
+    if "export" not in skip:
+        jobs = []
+        if not args.fp16_dir:
+            jobs.append(("fp16", fp16_dir, dict(k=4, precision="fp16")))
+        if not args.fp32_dir and "fp32" not in skip:
+            jobs.append(("fp32", fp32_dir, dict(k=0, precision="fp32")))
+        for name, out, opts in jobs:
+            log(f"export {name} -> {out} (child process, {len(export_cores or all_cores)} cores)")
+            procs[name] = (start_export(src, out, work / f"export_{name}.log", export_cores, **opts),
+                           time.perf_counter(), out)
+            if not overlap:  # one at a time, in the foreground
+                finish_exports()
+
+    # the batch every cell scores: SST-2 16-shot train of seed 13, tokenised as the export will be
+    enc, verb = fewshot_from_src(src, work)
+    res.data["data"] = data_info(enc)
+    res.save()
+    cells = res.data["cells"]
+    rng = np.random.default_rng(0)
+
+    def prompts_for(pop, hidden, std):
+        return (rng.standard_normal((pop, 50, hidden)) * std).astype(np.float32)
+
+    def exporting() -> bool:
+        return any(p.poll() is None for p, _, _ in procs.values())
+
+    # ------------------------------------------------ 2. torch
+    m32 = m16 = None
+    emb_std = None
+    tcalls: dict = {}
+    hidden = shape["hidden_size"]
+    if "torch" not in skip:
+        try:
+            threads0 = torch.get_num_threads()
+            if main_cores:
+                os.sched_setaffinity(0, main_cores)
+                torch.set_num_threads(len(main_cores))
+            log("torch: building the models (the export's random weights: init seed 0)")
+            m32, m16, impl = build_torch(src, device)
+            res.data["torch_attention_fp16"] = impl
+            emb_std = float(m32.embeddings.word_embeddings.weight.detach().float().std())
+            for nb in (1, 4):
+                tc = TorchCall(m32, enc, verb, nb, device)
+                for pop in (1, 20):
+                    pr = prompts_for(pop, hidden, emb_std)
+                    busy = exporting()
+                    s = time_fn(lambda: tc(pr), warmup, iters)
+                    cells.append({"engine": "torch", "precision": "fp32", "mode": "eager", "attention": "eager",
+                                  "pop": pop, "n_buckets": nb, "concurrent_export": busy or exporting(),
+                                  **summarize(s)})
+                    log(f"torch fp32 eager pop {pop} buckets {nb}: p50 {cells[-1]['p50_ms']} ms")
+                    res.save()
+            tcalls["fp32_4"] = TorchCall(m32, enc, verb, 4, device)
+            res.data["sections_done"].append("torch_fp32")
+        except Exception as e:
+            res.error("torch fp32", e)
+        finally:
+            if main_cores:
+                os.sched_setaffinity(0, all_cores)
+                torch.set_num_threads(threads0)
+    finish_exports()
+    for d in (fp16_dir, fp32_dir):  # the export's own tokenisation must be the batch timed above
+        if (d / "manifest.json").is_file():
+            e2, v2 = fewshot(d)
+            same = e2.ids.shape == enc.ids.shape and bool((e2.ids == enc.ids).all()) and bool((v2 == verb).all())
+            res.data["data"]["same_as_export_tokenisation"] = same
+            if not same:
+                enc, verb = e2, v2
+                res.data["data"] = {**data_info(enc), "same_as_export_tokenisation": False}
+            break
+
+    # torch fp16 + SDPA, timed with the machine to itself (the ratios' baseline)
+    if "torch" not in skip and m16 is not None:
+        try:
+            for nb in (1, 4):
+                tc = TorchCall(m16, enc, verb, nb, device)
+                for pop in (1, 20):
+                    pr = prompts_for(pop, hidden, emb_std)
+                    s = time_fn(lambda: tc(pr), warmup, iters)
+                    cells.append({"engine": "torch", "precision": "fp16" if not cpu else "bf16", "mode": "sdpa",
+                                  "attention": res.data.get("torch_attention_fp16"), "pop": pop, "n_buckets": nb,
+                                  "concurrent_export": False, **summarize(s)})
+                    log(f"torch fp16 sdpa pop {pop} buckets {nb}: p50 {cells[-1]['p50_ms']} ms")
+                    res.save()
+            tcalls["fp16_4"] = TorchCall(m16, enc, verb, 4, device)
+            res.data["sections_done"].append("torch_fp16")
+        except Exception as e:
+            res.error("torch fp16", e)
+
+    # ------------------------------------------------ 3. ORT through the package's Engine
+    from cliptune_ort.manifest import load_manifest
+
+    engine_ok: dict = {}
+    parity_prompts = None
+    parity_out: dict = {}
+    for precision, mdir in (("fp16", fp16_dir), ("fp32", fp32_dir)):
+        if "ort" in skip or (precision == "fp32" and "fp32" in skip) or not (mdir / "manifest.json").is_file():
+            continue
+        man = load_manifest(mdir)
+        std = man.embedding_std
+        if parity_prompts is None:
+            parity_prompts = prompts_for(20, man.hidden, std)
+        modes = ["run", "iobinding"] + (["cuda_graph"] if device == "cuda" else [])
+        if precision == "fp32":
+            modes = ["iobinding"]
+        for mode in modes:
+            try:
+                t = time.perf_counter()
+                eng = make_engine(mdir, device, mode)
+                setup = round(time.perf_counter() - t, 2)
+                log(f"ORT {precision} {mode}: engine on {eng.provider} in {setup} s")
+                for nb in (1, 4):
+                    fb = eng.prepare(enc, nb)
+                    for pop in (1, 20):
+                        pr = prompts_for(pop, man.hidden, std)
+                        s = time_fn(lambda: eng.logits(0, pr, fb, verb), warmup, iters)
+                        cells.append({"engine": "ort", "precision": precision, "mode": mode, "pop": pop, "n_buckets": nb,
+                                      "provider": eng.provider, "session_setup_s": setup,
+                                      "padded_fraction": round(fb.padded_fraction, 4), "concurrent_export": False,
+                                      **summarize(s)})
+                        log(f"ORT {precision} {mode} pop {pop} buckets {nb}: p50 {cells[-1]['p50_ms']} ms")
+                        res.save()
+                    if nb == 4 and mode in ("iobinding", "run"):
+                        parity_out[f"ort_{precision}_{mode}"] = eng.logits(0, parity_prompts, fb, verb).copy()
+                engine_ok[(precision, mode)] = True
+                eng.close()
+                del eng
+            except Exception as e:
+                engine_ok[(precision, mode)] = False
+                res.error(f"ort {precision} {mode}", e)
+        res.data["sections_done"].append(f"ort_{precision}")
+        res.save()
+    res.data["providers_that_ran"] = sorted({c["provider"] for c in cells if c.get("provider")})
+
+    # parity on the device: ORT / torch fp16 vs torch fp32 (same weights, same prompts)
+    try:
+        if parity_prompts is not None and "fp32_4" in tcalls:
+            ref = tcalls["fp32_4"](parity_prompts)
+            if "fp16_4" in tcalls:
+                parity_out["torch_fp16_sdpa"] = tcalls["fp16_4"](parity_prompts)
+            par = {}
+            for k, v in parity_out.items():
+                par[k] = {"max_abs_diff": round(float(np.max(np.abs(v - ref))), 5),
+                          "argmax_agreement": round(float(np.mean(np.argmax(v, -1) == np.argmax(ref, -1))), 4)}
+            res.data["parity"] = par
+            res.save()
+    except Exception as e:
+        res.error("parity", e)
+    # free the torch models before the tune runs
+    tcalls.clear()
+    m16 = m32 = tc = None  # noqa: F841
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+    # ratios
+    def best(engine, precision, pop, modes=None):
+        cs = [c for c in cells if c["engine"] == engine and c["precision"] == precision and c["pop"] == pop
+              and (modes is None or c["mode"] in modes)]
+        return min(cs, key=lambda c: c["p50_ms"]) if cs else None
+
+    fp16_name = "fp16" if not cpu else "bf16"
+    for c in cells:
+        ref = [x for x in cells if x["engine"] == "torch" and x["precision"] == fp16_name and x["pop"] == c["pop"]
+               and x["n_buckets"] == c["n_buckets"]]
+        if ref:
+            c["speedup_vs_torch_fp16_sdpa"] = round(ref[0]["p50_ms"] / c["p50_ms"], 3)
+    ratios = {}
+    for pop in (1, 20):
+        t, o = best("torch", fp16_name, pop), best("ort", "fp16", pop)
+        if t and o:
+            ratios[f"pop{pop}"] = {"torch_fp16_sdpa_ms": t["p50_ms"], "torch_buckets": t["n_buckets"],
+                                   "ort_fp16_ms": o["p50_ms"], "ort_mode": o["mode"], "ort_buckets": o["n_buckets"],
+                                   "speedup": round(t["p50_ms"] / o["p50_ms"], 3)}
+    res.data["ratios"] = ratios
+    res.save()
+
+    # ------------------------------------------------ 4. placement profile
+    if "profile" not in skip and (fp16_dir / "manifest.json").is_file():
+        try:
+            res.data["profile"] = profile_placement(fp16_dir, device, enc, verb, work)
+            res.data["sections_done"].append("profile")
+            log(f"profile: {res.data['profile']['nodes_by_provider']} memcpy {res.data['profile']['memcpy_nodes']}")
+        except Exception as e:
+            res.error("profile", e)
+        res.save()
+
+    # ------------------------------------------------ 5. tune runs (package API, full budget)
+    from cliptune_ort.config import build_config
+    from cliptune_ort.tuner import tune
+
+    cg_cells = {(c["pop"], c["n_buckets"]): c["p50_ms"] for c in cells
+                if c["engine"] == "ort" and c["precision"] == "fp16" and c["mode"] == "cuda_graph"}
+    io_cells = {(c["pop"], c["n_buckets"]): c["p50_ms"] for c in cells
+                if c["engine"] == "ort" and c["precision"] == "fp16" and c["mode"] == "iobinding"}
+    if args.tune_cuda_graph == "on":
+        use_cg = True
+    elif args.tune_cuda_graph == "off" or device != "cuda":
+        use_cg = False
+    else:
+        use_cg = bool(engine_ok.get(("fp16", "cuda_graph"))) and (20, 4) in cg_cells and (20, 4) in io_cells \
+            and cg_cells[(20, 4)] < 0.97 * io_cells[(20, 4)]
+    res.data["tune_cuda_graph"] = {"asked": args.tune_cuda_graph, "used": use_cg}
+    per_gen = (cg_cells if use_cg else io_cells).get((20, 4)) or io_cells.get((20, 4))  # ms per graph and generation
+    for method in ("bbt", "clip"):
+        if method in skip or not (fp16_dir / "manifest.json").is_file():
+            continue
+        nets = 4 if method == "clip" else 1
+        b = budget
+        note = None
+        if per_gen and not cpu:
+            gens = budget / 20
+            # set-up (sessions of graph 0 and the K thinned graphs, data) + generations + final evaluation
+            fixed = 8.0 + 3.0 * (nets + (1 if method == "clip" else 0))
+            est = fixed + gens * (nets * per_gen / 1e3 + 0.02)
+            left = args.deadline - elapsed()
+            res.data["tune"].setdefault("estimates_s", {})[method] = round(est, 1)
+            if est > left:
+                b = max(400, int(max(0.0, left - fixed) / (nets * per_gen / 1e3 + 0.02)) * 20)
+                note = f"budget cut from {budget} to {b} calls to fit --deadline {args.deadline} s (estimate {est:.0f} s)"
+                log(note)
+        run_dir = work / f"run_{method}"
+        try:
+            kw = dict(task=TASK, method=method, device=device, seed=args.tune_seed, budget=b, plot=False)
+            if method == "clip":
+                kw["k"] = 4
+            if use_cg:
+                kw["cuda_graph"] = True
+            cfg = build_config(**kw)
+            log(f"tune {method}: budget {b} calls, cuda_graph {use_cg}")
+            out = tune(cfg, run_dir, overwrite=True, progress=True, model_dir=fp16_dir)
+            keep = {k: out.get(k) for k in ("calls", "forward_passes", "generations", "wall_seconds", "timing_seconds",
+                                            "provider", "cands_per_call", "train_padded_fraction", "n_buckets", "k",
+                                            "train", "dev", "test", "stop_reason", "budget")}
+            keep["cuda_graph"] = use_cg
+            keep["budget_note"] = note
+            keep["seed"] = args.tune_seed
+            res.data["tune"][method] = keep
+            shutil.copy(run_dir / "result.json", Path(args.out) / f"gpu_tune_{method}_result.json")
+            log(f"tune {method}: {out['wall_seconds']} s wall, {out['calls']} calls, test {out.get('test')}")
+            res.data["sections_done"].append(f"tune_{method}")
+        except Exception as e:
+            res.error(f"tune {method}", e)
+        res.save()
+
+    # ------------------------------------------------ targets
+    tg = {}
+    for method, limit in (("bbt", 25.0), ("clip", 90.0)):
+        r = res.data["tune"].get(method)
+        if isinstance(r, dict) and r.get("wall_seconds") is not None:
+            full = r.get("calls", 0) >= 8000
+            tg[f"{method} 8,000-call run <= {limit:g} s"] = (
+                f"{'PASS' if full and r['wall_seconds'] <= limit else 'FAIL'}: {r['wall_seconds']} s"
+                + ("" if full else f" (only {r.get('calls')} calls)"))
+    for pop, want, label in ((20, 1.6, "stacked generation (pop 20)"), (1, 2.0, "single candidate (pop 1)")):
+        r = ratios.get(f"pop{pop}")
+        if r:
+            tg[f"{label} >= {want}x PyTorch fp16+SDPA"] = f"{'PASS' if r['speedup'] >= want else 'FAIL'}: {r['speedup']}x"
+    res.data["targets"] = tg
+    res.data["status"] = "done" if not res.data["errors"] else "done with errors"
+    res.save()
+    log(f"done: {json.dumps(tg)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
