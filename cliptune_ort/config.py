@@ -44,13 +44,21 @@ class TuneConfig:
     eval_every: int = 100  # calls between dev evaluations of the best candidate so far
     checkpoint_every: int = 10  # generations between checkpoints
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
-    cands_per_call: int = 0  # candidates stacked per session run; 0 = 1 on CPU, all on CUDA
+    # candidates stacked per session run; 0 = 1 on CPU, all on CUDA. Measured (benchmarks/tune_time.py, 2 cores,
+    # splade-tiny SST-2 clip K=4, 2,000 calls): 1 -> 37.3 s, 2 -> 38.0 s; stacking 5-20 per run was 1.2-2x slower
+    # per generation (bigger activations, same FLOPs): keep 1 on CPU
+    cands_per_call: int = 0
     iobinding: str = "auto"  # auto (on for CUDA) | on | off: fixed inputs resident on the device
     cuda_graph: bool = False  # capture each (graph, bucket) shape as a CUDA graph (device cuda only)
-    n_buckets: int = 4  # length buckets of the fixed train set, each padded to its own longest (1 = BBT: one padded batch)
+    # length buckets of the fixed train set, each padded to its own longest (1 = BBT: one padded batch). Measured
+    # (same run as above): SST-2 padding 27.7% -> 6.2% with 4 buckets; 2 buckets 41.8 s, 4 -> 37.3 s, 8 -> 37.3 s
+    # (1.8% padding, but twice the session runs): 4
+    n_buckets: int = 4
     eval_chunk: int = 256  # dev/test examples per session run (bounds memory)
     threads: int = 0  # ORT intra-op threads per session; 0 = 1 when workers > 1, else the number of cores
-    workers: int = 0  # parallel session runs on the CPU; 0 = one per core (each single-threaded)
+    # parallel session runs on the CPU; 0 = one per core (each single-threaded). Measured (same run): 2 workers x 1
+    # thread 37.3 s vs 1 worker x 2 threads 50.6 s (small GEMMs scale badly over threads)
+    workers: int = 0
     max_len: int = 0  # token limit per example; 0 = the model's limit
     template: str | None = None  # override the task's template (must hold <P>, [MASK] and {text})
     verbalizer: str | None = None  # override the task's verbalizer: comma-separated words in label order
