@@ -308,7 +308,8 @@ def export_dir(shape: str, k: int = 4, precision: str = "fp32", p: float = 0.1, 
     """The model dir of ``shape`` exported with K thinned graphs at ``precision`` (made once, cached).
 
     ``precision`` is fp32 | fp16 | int8 (the package's exporter as it is) or ``int8fix``: an int8 export
-    made with the proposed quantisation recipe (:func:`convert_int8_recipe`). The export runs in a child
+    made with :func:`convert_int8_recipe` (the recipe the exporter adopted; kept so that results made
+    before the change can be reproduced side by side). The export runs in a child
     process so the caller's memory and thread pools stay clean.
     """
     out = bench_cache() / "exports" / f"{shape}_k{k}_p{p:g}_s{seed}_{precision}"
@@ -360,12 +361,11 @@ def at_mask_matmuls(path: Path) -> list[str]:
 
 
 def convert_int8_recipe(path: Path, precision: str, heads: int, hidden: int) -> None:
-    """The proposed int8 recipe, a drop-in for ``cliptune_export.exporter.convert_precision`` (int8 only).
+    """The int8 recipe, a drop-in for ``cliptune_export.exporter.convert_precision`` (int8 only).
 
-    Same per-channel dynamic quantisation as the exporter, but MatMul only (the exporter's default also
-    quantises the Gathers: word/position embeddings and the decoder's verbalizer rows, which buys no
-    speed and scrambles the loss ranking), and the at-mask tail (:func:`at_mask_matmuls`, pop*batch
-    rows only) stays fp32.
+    Per-channel dynamic quantisation of MatMul weights only (the exporter's first recipe also quantised
+    the Gathers: word/position embeddings and the decoder's verbalizer rows, which bought no speed and
+    scrambled the loss ranking); the at-mask tail (:func:`at_mask_matmuls`, pop*batch rows only) stays fp32.
     """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic

@@ -45,7 +45,7 @@ CONFIGS = {
     "engine_g0_k4_noshare": dict(kind="engine", graphs=[0, 1, 2, 3, 4], share=False),
     "plain_ort_g0": dict(kind="plain", graphs=[0]),
     "plain_ort_g0_k4": dict(kind="plain", graphs=[0, 1, 2, 3, 4]),
-    # int8 (the proposed recipe's export, K=1 in the bench cache): what keeping prepacking (no sharing) costs
+    # int8 (the current recipe, "int8fix" export with K=1 in the bench cache): what keeping prepacking (no sharing) costs
     "int8_g0": dict(kind="engine", graphs=[0], share=True, precision="int8fix", k=1),
     "int8_g0_g1": dict(kind="engine", graphs=[0, 1], share=True, precision="int8fix", k=1),
     "int8_g0_g1_noshare": dict(kind="engine", graphs=[0, 1], share=False, precision="int8fix", k=1),

@@ -40,6 +40,8 @@ def _add_tune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-source", choices=("local", "hub"), help="local JSONL (default) or the HF hub (online)")
     p.add_argument("--k", type=int, help="thinned networks per candidate (default 4)")
     p.add_argument("--p", type=float, help="dropout rate of the embedded model's export (default 0.1)")
+    p.add_argument("--precision", choices=("fp32", "int8", "fp16"),
+                   help="precision of the embedded model's export (default fp32; int8 = CPU edge mode)")
     p.add_argument("--mixture", choices=MIXTURES, help="how K rewards combine (default mean_loss)")
     p.add_argument("--loss", choices=("ce", "hinge"), help="default: the task's (hinge for mrpc, snli, rte)")
     p.add_argument("--d", type=int, help="intrinsic dimension (default 500)")
@@ -63,7 +65,7 @@ def _add_tune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="JSON file of settings (CLI flags override it)")
 
 
-_TUNE_KEYS = ("task", "method", "optimizer", "seed", "model_dir", "data_dir", "data_source", "k", "p", "mixture",
+_TUNE_KEYS = ("task", "method", "optimizer", "seed", "model_dir", "data_dir", "data_source", "k", "p", "precision", "mixture",
               "loss", "d", "popsize", "sigma0", "budget", "budget_unit", "eval_every", "checkpoint_every", "device",
               "cands_per_call", "iobinding", "cuda_graph", "n_buckets", "threads", "workers", "max_len", "template", "verbalizer", "verbalizer_policy")
 

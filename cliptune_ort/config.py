@@ -33,6 +33,7 @@ class TuneConfig:
     per_class: int = 16  # few-shot examples per class in train and in dev
     k: int = 4  # thinned networks scored per candidate (clip); must be <= the export's K
     p: float = 0.1  # dropout rate of the embedded default's export (only used to pick/export it)
+    precision: str = "fp32"  # of the embedded default's export: fp32 | int8 (CPU edge mode) | fp16 (CUDA)
     mixture: str = "mean_loss"  # how the K rewards combine: mean_loss | mean_logits | assign
     loss: str | None = None  # ce | hinge; None = the task's default (hinge for mrpc, snli, rte)
     margin: float = 2.0  # hinge margin (BBT)
@@ -44,20 +45,19 @@ class TuneConfig:
     eval_every: int = 100  # calls between dev evaluations of the best candidate so far
     checkpoint_every: int = 10  # generations between checkpoints
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
-    # candidates stacked per session run; 0 = 1 on CPU, all on CUDA. Measured (benchmarks/tune_time.py, 2 cores,
-    # splade-tiny SST-2 clip K=4, 2,000 calls): 1 -> 37.3 s, 2 -> 38.0 s; stacking 5-20 per run was 1.2-2x slower
-    # per generation (bigger activations, same FLOPs): keep 1 on CPU
+    # candidates stacked per session run; 0 = 1 on CPU, all on CUDA. Measured (benchmarks/results/tune_time_sweep.json:
+    # 2 cores, splade-tiny SST-2, clip K=4, 2,000 calls): 1 -> 36.9 s, 2 -> 38.2 s (same FLOPs, bigger activations)
     cands_per_call: int = 0
-    iobinding: str = "auto"  # auto (on for CUDA) | on | off: fixed inputs resident on the device
-    cuda_graph: bool = False  # capture each (graph, bucket) shape as a CUDA graph (device cuda only)
+    iobinding: str = "auto"  # auto (on for CUDA) | on | off: IOBinding, fixed inputs kept on the device
+    cuda_graph: bool = False  # capture CUDA graphs (device cuda only)
     # length buckets of the fixed train set, each padded to its own longest (1 = BBT: one padded batch). Measured
-    # (same run as above): SST-2 padding 27.7% -> 6.2% with 4 buckets; 2 buckets 41.8 s, 4 -> 37.3 s, 8 -> 37.3 s
-    # (1.8% padding, but twice the session runs): 4
+    # (same sweep): SST-2 padding 27.7% / 13.8% / 6.2% / 1.8% and 60.9 / 41.6 / 36.9 / 36.6 s for 1 / 2 / 4 / 8
+    # buckets: 8 saves as much padding as it adds session-run overhead; 4
     n_buckets: int = 4
     eval_chunk: int = 256  # dev/test examples per session run (bounds memory)
     threads: int = 0  # ORT intra-op threads per session; 0 = 1 when workers > 1, else the number of cores
-    # parallel session runs on the CPU; 0 = one per core (each single-threaded). Measured (same run): 2 workers x 1
-    # thread 37.3 s vs 1 worker x 2 threads 50.6 s (small GEMMs scale badly over threads)
+    # parallel session runs on the CPU; 0 = one per core (each single-threaded). Measured (same sweep): 2 workers x 1
+    # thread 36.9 s vs 1 worker x 2 threads 50.6 s (these small GEMMs scale badly over threads)
     workers: int = 0
     max_len: int = 0  # token limit per example; 0 = the model's limit
     template: str | None = None  # override the task's template (must hold <P>, [MASK] and {text})
@@ -188,6 +188,7 @@ def validate(cfg: TuneConfig) -> None:
     _choice("device", cfg.device, DEVICES)
     _choice("data_source", cfg.data_source, ("local", "hub"))
     _choice("iobinding", cfg.iobinding, ("auto", "on", "off"))
+    _choice("precision", cfg.precision, ("fp32", "int8", "fp16"))
     _choice("verbalizer_policy", cfg.verbalizer_policy, ("error", "first"))
     if cfg.loss is not None:
         _choice("loss", cfg.loss, ("ce", "hinge"))

@@ -112,7 +112,7 @@ def task_for(cfg: TuneConfig) -> TaskSpec:
 
 def prepare(cfg: TuneConfig, model_dir: Path | None = None) -> Workspace:
     task = task_for(cfg)
-    model_dir = model_dir or resolve_model_dir(cfg.model_dir, cfg.k, cfg.p)
+    model_dir = model_dir or resolve_model_dir(cfg.model_dir, cfg.k, cfg.p, cfg.precision)
     manifest = load_manifest(model_dir)
     if cfg.method == "clip":
         if cfg.k > manifest.k:

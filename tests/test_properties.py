@@ -59,6 +59,7 @@ VALID = {
     "device": st.sampled_from(["auto", "cpu", "cuda"]),
     "cands_per_call": _nonneg,
     "iobinding": st.sampled_from(["auto", "on", "off"]),
+    "precision": st.sampled_from(["fp32", "int8", "fp16"]),
     "cuda_graph": st.booleans(),
     "n_buckets": _pos,
     "eval_chunk": _pos,

@@ -137,3 +137,14 @@ def test_run_dir_is_locked(splade_dir, tmp_path):
         import os
 
         os.close(fd)
+
+
+def test_int8_edge_mode_on_the_embedded_model(tmp_path):
+    """--precision int8 exports the embedded model as int8 (once) and tunes on it, weights unshared."""
+    res = tune(_cfg(method="clip", k=2, precision="int8", budget=40, popsize=4, eval_every=20), tmp_path / "i8",
+               progress=False)
+    assert res["calls"] == 40 and 0.0 <= res["test"]["metric"] <= 1.0
+    from cliptune_ort.manifest import load_manifest
+
+    man = load_manifest(res["model_dir"])
+    assert man.precision == "int8" and man.root.name.endswith("_int8")
