@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import os
 import shutil
 import sys
@@ -625,7 +624,3 @@ class _quiet_export:
     def __exit__(self, *exc):
         self._w.__exit__(*exc)
         return False
-
-
-def main_json(manifest: dict) -> str:
-    return json.dumps({g["file"]: g["max_abs_diff"] for g in manifest["graphs"]})

@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -211,7 +210,7 @@ def test_cli_predict_matches_run_dir(deployed, run_dir):
 def test_int8_agreement_and_size(deployed, deployed_int8, runtime):
     from cliptune_ort.deploy import DeployedClassifier
 
-    (out, meta), (out8, meta8) = deployed, deployed_int8
+    (out, _meta), (out8, meta8) = deployed, deployed_int8
     ws, _ = runtime
     assert meta8["onnx"]["precision"] == "int8" and meta8["check"]["split"] == "dev"
     assert out8.stat().st_size < 0.35 * out.stat().st_size
