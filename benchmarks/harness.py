@@ -307,40 +307,30 @@ def model_source(shape: str) -> tuple[str, dict]:
 def export_dir(shape: str, k: int = 4, precision: str = "fp32", p: float = 0.1, seed: int = 0) -> Path:
     """The model dir of ``shape`` exported with K thinned graphs at ``precision`` (made once, cached).
 
-    ``precision`` is fp32 | fp16 | int8 (the package's exporter as it is) or ``int8fix``: an int8 export
-    made with :func:`convert_int8_recipe` (the recipe the exporter adopted; kept so that results made
-    before the change can be reproduced side by side). The export runs in a child
-    process so the caller's memory and thread pools stay clean.
+    ``precision`` is fp32 | fp16 | int8, or ``int8fix``: the name the committed results use for the
+    current int8 recipe (MatMul only, at-mask tail fp32), which is now simply the exporter's int8. The
+    export runs in a child process so the caller's memory and thread pools stay clean.
     """
-    out = bench_cache() / "exports" / f"{shape}_k{k}_p{p:g}_s{seed}_{precision}"
+    from cliptune_ort.models import (
+        EXPORT_FORMAT,  # a newer exporter's graphs get a new cache entry
+    )
+
+    out = bench_cache() / "exports" / f"{shape}_k{k}_p{p:g}_s{seed}_{precision}_f{EXPORT_FORMAT}"
     if (out / "manifest.json").is_file():
         return out
     if precision not in ("fp32", "fp16", "int8", "int8fix"):
         raise ValueError(f"precision {precision!r}: expected fp32, fp16, int8 or int8fix")
     model, extra = model_source(shape)
-    code = ("import sys, json; sys.path.insert(0, sys.argv[2]); import harness; "
-            "import cliptune_export.exporter as E; from cliptune_export import ExportOptions, export_model; "
-            "a = json.loads(sys.argv[1]); fix = a.pop('int8fix'); "
-            "E.convert_precision = harness.convert_int8_recipe if fix else E.convert_precision; "
-            "export_model(a.pop('model'), a.pop('out'), ExportOptions(**a))")
+    code = ("import sys, json; from cliptune_export import ExportOptions, export_model; "
+            "a = json.loads(sys.argv[1]); export_model(a.pop('model'), a.pop('out'), ExportOptions(**a))")
     args = {"model": model, "out": str(out), "k": k, "p": p, "seed": seed, "overwrite": True,
-            "precision": "int8" if precision == "int8fix" else precision, "int8fix": precision == "int8fix", **extra}
+            "precision": "int8" if precision == "int8fix" else precision, **extra}
     print(f"[bench] exporting {shape} K={k} {precision} -> {out}", file=sys.stderr, flush=True)
-    res = subprocess.run([sys.executable, "-c", code, json.dumps(args), str(Path(__file__).resolve().parent)],
+    res = subprocess.run([sys.executable, "-c", code, json.dumps(args)],
                          stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"export of {shape} ({precision}) failed: {res.stderr.strip()[-2000:]}")
     return out
-
-
-def convert_int8_recipe(path: Path, precision: str, heads: int, hidden: int) -> None:
-    """The "int8fix" recipe (MatMul-only, at-mask tail in fp32). It is now the exporter's own int8
-    conversion; kept under this name so the committed results' engine names still mean what they say."""
-    from cliptune_export.exporter import convert_precision
-
-    if precision != "int8":
-        raise ValueError(f"convert_int8_recipe only makes int8, not {precision!r}")
-    convert_precision(Path(path), precision, heads, hidden)
 
 
 def fewshot_batch(model_dir: Path, task: str, seed: int = 42, split: str = "train"):
