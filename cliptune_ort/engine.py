@@ -133,8 +133,23 @@ class Engine:
 
     def prepare(self, enc: Encoded, n_buckets: int = 1) -> FixedBatch:
         """Split ``enc`` into length buckets once and build their (constant) feeds."""
+        sp = self.manifest.shared_prefix
+        if sp and len(enc) and (enc.ids[:, :sp] != enc.ids[:1, :sp]).any():
+            # graphs of this export project positions 0..L once per candidate from the first row, so
+            # rows that do not share them (a manual run: no placeholders) go in groups of equal
+            # prefixes, each bucketed on its own (one row per group for free text: exact, just slower)
+            groups: dict[bytes, list[int]] = {}
+            for i, row in enumerate(enc.ids[:, :sp]):
+                groups.setdefault(row.tobytes(), []).append(i)
+            split = []
+            for members in groups.values():
+                rows = np.asarray(members)
+                sub = enc.take(rows)
+                sub.min_seq = enc.min_seq
+                split += [(rows[idx], part) for idx, part in buckets(sub, n_buckets)]
+        else:
+            split = buckets(enc, n_buckets)
         parts = []
-        split = buckets(enc, n_buckets)
         for idx, sub in split:
             feeds = {"input_ids": np.ascontiguousarray(sub.ids), "attention_mask": np.ascontiguousarray(sub.attention_mask),
                      "mask_pos": np.ascontiguousarray(sub.mask_pos)}

@@ -67,6 +67,11 @@ class Manifest:
         return str(self.data["precision"])
 
     @property
+    def shared_prefix(self) -> int:
+        """Leading positions every row of a batch must share (0: none; exports before it was added)."""
+        return int(self.data.get("shared_prefix", 0))
+
+    @property
     def tokenizer_path(self) -> Path:
         return self.root / self.data["tokenizer"]["file"]
 
@@ -119,6 +124,9 @@ def _check_structure(mpath: Path, data: dict[str, Any]) -> None:
             and max(ph) < model["vocab"]):
         raise bad("placeholder_ids", f"{data['n_prompt']} (n_prompt) token ids below the vocabulary size "
                                      f"{model['vocab']}")
+    sp = data.get("shared_prefix", 0)
+    if not is_int(sp) or sp > data["n_prompt"] + 1:
+        raise bad("shared_prefix", f"an integer in 0..{data['n_prompt'] + 1} (n_prompt + 1)")
     std = data["embedding_std"]
     if isinstance(std, bool) or not isinstance(std, (int, float)) or not math.isfinite(std) or std <= 0:
         raise bad("embedding_std", "a positive finite number")

@@ -23,8 +23,13 @@ def cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "cliptune"
 
 
+#: version of the exporter's graphs in the cache tag: a newer package re-exports the embedded model once
+#: instead of reusing an older cached export (2: single-query last layer, shared-prefix first layer)
+EXPORT_FORMAT = 2
+
+
 def embedded_export_dir(k: int, p: float, seed: int = 0, precision: str = "fp32") -> Path:
-    tag = f"splade-tiny_k{k}_p{p:g}_s{seed}" + ("" if precision == "fp32" else f"_{precision}")
+    tag = f"splade-tiny_k{k}_p{p:g}_s{seed}" + ("" if precision == "fp32" else f"_{precision}") + f"_f{EXPORT_FORMAT}"
     return cache_dir() / "exports" / tag
 
 

@@ -55,6 +55,9 @@ class ExportOptions:
     int8_rel_rms: float = 0.15  # int8: max RMS(ort - torch) / RMS(torch) accepted
     fold_masks: bool | None = None  # fold masks into weights (keeps ORT's fusions, no weight sharing
     # for the folded tensors); None = on for fp16 (GPU), off otherwise
+    share_prefix: bool | None = None  # project the first layer's Q/K/V of [CLS] + prompt once per candidate
+    # (wrapper.shared_prefix_linear, exact); None = on for fp32/int8 (CPU), off for fp16 (keeps ORT's
+    # Attention fusion on CUDA)
     random_init: bool = False  # build the model from config.json with random weights (benchmarks)
     init_seed: int = 0  # torch seed for random_init
     tokenizer: str | None = None  # tokenizer folder/id when it differs from the model's
@@ -79,6 +82,9 @@ class ExportOptions:
 
     def resolved_fold(self) -> bool:
         return self.fold_masks if self.fold_masks is not None else self.precision == "fp16"
+
+    def resolved_share_prefix(self) -> bool:
+        return self.share_prefix if self.share_prefix is not None else self.precision != "fp16"
 
 
 def _log(msg: str) -> None:
@@ -162,6 +168,7 @@ def _dummy_inputs(rng: np.random.Generator, pop: int, batch: int, seq: int, n_pr
                   vocab: int, pad_id: int, scale: float, n_labels: int):
     """Random contract inputs with right padding of varied length, as numpy arrays."""
     ids = rng.integers(1000, min(vocab, 30000), size=(batch, seq)).astype(np.int64)
+    ids[:, :n_prompt + 1] = ids[0, :n_prompt + 1]  # the contract: [CLS] + placeholders equal in every row
     lengths = rng.integers(n_prompt + 3, seq + 1, size=batch)
     lengths[0] = seq
     am = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64)
@@ -304,7 +311,8 @@ def export_model(model: str, out: str | os.PathLike, opts: ExportOptions | None 
                 _log(f"writing {gf} ({g['kind']}): the fused fp16 graph with this graph's folded tensors")
                 template.write(tmp / gf, masks_np.get(g["index"]))
                 continue
-            wrapped = ContractModel(copy.deepcopy(mlm), arch, masks, fold_masks=opts.resolved_fold()).eval()
+            wrapped = ContractModel(copy.deepcopy(mlm), arch, masks, fold_masks=opts.resolved_fold(),
+                                    share_prefix=opts.resolved_share_prefix()).eval()
             _log(f"exporting {gf} ({g['kind']})")
             trace_graph(wrapped, args, tmp / gf, opts.opset)
             del wrapped
@@ -387,6 +395,9 @@ def export_model(model: str, out: str | os.PathLike, opts: ExportOptions | None 
             "dtype": "float32",  # of the prompt_embeds input and logits output (all precisions)
             "precision": opts.precision,
             "masks_folded": opts.resolved_fold(),
+            # positions 0..L projected once per candidate in the first layer: every row of a batch must
+            # hold the same ids there (the runtime checks); 0 = no such requirement
+            "shared_prefix": opts.n_prompt + 1 if opts.resolved_share_prefix() else 0,
             "k": opts.k,
             "p": opts.p,
             "seed": opts.seed,

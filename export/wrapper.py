@@ -3,7 +3,8 @@
 Graph contract (DESIGN.md), shapes in the project's vocabulary:
 
 inputs
-    input_ids       int64 [batch, seq]   right-padded token ids (positions 1..L hold placeholders)
+    input_ids       int64 [batch, seq]   right-padded token ids; positions 0..L ([CLS] and the L
+                                         placeholders) hold the same ids in every row
     attention_mask  int64 [batch, seq]   1 for real tokens, 0 for padding
     mask_pos        int64 [batch]        index of the [MASK] token in each row
     prompt_embeds   float [pop, L, hidden]  added to the embedding-layer output at positions 1..L
@@ -71,7 +72,26 @@ class MaskMul(nn.Module):
         return x * self.mask.to(x.dtype)
 
 
-def full_layer(layer: nn.Module, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def shared_prefix_linear(lin: nn.Module, h: torch.Tensor, shared: int, pop: int) -> torch.Tensor:
+    """``lin(h)`` where the first ``shared`` positions of ``h`` are equal in all rows of a candidate.
+
+    The rows are ``pop`` candidates x ``batch`` examples. Positions 0..L ([CLS] and the L prompt
+    positions) enter the first layer with the same token ids, positions, token type and prompt in
+    every example of a candidate (the graph contract), so their projection is computed from the
+    candidate's first row and broadcast: for splade-tiny on SST-2 (L = 50, ~70 tokens per row) that
+    is ~3/4 of the first layer's Q/K/V work. Exact when the contract holds; the runtime checks that
+    every row of a fixed batch carries the same first L+1 ids.
+    h [rows, seq, hidden]; returns [rows, seq, out].
+    """
+    rows, seq, hidden = h.shape
+    batch = rows // pop
+    head = lin(h.reshape(pop, batch, seq, hidden)[:, 0, :shared])  # [pop, shared, out]
+    out = head.shape[-1]
+    head = head.unsqueeze(1).expand(pop, batch, shared, out).reshape(rows, shared, out)
+    return torch.cat([head, lin(h[:, shared:])], dim=1)
+
+
+def full_layer(layer: nn.Module, h: torch.Tensor, bias: torch.Tensor, shared: int = 0, pop: int = 1) -> torch.Tensor:
     """One encoder layer at every position, written out in the classic BERT pattern.
 
     Why not the HF layer's own forward: with it (and the bias built from the pop-expanded mask
@@ -91,14 +111,21 @@ def full_layer(layer: nn.Module, h: torch.Tensor, bias: torch.Tensor) -> torch.T
     ``bias`` must be built as in :meth:`ContractModel.forward` (Unsqueeze, Unsqueeze, Cast, Sub, Mul)
     from the 2-D mask of *every* row: that is the mask path FusionAttention recognises, and it then
     feeds the Attention op a right-padding mask index [rows] (no 4-D bias tensor).
+    ``shared`` > 0 (the first layer only, CPU exports): the first ``shared`` positions of ``h`` are
+    the same in every row of a candidate (see :func:`shared_prefix_linear`), so their Q/K/V are
+    projected once per candidate. That breaks the pattern above, so fp16/CUDA exports leave it off.
     h [rows, seq, hidden], bias [rows, 1, 1, seq]; returns [rows, seq, hidden].
     """
     att = layer.attention.self
     rows, seq, hidden = h.shape
     heads, dh = att.num_attention_heads, att.attention_head_size
-    q = att.query(h).reshape(rows, seq, heads, dh).transpose(1, 2)  # [rows, heads, seq, dh]
-    k = att.key(h).reshape(rows, seq, heads, dh).permute(0, 2, 3, 1)  # [rows, heads, dh, seq]
-    v = att.value(h).reshape(rows, seq, heads, dh).transpose(1, 2)  # [rows, heads, seq, dh]
+
+    def proj(lin):
+        return shared_prefix_linear(lin, h, shared, pop) if shared else lin(h)
+
+    q = proj(att.query).reshape(rows, seq, heads, dh).transpose(1, 2)  # [rows, heads, seq, dh]
+    k = proj(att.key).reshape(rows, seq, heads, dh).permute(0, 2, 3, 1)  # [rows, heads, dh, seq]
+    v = proj(att.value).reshape(rows, seq, heads, dh).transpose(1, 2)  # [rows, heads, seq, dh]
     # Div, not Mul: the fusion finds the bias as the *first* Mul parent of the Add, so a scaling Mul
     # next to it would hide the mask path
     scores = torch.matmul(q, k) / math.sqrt(dh) + bias  # [rows, heads, seq, seq]
@@ -109,24 +136,37 @@ def full_layer(layer: nn.Module, h: torch.Tensor, bias: torch.Tensor) -> torch.T
 
 
 def last_layer_at_mask(layer: nn.Module, h: torch.Tensor, hm: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """The last encoder layer evaluated only where the head reads it.
+    """The last encoder layer evaluated only where the head reads it, without projecting keys or values.
 
-    Keys and values need every position, but the query, the attention output, the FFN and both
-    LayerNorms are needed at the mask position only: the last layer then costs ~2/12 of a full
-    layer (42% less work for a 2-layer model, 4% for a 24-layer one). Exact, not an approximation.
+    The query, the attention output, the FFN and both LayerNorms are needed at the mask position
+    only. With one query per row, the keys and values need not be projected at every position
+    either (single-query attention, exact): per head, with ``k_j = Wk h_j + bk`` and
+    ``v_j = Wv h_j + bv``,
+
+        q . k_j = (Wk^T q) . h_j + q . bk      (q . bk is the same for every j: softmax drops it)
+        sum_j p_j v_j = Wv (sum_j p_j h_j) + bv  (the p_j sum to 1)
+
+    so the last layer costs O(hidden^2 + heads * seq * hidden) per row instead of
+    O(seq * hidden^2): ~1/12 of a full layer's work at seq ~70, hidden 128 (the K/V projections at
+    every position were ~13% of a whole splade-tiny call). Not an approximation: the masked-reference
+    parity checks it like every other part.
 
     h [rows, seq, hidden] (input of the last layer), hm [rows, 1, hidden] (h at the mask),
     bias [rows, 1, 1, seq]; returns [rows, 1, hidden].
     """
     att = layer.attention.self
-    rows, seq, hidden = h.shape
+    rows, _, hidden = h.shape
     heads, dh = att.num_attention_heads, att.attention_head_size
-    q = att.query(hm).reshape(rows, 1, heads, dh).transpose(1, 2)  # [rows, heads, 1, dh]
-    k = att.key(h).reshape(rows, seq, heads, dh).transpose(1, 2)  # [rows, heads, seq, dh]
-    v = att.value(h).reshape(rows, seq, heads, dh).transpose(1, 2)
-    scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(dh) + bias  # [rows, heads, 1, seq]
-    ctx = torch.matmul(torch.softmax(scores, dim=-1), v)  # [rows, heads, 1, dh]
-    ctx = ctx.transpose(1, 2).reshape(rows, 1, hidden)
+    q = att.query(hm).reshape(rows, heads, dh).transpose(0, 1)  # [heads, rows, dh]
+    wk = att.key.weight.reshape(heads, dh, hidden).to(h.dtype)  # rows of W are output units
+    wv = att.value.weight.reshape(heads, dh, hidden).to(h.dtype)
+    bv = att.value.bias.reshape(heads, 1, dh).to(h.dtype)
+    qk = torch.matmul(q, wk).transpose(0, 1)  # [rows, heads, hidden] = Wk_h^T q_h
+    scores = torch.matmul(qk, h.transpose(1, 2)).unsqueeze(2) / math.sqrt(dh) + bias  # [rows, heads, 1, seq]
+    # sum_j p_j h_j; reshape, not squeeze (no If node for a dynamic dim)
+    u = torch.matmul(torch.softmax(scores, dim=-1), h.unsqueeze(1)).reshape(rows, heads, hidden)
+    ctx = torch.matmul(u.transpose(0, 1), wv.transpose(1, 2)) + bv  # [heads, rows, dh]
+    ctx = ctx.transpose(0, 1).reshape(rows, 1, hidden)
     a = layer.attention.output(ctx, hm)  # dense -> (mask) -> LayerNorm(x + hm)
     return layer.output(layer.intermediate(a), a)  # FFN -> (mask) -> LayerNorm
 
@@ -186,9 +226,13 @@ class ContractModel(nn.Module):
     """
 
     def __init__(self, mlm: nn.Module, arch: Arch, masks: dict[str, torch.Tensor] | None,
-                 last_layer_at_mask: bool = True, fold_masks: bool = False, hf_layers: bool = False):
+                 last_layer_at_mask: bool = True, fold_masks: bool = False, hf_layers: bool = False,
+                 share_prefix: bool = False):
         super().__init__()
         self.last_layer_at_mask = last_layer_at_mask
+        # share_prefix: project Q/K/V of [CLS] + prompt once per candidate in the first layer
+        # (:func:`shared_prefix_linear`; CPU exports). Off for PyTorch baselines and fp16/CUDA exports.
+        self.share_prefix = share_prefix
         # hf_layers: run the full layers through the HF modules' own forward (their attention
         # implementation, e.g. SDPA) instead of :func:`full_layer`. For PyTorch baselines only: the
         # export keeps full_layer, whose trace ORT's Attention fusion matches.
@@ -222,12 +266,13 @@ class ContractModel(nn.Module):
         am = attention_mask.unsqueeze(0).expand(pop, batch, seq).reshape(pop * batch, seq)
         bias = (1.0 - am.unsqueeze(1).unsqueeze(2).to(dtype)) * MASK_BIAS  # [pop*batch, 1, 1, seq]
         n_full = len(self.layers) - 1 if self.last_layer_at_mask else len(self.layers)
-        for layer in self.layers[:n_full]:
+        for i, layer in enumerate(self.layers[:n_full]):
             if self.hf_layers:
                 out = layer(h, bias)
                 h = out[0] if isinstance(out, tuple) else out
             else:
-                h = full_layer(layer, h, bias)
+                shared = n_prompt + 1 if self.share_prefix and i == 0 else 0
+                h = full_layer(layer, h, bias, shared=shared, pop=pop)
         idx = mask_pos.reshape(1, batch, 1, 1).expand(pop, batch, 1, hidden).reshape(pop * batch, 1, hidden)
         hm = torch.gather(h, 1, idx)  # [pop*batch, 1, hidden]; no squeeze: no If node
         if self.last_layer_at_mask:

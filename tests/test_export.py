@@ -18,6 +18,9 @@ def _inputs(man, pop=2, batch=6, extra=33, seed=3):
     L, H = man.n_prompt, man.hidden
     seq = L + extra
     ids = rng.integers(1000, 20000, size=(batch, seq)).astype(np.int64)
+    # the contract: [CLS] then the L placeholders in every row
+    ids[:, 0] = man.data["tokenizer"]["cls_id"]
+    ids[:, 1:L + 1] = man.data["placeholder_ids"]
     lengths = rng.integers(L + 5, seq + 1, size=batch)
     am = (np.arange(seq)[None] < lengths[:, None]).astype(np.int64)
     ids[am == 0] = man.data["tokenizer"]["pad_id"]
@@ -132,3 +135,51 @@ def test_thinned_masks_have_rate_p(splade_dir):
     assert abs(np.mean(vals == 0) - 0.1) < 0.01
     again = draw_masks([f"s{i}" for i in range(5)], 4096, 0.1, 7)
     assert all(np.array_equal(masks[k], again[k]) for k in masks)
+
+
+def test_shared_prefix_graph_equals_the_unshared_one(splade_dir, tmp_path):
+    """The first layer's [CLS] + prompt Q/K/V projected once per candidate (the CPU default) gives the
+    same logits as projecting every row, for every candidate of a stacked population."""
+    from cliptune_export import ExportOptions, export_model
+
+    from .conftest import SPLADE
+
+    man = load_manifest(splade_dir)
+    assert man.shared_prefix == man.n_prompt + 1
+    plain_dir = tmp_path / "plain"
+    export_model(str(SPLADE), plain_dir, ExportOptions(k=1, p=0.1, seed=0, share_prefix=False))
+    plain = load_manifest(plain_dir)
+    assert plain.shared_prefix == 0
+    inputs = _inputs(plain, pop=3, batch=5, seed=8)
+    for g in (0, 1):
+        a, b = _ort_logits(man, g, *inputs), _ort_logits(plain, g, *inputs)
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+        assert len({a[c].tobytes() for c in range(3)}) == 3  # the candidates do differ
+
+
+def test_rows_with_another_prefix_are_run_apart(splade_dir, tmp_path):
+    """Rows that break the shared prefix (a manual run has no placeholders) still get exact logits:
+    the engine runs each group of equal prefixes on its own."""
+    from cliptune_export import ExportOptions, export_model
+
+    from cliptune_ort.encoding import Encoded
+
+    from .conftest import SPLADE
+
+    man = load_manifest(splade_dir)
+    plain_dir = tmp_path / "plain"
+    export_model(str(SPLADE), plain_dir, ExportOptions(k=1, p=0.1, seed=0, share_prefix=False))
+    plain = load_manifest(plain_dir)
+    ids, am, mask_pos, prompts, verb = _inputs(man, pop=2, batch=7, seed=5)
+    ids[2, 7] += 1  # row 2: one placeholder differs
+    ids[4:6, 3] = 1999  # rows 4 and 5: another shared prefix
+    enc = Encoded(ids=ids, attention_mask=am, mask_pos=mask_pos, labels=np.zeros(7, np.int64),
+                  lengths=am.sum(1), n_truncated=0)
+    enc.min_seq = man.n_prompt + 1
+    got, want = (Engine(m, [0], device="cpu") for m in (man, plain))
+    fb = got.prepare(enc, n_buckets=2)
+    assert sorted(np.concatenate([idx for idx, _ in fb.parts]).tolist()) == list(range(7))
+    assert len(fb.parts) == 2 + 1 + 2  # groups {0, 1, 3, 6}, {2}, {4, 5}: 2 buckets, 1, 2
+    a = got.logits(0, prompts, fb, verb)
+    b = want.logits(0, prompts, want.prepare(enc, n_buckets=2), verb)
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)

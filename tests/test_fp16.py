@@ -51,6 +51,8 @@ def _inputs(man, pop=4, batch=7, extra=29, seed=21):
     L, H = man.n_prompt, man.hidden
     seq = L + extra
     ids = rng.integers(1000, 20000, size=(batch, seq)).astype(np.int64)
+    ids[:, 0] = man.data["tokenizer"]["cls_id"]  # the contract: [CLS] + placeholders in every row
+    ids[:, 1:L + 1] = man.data["placeholder_ids"]
     lengths = rng.integers(L + 5, seq + 1, size=batch)
     lengths[0] = seq
     am = (np.arange(seq)[None] < lengths[:, None]).astype(np.int64)

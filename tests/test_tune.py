@@ -145,6 +145,7 @@ def test_int8_edge_mode_on_the_embedded_model(tmp_path):
                progress=False)
     assert res["calls"] == 40 and 0.0 <= res["test"]["metric"] <= 1.0
     from cliptune_ort.manifest import load_manifest
+    from cliptune_ort.models import embedded_export_dir
 
     man = load_manifest(res["model_dir"])
-    assert man.precision == "int8" and man.root.name.endswith("_int8")
+    assert man.precision == "int8" and man.root == embedded_export_dir(4, 0.1, precision="int8")
