@@ -414,6 +414,15 @@ def manifest_wrong_field_type(c):
 
 
 @case
+def manifest_shared_prefix_out_of_range(c):
+    d = c.model_copy()
+    man = c.manifest(d)
+    man["shared_prefix"] = man["n_prompt"] + 2
+    c.write_manifest(d, man)
+    return c.tune(model=d), "field shared_prefix is 52, expected an integer in 0..51 (n_prompt + 1)"
+
+
+@case
 def manifest_path_outside_dir(c):
     d = c.model_copy()
     man = c.manifest(d)
