@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import shutil
@@ -52,7 +53,15 @@ T0 = time.perf_counter()
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
 SPLADE = ROOT / "cliptune_ort" / "assets" / "models" / "splade-tiny"
+
+
+def time_iters(fn, warmup: int, iters: int) -> list[float]:
+    """``warmup`` untimed calls, then ``iters`` timed calls (the shared harness loop, no time cap)."""
+    return harness.time_calls(fn, warmup=warmup, min_iters=min(3, iters), max_iters=iters, max_seconds=math.inf)
 
 #: the roberta-large shape (random weights; speed is a property of the shape)
 LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
@@ -112,21 +121,6 @@ def summarize(samples: list[float]) -> dict:
     return {"n": int(s.size), "p50_ms": round(float(np.median(s)), 3), "p90_ms": round(float(np.percentile(s, 90)), 3),
             "mean_ms": round(float(s.mean()), 3), "min_ms": round(float(s.min()), 3),
             "max_ms": round(float(s.max()), 3)}
-
-
-def time_fn(fn, warmup: int, iters: int, max_seconds: float | None = None) -> list[float]:
-    """``warmup`` untimed calls, then ``iters`` timed calls (fewer, but >= 3, past ``max_seconds``)."""
-    for _ in range(warmup):
-        fn()
-    out: list[float] = []
-    spent = 0.0
-    while len(out) < iters and (max_seconds is None or spent < max_seconds or len(out) < 3):
-        t = time.perf_counter()
-        fn()
-        dt = time.perf_counter() - t
-        out.append(dt)
-        spent += dt
-    return out
 
 
 # ---------------------------------------------------------------- environment
@@ -669,7 +663,7 @@ def main(argv=None) -> int:
                 for pop in (1, 20):
                     pr = prompts_for(pop, hidden, emb_std)
                     busy = exporting()
-                    s = time_fn(lambda: tc(pr), warmup, iters)
+                    s = time_iters(lambda: tc(pr), warmup, iters)
                     cells.append({"engine": "torch", "precision": "fp32", "mode": "eager", "attention": "eager",
                                   "pop": pop, "n_buckets": nb, "concurrent_export": busy or exporting(),
                                   **summarize(s)})
@@ -701,7 +695,7 @@ def main(argv=None) -> int:
                 tc = TorchCall(m16, enc, verb, nb, device)
                 for pop in (1, 20):
                     pr = prompts_for(pop, hidden, emb_std)
-                    s = time_fn(lambda: tc(pr), warmup, iters)
+                    s = time_iters(lambda: tc(pr), warmup, iters)
                     cells.append({"engine": "torch", "precision": "fp16" if not cpu else "bf16", "mode": "sdpa",
                                   "attention": res.data.get("torch_attention_fp16"), "pop": pop, "n_buckets": nb,
                                   "concurrent_export": False, **summarize(s)})
@@ -738,7 +732,7 @@ def main(argv=None) -> int:
                     fb = eng.prepare(enc, nb)
                     for pop in (1, 20):
                         pr = prompts_for(pop, man.hidden, std)
-                        s = time_fn(lambda: eng.logits(0, pr, fb, verb), warmup, iters)
+                        s = time_iters(lambda: eng.logits(0, pr, fb, verb), warmup, iters)
                         cells.append({"engine": "ort", "precision": precision, "mode": mode, "pop": pop, "n_buckets": nb,
                                       "provider": eng.provider, "session_setup_s": setup,
                                       "padded_fraction": round(fb.padded_fraction, 4), "concurrent_export": False,
