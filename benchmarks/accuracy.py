@@ -115,30 +115,42 @@ def table(rows: list[dict], methods: list[str], tasks: list[str]) -> str:
 
 
 def comparison(rows: list[dict], tasks: list[str]) -> list[dict]:
-    """Per task: best clip K vs bbt on test (paired by seed), with the seed std."""
+    """Per task: best clip K vs bbt on test (paired by seed), with the seed std.
+
+    Only the K values that ran at every seed the best-covered K ran at compete (a K with fewer seeds is listed
+    in ``partial``), so the best K is never picked on a luckier, smaller sample; it is chosen on mean *dev*,
+    never on test."""
     out = []
     for t in tasks:
         bbt = {r["seed"]: r for r in rows if r["task"] == t and r["method"] == "bbt"}
         key = "test" if any(r["test"] is not None for r in bbt.values()) else "dev"
+        runs = {m: {r["seed"]: r for r in rows if r["task"] == t and r["method"] == m}
+                for m in ("clip_k2", "clip_k4", "clip_k8")}
+        paired = {m: sorted(set(bbt) & set(cl)) for m, cl in runs.items() if set(bbt) & set(cl)}
+        if not paired:
+            continue
+        n_max = max(len(s) for s in paired.values())
+        full = {m: s for m, s in paired.items() if len(s) == n_max}
+        seeds = sorted(set.intersection(*(set(s) for s in full.values())))
+        if not seeds:  # equally covered K values on disjoint seeds: compare the first one alone
+            m0 = min(full)
+            full, seeds = {m0: full[m0]}, full[m0]
         best = None
-        for m in ("clip_k2", "clip_k4", "clip_k8"):
-            cl = {r["seed"]: r for r in rows if r["task"] == t and r["method"] == m}
-            seeds = sorted(set(bbt) & set(cl))
-            if not seeds:
-                continue
-            # the best K is chosen on mean *dev*, never on test
+        for m in full:
+            cl = runs[m]
             dev_mean = float(np.mean([cl[s]["dev"] for s in seeds]))
             if best is None or dev_mean > best["dev_mean"]:
                 diffs = [cl[s][key] - bbt[s][key] for s in seeds]
+                sd = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else None
                 best = {"task": t, "clip": m, "seeds": seeds, "on": key, "dev_mean": dev_mean,
+                        "compared": sorted(full), "partial": sorted(set(paired) - set(full)),
                         "clip_mean": float(np.mean([cl[s][key] for s in seeds])),
                         "bbt_mean": float(np.mean([bbt[s][key] for s in seeds])),
-                        "mean_diff": float(np.mean(diffs)),
-                        "diff_std": float(np.std(diffs, ddof=1)) if len(diffs) > 1 else None,
+                        "mean_diff": float(np.mean(diffs)), "diff_std": sd,
+                        "paired_t": float(np.mean(diffs) / (sd / np.sqrt(len(diffs)))) if sd else None,
                         "bbt_seed_std": float(np.std([bbt[s][key] for s in seeds], ddof=1)) if len(seeds) > 1
                         else None}
-        if best:
-            out.append(best)
+        out.append(best)
     return out
 
 
@@ -188,15 +200,18 @@ def report(out: Path, methods: list[str], tasks: list[str], wall: float | None) 
                                               "command": " ".join(sys.argv)})
     md = table(rows, methods, tasks)
     md += "\n### Clip-Tuning (best K, chosen on dev) vs BBT, paired by seed\n\n"
-    md += "| task | best K | on | clip | bbt | mean diff | std of diff | bbt seed std | exceeds std? |\n"
-    md += "|---|---|---|---|---|---|---|---|---|\n"
+    md += ("| task | best K (of) | on | clip | bbt | mean diff | std of diff | paired t | bbt seed std | "
+           "exceeds std? |\n")
+    md += "|---|---|---|---|---|---|---|---|---|---|\n"
     for c in comp:
         exceeds = "-" if c["bbt_seed_std"] is None else ("yes" if abs(c["mean_diff"]) > c["bbt_seed_std"] else "no")
         std = "-" if c["diff_std"] is None else f"{c['diff_std'] * 100:.1f}"
         bstd = "-" if c["bbt_seed_std"] is None else f"{c['bbt_seed_std'] * 100:.1f}"
-        md += (f"| {c['task']} | {c['clip']} | {c['on']} (seeds {','.join(map(str, c['seeds']))}) | "
+        ks = "/".join(m.removeprefix("clip_k") for m in c["compared"])
+        pt = "-" if c["paired_t"] is None else f"{c['paired_t']:+.1f}"
+        md += (f"| {c['task']} | {c['clip']} (K {ks}) | {c['on']} (seeds {','.join(map(str, c['seeds']))}) | "
                f"{c['clip_mean'] * 100:.1f} | {c['bbt_mean'] * 100:.1f} | {c['mean_diff'] * 100:+.1f} | {std} | "
-               f"{bstd} | {exceeds} |\n")
+               f"{pt} | {bstd} | {exceeds} |\n")
     md += f"\nSum of cell wall times: {sum(r['wall_seconds'] for r in rows) / 60:.1f} min over {len(rows)} cells.\n"
     atomic_write_text(out / "table.md", md)
     try:
