@@ -77,6 +77,8 @@ def collect(out: Path) -> list[dict]:
             "train": r["train"]["metric"], "calls": r["calls"], "forward_passes": r["forward_passes"],
             "wall_seconds": r["wall_seconds"], "fewshot": r["fewshot"].get("fewshot"),
             "budget": r["budget"], "k": r["k"], "p": r["p"], "optimizer": r["optimizer"],
+            # which graphs scored it: the export cache folder name carries the export format (_f2, ...)
+            "export": Path(r["model_dir"]).name if r.get("model_dir") else None, "export_id": r.get("export_id"),
         })
     return rows
 
