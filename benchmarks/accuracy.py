@@ -92,21 +92,30 @@ def _fmt(vals: list[float]) -> str:
 
 def table(rows: list[dict], methods: list[str], tasks: list[str]) -> str:
     notes = {t: TASKS[t].test_note for t in tasks}
-    lines = ["| method | " + " | ".join(tasks) + " | average |", "|---" * (len(tasks) + 2) + "|"]
+
+    def tests(m: str, t: str) -> list[float]:
+        return [r["test"] for r in rows if r["task"] == t and r["method"] == m and r["test"] is not None]
+
+    # averages over different task sets do not compare: the last column averages only over the tasks that
+    # every method run on more than one task has test numbers for
+    broad = [m for m in methods if sum(bool(tests(m, t)) for t in tasks) > 1]
+    common = [t for t in tasks if broad and all(tests(m, t) for m in broad)]
+    lines = ["| method | " + " | ".join(tasks) + " | average (tasks) | average on " + "/".join(common or ["-"]) + " |",
+             "|---" * (len(tasks) + 3) + "|"]
     for m in methods:
         cells, means = [], []
         for t in tasks:
             rs = [r for r in rows if r["task"] == t and r["method"] == m]
-            tests = [r["test"] for r in rs if r["test"] is not None]
-            if tests:
-                cells.append(_fmt(tests))
-                means.append(float(np.mean(tests)))
+            if tests(m, t):
+                cells.append(_fmt(tests(m, t)))
+                means.append(float(np.mean(tests(m, t))))
             elif rs:
                 cells.append("no test split offline; dev " + _fmt([r["dev"] for r in rs]))
             else:
                 cells.append("-")
-        avg = f"{np.mean(means) * 100:.1f} ({len(means)} tasks)" if means else "-"
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {avg} |")
+        avg = f"{np.mean(means) * 100:.1f} ({len(means)})" if means else "-"
+        cavg = f"{np.mean([np.mean(tests(m, t)) for t in common]) * 100:.1f}" if m in broad and common else "-"
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {avg} | {cavg} |")
     lines.append("")
     lines.append("Test metric in % (accuracy; F1 for MRPC), mean ± std over seeds (n = seeds finished). "
                  "Prompts selected on dev only.")

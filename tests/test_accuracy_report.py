@@ -44,3 +44,15 @@ def test_no_test_split_compares_on_dev_and_table_says_so():
     assert c["on"] == "dev" and c["mean_diff"] == pytest.approx(-0.05) and c["diff_std"] is None
     md = accuracy.table(rows, ["bbt", "clip_k4"], ["yelp_polarity"])
     assert "no test split offline; dev 70.0" in md and "no test split offline; dev 65.0" in md
+
+
+def test_the_common_average_uses_only_tasks_every_broad_method_ran():
+    rows = [_row("bbt", 13, 0.7, 0.60, "sst2"), _row("bbt", 13, 0.7, 0.40, "rte"), _row("bbt", 13, 0.7, 0.90, "snli"),
+            _row("clip_k4", 13, 0.7, 0.50, "sst2"), _row("clip_k4", 13, 0.7, 0.30, "rte"),
+            _row("clip_k8", 13, 0.7, 0.99, "sst2")]  # one task only: not "broad", no common average
+    md = accuracy.table(rows, ["bbt", "clip_k4", "clip_k8"], ["sst2", "rte", "snli"])
+    lines = {ln.split(" | ")[0].strip("| "): ln for ln in md.splitlines() if ln.startswith("| ")}
+    assert "average on sst2/rte |" in lines["method"]
+    assert lines["bbt"].endswith("| 63.3 (3) | 50.0 |")
+    assert lines["clip_k4"].endswith("| 40.0 (2) | 40.0 |")
+    assert lines["clip_k8"].endswith("| 99.0 (1) | - |")
