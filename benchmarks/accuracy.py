@@ -93,28 +93,30 @@ def _fmt(vals: list[float]) -> str:
 def table(rows: list[dict], methods: list[str], tasks: list[str]) -> str:
     notes = {t: TASKS[t].test_note for t in tasks}
 
-    def tests(m: str, t: str) -> list[float]:
-        return [r["test"] for r in rows if r["task"] == t and r["method"] == m and r["test"] is not None]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["task"]), []).append(r)
+    tests = {k: [r["test"] for r in rs if r["test"] is not None] for k, rs in groups.items()}
+    means = {k: float(np.mean(v)) for k, v in tests.items() if v}  # (method, task) -> mean test metric
 
     # averages over different task sets do not compare: the last column averages only over the tasks that
     # every method run on more than one task has test numbers for
-    broad = [m for m in methods if sum(bool(tests(m, t)) for t in tasks) > 1]
-    common = [t for t in tasks if broad and all(tests(m, t) for m in broad)]
+    broad = [m for m in methods if sum((m, t) in means for t in tasks) > 1]
+    common = [t for t in tasks if broad and all((m, t) in means for m in broad)]
     lines = ["| method | " + " | ".join(tasks) + " | average (tasks) | average on " + "/".join(common or ["-"]) + " |",
              "|---" * (len(tasks) + 3) + "|"]
     for m in methods:
-        cells, means = [], []
+        cells = []
         for t in tasks:
-            rs = [r for r in rows if r["task"] == t and r["method"] == m]
-            if tests(m, t):
-                cells.append(_fmt(tests(m, t)))
-                means.append(float(np.mean(tests(m, t))))
-            elif rs:
-                cells.append("no test split offline; dev " + _fmt([r["dev"] for r in rs]))
+            if (m, t) in means:
+                cells.append(_fmt(tests[m, t]))
+            elif (m, t) in groups:
+                cells.append("no test split offline; dev " + _fmt([r["dev"] for r in groups[m, t]]))
             else:
                 cells.append("-")
-        avg = f"{np.mean(means) * 100:.1f} ({len(means)})" if means else "-"
-        cavg = f"{np.mean([np.mean(tests(m, t)) for t in common]) * 100:.1f}" if m in broad and common else "-"
+        mine = [means[m, t] for t in tasks if (m, t) in means]
+        avg = f"{np.mean(mine) * 100:.1f} ({len(mine)})" if mine else "-"
+        cavg = f"{np.mean([means[m, t] for t in common]) * 100:.1f}" if m in broad and common else "-"
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {avg} | {cavg} |")
     lines.append("")
     lines.append("Test metric in % (accuracy; F1 for MRPC), mean ± std over seeds (n = seeds finished). "
@@ -137,7 +139,7 @@ def comparison(rows: list[dict], tasks: list[str]) -> list[dict]:
         key = "test" if any(r["test"] is not None for r in bbt.values()) else "dev"
         runs = {m: {r["seed"]: r for r in rows if r["task"] == t and r["method"] == m}
                 for m in ("clip_k2", "clip_k4", "clip_k8")}
-        paired = {m: sorted(set(bbt) & set(cl)) for m, cl in runs.items() if set(bbt) & set(cl)}
+        paired = {m: s for m, cl in runs.items() if (s := sorted(set(bbt) & set(cl)))}
         if not paired:
             continue
         n_max = max(len(s) for s in paired.values())
