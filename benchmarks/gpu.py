@@ -13,7 +13,9 @@ One run on one machine (the lent H100/H200; see benchmarks/gpu_run.sh for the de
            the same weights as the export (same init seed), prompts copied from the host every call,
            logits copied back (``torch.cuda.synchronize`` by the copy).
 3. ort     ORT CUDA fp16 and fp32 through the package's ``Engine`` (plain ``run``, IOBinding with the
-           fixed inputs resident on the device, CUDA graphs), graph 0.
+           fixed inputs resident on the device, CUDA graphs), graph 0; and ``packed``: a copy of the
+           fp16 export with packed (padding-free) attention (export/packing.py), the whole set in one
+           call with no padded token computed, IOBinding.
            Every cell: population 1 and 20 (20 candidates stacked in one call per length bucket) x
            {1 bucket (padded to the longest), 4 length buckets}, on the real SST-2 16-shot train
            set of seed 13 (32 examples); median/p90 of >= 15 calls after warm-up. One "call" scores
@@ -22,7 +24,9 @@ One run on one machine (the lent H100/H200; see benchmarks/gpu_run.sh for the de
            parity check ORT fp16 / torch fp16 vs torch fp32 on the GPU.
 5. tune    measured runs through the package API: ``tuner.tune`` on SST-2 with the fp16 export,
            method bbt and clip (K=4), the full default budget (8,000 calls); wall_seconds from
-           result.json.
+           result.json. They use the fastest sound fp16 variant: packed when its pop-20 call beat
+           the padded ones by 3 % and its parity was as good, else CUDA graphs when those beat
+           IOBinding by 3 %, else IOBinding (``--tune-packed`` / ``--tune-cuda-graph`` force either).
 
 Results: ``<out>/gpu_<device>.json`` and ``.md`` (device name, providers that ran, versions, every
 number, ratios to PyTorch fp16 + SDPA from the same run, the issue's targets), rewritten after
@@ -375,7 +379,7 @@ def make_engine(model_dir: Path, device: str, mode: str):
 
     man = load_manifest(model_dir)
     kw = {"run": {"iobinding": False}, "iobinding": {"iobinding": True},
-          "cuda_graph": {"iobinding": True, "cuda_graph": True}}[mode]
+          "cuda_graph": {"iobinding": True, "cuda_graph": True}, "packed": {"iobinding": True}}[mode]
     return Engine(man, [0], device=device, **kw)
 
 
@@ -482,8 +486,8 @@ def markdown(data: dict) -> str:
             lines.append(f"- {k}: {r}")
         lines.append("")
     if data.get("tune"):
-        lines += ["| tune run | calls | wall s | scoring s | session-run s | test acc | dev acc | provider | cuda graph |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| tune run | calls | wall s | scoring s | session-run s | test acc | dev acc | provider | cuda graph | "
+                  "packed |", "|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in data["tune"].items():
             if not isinstance(r, dict) or "wall_seconds" not in r:
                 continue
@@ -491,7 +495,7 @@ def markdown(data: dict) -> str:
                          f"{_fmt((r.get('timing_seconds') or {}).get('scoring'))} | "
                          f"{_fmt((r.get('timing_seconds') or {}).get('session_run_seconds'))} | "
                          f"{_fmt((r.get('test') or {}).get('metric'), 3)} | {_fmt((r.get('dev') or {}).get('metric'), 3)} | "
-                         f"{r.get('provider')} | {r.get('cuda_graph')} |")
+                         f"{r.get('provider')} | {r.get('cuda_graph')} | {r.get('packed', False)} |")
         lines.append("")
     if data.get("targets"):
         lines += ["Targets (issue):", ""]
@@ -502,7 +506,7 @@ def markdown(data: dict) -> str:
         p = data["profile"]
         lines += [f"ORT placement (fp16 graph 0): {p.get('nodes_by_provider')}; Memcpy nodes {p.get('memcpy_nodes')}.", ""]
     if data.get("parity"):
-        lines += [f"GPU parity (pop 20, 4 buckets, vs torch fp32): {data['parity']}", ""]
+        lines += [f"GPU parity (pop 20, 4 buckets; packed: 1 call, vs torch fp32): {data['parity']}", ""]
     for e in data.get("errors", []):
         lines.append(f"- ERROR {e['section']}: {e['error'][:300]}")
     return "\n".join(lines) + "\n"
@@ -517,10 +521,13 @@ def parse_args(argv=None):
     ap.add_argument("--work", default="/tmp/cliptune_gpu_work", help="exports and run dirs (large; never --out)")
     ap.add_argument("--quick", action="store_true", help="5 timed calls per cell, 1,000-call tune runs")
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny random RoBERTa, CPU provider, 2 timed calls")
-    ap.add_argument("--skip", default="", help="comma list: export,torch,ort,fp32,profile,bbt,clip")
+    ap.add_argument("--skip", default="", help="comma list: export,torch,ort,fp32,packed,profile,bbt,clip")
     ap.add_argument("--iters", type=int, default=0, help="timed calls per cell (default 15; quick 5; dry run 2)")
     ap.add_argument("--budget", type=int, default=0, help="tune budget in calls (default 8000; quick 1000; dry 100)")
     ap.add_argument("--tune-seed", type=int, default=42, help="seed of the tune runs (few-shot sample, A, CMA-ES)")
+    ap.add_argument("--tune-packed", choices=("auto", "on", "off"), default="auto",
+                    help="packed-attention graphs in the tune runs; auto: when their cells were faster and their "
+                         "parity as good as the padded fp16 graphs'")
     ap.add_argument("--tune-cuda-graph", choices=("auto", "on", "off"), default="auto",
                     help="CUDA graphs in the tune runs; auto: on when the engine's cuda_graph cells ran and were faster")
     ap.add_argument("--deadline", type=float, default=345.0,
@@ -568,7 +575,10 @@ def main(argv=None) -> int:
                                       "each padded to its own longest",
                          "ort modes": "run = session.run with numpy feeds; iobinding = token inputs resident on "
                                       "the device, prompts copied into a bound buffer; cuda_graph = iobinding + "
-                                      "one captured CUDA graph per (bucket, pop) shape (the package's Engine)",
+                                      "one captured CUDA graph per (bucket, pop) shape (the package's Engine); "
+                                      "packed = the fp16 export with packed attention (RemovePadding / "
+                                      "PackedAttention / RestorePadding, export/packing.py): iobinding, the whole "
+                                      "set in one call, no padded token computed up to the last layer",
                          "torch": "ContractModel(hf_layers=True): the HF layers' own attention (eager or SDPA), "
                                   "the same gather-at-mask head and last layer at the mask as the export; "
                                   "torch.backends.cuda.matmul.allow_tf32 left at its default (see versions)",
@@ -688,6 +698,21 @@ def main(argv=None) -> int:
                 res.data["data"] = {**data_info(enc), "same_as_export_tokenisation": False}
             break
 
+    # the packed copy of the fp16 export (graph rewrite only; runs on the CUDA provider only)
+    packed_dir = work / "export_fp16_k4_packed"
+    if "packed" not in skip and (fp16_dir / "manifest.json").is_file():
+        try:
+            from cliptune_export.packing import pack_export
+
+            t = time.perf_counter()
+            pman = pack_export(fp16_dir, packed_dir, overwrite=True)
+            res.data["export"]["packed"] = {"wall_seconds": round(time.perf_counter() - t, 1),
+                                            "packed_attention_nodes": [g["packed_attention_nodes"]
+                                                                       for g in pman["graphs"]]}
+            log(f"packed copy of the fp16 export in {res.data['export']['packed']['wall_seconds']} s")
+        except Exception as e:
+            res.error("pack", e)
+
     # torch fp16 + SDPA, timed with the machine to itself (the ratios' baseline)
     if "torch" not in skip and m16 is not None:
         try:
@@ -712,7 +737,7 @@ def main(argv=None) -> int:
     engine_ok: dict = {}
     parity_prompts = None
     parity_out: dict = {}
-    for precision, mdir in (("fp16", fp16_dir), ("fp32", fp32_dir)):
+    for precision, mdir in (("fp16", fp16_dir), ("fp32", fp32_dir), ("fp16", packed_dir)):
         if "ort" in skip or (precision == "fp32" and "fp32" in skip) or not (mdir / "manifest.json").is_file():
             continue
         man = load_manifest(mdir)
@@ -722,24 +747,29 @@ def main(argv=None) -> int:
         modes = ["run", "iobinding"] + (["cuda_graph"] if device == "cuda" else [])
         if precision == "fp32":
             modes = ["iobinding"]
+        if man.packed:
+            if device != "cuda":  # RemovePadding / PackedAttention exist on the CUDA provider only
+                res.data["packed_note"] = "packed-attention cells need the CUDA provider: not run on the CPU"
+                continue
+            modes = ["packed"]
         for mode in modes:
             try:
                 t = time.perf_counter()
                 eng = make_engine(mdir, device, mode)
                 setup = round(time.perf_counter() - t, 2)
                 log(f"ORT {precision} {mode}: engine on {eng.provider} in {setup} s")
-                for nb in (1, 4):
+                for nb in ((1,) if man.packed else (1, 4)):
                     fb = eng.prepare(enc, nb)
                     for pop in (1, 20):
                         pr = prompts_for(pop, man.hidden, std)
                         s = time_iters(lambda: eng.logits(0, pr, fb, verb), warmup, iters)
                         cells.append({"engine": "ort", "precision": precision, "mode": mode, "pop": pop, "n_buckets": nb,
                                       "provider": eng.provider, "session_setup_s": setup,
-                                      "padded_fraction": round(fb.padded_fraction, 4), "concurrent_export": False,
-                                      **summarize(s)})
+                                      "padded_fraction": 0.0 if man.packed else round(fb.padded_fraction, 4),
+                                      "concurrent_export": False, **summarize(s)})
                         log(f"ORT {precision} {mode} pop {pop} buckets {nb}: p50 {cells[-1]['p50_ms']} ms")
                         res.save()
-                    if nb == 4 and mode in ("iobinding", "run"):
+                    if (nb == 4 and mode in ("iobinding", "run")) or mode == "packed":
                         parity_out[f"ort_{precision}_{mode}"] = eng.logits(0, parity_prompts, fb, verb).copy()
                 engine_ok[(precision, mode)] = True
                 eng.close()
@@ -747,7 +777,7 @@ def main(argv=None) -> int:
             except Exception as e:
                 engine_ok[(precision, mode)] = False
                 res.error(f"ort {precision} {mode}", e)
-        res.data["sections_done"].append(f"ort_{precision}")
+        res.data["sections_done"].append(f"ort_{precision}" + ("_packed" if man.packed else ""))
         res.save()
     res.data["providers_that_ran"] = sorted({c["provider"] for c in cells if c.get("provider")})
 
@@ -818,10 +848,27 @@ def main(argv=None) -> int:
     else:
         use_cg = bool(engine_ok.get(("fp16", "cuda_graph"))) and (20, 4) in cg_cells and (20, 4) in io_cells \
             and cg_cells[(20, 4)] < 0.97 * io_cells[(20, 4)]
-    res.data["tune_cuda_graph"] = {"asked": args.tune_cuda_graph, "used": use_cg}
     per_gen = (cg_cells if use_cg else io_cells).get((20, 4)) or io_cells.get((20, 4))  # ms per graph and generation
+    packed_p50 = next((c["p50_ms"] for c in cells if c["engine"] == "ort" and c["mode"] == "packed"
+                       and c["pop"] == 20), None)
+    par = res.data.get("parity") or {}
+    pk, io = par.get("ort_fp16_packed"), par.get("ort_fp16_iobinding")
+    packed_sound = bool(pk and io and pk["argmax_agreement"] >= io["argmax_agreement"]
+                        and pk["max_abs_diff"] <= 2 * io["max_abs_diff"] + 1e-3)
+    if args.tune_packed == "on":
+        use_packed = (packed_dir / "manifest.json").is_file()
+    elif args.tune_packed == "off" or device != "cuda":
+        use_packed = False
+    else:
+        use_packed = packed_sound and packed_p50 is not None and per_gen is not None and packed_p50 < 0.97 * per_gen
+    if use_packed:
+        use_cg, per_gen = False, packed_p50
+    res.data["tune_cuda_graph"] = {"asked": args.tune_cuda_graph, "used": use_cg}
+    res.data["tune_packed"] = {"asked": args.tune_packed, "used": use_packed, "parity_sound": packed_sound,
+                               "packed_pop20_ms": packed_p50}
+    tune_dir = packed_dir if use_packed else fp16_dir
     for method in ("bbt", "clip"):
-        if method in skip or not (fp16_dir / "manifest.json").is_file():
+        if method in skip or not (tune_dir / "manifest.json").is_file():
             continue
         nets = 4 if method == "clip" else 1
         b = budget
@@ -846,11 +893,12 @@ def main(argv=None) -> int:
                 kw["cuda_graph"] = True
             cfg = build_config(**kw)
             log(f"tune {method}: budget {b} calls, cuda_graph {use_cg}")
-            out = tune(cfg, run_dir, overwrite=True, progress=True, model_dir=fp16_dir)
+            out = tune(cfg, run_dir, overwrite=True, progress=True, model_dir=tune_dir)
             keep = {k: out.get(k) for k in ("calls", "forward_passes", "generations", "wall_seconds", "timing_seconds",
                                             "provider", "cands_per_call", "train_padded_fraction", "n_buckets", "k",
                                             "train", "dev", "test", "stop_reason", "budget")}
             keep["cuda_graph"] = use_cg
+            keep["packed"] = use_packed
             keep["budget_note"] = note
             keep["seed"] = args.tune_seed
             res.data["tune"][method] = keep

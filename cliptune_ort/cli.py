@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--share-prefix", action=argparse.BooleanOptionalAction, default=None,
                    help="project the first layer's Q/K/V of [CLS] + prompt once per candidate (default: on "
                         "for fp32/int8, off for fp16)")
+    e.add_argument("--packed", action="store_true",
+                   help="fp16 only: packed (padding-free) attention, CUDA provider only (one call, no padded tokens)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
     t = sub.add_parser("tune", help="tune a soft prompt (default: SST-2 on the embedded model)")
@@ -183,7 +185,7 @@ def cmd_export(a) -> int:
                           "pip install torch==2.13.0 && pip install -e '.[export]'") from None
     opts = ExportOptions(k=a.k, p=a.p, seed=a.seed, n_prompt=a.n_prompt, random_init=a.random_init,
                          tokenizer=a.tokenizer, overwrite=a.overwrite, precision=a.precision,
-                         fold_masks=a.fold_masks, share_prefix=a.share_prefix)
+                         fold_masks=a.fold_masks, share_prefix=a.share_prefix, packed=a.packed)
     if a.atol is not None:
         opts.atol = a.atol
     try:

@@ -86,10 +86,17 @@ class Engine:
         self.device = resolve_device(device)
         if self.cuda_graph and self.device != "cuda":
             raise ConfigError("cuda_graph needs --device cuda (CUDA graphs exist on the CUDA provider only)")
+        if manifest.packed:
+            if self.device != "cuda":
+                raise ConfigError(f"{manifest.root} holds packed-attention graphs, which run on the CUDA provider "
+                                  "only: use --device cuda on a GPU, or the unpacked export they were made from")
+            if self.cuda_graph:
+                raise ConfigError("packed-attention graphs cannot be captured as CUDA graphs (RemovePadding reads "
+                                  "the token count back every run): drop cuda_graph")
         try:
             self._open_sessions()
         except ProviderError:
-            if device_asked != "auto" or self.device == "cpu":
+            if device_asked != "auto" or self.device == "cpu" or manifest.packed:
                 raise
             warn("the CUDA provider did not take; falling back to the CPU (pass --device cuda to make this an error)")
             self.device = "cpu"
@@ -132,7 +139,11 @@ class Engine:
         return next(iter(self.sessions.values())).get_providers()[0]
 
     def prepare(self, enc: Encoded, n_buckets: int = 1) -> FixedBatch:
-        """Split ``enc`` into length buckets once and build their (constant) feeds."""
+        """Split ``enc`` into length buckets once and build their (constant) feeds.
+
+        Packed-attention graphs skip padding themselves: they take the whole set in one bucket."""
+        if self.manifest.packed:
+            n_buckets = 1
         sp = self.manifest.shared_prefix
         if sp and len(enc) and (enc.ids[:, :sp] != enc.ids[:1, :sp]).any():
             # graphs of this export project positions 0..L once per candidate from the first row, so

@@ -72,6 +72,11 @@ class Manifest:
         return int(self.data.get("shared_prefix", 0))
 
     @property
+    def packed(self) -> bool:
+        """Graphs with ORT's packed (padding-free) attention: CUDA provider only, one bucket."""
+        return self.data.get("attention", "padded") == "packed"
+
+    @property
     def tokenizer_path(self) -> Path:
         return self.root / self.data["tokenizer"]["file"]
 
@@ -124,6 +129,8 @@ def _check_structure(mpath: Path, data: dict[str, Any]) -> None:
             and max(ph) < model["vocab"]):
         raise bad("placeholder_ids", f"{data['n_prompt']} (n_prompt) token ids below the vocabulary size "
                                      f"{model['vocab']}")
+    if data.get("attention", "padded") not in ("padded", "packed"):
+        raise bad("attention", "'padded' or 'packed'")
     sp = data.get("shared_prefix", 0)
     if not is_int(sp) or sp > data["n_prompt"] + 1:
         raise bad("shared_prefix", f"an integer in 0..{data['n_prompt'] + 1} (n_prompt + 1)")

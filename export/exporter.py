@@ -63,6 +63,8 @@ class ExportOptions:
     tokenizer: str | None = None  # tokenizer folder/id when it differs from the model's
     overwrite: bool = False
     precision: str = "fp32"  # fp32 | fp16 (CUDA) | int8 (dynamic per-channel quantisation, CPU edge mode)
+    packed: bool = False  # fp16 only: ORT's packed (padding-free) attention, CUDA provider only (packing.py);
+    # the graphs are validated against PyTorch before they are packed
 
     def validate(self) -> None:
         if not isinstance(self.k, int) or self.k < 0:
@@ -75,6 +77,9 @@ class ExportOptions:
             raise ConfigError(f"--precision must be fp32, fp16 or int8, got {self.precision!r}")
         if self.atol is not None and self.atol <= 0:
             raise ConfigError(f"--atol must be > 0, got {self.atol!r}")
+        if self.packed and (self.precision != "fp16" or self.resolved_share_prefix()):
+            raise ConfigError("--packed needs --precision fp16 without --share-prefix (ORT fuses Attention only "
+                              "there; packed attention runs on the CUDA provider only)")
 
     def resolved_atol(self) -> float:
         return self.atol if self.atol is not None else {"fp32": 1e-4, "fp16": 2e-2, "int8": float("inf")}[
@@ -362,6 +367,12 @@ def export_model(model: str, out: str | os.PathLike, opts: ExportOptions | None 
             for j in range(i + 1, len(graphs)):
                 if np.array_equal(outputs[i], outputs[j]):
                     raise ExportError(f"graphs {i} and {j} give identical logits: masks were not applied")
+        if opts.packed:
+            from .packing import pack_graph_file
+
+            _log("packing attention (RemovePadding / PackedAttention / RestorePadding; CUDA provider only)")
+            for g in graphs:
+                g["packed_attention_nodes"] = pack_graph_file(tmp / g["file"])
         for g in graphs:
             g["sha256"] = sha256_file(tmp / g["file"])
         manifest = {
@@ -395,6 +406,7 @@ def export_model(model: str, out: str | os.PathLike, opts: ExportOptions | None 
             "dtype": "float32",  # of the prompt_embeds input and logits output (all precisions)
             "precision": opts.precision,
             "masks_folded": opts.resolved_fold(),
+            "attention": "packed" if opts.packed else "padded",
             # positions 0..L projected once per candidate in the first layer: every row of a batch must
             # hold the same ids there (the runtime checks); 0 = no such requirement
             "shared_prefix": opts.n_prompt + 1 if opts.resolved_share_prefix() else 0,

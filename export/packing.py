@@ -1,0 +1,219 @@
+"""Packed (padding-free) attention for fp16 exports: ONNX Runtime's RemovePadding / PackedAttention.
+
+A few-shot batch is right-padded to its longest row; on the SST-2 16-shot set a third of the tokens
+of one padded batch are padding (9.6 % with 4 length buckets). ONNX Runtime's CUDA provider has a
+padding-free BERT path: ``RemovePadding`` packs the real tokens of a [batch, seq, hidden] tensor
+into [tokens, hidden], ``PackedAttention`` attends within each row's tokens, and ``RestorePadding``
+scatters them back. Every other op of a layer (MatMul, SkipLayerNormalization, BiasGelu) works on
+the packed rows unchanged, so no FLOP is spent on padding and one call covers the whole set.
+
+:func:`pack_graph` rewrites a fused fp16 graph of the graph contract: packing starts at the input
+of the first ``Attention`` (after the prompt is added to the embeddings) and ends at the output of
+the last full-sequence layer, which the single-query last layer (keys and values at every position,
+the query at the mask) reads padded again. ORT's own converter
+(``onnxruntime.transformers.convert_to_packing_mode``) restores padding after the *last* layer
+norm, which here sits inside the single-query layer; hence this converter.
+
+These three ops exist on the CUDA provider only: a packed export cannot run on the CPU (the runtime
+refuses it in one line), and the exporter validates the unpacked graphs against PyTorch before it
+packs them. The rewrite itself is checked on the CPU by running both graphs through
+``onnx.reference`` with numpy implementations of the contrib ops (tests/test_packing.py), and on
+the GPU by ``benchmarks/gpu.py`` against PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+MS = "com.microsoft"
+#: ops allowed between RemovePadding and RestorePadding: row-wise on [tokens, hidden] or packed-aware
+ROW_WISE = {"MatMul", "SkipLayerNormalization", "BiasGelu", "Gelu", "FastGelu", "Add", "Mul", "Cast",
+            "PackedAttention", "Attention"}
+
+
+class PackingError(ValueError):
+    """The graph does not have the structure packed attention needs."""
+
+
+def topo_sort(graph) -> None:
+    """Order ``graph.node`` so every node follows the producers of its inputs (the fp16 converter
+    appends its input Casts at the end; ORT sorts at load, a single pass over the list cannot)."""
+    known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in known for i in n.input):
+                ordered.append(n)
+                known.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            raise PackingError(f"the graph has a cycle or a dangling input at node {rest[0].name}")
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def pack_graph(model) -> int:
+    """Rewrite ``model`` (onnx.ModelProto, fused fp16 graph of the contract) in place for packed
+    attention; returns the number of Attention nodes converted. Raises :class:`PackingError` with the
+    reason when the graph does not have the expected structure (nothing is changed then)."""
+    from onnx import helper
+
+    g = model.graph
+    topo_sort(g)
+    nodes = list(g.node)
+    atts = [n for n in nodes if n.op_type == "Attention" and n.domain == MS]
+    if not atts:
+        raise PackingError("no fused Attention node: pack only fp16 exports (ORT's fusions make Attention)")
+    masks = {n.input[3] if len(n.input) > 3 else "" for n in atts}
+    if len(masks) != 1 or "" in masks:
+        raise PackingError("the Attention nodes do not share one mask_index input")
+    mask = masks.pop()
+    for n in atts:
+        if len(n.input) > 4 and any(n.input[4:]):
+            raise PackingError(f"{n.name} has past/bias inputs beyond mask_index: not a BERT encoder layer")
+        for a in n.attribute:
+            if a.name == "unidirectional" and helper.get_attribute_value(a):
+                raise PackingError(f"{n.name} is unidirectional")
+
+    consumers: dict[str, list] = {}
+    for n in nodes:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def only(tensor: str, op: str):
+        cs = [c for c in consumers.get(tensor, []) if c.op_type == op]
+        if len(cs) != 1:
+            raise PackingError(f"expected one {op} reading {tensor}, found {len(cs)}")
+        return cs[0]
+
+    # the last full-sequence layer: Attention -> MatMul -> SkipLN (s1) -> ... -> SkipLN (s2, skip = s1)
+    last = atts[-1]
+    s1 = only(only(last.output[0], "MatMul").output[0], "SkipLayerNormalization")
+    s2s = [c for c in consumers.get(s1.output[0], []) if c.op_type == "SkipLayerNormalization"]
+    if len(s2s) != 1:
+        raise PackingError("the last Attention layer does not end in two SkipLayerNormalization nodes")
+    s2 = s2s[0]
+    x0, t_last = atts[0].input[0], s2.output[0]
+
+    # the region: every node downstream of x0 up to (and including) s2; nothing outside may read it
+    region, region_out = [], {x0}
+    for n in nodes:
+        if any(i in region_out for i in n.input) and not any(i == t_last for i in n.input):
+            region.append(n)
+            region_out.update(o for o in n.output if o)
+        if n is s2:
+            break
+    else:
+        raise PackingError("the last layer's SkipLayerNormalization was not reached from the first Attention")
+    ids = {id(n) for n in region}
+    if not all(id(a) in ids for a in atts):
+        raise PackingError("an Attention node lies outside the packed region")
+    for n in region:
+        if n.op_type not in ROW_WISE:
+            raise PackingError(f"{n.op_type} node {n.name} inside the packed region: only row-wise ops can "
+                               "run on packed tokens")
+        for o in n.output:
+            if o and o != t_last:
+                outside = [c.name for c in consumers.get(o, []) if id(c) not in ids]
+                if outside:
+                    raise PackingError(f"{o} (inside the packed region) is read outside it by {outside[0]}")
+    outside_x0 = [c.name for c in consumers.get(x0, []) if id(c) not in ids]
+    if outside_x0:
+        raise PackingError(f"the first Attention's input is also read by {outside_x0[0]} (outside the layers)")
+    if any(o.name == t_last for o in g.output):
+        raise PackingError("the last full layer's output is a graph output")
+
+    # rewrite
+    x_packed, offset, cum, max_len = (x0 + "__packed", x0 + "__token_offset", x0 + "__cu_seqlens",
+                                      x0 + "__max_len")
+    t_packed = t_last + "__packed"
+    for n in region:
+        for k, i in enumerate(n.input):
+            if i == x0:
+                n.input[k] = x_packed
+    s2.output[0] = t_packed
+    new_nodes = []
+    for n in nodes:
+        if n is atts[0]:
+            new_nodes.append(helper.make_node("RemovePadding", [x0, mask], [x_packed, offset, cum, max_len],
+                                              name="cliptune_RemovePadding", domain=MS))
+        if n.op_type == "Attention" and n.domain == MS:
+            keep = [a for a in n.attribute if a.name in ("num_heads", "qkv_hidden_sizes", "scale")]
+            p = helper.make_node("PackedAttention", [n.input[0], n.input[1], n.input[2], offset, cum], list(n.output),
+                                 name=n.name + "_packed", domain=MS)
+            p.attribute.extend(keep)
+            new_nodes.append(p)
+        else:
+            new_nodes.append(n)
+        if n is s2:
+            new_nodes.append(helper.make_node("RestorePadding", [t_packed, offset], [t_last],
+                                              name="cliptune_RestorePadding", domain=MS))
+    del g.node[:]
+    g.node.extend(new_nodes)
+    # shapes recorded for the padded tensors no longer hold inside the region
+    stale = region_out | {t_packed}
+    keep_vi = [v for v in g.value_info if v.name not in stale]
+    del g.value_info[:]
+    g.value_info.extend(keep_vi)
+    if not any(o.domain == MS for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS, 1))
+    return len(atts)
+
+
+def pack_graph_file(path: str | os.PathLike, out: str | os.PathLike | None = None) -> int:
+    """:func:`pack_graph` on a graph file (weights stay where they are); writes ``out`` or in place."""
+    import onnx
+
+    path = Path(path)
+    m = onnx.load(str(path), load_external_data=False)
+    n = pack_graph(m)
+    target = Path(out) if out else path
+    tmp = target.with_name(target.name + ".tmp")
+    onnx.save(m, str(tmp))
+    os.replace(tmp, target)
+    return n
+
+
+def pack_export(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> dict:
+    """A packed copy of the fp16 export ``src`` in ``out``: graphs rewritten, the weights file
+    copied, the manifest re-sealed with ``attention: packed``. Returns the manifest."""
+    from cliptune_ort.fileio import atomic_write_json, sha256_file
+    from cliptune_ort.errors import ConfigError
+    from cliptune_ort.manifest import MANIFEST_NAME, load_manifest, seal_manifest
+
+    src, out = Path(src), Path(out)
+    man = load_manifest(src)
+    if man.precision != "fp16":
+        raise ConfigError(f"{src} is a {man.precision} export: packed attention needs --precision fp16 "
+                          "(ORT fuses Attention only there, and PackedAttention runs on CUDA only)")
+    if man.data.get("attention", "padded") == "packed":
+        raise ConfigError(f"{src} is already packed")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"output folder {out} exists and is not empty: pass overwrite=True or another folder")
+        shutil.rmtree(out)
+    tmp = out.with_name(f".{out.name}.packing.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        data = json.loads((src / MANIFEST_NAME).read_text())
+        for f in (data["weights"]["file"], data["tokenizer"]["file"]):
+            shutil.copy2(src / f, tmp / f)  # not a hard link: onnx refuses external data with several links
+        for gr in data["graphs"]:
+            gr["packed_attention_nodes"] = pack_graph_file(src / gr["file"], tmp / gr["file"])
+            gr["sha256"] = sha256_file(tmp / gr["file"])
+        data["attention"] = "packed"
+        data["packed_from"] = str(src)
+        atomic_write_json(tmp / MANIFEST_NAME, seal_manifest(data))
+        load_manifest(tmp)  # the result must load and verify
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return json.loads((out / MANIFEST_NAME).read_text())

@@ -1,0 +1,233 @@
+"""Packed attention (export/packing.py), checked on the CPU.
+
+RemovePadding, PackedAttention and RestorePadding exist on ORT's CUDA provider only, so the rewrite
+is checked by running graphs through ``onnx.reference`` with numpy implementations of ORT's contrib
+ops (written from their schemas in onnxruntime's operator registry):
+
+- the numpy Attention / SkipLayerNormalization / BiasGelu reproduce ORT's CPU run of the unpacked
+  fp16 graph (atol 2e-3: both compute in fp16 with different accumulation order);
+- the packed graph gives the unpacked graph's logits through the same evaluator (atol 1e-3: the only
+  difference is that padded positions are never computed);
+- the runtime refuses a packed export on the CPU, and a packed export's manifest loads and verifies.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from cliptune_ort.errors import ConfigError
+from cliptune_ort.manifest import load_manifest
+
+from .conftest import needs_export
+
+pytestmark = needs_export
+
+NAMES = ("input_ids", "attention_mask", "mask_pos", "prompt_embeds", "verbalizer_ids")
+
+
+def _reference_ops():
+    from onnx.reference.op_run import OpRun
+
+    def attend(q, k, v, heads, scale, valid):
+        """q [n, H], k/v [m, H] of one row; valid [m] keys that count."""
+        d = q.shape[1] // heads
+        out = np.empty_like(q, dtype=np.float32)
+        for h in range(heads):
+            s = slice(h * d, (h + 1) * d)
+            sc = (q[:, s].astype(np.float32) @ k[:, s].astype(np.float32).T) * scale
+            sc = np.where(valid[None, :], sc, sc - 10000.0)
+            sc = np.exp(sc - sc.max(-1, keepdims=True))
+            out[:, s] = (sc / sc.sum(-1, keepdims=True)) @ v[:, s].astype(np.float32)
+        return out
+
+    def qkv(x, w, b):
+        y = x.astype(np.float32) @ w.astype(np.float32) + b.astype(np.float32)
+        return np.split(y.astype(x.dtype), 3, axis=-1)
+
+    class Attention(OpRun):
+        op_domain = "com.microsoft"
+
+        def _run(self, x, w, b, mask_index, num_heads=None, scale=None, **_):
+            q, k, v = qkv(x, w, b)
+            sc = scale or 1.0 / math.sqrt(q.shape[-1] // num_heads)
+            out = np.stack([attend(q[i], k[i], v[i], num_heads, sc, np.arange(x.shape[1]) < mask_index[i])
+                            for i in range(x.shape[0])])
+            return (out.astype(x.dtype),)
+
+    class PackedAttention(OpRun):
+        op_domain = "com.microsoft"
+
+        def _run(self, x, w, b, token_offset, cu, num_heads=None, scale=None, **_):
+            q, k, v = qkv(x, w, b)
+            sc = scale or 1.0 / math.sqrt(q.shape[-1] // num_heads)
+            out = np.empty_like(q)
+            for i in range(len(cu) - 1):
+                r = slice(int(cu[i]), int(cu[i + 1]))
+                out[r] = attend(q[r], k[r], v[r], num_heads, sc, np.ones(r.stop - r.start, bool)).astype(x.dtype)
+            return (out,)
+
+    class SkipLayerNormalization(OpRun):
+        op_domain = "com.microsoft"
+
+        def _run(self, x, skip, gamma, beta=None, bias=None, epsilon=1e-12, **_):
+            s = x.astype(np.float32) + skip.astype(np.float32)
+            if bias is not None:
+                s = s + bias.astype(np.float32)
+            mu = s.mean(-1, keepdims=True)
+            var = ((s - mu) ** 2).mean(-1, keepdims=True)
+            y = (s - mu) / np.sqrt(var + epsilon) * gamma.astype(np.float32)
+            if beta is not None:
+                y = y + beta.astype(np.float32)
+            return (y.astype(x.dtype),)
+
+    class BiasGelu(OpRun):
+        op_domain = "com.microsoft"
+
+        def _run(self, x, bias):
+            s = x.astype(np.float64) + bias.astype(np.float64)
+            erf = np.vectorize(math.erf)(s / math.sqrt(2.0))
+            return ((0.5 * s * (1.0 + erf)).astype(x.dtype),)
+
+    class RemovePadding(OpRun):
+        op_domain = "com.microsoft"
+
+        def _run(self, x, counts):
+            b, s = x.shape[:2]
+            real = [i * s + j for i in range(b) for j in range(int(counts[i]))]
+            pad = [i * s + j for i in range(b) for j in range(int(counts[i]), s)]
+            off = np.asarray(real + pad, dtype=np.int32).reshape(b, s)
+            cu = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+            return (x.reshape(b * s, -1)[real], off, cu, np.asarray([int(counts.max())], np.int32))
+
+    class RestorePadding(OpRun):
+        op_domain = "com.microsoft"
+
+        def _run(self, x, token_offset):
+            b, s = token_offset.shape
+            out = np.zeros((b * s, x.shape[1]), x.dtype)
+            out[token_offset.reshape(-1)[: x.shape[0]]] = x
+            return (out.reshape(b, s, -1),)
+
+    class GatherElements(OpRun):  # onnx.reference's own mishandles [batch, seq] index tensors
+        op_domain = ""
+
+        def _run(self, data, indices, axis=0):
+            return (np.take_along_axis(data, indices.astype(np.int64), axis=axis),)
+
+    return [GatherElements, Attention, PackedAttention, SkipLayerNormalization, BiasGelu, RemovePadding, RestorePadding]
+
+
+def _with_weights(path):
+    """The graph file with its external weights (weights.bin) loaded into the initializers."""
+    import onnx
+
+    from cliptune_export.packing import topo_sort
+
+    m = onnx.load(str(path), load_external_data=True)
+    topo_sort(m.graph)
+    if not any(o.domain == "com.microsoft" for o in m.opset_import):
+        m.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return m
+
+
+def _feeds(man, pop=2, batch=5, extra=17, seed=3):
+    rng = np.random.default_rng(seed)
+    L, seq = man.n_prompt, man.n_prompt + extra
+    ids = rng.integers(1000, 20000, size=(batch, seq)).astype(np.int64)
+    ids[:, 0] = man.data["tokenizer"]["cls_id"]
+    ids[:, 1:L + 1] = man.data["placeholder_ids"]
+    lengths = rng.integers(L + 3, seq + 1, size=batch)
+    lengths[1] = seq
+    am = (np.arange(seq)[None] < lengths[:, None]).astype(np.int64)
+    ids[am == 0] = man.data["tokenizer"]["pad_id"]
+    mask_pos = np.array([rng.integers(L + 1, n) for n in lengths], dtype=np.int64)
+    prompts = (rng.standard_normal((pop, L, man.hidden)) * man.embedding_std).astype(np.float32)
+    return dict(zip(NAMES, (ids, am, mask_pos, prompts, np.array([2307, 6659, 1045], np.int64))))
+
+
+@pytest.fixture(scope="module")
+def packed_pair(tmp_path_factory, tiny_roberta_src):
+    """(fp16 export with K=1, its packed copy)."""
+    from cliptune_export import ExportOptions, export_model
+    from cliptune_export.packing import pack_export
+
+    out = tmp_path_factory.mktemp("packing")
+    export_model(str(tiny_roberta_src), out / "fp16", ExportOptions(k=1, p=0.2, seed=5, n_prompt=10,
+                                                                    precision="fp16"))
+    pack_export(out / "fp16", out / "packed")
+    return out / "fp16", out / "packed"
+
+
+def test_packed_graph_matches_unpacked(packed_pair):
+    import collections
+
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    from cliptune_ort.engine import Engine
+
+    src, packed = packed_pair
+    man, pman = load_manifest(src), load_manifest(packed)
+    assert pman.packed and not man.packed
+    feeds = _feeds(man)
+    ops = _reference_ops()
+    for g in range(man.k + 1):
+        ops_count = collections.Counter(n.op_type for n in onnx.load(str(pman.graph_path(g)),
+                                                                     load_external_data=False).graph.node)
+        layers = man.data["model"]["layers"]
+        assert ops_count["PackedAttention"] == layers - 1 and ops_count["Attention"] == 0
+        assert ops_count["RemovePadding"] == 1 and ops_count["RestorePadding"] == 1
+        ort_cpu = Engine(man, [g], device="cpu", cands_per_call=1).sessions[g].run(["logits"], feeds)[0]
+        ref_padded = ReferenceEvaluator(_with_weights(man.graph_path(g)), new_ops=ops).run(None, feeds)[0]
+        ref_packed = ReferenceEvaluator(_with_weights(pman.graph_path(g)), new_ops=ops).run(None, feeds)[0]
+        assert ref_padded.shape == ort_cpu.shape == ref_packed.shape == (2, 5, 3)
+        np.testing.assert_allclose(ref_padded, ort_cpu, atol=2e-3)  # the numpy ops are ORT's ops
+        np.testing.assert_allclose(ref_packed, ref_padded, atol=1e-3)  # packing changes nothing real
+        assert float(np.abs(ref_packed).max()) > 0.05  # not a trivially zero output
+
+
+def test_packed_export_refused_on_cpu_and_never_captured(packed_pair):
+    from cliptune_ort.engine import Engine
+
+    _, packed = packed_pair
+    man = load_manifest(packed)
+    with pytest.raises(ConfigError, match="CUDA provider only"):
+        Engine(man, [0], device="cpu")
+
+
+def test_pack_refuses_wrong_input(packed_pair, roberta_dir, tmp_path):
+    import onnx
+
+    from cliptune_export.packing import PackingError, pack_export, pack_graph
+
+    src, packed = packed_pair
+    with pytest.raises(ConfigError, match="needs --precision fp16"):
+        pack_export(roberta_dir, tmp_path / "x")  # an fp32 export: no fused Attention
+    with pytest.raises(ConfigError, match="already packed"):
+        pack_export(packed, tmp_path / "y")
+    with pytest.raises(PackingError, match="no fused Attention"):
+        pack_graph(onnx.load(str(load_manifest(roberta_dir).graph_path(0)), load_external_data=False))
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_export_option_packed(tiny_roberta_src, tmp_path):
+    import collections
+
+    import onnx
+
+    from cliptune_export import ExportOptions, export_model
+
+    with pytest.raises(ConfigError, match="--packed needs --precision fp16"):
+        export_model(str(tiny_roberta_src), tmp_path / "bad", ExportOptions(k=1, packed=True))
+    assert not (tmp_path / "bad").exists()
+    man_d = export_model(str(tiny_roberta_src), tmp_path / "p",
+                         ExportOptions(k=1, p=0.2, seed=5, n_prompt=10, precision="fp16", packed=True))
+    man = load_manifest(tmp_path / "p")  # sha256 of the packed graphs verified
+    assert man.packed and man_d["attention"] == "packed"
+    for g in man.data["graphs"]:
+        ops = collections.Counter(n.op_type for n in onnx.load(str(man.graph_path(g["index"])),
+                                                               load_external_data=False).graph.node)
+        assert ops["PackedAttention"] == g["packed_attention_nodes"] == man.data["model"]["layers"] - 1
