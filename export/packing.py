@@ -183,8 +183,8 @@ def pack_graph_file(path: str | os.PathLike, out: str | os.PathLike | None = Non
 def pack_export(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> dict:
     """A packed copy of the fp16 export ``src`` in ``out``: graphs rewritten, the weights file
     copied, the manifest re-sealed with ``attention: packed``. Returns the manifest."""
-    from cliptune_ort.fileio import atomic_write_json, sha256_file
     from cliptune_ort.errors import ConfigError
+    from cliptune_ort.fileio import atomic_write_json, sha256_file
     from cliptune_ort.manifest import MANIFEST_NAME, load_manifest, seal_manifest
 
     src, out = Path(src), Path(out)

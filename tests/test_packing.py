@@ -123,7 +123,6 @@ def _reference_ops():
 def _with_weights(path):
     """The graph file with its external weights (weights.bin) loaded into the initializers."""
     import onnx
-
     from cliptune_export.packing import topo_sort
 
     m = onnx.load(str(path), load_external_data=True)
@@ -200,10 +199,9 @@ def test_packed_export_refused_on_cpu_and_never_captured(packed_pair):
 
 def test_pack_refuses_wrong_input(packed_pair, roberta_dir, tmp_path):
     import onnx
-
     from cliptune_export.packing import PackingError, pack_export, pack_graph
 
-    src, packed = packed_pair
+    _, packed = packed_pair
     with pytest.raises(ConfigError, match="needs --precision fp16"):
         pack_export(roberta_dir, tmp_path / "x")  # an fp32 export: no fused Attention
     with pytest.raises(ConfigError, match="already packed"):
@@ -217,7 +215,6 @@ def test_export_option_packed(tiny_roberta_src, tmp_path):
     import collections
 
     import onnx
-
     from cliptune_export import ExportOptions, export_model
 
     with pytest.raises(ConfigError, match="--packed needs --precision fp16"):
