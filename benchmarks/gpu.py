@@ -383,8 +383,11 @@ def make_engine(model_dir: Path, device: str, mode: str):
     return Engine(man, [0], device=device, **kw)
 
 
-def profile_placement(model_dir: Path, device: str, enc, verb, work: Path) -> dict:
-    """Where ORT ran each node of the fp16 graph 0 (from its profiler), and the Memcpy nodes."""
+def profile_placement(model_dir: Path, device: str, enc, verb, work: Path, n_buckets: int = 4,
+                      calls: int = 5) -> dict:
+    """Where ORT ran each node of graph 0 (from its profiler), the Memcpy nodes, and where the time of
+    a stacked call (pop 20, ``n_buckets``) goes: kernel milliseconds per call by op type, the mean
+    over ``calls`` profiled calls after 2 warm-up calls (the profiler's own timing, no CUDA graph)."""
     import collections
 
     import numpy as np
@@ -413,18 +416,27 @@ def profile_placement(model_dir: Path, device: str, enc, verb, work: Path) -> di
     sess = ort.InferenceSession(str(man.graph_path(0)), so, providers=providers)
     rng = np.random.default_rng(5)
     prompts = (rng.standard_normal((20, man.n_prompt, man.hidden)) * man.embedding_std).astype(np.float32)
-    for _ in range(2):
-        for _, sub in buckets(enc, 4):
+    parts = buckets(enc, 1 if man.packed else n_buckets)
+    t_calls = []
+    for i in range(2 + calls):
+        t = time.perf_counter()
+        for _, sub in parts:
             sess.run(["logits"], {"input_ids": sub.ids, "attention_mask": sub.attention_mask, "mask_pos": sub.mask_pos,
                                   "prompt_embeds": prompts, "verbalizer_ids": verb})
+        t_calls.append(time.perf_counter() - t)
     prof = sess.end_profiling()
     events = json.loads(Path(prof).read_text())
     by_provider: dict = collections.defaultdict(collections.Counter)
     seen = set()
+    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    timed_from = runs[2 * len(parts)]["ts"] if len(runs) > 2 * len(parts) else 0  # skip the warm-up calls
+    op_us: collections.Counter = collections.Counter()
     for e in events:
         a = e.get("args", {})
         if e.get("cat") == "Node" and "provider" in a and e.get("name", "").endswith("_kernel_time"):
             node = e["name"][: -len("_kernel_time")]
+            if e.get("ts", 0) >= timed_from:
+                op_us[a.get("op_name", "?")] += float(e.get("dur", 0))
             if node in seen:
                 continue
             seen.add(node)
@@ -434,10 +446,59 @@ def profile_placement(model_dir: Path, device: str, enc, verb, work: Path) -> di
     Path(prof).unlink(missing_ok=True)
     for f in work.glob("graph_0.optimized.*"):
         f.unlink()
+    total = sum(op_us.values())
     return {"providers": sess.get_providers(),
             "nodes_by_provider": {k: dict(v) for k, v in by_provider.items()},
             "memcpy_nodes": {k: v for k, v in ops.items() if k.startswith("Memcpy")},
-            "optimized_ops": dict(ops.most_common())}
+            "optimized_ops": dict(ops.most_common()),
+            "op_time": {"pop": 20, "n_buckets": len(parts), "packed": man.packed, "calls": calls,
+                        "wall_ms_per_call_profiled": round(1e3 * float(np.median(t_calls[2:])), 2),
+                        "kernel_ms_per_call": round(total / 1e3 / calls, 2),
+                        "ms_per_call_by_op": {k: round(v / 1e3 / calls, 3) for k, v in op_us.most_common()},
+                        "share_by_op": {k: round(v / total, 4) for k, v in op_us.most_common()} if total else {}}}
+
+
+KERNEL_CLASSES = (("attention", ("fmha", "flash", "attention", "attn", "softmax")),
+                  ("packing", ("padding", "tokenoffset", "token_offset")),
+                  ("layer_norm", ("layernorm", "layer_norm", "skipln")),
+                  ("gelu", ("gelu",)),
+                  ("gemm", ("gemm", "xmma", "nvjet", "cutlass", "cublas", "sm90", "sm80", "matmul")),
+                  ("copy", ("memcpy", "copy")))
+
+
+def kernel_split(fn, calls: int, cuda: bool) -> dict:
+    """GPU time of ``calls`` calls of ``fn`` by kernel (torch.profiler / CUPTI sees every kernel of the
+    process, ORT's included), summed into classes by kernel name; CPU dry run: CPU ops instead."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()  # warm
+    if cuda:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    wall = time.perf_counter() - t
+    rows = []
+    for e in prof.key_averages():
+        us = (getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0)) if cuda else e.self_cpu_time_total
+        if us and us > 0:
+            rows.append((e.key, float(us), int(e.count)))
+    rows.sort(key=lambda r: -r[1])
+    classes: dict = {}
+    for name, us, _ in rows:
+        low = name.lower()
+        cls = next((c for c, keys in KERNEL_CLASSES if any(k in low for k in keys)), "other")
+        classes[cls] = classes.get(cls, 0.0) + us
+    total = sum(r[1] for r in rows)
+    return {"calls": calls, "wall_ms_per_call_profiled": round(1e3 * wall / calls, 2),
+            "gpu_ms_per_call": round(total / 1e3 / calls, 2),
+            "ms_per_call_by_class": {k: round(v / 1e3 / calls, 2) for k, v in sorted(classes.items(), key=lambda kv: -kv[1])},
+            "top_kernels": [{"name": n[:120], "ms_per_call": round(us / 1e3 / calls, 3), "launches_per_call": c / calls}
+                            for n, us, c in rows[:12]]}
 
 
 # ---------------------------------------------------------------- markdown
@@ -505,6 +566,16 @@ def markdown(data: dict) -> str:
     if data.get("profile"):
         p = data["profile"]
         lines += [f"ORT placement (fp16 graph 0): {p.get('nodes_by_provider')}; Memcpy nodes {p.get('memcpy_nodes')}.", ""]
+    for key in ("profile", "profile_packed"):
+        ot = (data.get(key) or {}).get("op_time")
+        if ot:
+            lines += [f"Kernel time per stacked call ({'packed' if ot['packed'] else str(ot['n_buckets']) + ' buckets'}, "
+                      f"pop {ot['pop']}, ORT profiler, mean of {ot['calls']} calls): {ot['kernel_ms_per_call']} ms of "
+                      f"kernels in {ot['wall_ms_per_call_profiled']} ms wall (profiled); by op: "
+                      + ", ".join(f"{k} {v} ms" for k, v in list(ot["ms_per_call_by_op"].items())[:8]) + ".", ""]
+    for label, ks in (data.get("kernel_split") or {}).items():
+        lines += [f"GPU time of one stacked call (pop 20), {label}: {ks['gpu_ms_per_call']} ms of kernels in "
+                  f"{ks['wall_ms_per_call_profiled']} ms wall (profiled); by class {ks['ms_per_call_by_class']}.", ""]
     if data.get("parity"):
         lines += [f"GPU parity (pop 20, 4 buckets; packed: 1 call, vs torch fp32): {data['parity']}", ""]
     for e in data.get("errors", []):
@@ -521,7 +592,7 @@ def parse_args(argv=None):
     ap.add_argument("--work", default="/tmp/cliptune_gpu_work", help="exports and run dirs (large; never --out)")
     ap.add_argument("--quick", action="store_true", help="5 timed calls per cell, 1,000-call tune runs")
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny random RoBERTa, CPU provider, 2 timed calls")
-    ap.add_argument("--skip", default="", help="comma list: export,torch,ort,fp32,packed,profile,bbt,clip")
+    ap.add_argument("--skip", default="", help="comma list: export,torch,ort,fp32,packed,kernels,profile,bbt,clip")
     ap.add_argument("--iters", type=int, default=0, help="timed calls per cell (default 15; quick 5; dry run 2)")
     ap.add_argument("--budget", type=int, default=0, help="tune budget in calls (default 8000; quick 1000; dry 100)")
     ap.add_argument("--tune-seed", type=int, default=42, help="seed of the tune runs (few-shot sample, A, CMA-ES)")
@@ -534,6 +605,8 @@ def parse_args(argv=None):
                     help="seconds for the whole script; a tune run that would not fit gets a smaller budget (flagged)")
     ap.add_argument("--no-overlap", action="store_true", help="do not time PyTorch fp32 while the exports run")
     ap.add_argument("--fp16-dir", help="use this fp16 export (K>=4) instead of exporting")
+    ap.add_argument("--fp16-k", type=int, default=4, help="thinned graphs of the fp16 export (clip tune needs 4)")
+    ap.add_argument("--tag", default="", help="suffix of the result files (gpu_<device>_<tag>.json)")
     ap.add_argument("--fp32-dir", help="use this fp32 export instead of exporting")
     return ap.parse_args(argv)
 
@@ -562,7 +635,7 @@ def main(argv=None) -> int:
         except Exception as e:
             log(f"preload_dlls: {e}")
     dev = device_info(cpu)
-    res = Results(Path(args.out), slugify(dev["name"]))
+    res = Results(Path(args.out), slugify(dev["name"]) + (f"_{slugify(args.tag)}" if args.tag else ""))
     res.data.update({"device": dev, "versions": versions(), "device_kind": device,
                      "args": vars(args), "iters": iters, "warmup": warmup, "budget": budget,
                      "model": "random-weight RoBERTa, " + ", ".join(f"{k}={v}" for k, v in (TINY if cpu else LARGE).items())
@@ -597,7 +670,7 @@ def main(argv=None) -> int:
     # ------------------------------------------------ 1. exports (children), torch fp32 meanwhile
     shape = TINY if cpu else LARGE
     src = make_src(work, shape)
-    fp16_dir = Path(args.fp16_dir) if args.fp16_dir else work / "export_fp16_k4"
+    fp16_dir = Path(args.fp16_dir) if args.fp16_dir else work / f"export_fp16_k{args.fp16_k}"
     fp32_dir = Path(args.fp32_dir) if args.fp32_dir else work / "export_fp32_k0"
     all_cores = set(os.sched_getaffinity(0))
     overlap = (not cpu) and (not args.no_overlap) and len(all_cores) >= 8 and "export" not in skip \
@@ -630,7 +703,7 @@ def main(argv=None) -> int:
     if "export" not in skip:
         jobs = []
         if not args.fp16_dir:
-            jobs.append(("fp16", fp16_dir, dict(k=4, precision="fp16")))
+            jobs.append(("fp16", fp16_dir, dict(k=args.fp16_k, precision="fp16")))
         if not args.fp32_dir and "fp32" not in skip:
             jobs.append(("fp32", fp32_dir, dict(k=0, precision="fp32")))
         for name, out, opts in jobs:
@@ -781,6 +854,36 @@ def main(argv=None) -> int:
         res.save()
     res.data["providers_that_ran"] = sorted({c["provider"] for c in cells if c.get("provider")})
 
+    # where the GPU time of one stacked call (pop 20) goes, by kernel class
+    if "kernels" not in skip:
+        splits = res.data.setdefault("kernel_split", {})
+        pr20 = None
+        for label, mdir, mode, nb in (("ort_fp16_iobinding_4buckets", fp16_dir, "iobinding", 4),
+                                      ("ort_fp16_packed", packed_dir, "packed", 1)):
+            if "ort" in skip or not (mdir / "manifest.json").is_file():
+                continue
+            man = load_manifest(mdir)
+            if man.packed and device != "cuda":
+                continue
+            try:
+                pr20 = prompts_for(20, man.hidden, man.embedding_std) if pr20 is None else pr20
+                eng = make_engine(mdir, device, mode)
+                fb = eng.prepare(enc, nb)
+                splits[label] = kernel_split(lambda: eng.logits(0, pr20, fb, verb), 5, device == "cuda")
+                log(f"kernels {label}: {splits[label]['gpu_ms_per_call']} ms/call {splits[label]['ms_per_call_by_class']}")
+                eng.close()
+                del eng
+            except Exception as e:
+                res.error(f"kernels {label}", e)
+        if m16 is not None and pr20 is not None:
+            try:
+                tc = TorchCall(m16, enc, verb, 4, device)
+                splits["torch_fp16_sdpa_4buckets"] = kernel_split(lambda: tc(pr20), 5, device == "cuda")
+                log(f"kernels torch: {splits['torch_fp16_sdpa_4buckets']['ms_per_call_by_class']}")
+            except Exception as e:
+                res.error("kernels torch", e)
+        res.save()
+
     # parity on the device: ORT / torch fp16 vs torch fp32 (same weights, same prompts)
     try:
         if parity_prompts is not None and "fp32_4" in tcalls:
@@ -829,9 +932,17 @@ def main(argv=None) -> int:
             res.data["profile"] = profile_placement(fp16_dir, device, enc, verb, work)
             res.data["sections_done"].append("profile")
             log(f"profile: {res.data['profile']['nodes_by_provider']} memcpy {res.data['profile']['memcpy_nodes']}")
+            log(f"profile op time (pop 20, 4 buckets): {res.data['profile']['op_time']}")
         except Exception as e:
             res.error("profile", e)
         res.save()
+        if device == "cuda" and (packed_dir / "manifest.json").is_file():
+            try:
+                res.data["profile_packed"] = profile_placement(packed_dir, device, enc, verb, work)
+                log(f"profile op time (packed, pop 20): {res.data['profile_packed']['op_time']}")
+            except Exception as e:
+                res.error("profile packed", e)
+            res.save()
 
     # ------------------------------------------------ 5. tune runs (package API, full budget)
     from cliptune_ort.config import build_config
@@ -871,6 +982,9 @@ def main(argv=None) -> int:
         if method in skip or not (tune_dir / "manifest.json").is_file():
             continue
         nets = 4 if method == "clip" else 1
+        if load_manifest(tune_dir).k < nets:
+            res.data["tune"][method] = {"skipped": f"the fp16 export has K={load_manifest(tune_dir).k} < {nets}"}
+            continue
         b = budget
         note = None
         if per_gen and not cpu:
