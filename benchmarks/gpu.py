@@ -458,11 +458,12 @@ def profile_placement(model_dir: Path, device: str, enc, verb, work: Path, n_buc
                         "share_by_op": {k: round(v / total, 4) for k, v in op_us.most_common()} if total else {}}}
 
 
-KERNEL_CLASSES = (("attention", ("fmha", "flash", "attention", "attn", "softmax")),
+KERNEL_CLASSES = (("qkv_bias_transpose", ("addbiastranspose",)),  # before gemm: its name holds "Cutlass"
+                  ("attention", ("fmha", "flash", "attention", "attn", "softmax")),
                   ("packing", ("padding", "tokenoffset", "token_offset")),
                   ("layer_norm", ("layernorm", "layer_norm", "skipln")),
                   ("gelu", ("gelu",)),
-                  ("gemm", ("gemm", "xmma", "nvjet", "cutlass", "cublas", "sm90", "sm80", "matmul")),
+                  ("gemm", ("gemm", "gemv", "xmma", "nvjet", "cutlass", "cublas", "sm90", "sm80", "matmul")),
                   ("copy", ("memcpy", "copy")))
 
 
@@ -498,7 +499,7 @@ def kernel_split(fn, calls: int, cuda: bool) -> dict:
             "gpu_ms_per_call": round(total / 1e3 / calls, 2),
             "ms_per_call_by_class": {k: round(v / 1e3 / calls, 2) for k, v in sorted(classes.items(), key=lambda kv: -kv[1])},
             "top_kernels": [{"name": n[:120], "ms_per_call": round(us / 1e3 / calls, 3), "launches_per_call": c / calls}
-                            for n, us, c in rows[:12]]}
+                            for n, us, c in rows[:40]]}
 
 
 # ---------------------------------------------------------------- markdown
