@@ -24,9 +24,9 @@ One run on one machine (the lent H100/H200; see benchmarks/gpu_run.sh for the de
            parity check ORT fp16 / torch fp16 vs torch fp32 on the GPU.
 5. tune    measured runs through the package API: ``tuner.tune`` on SST-2 with the fp16 export,
            method bbt and clip (K=4), the full default budget (8,000 calls); wall_seconds from
-           result.json. They use the fastest sound fp16 variant: packed when its pop-20 call beat
-           the padded ones by 3 % and its parity was as good, else CUDA graphs when those beat
-           IOBinding by 3 %, else IOBinding (``--tune-packed`` / ``--tune-cuda-graph`` force either).
+           result.json. They use the fastest fp16 variant at pop 20 (padded with IOBinding or CUDA
+           graphs, packed, packed_host with IOBinding or CUDA graphs) whose logits matched PyTorch
+           fp32 as well as the padded graph's (``--tune-variant`` forces one).
 
 Results: ``<out>/gpu_<device>.json`` and ``.md`` (device name, providers that ran, versions, every
 number, ratios to PyTorch fp16 + SDPA from the same run, the issue's targets), rewritten after
@@ -379,7 +379,8 @@ def make_engine(model_dir: Path, device: str, mode: str):
 
     man = load_manifest(model_dir)
     kw = {"run": {"iobinding": False}, "iobinding": {"iobinding": True},
-          "cuda_graph": {"iobinding": True, "cuda_graph": True}, "packed": {"iobinding": True}}[mode]
+          "cuda_graph": {"iobinding": True, "cuda_graph": True}, "packed": {"iobinding": True},
+          "packed_host": {"iobinding": True}, "packed_host_cg": {"iobinding": True, "cuda_graph": True}}[mode]
     return Engine(man, [0], device=device, **kw)
 
 
@@ -549,7 +550,7 @@ def markdown(data: dict) -> str:
         lines.append("")
     if data.get("tune"):
         lines += ["| tune run | calls | wall s | scoring s | session-run s | test acc | dev acc | provider | cuda graph | "
-                  "packed |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "variant |", "|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in data["tune"].items():
             if not isinstance(r, dict) or "wall_seconds" not in r:
                 continue
@@ -557,7 +558,8 @@ def markdown(data: dict) -> str:
                          f"{_fmt((r.get('timing_seconds') or {}).get('scoring'))} | "
                          f"{_fmt((r.get('timing_seconds') or {}).get('session_run_seconds'))} | "
                          f"{_fmt((r.get('test') or {}).get('metric'), 3)} | {_fmt((r.get('dev') or {}).get('metric'), 3)} | "
-                         f"{r.get('provider')} | {r.get('cuda_graph')} | {r.get('packed', False)} |")
+                         f"{r.get('provider')} | {r.get('cuda_graph')} | "
+                         f"{r.get('variant', 'packed' if r.get('packed') else '-')} |")
         lines.append("")
     if data.get("targets"):
         lines += ["Targets (issue):", ""]
@@ -597,11 +599,9 @@ def parse_args(argv=None):
     ap.add_argument("--iters", type=int, default=0, help="timed calls per cell (default 15; quick 5; dry run 2)")
     ap.add_argument("--budget", type=int, default=0, help="tune budget in calls (default 8000; quick 1000; dry 100)")
     ap.add_argument("--tune-seed", type=int, default=42, help="seed of the tune runs (few-shot sample, A, CMA-ES)")
-    ap.add_argument("--tune-packed", choices=("auto", "on", "off"), default="auto",
-                    help="packed-attention graphs in the tune runs; auto: when their cells were faster and their "
-                         "parity as good as the padded fp16 graphs'")
-    ap.add_argument("--tune-cuda-graph", choices=("auto", "on", "off"), default="auto",
-                    help="CUDA graphs in the tune runs; auto: on when the engine's cuda_graph cells ran and were faster")
+    ap.add_argument("--tune-variant", default="auto",
+                    choices=("auto", "padded", "padded_cg", "packed", "packed_host", "packed_host_cg"),
+                    help="fp16 variant of the tune runs; auto: the fastest at pop 20 whose parity was sound")
     ap.add_argument("--deadline", type=float, default=345.0,
                     help="seconds for the whole script; a tune run that would not fit gets a smaller budget (flagged)")
     ap.add_argument("--no-overlap", action="store_true", help="do not time PyTorch fp32 while the exports run")
@@ -652,7 +652,9 @@ def main(argv=None) -> int:
                                       "one captured CUDA graph per (bucket, pop) shape (the package's Engine); "
                                       "packed = the fp16 export with packed attention (RemovePadding / "
                                       "PackedAttention / RestorePadding, export/packing.py): iobinding, the whole "
-                                      "set in one call, no padded token computed up to the last layer",
+                                      "set in one call, no padded token computed up to the last layer; "
+                                      "packed_host(_cg) = the same with the packing offsets fed by the host "
+                                      "(no RemovePadding; IOBinding, or CUDA graphs)",
                          "torch": "ContractModel(hf_layers=True): the HF layers' own attention (eager or SDPA), "
                                   "the same gather-at-mask head and last layer at the mask as the export; "
                                   "torch.backends.cuda.matmul.allow_tf32 left at its default (see versions)",
@@ -773,19 +775,20 @@ def main(argv=None) -> int:
             break
 
     # the packed copy of the fp16 export (graph rewrite only; runs on the CUDA provider only)
-    packed_dir = work / "export_fp16_k4_packed"
-    if "packed" not in skip and (fp16_dir / "manifest.json").is_file():
+    packed_dir, packed_host_dir = work / (fp16_dir.name + "_packed"), work / (fp16_dir.name + "_packed_host")
+    for name, pdir, host in (("packed", packed_dir, False), ("packed_host", packed_host_dir, True)):
+        if "packed" in skip or not (fp16_dir / "manifest.json").is_file():
+            break
         try:
             from cliptune_export.packing import pack_export
 
             t = time.perf_counter()
-            pman = pack_export(fp16_dir, packed_dir, overwrite=True)
-            res.data["export"]["packed"] = {"wall_seconds": round(time.perf_counter() - t, 1),
-                                            "packed_attention_nodes": [g["packed_attention_nodes"]
-                                                                       for g in pman["graphs"]]}
-            log(f"packed copy of the fp16 export in {res.data['export']['packed']['wall_seconds']} s")
+            pman = pack_export(fp16_dir, pdir, overwrite=True, host_offsets=host)
+            res.data["export"][name] = {"wall_seconds": round(time.perf_counter() - t, 1),
+                                        "packed_attention_nodes": [g["packed_attention_nodes"] for g in pman["graphs"]]}
+            log(f"{name} copy of the fp16 export in {res.data['export'][name]['wall_seconds']} s")
         except Exception as e:
-            res.error("pack", e)
+            res.error(f"pack {name}", e)
 
     # torch fp16 + SDPA, timed with the machine to itself (the ratios' baseline)
     if "torch" not in skip and m16 is not None:
@@ -811,7 +814,7 @@ def main(argv=None) -> int:
     engine_ok: dict = {}
     parity_prompts = None
     parity_out: dict = {}
-    for precision, mdir in (("fp16", fp16_dir), ("fp32", fp32_dir), ("fp16", packed_dir)):
+    for precision, mdir in (("fp16", fp16_dir), ("fp32", fp32_dir), ("fp16", packed_dir), ("fp16", packed_host_dir)):
         if "ort" in skip or (precision == "fp32" and "fp32" in skip) or not (mdir / "manifest.json").is_file():
             continue
         man = load_manifest(mdir)
@@ -825,7 +828,7 @@ def main(argv=None) -> int:
             if device != "cuda":  # RemovePadding / PackedAttention exist on the CUDA provider only
                 res.data["packed_note"] = "packed-attention cells need the CUDA provider: not run on the CPU"
                 continue
-            modes = ["packed"]
+            modes = ["packed_host", "packed_host_cg"] if man.host_packing else ["packed"]
         for mode in modes:
             try:
                 t = time.perf_counter()
@@ -843,7 +846,7 @@ def main(argv=None) -> int:
                                       "concurrent_export": False, **summarize(s)})
                         log(f"ORT {precision} {mode} pop {pop} buckets {nb}: p50 {cells[-1]['p50_ms']} ms")
                         res.save()
-                    if (nb == 4 and mode in ("iobinding", "run")) or mode == "packed":
+                    if (nb == 4 and mode in ("iobinding", "run")) or mode.startswith("packed"):
                         parity_out[f"ort_{precision}_{mode}"] = eng.logits(0, parity_prompts, fb, verb).copy()
                 engine_ok[(precision, mode)] = True
                 eng.close()
@@ -851,7 +854,7 @@ def main(argv=None) -> int:
             except Exception as e:
                 engine_ok[(precision, mode)] = False
                 res.error(f"ort {precision} {mode}", e)
-        res.data["sections_done"].append(f"ort_{precision}" + ("_packed" if man.packed else ""))
+        res.data["sections_done"].append(f"ort_{precision}" + ("_" + man.data["attention"] if man.packed else ""))
         res.save()
     res.data["providers_that_ran"] = sorted({c["provider"] for c in cells if c.get("provider")})
 
@@ -860,7 +863,8 @@ def main(argv=None) -> int:
         splits = res.data.setdefault("kernel_split", {})
         pr20 = None
         for label, mdir, mode, nb in (("ort_fp16_iobinding_4buckets", fp16_dir, "iobinding", 4),
-                                      ("ort_fp16_packed", packed_dir, "packed", 1)):
+                                      ("ort_fp16_packed", packed_dir, "packed", 1),
+                                      ("ort_fp16_packed_host_cg", packed_host_dir, "packed_host_cg", 1)):
             if "ort" in skip or not (mdir / "manifest.json").is_file():
                 continue
             man = load_manifest(mdir)
@@ -949,36 +953,37 @@ def main(argv=None) -> int:
     from cliptune_ort.config import build_config
     from cliptune_ort.tuner import tune
 
-    cg_cells = {(c["pop"], c["n_buckets"]): c["p50_ms"] for c in cells
-                if c["engine"] == "ort" and c["precision"] == "fp16" and c["mode"] == "cuda_graph"}
-    io_cells = {(c["pop"], c["n_buckets"]): c["p50_ms"] for c in cells
-                if c["engine"] == "ort" and c["precision"] == "fp16" and c["mode"] == "iobinding"}
-    if args.tune_cuda_graph == "on":
-        use_cg = True
-    elif args.tune_cuda_graph == "off" or device != "cuda":
-        use_cg = False
-    else:
-        use_cg = bool(engine_ok.get(("fp16", "cuda_graph"))) and (20, 4) in cg_cells and (20, 4) in io_cells \
-            and cg_cells[(20, 4)] < 0.97 * io_cells[(20, 4)]
-    per_gen = (cg_cells if use_cg else io_cells).get((20, 4)) or io_cells.get((20, 4))  # ms per graph and generation
-    packed_p50 = next((c["p50_ms"] for c in cells if c["engine"] == "ort" and c["mode"] == "packed"
-                       and c["pop"] == 20), None)
+    # the fastest sound fp16 variant at pop 20 scores the tune runs (or --tune-variant)
+    def p50_of(mode, nb):
+        return next((c["p50_ms"] for c in cells if c["engine"] == "ort" and c["precision"] == "fp16"
+                     and c["mode"] == mode and c["pop"] == 20 and c["n_buckets"] == nb), None)
+
     par = res.data.get("parity") or {}
-    pk, io = par.get("ort_fp16_packed"), par.get("ort_fp16_iobinding")
-    packed_sound = bool(pk and io and pk["argmax_agreement"] >= io["argmax_agreement"]
-                        and pk["max_abs_diff"] <= 2 * io["max_abs_diff"] + 1e-3)
-    if args.tune_packed == "on":
-        use_packed = (packed_dir / "manifest.json").is_file()
-    elif args.tune_packed == "off" or device != "cuda":
-        use_packed = False
+
+    def sound(key):  # a packed layout's logits as close to PyTorch fp32 as the padded fp16 graph's
+        pk, io = par.get(key), par.get("ort_fp16_iobinding")
+        return bool(pk and io and pk["argmax_agreement"] >= io["argmax_agreement"]
+                    and pk["max_abs_diff"] <= 2 * io["max_abs_diff"] + 1e-3)
+
+    variants = {  # name: (model dir, cuda_graph, pop-20 p50 ms, usable)
+        "padded": (fp16_dir, False, p50_of("iobinding", 4), True),
+        "padded_cg": (fp16_dir, True, p50_of("cuda_graph", 4), bool(engine_ok.get(("fp16", "cuda_graph")))),
+        "packed": (packed_dir, False, p50_of("packed", 1), sound("ort_fp16_packed")),
+        "packed_host": (packed_host_dir, False, p50_of("packed_host", 1), sound("ort_fp16_packed_host")),
+        "packed_host_cg": (packed_host_dir, True, p50_of("packed_host_cg", 1), sound("ort_fp16_packed_host_cg")),
+    }
+    if args.tune_variant != "auto":
+        chosen = args.tune_variant
+    elif device != "cuda":
+        chosen = "padded"
     else:
-        use_packed = packed_sound and packed_p50 is not None and per_gen is not None and packed_p50 < 0.97 * per_gen
-    if use_packed:
-        use_cg, per_gen = False, packed_p50
-    res.data["tune_cuda_graph"] = {"asked": args.tune_cuda_graph, "used": use_cg}
-    res.data["tune_packed"] = {"asked": args.tune_packed, "used": use_packed, "parity_sound": packed_sound,
-                               "packed_pop20_ms": packed_p50}
-    tune_dir = packed_dir if use_packed else fp16_dir
+        ok = {k: v[2] for k, v in variants.items() if v[3] and v[2] is not None}
+        chosen = min(ok, key=ok.get) if ok else "padded"
+    tune_dir, use_cg, per_gen, _ = variants[chosen]
+    per_gen = per_gen or variants["padded"][2]  # ms per graph and generation
+    use_packed = chosen.startswith("packed")
+    res.data["tune_variant"] = {"asked": args.tune_variant, "used": chosen,
+                                "candidates": {k: {"pop20_ms": v[2], "usable": v[3]} for k, v in variants.items()}}
     for method in ("bbt", "clip"):
         if method in skip or not (tune_dir / "manifest.json").is_file():
             continue
@@ -1007,13 +1012,14 @@ def main(argv=None) -> int:
             if use_cg:
                 kw["cuda_graph"] = True
             cfg = build_config(**kw)
-            log(f"tune {method}: budget {b} calls, cuda_graph {use_cg}")
+            log(f"tune {method}: budget {b} calls, variant {chosen} (cuda_graph {use_cg})")
             out = tune(cfg, run_dir, overwrite=True, progress=True, model_dir=tune_dir)
             keep = {k: out.get(k) for k in ("calls", "forward_passes", "generations", "wall_seconds", "timing_seconds",
                                             "provider", "cands_per_call", "train_padded_fraction", "n_buckets", "k",
                                             "train", "dev", "test", "stop_reason", "budget")}
             keep["cuda_graph"] = use_cg
             keep["packed"] = use_packed
+            keep["variant"] = chosen
             keep["budget_note"] = note
             keep["seed"] = args.tune_seed
             res.data["tune"][method] = keep

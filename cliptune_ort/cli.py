@@ -90,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--share-prefix", action=argparse.BooleanOptionalAction, default=None,
                    help="project the first layer's Q/K/V of [CLS] + prompt once per candidate (default: on "
                         "for fp32/int8, off for fp16)")
-    e.add_argument("--packed", action="store_true",
-                   help="fp16 only: packed (padding-free) attention, CUDA provider only (one call, no padded tokens)")
+    e.add_argument("--packed", nargs="?", const="device", choices=("device", "host"), default=False,
+                   help="fp16 only: packed (padding-free) attention, CUDA provider only (one call, no padded "
+                        "tokens); 'host': the runtime feeds the packing offsets, so CUDA graphs can capture it")
     e.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
     t = sub.add_parser("tune", help="tune a soft prompt (default: SST-2 on the embedded model)")

@@ -8,11 +8,11 @@ length buckets once). Candidates are sent ``cands_per_call`` at a time: one per 
 
 from __future__ import annotations
 
+import itertools
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-import itertools
-import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,10 +20,38 @@ import numpy as np
 from .encoding import Encoded, buckets, padded_fraction
 from .errors import ConfigError, IntegrityError, ProviderError
 from .manifest import Manifest
-from .sessions import SessionSpec, SharedWeights, check_contract, make_session, resolve_device, warn
-
+from .sessions import (
+    SessionSpec,
+    SharedWeights,
+    check_contract,
+    make_session,
+    resolve_device,
+    warn,
+)
 
 _BATCH_IDS = itertools.count(1)
+#: extra inputs of "packed_host" graphs (export/packing.py HOST_INPUTS)
+PACKING_INPUTS = ("packed_token_index", "packed_token_offset", "packed_cu_seqlens")
+
+
+def packing_feeds(attention_mask: np.ndarray, pop: int) -> dict[str, np.ndarray]:
+    """The packing of ``pop`` candidates x the rows of a right-padded ``attention_mask`` [batch, seq]
+    (row ``c * batch + i`` = candidate c, example i), as a "packed_host" graph takes it:
+    ``packed_token_index`` int64 [tokens]: rows of the flattened [pop * batch * seq, hidden] tensor
+    that hold real tokens, in order; ``packed_token_offset`` int32 [rows, seq]: those indices, then
+    the padded ones (RemovePadding's token_offset); ``packed_cu_seqlens`` int32 [rows + 1]."""
+    am = np.asarray(attention_mask)
+    batch, seq = am.shape
+    lengths = np.tile(am.sum(axis=1).astype(np.int64), pop)
+    if len(am) and not np.array_equal(am.astype(bool), np.arange(seq)[None, :] < am.sum(axis=1)[:, None]):
+        raise ConfigError("packed attention needs right-padded rows (1s then 0s in attention_mask)")
+    real = np.tile(am.astype(bool).reshape(-1), pop)
+    flat = np.arange(pop * batch * seq, dtype=np.int64)
+    index = flat[real]
+    offset = np.concatenate([index, flat[~real]]).astype(np.int32).reshape(pop * batch, seq)
+    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return {"packed_token_index": index, "packed_token_offset": offset, "packed_cu_seqlens": cu}
+
 
 
 @dataclass
@@ -90,9 +118,9 @@ class Engine:
             if self.device != "cuda":
                 raise ConfigError(f"{manifest.root} holds packed-attention graphs, which run on the CUDA provider "
                                   "only: use --device cuda on a GPU, or the unpacked export they were made from")
-            if self.cuda_graph:
+            if self.cuda_graph and not manifest.host_packing:
                 raise ConfigError("packed-attention graphs cannot be captured as CUDA graphs (RemovePadding reads "
-                                  "the token count back every run): drop cuda_graph")
+                                  "the token count back every run): drop cuda_graph, or export with --packed host")
         try:
             self._open_sessions()
         except ProviderError:
@@ -125,7 +153,8 @@ class Engine:
     def _make(self, g: int, spec: SessionSpec):
         path = self.manifest.graph_path(g)
         sess = make_session(path, spec, self.shared)
-        check_contract(sess, path, self.manifest.hidden)
+        check_contract(sess, path, self.manifest.hidden,
+                       extra=PACKING_INPUTS if self.manifest.host_packing else ())
         meta = sess.get_modelmeta().custom_metadata_map
         want = self.manifest.data["export_id"]
         got_id, got_index = meta.get("cliptune.export_id"), meta.get("cliptune.graph_index")
@@ -193,10 +222,13 @@ class Engine:
             self.forward_passes += pop
 
         verb = np.ascontiguousarray(verbalizer_ids, dtype=np.int64)
+        host_packing = self.manifest.host_packing
 
         def run(unit):
             j, graph, c0, chunk, idx, part = unit
             feeds = batch.parts[part][1]
+            if host_packing and not self.iobinding:
+                feeds = {**feeds, **self._packing(batch, part, chunk.shape[0])}
             t0 = time.perf_counter()
             if self.iobinding:
                 res = self._run_bound(graph, batch, part, chunk, verb)
@@ -230,6 +262,12 @@ class Engine:
             if rkey not in self._resident:
                 self._resident[rkey] = {k: ort.OrtValue.ortvalue_from_numpy(v, dev, 0) for k, v in feeds.items()}
             fixed = self._resident[rkey]
+            if self.manifest.host_packing:  # per population size, also resident
+                pkey = (batch.uid, part, chunk.shape[0])
+                if pkey not in self._resident:
+                    self._resident[pkey] = {k: ort.OrtValue.ortvalue_from_numpy(v, dev, 0)
+                                            for k, v in self._packing(batch, part, chunk.shape[0]).items()}
+                fixed = {**fixed, **self._resident[pkey]}
             sess = self.sessions[graph]
             io = sess.io_binding()
             for name, value in fixed.items():
@@ -261,6 +299,12 @@ class Engine:
         b.sess.run_with_iobinding(b.io, b.run_opts)
         b.out[...] = b.out_dev.numpy()
         return b.out
+
+    def _packing(self, batch: FixedBatch, part: int, pop: int) -> dict[str, np.ndarray]:
+        key = ("packing", batch.uid, part, pop)
+        if key not in self._resident:
+            self._resident[key] = packing_feeds(batch.parts[part][1]["attention_mask"], pop)
+        return self._resident[key]
 
     def close(self) -> None:
         if self._pool is not None:

@@ -74,7 +74,12 @@ class Manifest:
     @property
     def packed(self) -> bool:
         """Graphs with ORT's packed (padding-free) attention: CUDA provider only, one bucket."""
-        return self.data.get("attention", "padded") == "packed"
+        return self.data.get("attention", "padded") in ("packed", "packed_host")
+
+    @property
+    def host_packing(self) -> bool:
+        """Packed graphs that take the packing offsets as inputs (engine.packing_feeds): capturable."""
+        return self.data.get("attention", "padded") == "packed_host"
 
     @property
     def tokenizer_path(self) -> Path:
@@ -129,8 +134,8 @@ def _check_structure(mpath: Path, data: dict[str, Any]) -> None:
             and max(ph) < model["vocab"]):
         raise bad("placeholder_ids", f"{data['n_prompt']} (n_prompt) token ids below the vocabulary size "
                                      f"{model['vocab']}")
-    if data.get("attention", "padded") not in ("padded", "packed"):
-        raise bad("attention", "'padded' or 'packed'")
+    if data.get("attention", "padded") not in ("padded", "packed", "packed_host"):
+        raise bad("attention", "'padded', 'packed' or 'packed_host'")
     sp = data.get("shared_prefix", 0)
     if not is_int(sp) or sp > data["n_prompt"] + 1:
         raise bad("shared_prefix", f"an integer in 0..{data['n_prompt'] + 1} (n_prompt + 1)")

@@ -129,9 +129,10 @@ def make_session(path: str | Path, spec: SessionSpec, shared: SharedWeights | No
     return sess
 
 
-def check_contract(sess: ort.InferenceSession, path: str | Path, hidden: int) -> None:
-    """Refuse a graph whose inputs/outputs are not the contract's (e.g. an unrelated ONNX file)."""
-    want = {"input_ids", "attention_mask", "mask_pos", "prompt_embeds", "verbalizer_ids"}
+def check_contract(sess: ort.InferenceSession, path: str | Path, hidden: int, extra: tuple[str, ...] = ()) -> None:
+    """Refuse a graph whose inputs/outputs are not the contract's (e.g. an unrelated ONNX file);
+    ``extra``: further inputs the manifest's layout adds (packed_host graphs)."""
+    want = {"input_ids", "attention_mask", "mask_pos", "prompt_embeds", "verbalizer_ids", *extra}
     got = {i.name for i in sess.get_inputs()}
     outs = [o.name for o in sess.get_outputs()]
     if got != want or outs != ["logits"]:

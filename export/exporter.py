@@ -63,8 +63,9 @@ class ExportOptions:
     tokenizer: str | None = None  # tokenizer folder/id when it differs from the model's
     overwrite: bool = False
     precision: str = "fp32"  # fp32 | fp16 (CUDA) | int8 (dynamic per-channel quantisation, CPU edge mode)
-    packed: bool = False  # fp16 only: ORT's packed (padding-free) attention, CUDA provider only (packing.py);
-    # the graphs are validated against PyTorch before they are packed
+    packed: bool | str = False  # fp16 only: ORT's packed (padding-free) attention, CUDA provider only
+    # (packing.py): True / "device" = RemovePadding in the graph; "host" = the runtime feeds the packing
+    # (CUDA-graph capturable); the graphs are validated against PyTorch before they are packed
 
     def validate(self) -> None:
         if not isinstance(self.k, int) or self.k < 0:
@@ -77,6 +78,8 @@ class ExportOptions:
             raise ConfigError(f"--precision must be fp32, fp16 or int8, got {self.precision!r}")
         if self.atol is not None and self.atol <= 0:
             raise ConfigError(f"--atol must be > 0, got {self.atol!r}")
+        if self.packed not in (False, True, "", "device", "host"):
+            raise ConfigError(f"--packed must be 'device' or 'host', got {self.packed!r}")
         if self.packed and (self.precision != "fp16" or self.resolved_share_prefix()):
             raise ConfigError("--packed needs --precision fp16 without --share-prefix (ORT fuses Attention only "
                               "there; packed attention runs on the CUDA provider only)")
@@ -372,7 +375,7 @@ def export_model(model: str, out: str | os.PathLike, opts: ExportOptions | None 
 
             _log("packing attention (RemovePadding / PackedAttention / RestorePadding; CUDA provider only)")
             for g in graphs:
-                g["packed_attention_nodes"] = pack_graph_file(tmp / g["file"])
+                g["packed_attention_nodes"] = pack_graph_file(tmp / g["file"], host_offsets=opts.packed == "host")
         for g in graphs:
             g["sha256"] = sha256_file(tmp / g["file"])
         manifest = {
@@ -406,7 +409,7 @@ def export_model(model: str, out: str | os.PathLike, opts: ExportOptions | None 
             "dtype": "float32",  # of the prompt_embeds input and logits output (all precisions)
             "precision": opts.precision,
             "masks_folded": opts.resolved_fold(),
-            "attention": "packed" if opts.packed else "padded",
+            "attention": ("packed_host" if opts.packed == "host" else "packed") if opts.packed else "padded",
             # positions 0..L projected once per candidate in the first layer: every row of a batch must
             # hold the same ids there (the runtime checks); 0 = no such requirement
             "shared_prefix": opts.n_prompt + 1 if opts.resolved_share_prefix() else 0,

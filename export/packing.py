@@ -14,7 +14,15 @@ the query at the mask) reads padded again. ORT's own converter
 (``onnxruntime.transformers.convert_to_packing_mode``) restores padding after the *last* layer
 norm, which here sits inside the single-query layer; hence this converter.
 
-These three ops exist on the CUDA provider only: a packed export cannot run on the CPU (the runtime
+``host_offsets=True`` (the "packed_host" layout): no RemovePadding. The graph takes the packing as
+three more inputs the runtime computes once per (batch, population) from the attention mask
+(:func:`cliptune_ort.engine.packing_feeds`) and keeps on the device: ``packed_token_index`` (int64
+[tokens], rows of the flattened [rows * seq, hidden] tensor that are real tokens),
+``packed_token_offset`` (int32 [rows, seq]) and ``packed_cu_seqlens`` (int32 [rows + 1]). Every shape
+is then known before the run, nothing is read back to the host, and the graph can be captured as a
+CUDA graph (RemovePadding copies its token count to the host on every run).
+
+These ops exist on the CUDA provider only: a packed export cannot run on the CPU (the runtime
 refuses it in one line), and the exporter validates the unpacked graphs against PyTorch before it
 packs them. The rewrite itself is checked on the CPU by running both graphs through
 ``onnx.reference`` with numpy implementations of the contrib ops (tests/test_packing.py), and on
@@ -29,6 +37,8 @@ import shutil
 from pathlib import Path
 
 MS = "com.microsoft"
+#: the extra graph inputs of the "packed_host" layout (names shared with cliptune_ort.engine)
+HOST_INPUTS = ("packed_token_index", "packed_token_offset", "packed_cu_seqlens")
 #: ops allowed between RemovePadding and RestorePadding: row-wise on [tokens, hidden] or packed-aware
 ROW_WISE = {"MatMul", "SkipLayerNormalization", "BiasGelu", "Gelu", "FastGelu", "Add", "Mul", "Cast",
             "PackedAttention", "Attention"}
@@ -58,9 +68,10 @@ def topo_sort(graph) -> None:
     graph.node.extend(ordered)
 
 
-def pack_graph(model) -> int:
+def pack_graph(model, host_offsets: bool = False) -> int:
     """Rewrite ``model`` (onnx.ModelProto, fused fp16 graph of the contract) in place for packed
-    attention; returns the number of Attention nodes converted. Raises :class:`PackingError` with the
+    attention (``host_offsets``: the packing comes in as graph inputs); returns the number of
+    Attention nodes converted. Raises :class:`PackingError` with the
     reason when the graph does not have the expected structure (nothing is changed then)."""
     from onnx import helper
 
@@ -132,6 +143,14 @@ def pack_graph(model) -> int:
     # rewrite
     x_packed, offset, cum, max_len = (x0 + "__packed", x0 + "__token_offset", x0 + "__cu_seqlens",
                                       x0 + "__max_len")
+    if host_offsets:
+        from onnx import TensorProto
+
+        index, offset, cum = HOST_INPUTS
+        x_flat = x0 + "__flat"
+        g.input.extend([helper.make_tensor_value_info(index, TensorProto.INT64, ["packed_tokens"]),
+                        helper.make_tensor_value_info(offset, TensorProto.INT32, ["packed_rows", "packed_seq"]),
+                        helper.make_tensor_value_info(cum, TensorProto.INT32, ["packed_rows_plus_1"])])
     t_packed = t_last + "__packed"
     for n in region:
         for k, i in enumerate(n.input):
@@ -140,7 +159,11 @@ def pack_graph(model) -> int:
     s2.output[0] = t_packed
     new_nodes = []
     for n in nodes:
-        if n is atts[0]:
+        if n is atts[0] and host_offsets:
+            new_nodes.append(helper.make_node("Flatten", [x0], [x_flat], name="cliptune_PackFlatten", axis=2))
+            new_nodes.append(helper.make_node("Gather", [x_flat, index], [x_packed], name="cliptune_PackGather",
+                                              axis=0))
+        elif n is atts[0]:
             new_nodes.append(helper.make_node("RemovePadding", [x0, mask], [x_packed, offset, cum, max_len],
                                               name="cliptune_RemovePadding", domain=MS))
         if n.op_type == "Attention" and n.domain == MS:
@@ -166,13 +189,13 @@ def pack_graph(model) -> int:
     return len(atts)
 
 
-def pack_graph_file(path: str | os.PathLike, out: str | os.PathLike | None = None) -> int:
+def pack_graph_file(path: str | os.PathLike, out: str | os.PathLike | None = None, host_offsets: bool = False) -> int:
     """:func:`pack_graph` on a graph file (weights stay where they are); writes ``out`` or in place."""
     import onnx
 
     path = Path(path)
     m = onnx.load(str(path), load_external_data=False)
-    n = pack_graph(m)
+    n = pack_graph(m, host_offsets)
     target = Path(out) if out else path
     tmp = target.with_name(target.name + ".tmp")
     onnx.save(m, str(tmp))
@@ -180,9 +203,11 @@ def pack_graph_file(path: str | os.PathLike, out: str | os.PathLike | None = Non
     return n
 
 
-def pack_export(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> dict:
+def pack_export(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False,
+                host_offsets: bool = False) -> dict:
     """A packed copy of the fp16 export ``src`` in ``out``: graphs rewritten, the weights file
-    copied, the manifest re-sealed with ``attention: packed``. Returns the manifest."""
+    copied, the manifest re-sealed with ``attention: packed`` (``packed_host`` with
+    ``host_offsets``). Returns the manifest."""
     from cliptune_ort.errors import ConfigError
     from cliptune_ort.fileio import atomic_write_json, sha256_file
     from cliptune_ort.manifest import MANIFEST_NAME, load_manifest, seal_manifest
@@ -192,7 +217,7 @@ def pack_export(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool 
     if man.precision != "fp16":
         raise ConfigError(f"{src} is a {man.precision} export: packed attention needs --precision fp16 "
                           "(ORT fuses Attention only there, and PackedAttention runs on CUDA only)")
-    if man.data.get("attention", "padded") == "packed":
+    if man.packed:
         raise ConfigError(f"{src} is already packed")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -206,9 +231,9 @@ def pack_export(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool 
         for f in (data["weights"]["file"], data["tokenizer"]["file"]):
             shutil.copy2(src / f, tmp / f)  # not a hard link: onnx refuses external data with several links
         for gr in data["graphs"]:
-            gr["packed_attention_nodes"] = pack_graph_file(src / gr["file"], tmp / gr["file"])
+            gr["packed_attention_nodes"] = pack_graph_file(src / gr["file"], tmp / gr["file"], host_offsets)
             gr["sha256"] = sha256_file(tmp / gr["file"])
-        data["attention"] = "packed"
+        data["attention"] = "packed_host" if host_offsets else "packed"
         data["packed_from"] = str(src)
         atomic_write_json(tmp / MANIFEST_NAME, seal_manifest(data))
         load_manifest(tmp)  # the result must load and verify

@@ -9,6 +9,8 @@ ops (written from their schemas in onnxruntime's operator registry):
 - the packed graph gives the unpacked graph's logits through the same evaluator (atol 1e-3: the only
   difference is that padded positions are never computed);
 - the runtime refuses a packed export on the CPU, and a packed export's manifest loads and verifies.
+
+(Whether ORT's CUDA kernels then run it fast is benchmarks/gpu.py's job, on a GPU.)
 """
 
 from __future__ import annotations
@@ -149,7 +151,7 @@ def _feeds(man, pop=2, batch=5, extra=17, seed=3):
 
 @pytest.fixture(scope="module")
 def packed_pair(tmp_path_factory, tiny_roberta_src):
-    """(fp16 export with K=1, its packed copy)."""
+    """(fp16 export with K=1, its packed copy, its packed_host copy)."""
     from cliptune_export import ExportOptions, export_model
     from cliptune_export.packing import pack_export
 
@@ -157,7 +159,8 @@ def packed_pair(tmp_path_factory, tiny_roberta_src):
     export_model(str(tiny_roberta_src), out / "fp16", ExportOptions(k=1, p=0.2, seed=5, n_prompt=10,
                                                                     precision="fp16"))
     pack_export(out / "fp16", out / "packed")
-    return out / "fp16", out / "packed"
+    pack_export(out / "fp16", out / "packed_host", host_offsets=True)
+    return out / "fp16", out / "packed", out / "packed_host"
 
 
 def test_packed_graph_matches_unpacked(packed_pair):
@@ -166,46 +169,68 @@ def test_packed_graph_matches_unpacked(packed_pair):
     import onnx
     from onnx.reference import ReferenceEvaluator
 
-    from cliptune_ort.engine import Engine
+    from cliptune_ort.engine import Engine, packing_feeds
 
-    src, packed = packed_pair
-    man, pman = load_manifest(src), load_manifest(packed)
-    assert pman.packed and not man.packed
+    src, packed, packed_host = packed_pair
+    man, pman, hman = load_manifest(src), load_manifest(packed), load_manifest(packed_host)
+    assert pman.packed and hman.packed and hman.host_packing and not man.packed and not pman.host_packing
     feeds = _feeds(man)
+    host_feeds = {**feeds, **packing_feeds(feeds["attention_mask"], len(feeds["prompt_embeds"]))}
     ops = _reference_ops()
+    layers = man.data["model"]["layers"]
     for g in range(man.k + 1):
-        ops_count = collections.Counter(n.op_type for n in onnx.load(str(pman.graph_path(g)),
-                                                                     load_external_data=False).graph.node)
-        layers = man.data["model"]["layers"]
-        assert ops_count["PackedAttention"] == layers - 1 and ops_count["Attention"] == 0
-        assert ops_count["RemovePadding"] == 1 and ops_count["RestorePadding"] == 1
         ort_cpu = Engine(man, [g], device="cpu", cands_per_call=1).sessions[g].run(["logits"], feeds)[0]
         ref_padded = ReferenceEvaluator(_with_weights(man.graph_path(g)), new_ops=ops).run(None, feeds)[0]
-        ref_packed = ReferenceEvaluator(_with_weights(pman.graph_path(g)), new_ops=ops).run(None, feeds)[0]
-        assert ref_padded.shape == ort_cpu.shape == ref_packed.shape == (2, 5, 3)
+        assert ref_padded.shape == ort_cpu.shape == (2, 5, 3)
         np.testing.assert_allclose(ref_padded, ort_cpu, atol=2e-3)  # the numpy ops are ORT's ops
-        np.testing.assert_allclose(ref_packed, ref_padded, atol=1e-3)  # packing changes nothing real
-        assert float(np.abs(ref_packed).max()) > 0.05  # not a trivially zero output
+        for m, f, removes in ((pman, feeds, 1), (hman, host_feeds, 0)):
+            ops_count = collections.Counter(n.op_type for n in onnx.load(str(m.graph_path(g)),
+                                                                         load_external_data=False).graph.node)
+            assert ops_count["PackedAttention"] == layers - 1 and ops_count["Attention"] == 0
+            assert ops_count["RemovePadding"] == removes and ops_count["RestorePadding"] == 1
+            ref_packed = ReferenceEvaluator(_with_weights(m.graph_path(g)), new_ops=ops).run(None, f)[0]
+            assert ref_packed.shape == (2, 5, 3)
+            np.testing.assert_allclose(ref_packed, ref_padded, atol=1e-3)  # packing changes nothing real
+            assert float(np.abs(ref_packed).max()) > 0.05  # not a trivially zero output
 
 
-def test_packed_export_refused_on_cpu_and_never_captured(packed_pair):
+def test_packing_feeds_equal_remove_padding():
+    from cliptune_ort.engine import packing_feeds
+
+    remove = next(op for op in _reference_ops() if op.__name__ == "RemovePadding")
+    am = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], np.int64)
+    pop, hidden = 3, 4
+    x = np.random.default_rng(0).standard_normal((pop * 3, 5, hidden)).astype(np.float32)
+    counts = np.tile(am.sum(1), pop).astype(np.int32)
+    packed, offset, cu, _ = remove._run(None, x, counts)
+    f = packing_feeds(am, pop)
+    np.testing.assert_array_equal(f["packed_token_offset"], offset)
+    np.testing.assert_array_equal(f["packed_cu_seqlens"], cu)
+    np.testing.assert_array_equal(x.reshape(-1, hidden)[f["packed_token_index"]], packed)
+    assert f["packed_token_index"].dtype == np.int64 and f["packed_token_offset"].dtype == np.int32
+    assert len(f["packed_token_index"]) == pop * am.sum() == cu[-1]
+    with pytest.raises(ConfigError, match="right-padded"):
+        packing_feeds(np.array([[0, 1, 1]]), 2)
+
+
+def test_packed_export_refused_on_cpu(packed_pair):
     from cliptune_ort.engine import Engine
 
-    _, packed = packed_pair
-    man = load_manifest(packed)
-    with pytest.raises(ConfigError, match="CUDA provider only"):
-        Engine(man, [0], device="cpu")
+    for d in packed_pair[1:]:
+        with pytest.raises(ConfigError, match="CUDA provider only"):
+            Engine(load_manifest(d), [0], device="cpu")
 
 
 def test_pack_refuses_wrong_input(packed_pair, roberta_dir, tmp_path):
     import onnx
     from cliptune_export.packing import PackingError, pack_export, pack_graph
 
-    _, packed = packed_pair
+    _, packed, packed_host = packed_pair
     with pytest.raises(ConfigError, match="needs --precision fp16"):
         pack_export(roberta_dir, tmp_path / "x")  # an fp32 export: no fused Attention
-    with pytest.raises(ConfigError, match="already packed"):
-        pack_export(packed, tmp_path / "y")
+    for d in (packed, packed_host):
+        with pytest.raises(ConfigError, match="already packed"):
+            pack_export(d, tmp_path / "y")
     with pytest.raises(PackingError, match="no fused Attention"):
         pack_graph(onnx.load(str(load_manifest(roberta_dir).graph_path(0)), load_external_data=False))
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
@@ -220,10 +245,12 @@ def test_export_option_packed(tiny_roberta_src, tmp_path):
     with pytest.raises(ConfigError, match="--packed needs --precision fp16"):
         export_model(str(tiny_roberta_src), tmp_path / "bad", ExportOptions(k=1, packed=True))
     assert not (tmp_path / "bad").exists()
+    with pytest.raises(ConfigError, match="must be 'device' or 'host'"):
+        export_model(str(tiny_roberta_src), tmp_path / "bad", ExportOptions(k=1, precision="fp16", packed="gpu"))
     man_d = export_model(str(tiny_roberta_src), tmp_path / "p",
-                         ExportOptions(k=1, p=0.2, seed=5, n_prompt=10, precision="fp16", packed=True))
+                         ExportOptions(k=1, p=0.2, seed=5, n_prompt=10, precision="fp16", packed="host"))
     man = load_manifest(tmp_path / "p")  # sha256 of the packed graphs verified
-    assert man.packed and man_d["attention"] == "packed"
+    assert man.packed and man.host_packing and man_d["attention"] == "packed_host"
     for g in man.data["graphs"]:
         ops = collections.Counter(n.op_type for n in onnx.load(str(man.graph_path(g["index"])),
                                                                load_external_data=False).graph.node)
