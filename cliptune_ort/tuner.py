@@ -590,7 +590,10 @@ def _finish(ws: Workspace, run_dir: Path, state: dict | None, stop_reason: str |
         "best_train_fitness": state["best_fit"] if state else None,
         "wall_seconds": round(wall, 3), "timing_seconds": {k: round(v, 4) for k, v in timing.items()},
         "provider": ws.engine.provider, "cands_per_call": ws.engine.cands_per_call,
-        "train_padded_fraction": round(ws.train.padded_fraction, 4), "n_buckets": cfg.n_buckets,
+        # packed-attention graphs compute no padded token (up to the last layer) and take one bucket
+        "train_padded_fraction": 0.0 if ws.manifest.packed else round(ws.train.padded_fraction, 4),
+        "n_buckets": 1 if ws.manifest.packed else cfg.n_buckets, "train_parts": len(ws.train.parts),
+        "attention": ws.manifest.data.get("attention", "padded"),
         "model_dir": str(ws.manifest.root.resolve()), "model_source": ws.manifest.data["model"]["source"],
         "export_id": ws.manifest.data["export_id"], "fewshot": ws.fewshot.info,
         "versions": versions(),
