@@ -1,0 +1,46 @@
+"""benchmarks/gpu.py end to end on the CPU (its --cpu-dry-run), so the device script cannot rot.
+
+A GPU run is rare and short (one prepared call on a lent card), so the script's every section runs
+here on a tiny random RoBERTa: the exports (fp16 with K=1, its packed copies), PyTorch fp16/bf16,
+the ORT cells, the kernel-time split, the parity table, the variant choice and two short tune runs.
+The packed cells need the CUDA provider; on the CPU the script must say so and tune on the padded
+graphs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import needs_export
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = [needs_export, pytest.mark.slow]
+
+
+def test_gpu_script_cpu_dry_run(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--cpu-dry-run", "--out", str(out),
+                        "--work", str(work), "--skip", "fp32,profile", "--fp16-k", "1", "--budget", "40"],
+                       check=False, capture_output=True, text=True, timeout=600, env=env, cwd=str(ROOT))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    data = json.loads((out / "gpu_cpu-dry-run.json").read_text())
+    assert data["status"] == "done" and data["errors"] == []
+    assert {"torch_fp32", "torch_fp16", "ort_fp16", "tune_bbt"} <= set(data["sections_done"])
+    assert data["export"]["packed"]["packed_attention_nodes"] == [2, 2]  # 3 layers: 2 full + the mask layer
+    assert data["export"]["packed_host"]["packed_attention_nodes"] == [2, 2]
+    assert "CUDA provider" in data["packed_note"]
+    assert not any(c["mode"].startswith("packed") for c in data["cells"])
+    assert data["tune_variant"]["used"] == "padded"
+    assert data["tune"]["bbt"]["calls"] == 40 and data["tune"]["bbt"]["variant"] == "padded"
+    assert "K=1 < 4" in data["tune"]["clip"]["skipped"]  # clip needs K=4 graphs
+    par = data["parity"]["ort_fp16_iobinding"]  # the fp16 graph against torch fp32, same weights
+    assert par["argmax_agreement"] == 1.0 and par["max_abs_diff"] < 2e-2
+    assert (out / "gpu_cpu-dry-run.md").read_text().startswith("# GPU benchmark: cpu-dry-run")
