@@ -72,7 +72,8 @@ def pack_graph(model, host_offsets: bool = False) -> int:
     """Rewrite ``model`` (onnx.ModelProto, fused fp16 graph of the contract) in place for packed
     attention (``host_offsets``: the packing comes in as graph inputs); returns the number of
     Attention nodes converted. Raises :class:`PackingError` with the
-    reason when the graph does not have the expected structure (nothing is changed then)."""
+    reason when the graph does not have the expected structure (then only the node order may have changed:
+    a topological sort, same graph)."""
     from onnx import helper
 
     g = model.graph
@@ -125,10 +126,30 @@ def pack_graph(model, host_offsets: bool = False) -> int:
     ids = {id(n) for n in region}
     if not all(id(a) in ids for a in atts):
         raise PackingError("an Attention node lies outside the packed region")
+    const_dims = {t.name: list(t.dims) for t in g.initializer}
+    for n in nodes:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    const_dims[n.output[0]] = list(a.t.dims)
     for n in region:
         if n.op_type not in ROW_WISE:
             raise PackingError(f"{n.op_type} node {n.name} inside the packed region: only row-wise ops can "
                                "run on packed tokens")
+        if n.op_type in ("Attention", "PackedAttention"):
+            continue
+        if n.op_type == "MatMul" and n.input[1] in region_out:
+            raise PackingError(f"MatMul node {n.name} multiplies two token tensors: not row-wise")
+        for k, i in enumerate(n.input):
+            if not i or i in region_out:
+                continue
+            dims = const_dims.get(i)
+            # a weight [in, out] of MatMul (input 1), else a per-hidden-unit vector (bias, gamma, mask)
+            row_wise = dims is not None and (len(dims) == 2 if (n.op_type == "MatMul" and k == 1)
+                                             else all(d == 1 for d in dims[:-1]))
+            if not row_wise:
+                raise PackingError(f"{n.op_type} node {n.name} reads {i} ({dims}), which is not a per-row weight: "
+                                   "it cannot run on packed tokens")
         for o in n.output:
             if o and o != t_last:
                 outside = [c.name for c in consumers.get(o, []) if id(c) not in ids]

@@ -255,3 +255,25 @@ def test_export_option_packed(tiny_roberta_src, tmp_path):
         ops = collections.Counter(n.op_type for n in onnx.load(str(man.graph_path(g["index"])),
                                                                load_external_data=False).graph.node)
         assert ops["PackedAttention"] == g["packed_attention_nodes"] == man.data["model"]["layers"] - 1
+
+
+def test_pack_refuses_position_dependent_ops(packed_pair):
+    """An op inside the layers that mixes positions (here: a per-position scale) must stop the packing."""
+    import onnx
+    from cliptune_export.packing import PackingError, pack_graph
+    from onnx import helper, numpy_helper
+
+    src = packed_pair[0]
+    m = onnx.load(str(load_manifest(src).graph_path(0)), load_external_data=False)
+    gelu = next(n for n in m.graph.node if n.op_type == "BiasGelu")
+    out = gelu.output[0]
+    for n in m.graph.node:
+        for k, i in enumerate(n.input):
+            if i == out:
+                n.input[k] = "scaled"
+    m.graph.initializer.append(numpy_helper.from_array(np.ones((7, 1), np.float16), "per_position"))
+    m.graph.node.append(helper.make_node("Mul", [out, "per_position"], ["scaled"], name="per_position_mul"))
+    before = len(m.graph.node)
+    with pytest.raises(PackingError, match="not a per-row weight"):
+        pack_graph(m)
+    assert len(m.graph.node) == before and not any(n.op_type == "PackedAttention" for n in m.graph.node)
