@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--check-split", choices=("train", "dev", "test", "none"), default="dev",
                     help="split checked against the run's full graph (default dev)")
     dp.add_argument("--overwrite", action="store_true", help="replace an existing classifier and sidecar")
+    dp.add_argument("--model-dir", help="build from this export (same weights) instead of the run's; needed for a "
+                                        "run tuned on a --packed export")
 
     sub.add_parser("env", help="print versions and available ONNX Runtime providers")
     return ap
@@ -264,7 +266,7 @@ def cmd_deploy(a) -> int:
         raise ConfigError(f"`cliptune deploy` needs the onnx package ({e.name} is missing): "
                           "pip install -e '.[export]' (or pip install onnx)") from None
     opts = DeployOptions(int8=a.int8, check_split=None if a.check_split == "none" else a.check_split,
-                         overwrite=a.overwrite)
+                         overwrite=a.overwrite, model_dir=a.model_dir)
     meta = deploy_run(a.run_dir, a.out, opts)
     print(json.dumps({"out": a.out, "sidecar": str(Path(a.out).with_suffix(".json")), "task": meta["task"],
                       "precision": meta["onnx"]["precision"], "bytes": meta["onnx"]["bytes"], "check": meta["check"]}))

@@ -48,6 +48,7 @@ from cliptune_ort.errors import ConfigError
 from cliptune_ort.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 
 from .exporter import ExportError
+from .packing import topo_sort
 
 #: above this the graph cannot be one protobuf: weights go to ``<out>.data`` next to it
 PROTO_LIMIT = 2 * 1024**3 - 64 * 1024**2
@@ -63,6 +64,8 @@ class DeployOptions:
     atol: float = 1e-5  # fp32: max |probs_deployed - probs_runtime| accepted by the check
     batch_size: int = 64  # rows per session run in the check
     overwrite: bool = False  # replace an existing classifier (and its sidecar)
+    model_dir: str | None = None  # build from this export instead of the run's (same weights; needed when the
+    # run's export has packed attention, which runs on CUDA only)
 
 
 def mask_select(template: str) -> str:
@@ -217,9 +220,11 @@ def build_classifier(model, prompt: np.ndarray, verbalizer_ids: np.ndarray, plac
 # ---------------------------------------------------------------- the deploy step
 
 
-def _load_run(run_dir: Path):
-    """(cfg, workspace, prompt [L, hidden]) of a finished bbt/clip run, checked."""
+def _load_run(run_dir: Path, model_dir_override: str | None = None):
+    """(cfg, workspace, prompt [L, hidden]) of a finished bbt/clip run, checked; ``model_dir_override``:
+    an unpacked export with the run's weights (a run tuned on packed-attention graphs needs one)."""
     from cliptune_ort.config import build_config
+    from cliptune_ort.manifest import load_manifest
     from cliptune_ort.tuner import prepare
 
     cfg_path = run_dir / "config.json"
@@ -238,6 +243,21 @@ def _load_run(run_dir: Path):
         raise ConfigError(f"{run_dir} has no best_prompt.npy: the run has not finished; resume it first "
                           f"(cliptune tune --resume --out {run_dir})")
     prompt = np.load(run_dir / "best_prompt.npy", allow_pickle=False)
+    run_man = load_manifest(model_dir) if model_dir and Path(model_dir).is_dir() else None
+    if model_dir_override:
+        other = load_manifest(model_dir_override)
+        if other.packed:
+            raise ConfigError(f"--model-dir {model_dir_override} holds packed-attention graphs too: pass the same model "
+                              "exported without --packed")
+        if run_man is not None and (other.data["weights"]["sha256"] != run_man.data["weights"]["sha256"]
+                                    or (other.n_prompt, other.hidden) != (run_man.n_prompt, run_man.hidden)):
+            raise ConfigError(f"--model-dir {model_dir_override} holds other weights than the run's model dir "
+                              f"{model_dir}: the prompt was tuned for those; pass an export of the same model")
+        model_dir = str(model_dir_override)
+    elif run_man is not None and run_man.packed:
+        hint = run_man.data.get("packed_from") or "DIR (the same model exported without --packed)"
+        raise ConfigError(f"{run_dir} was tuned on packed-attention graphs, which run on CUDA only; a deployed "
+                          f"classifier is built from unpacked graphs: add --model-dir {hint}")
     ws = prepare(cfg, Path(model_dir) if model_dir else None)
     return cfg, ws, prompt
 
@@ -303,7 +323,7 @@ def deploy_run(run_dir: str | os.PathLike, out: str | os.PathLike, opts: DeployO
     if (out.exists() or side.exists()) and not opts.overwrite:
         raise ConfigError(f"{out if out.exists() else side} exists: pass --overwrite or another --out")
     t0 = time.perf_counter()
-    cfg, ws, prompt = _load_run(run_dir)
+    cfg, ws, prompt = _load_run(run_dir, opts.model_dir)
     man = ws.manifest
     if opts.int8 and man.precision != "fp32":
         raise ConfigError(f"--int8 quantises an fp32 graph, the run's model dir is {man.precision}: deploy without "
@@ -311,6 +331,10 @@ def deploy_run(run_dir: str | os.PathLike, out: str | os.PathLike, opts: DeployO
     tok_info = man.data["tokenizer"]
     select = mask_select(ws.task.template)
     src = onnx.load(str(man.graph_path(0)), load_external_data=True)
+    topo_sort(src.graph)  # fp16 graphs list the converter's input Casts last; the checker wants them first
+    if any(n.domain == "com.microsoft" for n in src.graph.node) and not any(
+            o.domain == "com.microsoft" for o in src.opset_import):  # ORT's fused ops (fp16 exports)
+        src.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     model = build_classifier(src, prompt, ws.verbalizer_ids, man.data["placeholder_ids"], int(tok_info["mask_id"]),
                              select)
     precision = man.precision

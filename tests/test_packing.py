@@ -277,3 +277,38 @@ def test_pack_refuses_position_dependent_ops(packed_pair):
     with pytest.raises(PackingError, match="not a per-row weight"):
         pack_graph(m)
     assert len(m.graph.node) == before and not any(n.op_type == "PackedAttention" for n in m.graph.node)
+
+
+def test_deploy_of_a_run_on_packed_graphs(packed_pair, roberta_dir, tmp_path):
+    """A run tuned on packed graphs (CUDA) deploys from the unpacked export of the same weights."""
+    import json
+    import shutil
+
+    from cliptune_export.deploy import DeployOptions, deploy_run
+
+    from cliptune_ort.config import build_config
+    from cliptune_ort.tuner import tune
+
+    src, packed, packed_host = packed_pair
+    run = tmp_path / "run"
+    tune(build_config(task="sst2", method="bbt", budget=40, popsize=4, d=20, eval_every=20, plot=False,
+                      device="cpu"), run, model_dir=src)
+    # the same run as if tuned on the packed copy (same weights, same export id): only the model dir differs
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["resolved_model_dir"] == str(src.resolve())
+    for d, name in ((packed, "run_packed"), (packed_host, "run_packed_host")):
+        r = tmp_path / name
+        shutil.copytree(run, r)
+        (r / "config.json").write_text(json.dumps({**cfg, "resolved_model_dir": str(d.resolve())}))
+        with pytest.raises(ConfigError, match=f"tuned on packed-attention graphs.*--model-dir {src}"):
+            deploy_run(r, tmp_path / "x.onnx")
+        with pytest.raises(ConfigError, match="packed-attention graphs too"):
+            deploy_run(r, tmp_path / "x.onnx", DeployOptions(model_dir=str(d)))
+        with pytest.raises(ConfigError, match="holds other weights"):
+            deploy_run(r, tmp_path / "x.onnx", DeployOptions(model_dir=str(roberta_dir)))
+        assert not (tmp_path / "x.onnx").exists()
+        meta = deploy_run(r, tmp_path / f"{name}.onnx", DeployOptions(model_dir=str(src), check_split="dev"))
+        assert meta["check"]["prediction_agreement"] == 1.0
+    # the classifier is the one the unpacked run itself deploys
+    direct = deploy_run(run, tmp_path / "direct.onnx", DeployOptions(check_split="dev"))
+    assert direct["check"]["max_abs_prob_diff"] == pytest.approx(meta["check"]["max_abs_prob_diff"], abs=1e-6)
