@@ -170,9 +170,8 @@ class Engine:
     def prepare(self, enc: Encoded, n_buckets: int = 1) -> FixedBatch:
         """Split ``enc`` into length buckets once and build their (constant) feeds.
 
-        Packed-attention graphs skip padding themselves: they take the whole set in one bucket."""
-        if self.manifest.packed:
-            n_buckets = 1
+        Packed-attention graphs compute no padded token, so buckets only bound memory there (the
+        tuner gives their train set one bucket; dev/test keep their memory-bounded chunks)."""
         sp = self.manifest.shared_prefix
         if sp and len(enc) and (enc.ids[:, :sp] != enc.ids[:1, :sp]).any():
             # graphs of this export project positions 0..L once per candidate from the first row, so

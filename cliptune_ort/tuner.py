@@ -136,7 +136,8 @@ def prepare(cfg: TuneConfig, model_dir: Path | None = None) -> Workspace:
                     iobinding={"auto": None, "on": True, "off": False}[cfg.iobinding], cuda_graph=cfg.cuda_graph)
     enc_train = ptok.encode(task.template, fewshot.train, use_prompt)
     enc_dev = ptok.encode(task.template, fewshot.dev, use_prompt)
-    train = engine.prepare(enc_train, cfg.n_buckets)
+    # packed-attention graphs skip padding themselves: the whole train set in one call
+    train = engine.prepare(enc_train, 1 if manifest.packed else cfg.n_buckets)
     dev = eval_batch(engine, enc_dev, cfg.eval_chunk)
     test = None
     if fewshot.test is not None:
