@@ -42,16 +42,15 @@ def packing_feeds(attention_mask: np.ndarray, pop: int) -> dict[str, np.ndarray]
     the padded ones (RemovePadding's token_offset); ``packed_cu_seqlens`` int32 [rows + 1]."""
     am = np.asarray(attention_mask)
     batch, seq = am.shape
-    lengths = np.tile(am.sum(axis=1).astype(np.int64), pop)
-    if len(am) and not np.array_equal(am.astype(bool), np.arange(seq)[None, :] < am.sum(axis=1)[:, None]):
+    row_len = am.sum(axis=1).astype(np.int64)
+    if len(am) and not np.array_equal(am.astype(bool), np.arange(seq)[None, :] < row_len[:, None]):
         raise ConfigError("packed attention needs right-padded rows (1s then 0s in attention_mask)")
     real = np.tile(am.astype(bool).reshape(-1), pop)
     flat = np.arange(pop * batch * seq, dtype=np.int64)
     index = flat[real]
     offset = np.concatenate([index, flat[~real]]).astype(np.int32).reshape(pop * batch, seq)
-    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    cu = np.concatenate([[0], np.cumsum(np.tile(row_len, pop))]).astype(np.int32)
     return {"packed_token_index": index, "packed_token_offset": offset, "packed_cu_seqlens": cu}
-
 
 
 @dataclass

@@ -73,7 +73,7 @@ class Manifest:
 
     @property
     def packed(self) -> bool:
-        """Graphs with ORT's packed (padding-free) attention: CUDA provider only, one bucket."""
+        """Graphs with ORT's packed (padding-free) attention: CUDA provider only."""
         return self.data.get("attention", "padded") in ("packed", "packed_host")
 
     @property

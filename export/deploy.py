@@ -48,7 +48,7 @@ from cliptune_ort.errors import ConfigError
 from cliptune_ort.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 
 from .exporter import ExportError
-from .packing import topo_sort
+from .packing import ensure_ms_opset, topo_sort
 
 #: above this the graph cannot be one protobuf: weights go to ``<out>.data`` next to it
 PROTO_LIMIT = 2 * 1024**3 - 64 * 1024**2
@@ -332,9 +332,7 @@ def deploy_run(run_dir: str | os.PathLike, out: str | os.PathLike, opts: DeployO
     select = mask_select(ws.task.template)
     src = onnx.load(str(man.graph_path(0)), load_external_data=True)
     topo_sort(src.graph)  # fp16 graphs list the converter's input Casts last; the checker wants them first
-    if any(n.domain == "com.microsoft" for n in src.graph.node) and not any(
-            o.domain == "com.microsoft" for o in src.opset_import):  # ORT's fused ops (fp16 exports)
-        src.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    ensure_ms_opset(src)  # ORT's fused ops (fp16 exports)
     model = build_classifier(src, prompt, ws.verbalizer_ids, man.data["placeholder_ids"], int(tok_info["mask_id"]),
                              select)
     precision = man.precision

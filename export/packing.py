@@ -36,9 +36,11 @@ import os
 import shutil
 from pathlib import Path
 
+from cliptune_ort.engine import (
+    PACKING_INPUTS as HOST_INPUTS,  # the extra inputs of "packed_host" graphs
+)
+
 MS = "com.microsoft"
-#: the extra graph inputs of the "packed_host" layout (names shared with cliptune_ort.engine)
-HOST_INPUTS = ("packed_token_index", "packed_token_offset", "packed_cu_seqlens")
 #: ops allowed between RemovePadding and RestorePadding: row-wise on [tokens, hidden] or packed-aware
 ROW_WISE = {"MatMul", "SkipLayerNormalization", "BiasGelu", "Gelu", "FastGelu", "Add", "Mul", "Cast",
             "PackedAttention", "Attention"}
@@ -46,6 +48,14 @@ ROW_WISE = {"MatMul", "SkipLayerNormalization", "BiasGelu", "Gelu", "FastGelu", 
 
 class PackingError(ValueError):
     """The graph does not have the structure packed attention needs."""
+
+
+def ensure_ms_opset(model) -> None:
+    """Declare the com.microsoft domain when ORT's contrib ops are used (the fp16 fusions do not)."""
+    from onnx import helper
+
+    if any(n.domain == MS for n in model.graph.node) and not any(o.domain == MS for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS, 1))
 
 
 def topo_sort(graph) -> None:
@@ -205,8 +215,7 @@ def pack_graph(model, host_offsets: bool = False) -> int:
     keep_vi = [v for v in g.value_info if v.name not in stale]
     del g.value_info[:]
     g.value_info.extend(keep_vi)
-    if not any(o.domain == MS for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS, 1))
+    ensure_ms_opset(model)
     return len(atts)
 
 

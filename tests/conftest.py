@@ -10,10 +10,13 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLADE = ROOT / "cliptune_ort" / "assets" / "models" / "splade-tiny"
+#: the graph contract's inputs, in the order the torch wrapper takes them
+NAMES = ("input_ids", "attention_mask", "mask_pos", "prompt_embeds", "verbalizer_ids")
 
 
 def _has_torch() -> bool:
@@ -84,3 +87,21 @@ def roberta_dir(tiny_roberta_src, tmp_path_factory):
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def contract_inputs(man, pop=4, batch=7, extra=29, seed=21):
+    """Random feeds of the graph contract for ``man``: [CLS] + placeholders, right-padded rows."""
+    rng = np.random.default_rng(seed)
+    L, H = man.n_prompt, man.hidden
+    seq = L + extra
+    ids = rng.integers(1000, 20000, size=(batch, seq)).astype(np.int64)
+    ids[:, 0] = man.data["tokenizer"]["cls_id"]  # the contract: [CLS] + placeholders in every row
+    ids[:, 1:L + 1] = man.data["placeholder_ids"]
+    lengths = rng.integers(L + 5, seq + 1, size=batch)
+    lengths[0] = seq
+    am = (np.arange(seq)[None] < lengths[:, None]).astype(np.int64)
+    ids[am == 0] = man.data["tokenizer"]["pad_id"]
+    mask_pos = np.array([rng.integers(L + 1, n) for n in lengths], dtype=np.int64)
+    prompts = (rng.standard_normal((pop, L, H)) * man.embedding_std).astype(np.float32)
+    verb = np.array([2307, 6659, 1045], dtype=np.int64)
+    return dict(zip(NAMES, (ids, am, mask_pos, prompts, verb)))

@@ -22,13 +22,12 @@ import pytest
 from cliptune_ort.engine import Engine
 from cliptune_ort.manifest import load_manifest
 
-from .conftest import SPLADE, needs_export
+from .conftest import NAMES, SPLADE, contract_inputs, needs_export
 
 pytestmark = needs_export
 
 FP16_ATOL = 2e-2
 FP16_REL_RMS = 1e-2
-NAMES = ("input_ids", "attention_mask", "mask_pos", "prompt_embeds", "verbalizer_ids")
 
 
 @pytest.fixture(scope="module")
@@ -46,23 +45,6 @@ def fp16_dirs(tmp_path_factory, tiny_roberta_src):
     return dirs
 
 
-def _inputs(man, pop=4, batch=7, extra=29, seed=21):
-    rng = np.random.default_rng(seed)
-    L, H = man.n_prompt, man.hidden
-    seq = L + extra
-    ids = rng.integers(1000, 20000, size=(batch, seq)).astype(np.int64)
-    ids[:, 0] = man.data["tokenizer"]["cls_id"]  # the contract: [CLS] + placeholders in every row
-    ids[:, 1:L + 1] = man.data["placeholder_ids"]
-    lengths = rng.integers(L + 5, seq + 1, size=batch)
-    lengths[0] = seq
-    am = (np.arange(seq)[None] < lengths[:, None]).astype(np.int64)
-    ids[am == 0] = man.data["tokenizer"]["pad_id"]
-    mask_pos = np.array([rng.integers(L + 1, n) for n in lengths], dtype=np.int64)
-    prompts = (rng.standard_normal((pop, L, H)) * man.embedding_std).astype(np.float32)
-    verb = np.array([2307, 6659, 1045], dtype=np.int64)
-    return dict(zip(NAMES, (ids, am, mask_pos, prompts, verb)))
-
-
 def _run(model_dir, graph, feeds):
     man = load_manifest(model_dir)
     eng = Engine(man, [graph], device="cpu", cands_per_call=1)
@@ -72,10 +54,9 @@ def _run(model_dir, graph, feeds):
 def _torch_folded(src, man, graph, feeds):
     """The export's torch wrapper, fp32, masks folded into the weights (what fp16 converts)."""
     import torch
-    from transformers import AutoModelForMaskedLM
-
     from cliptune_export.exporter import draw_masks
     from cliptune_export.wrapper import ARCHS, ContractModel, dropout_sites
+    from transformers import AutoModelForMaskedLM
 
     mlm = AutoModelForMaskedLM.from_pretrained(str(src), attn_implementation="eager").eval()
     arch = ARCHS[mlm.config.model_type]
@@ -104,7 +85,7 @@ def test_fp16_graphs_match_fp32(which, fp16_dirs, splade_dir, roberta_dir):
     fp32_dir = splade_dir if which == "splade" else roberta_dir
     man16, man32 = load_manifest(fp16_dir), load_manifest(fp32_dir)
     assert man16.data["precision"] == "fp16" and man16.data["masks_folded"] is True
-    feeds = _inputs(man16)
+    feeds = contract_inputs(man16)
     for g in range(man16.k + 1):
         rec = man16.data["graphs"][g]
         assert rec["max_abs_diff"] <= FP16_ATOL and rec["atol"] == FP16_ATOL  # the exporter's own check
@@ -161,7 +142,7 @@ def test_shared_trace_equals_tracing_every_graph(fp16_dirs, tiny_roberta_src, tm
     traced = tmp_path / "traced"
     export_model(str(tiny_roberta_src), traced, ExportOptions(k=1, p=0.2, seed=5, n_prompt=10, precision="fp16"))
     shared, _ = fp16_dirs["roberta"]
-    feeds = _inputs(load_manifest(shared), seed=4)
+    feeds = contract_inputs(load_manifest(shared), seed=4)
     for g in (0, 1):
         np.testing.assert_allclose(_run(shared, g, feeds), _run(traced, g, feeds), atol=1e-6, rtol=0)
 
@@ -170,11 +151,10 @@ def test_hf_layers_path_equals_the_exported_layers(tiny_roberta_src, roberta_dir
     """ContractModel(hf_layers=True) (the GPU benchmark's PyTorch baselines: the HF layers' own
     attention) computes what the exported full_layer computes."""
     import torch
+    from cliptune_export.wrapper import ARCHS, ContractModel
     from transformers import AutoModelForMaskedLM
 
-    from cliptune_export.wrapper import ARCHS, ContractModel
-
-    feeds = _inputs(load_manifest(roberta_dir), seed=8)
+    feeds = contract_inputs(load_manifest(roberta_dir), seed=8)
     outs = []
     for hf in (False, True):
         mlm = AutoModelForMaskedLM.from_pretrained(str(tiny_roberta_src), attn_implementation="eager").eval()

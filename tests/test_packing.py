@@ -23,11 +23,10 @@ import pytest
 from cliptune_ort.errors import ConfigError
 from cliptune_ort.manifest import load_manifest
 
-from .conftest import needs_export
+from .conftest import contract_inputs, needs_export
 
 pytestmark = needs_export
 
-NAMES = ("input_ids", "attention_mask", "mask_pos", "prompt_embeds", "verbalizer_ids")
 
 
 def _reference_ops():
@@ -125,28 +124,12 @@ def _reference_ops():
 def _with_weights(path):
     """The graph file with its external weights (weights.bin) loaded into the initializers."""
     import onnx
-    from cliptune_export.packing import topo_sort
+    from cliptune_export.packing import ensure_ms_opset, topo_sort
 
     m = onnx.load(str(path), load_external_data=True)
     topo_sort(m.graph)
-    if not any(o.domain == "com.microsoft" for o in m.opset_import):
-        m.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    ensure_ms_opset(m)
     return m
-
-
-def _feeds(man, pop=2, batch=5, extra=17, seed=3):
-    rng = np.random.default_rng(seed)
-    L, seq = man.n_prompt, man.n_prompt + extra
-    ids = rng.integers(1000, 20000, size=(batch, seq)).astype(np.int64)
-    ids[:, 0] = man.data["tokenizer"]["cls_id"]
-    ids[:, 1:L + 1] = man.data["placeholder_ids"]
-    lengths = rng.integers(L + 3, seq + 1, size=batch)
-    lengths[1] = seq
-    am = (np.arange(seq)[None] < lengths[:, None]).astype(np.int64)
-    ids[am == 0] = man.data["tokenizer"]["pad_id"]
-    mask_pos = np.array([rng.integers(L + 1, n) for n in lengths], dtype=np.int64)
-    prompts = (rng.standard_normal((pop, L, man.hidden)) * man.embedding_std).astype(np.float32)
-    return dict(zip(NAMES, (ids, am, mask_pos, prompts, np.array([2307, 6659, 1045], np.int64))))
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +157,7 @@ def test_packed_graph_matches_unpacked(packed_pair):
     src, packed, packed_host = packed_pair
     man, pman, hman = load_manifest(src), load_manifest(packed), load_manifest(packed_host)
     assert pman.packed and hman.packed and hman.host_packing and not man.packed and not pman.host_packing
-    feeds = _feeds(man)
+    feeds = contract_inputs(man, pop=2, batch=5, extra=17, seed=3)
     host_feeds = {**feeds, **packing_feeds(feeds["attention_mask"], len(feeds["prompt_embeds"]))}
     ops = _reference_ops()
     layers = man.data["model"]["layers"]
