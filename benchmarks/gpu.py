@@ -15,7 +15,9 @@ One run on one machine (the lent H100/H200; see benchmarks/gpu_run.sh for the de
 3. ort     ORT CUDA fp16 and fp32 through the package's ``Engine`` (plain ``run``, IOBinding with the
            fixed inputs resident on the device, CUDA graphs), graph 0; and ``packed``: a copy of the
            fp16 export with packed (padding-free) attention (export/packing.py), the whole set in one
-           call with no padded token computed, IOBinding.
+           call with no padded token computed, IOBinding; ``packed_host`` (offsets fed by the runtime,
+           CUDA-graph capturable) and the ``_flash`` copies of both (PackedMultiHeadAttention without
+           biases, which ORT runs with FlashAttention's varlen kernel).
            Every cell: population 1 and 20 (20 candidates stacked in one call per length bucket) x
            {1 bucket (padded to the longest), 4 length buckets}, on the real SST-2 16-shot train
            set of seed 13 (32 examples); median/p90 of >= 15 calls after warm-up. One "call" scores
@@ -25,7 +27,7 @@ One run on one machine (the lent H100/H200; see benchmarks/gpu_run.sh for the de
 5. tune    measured runs through the package API: ``tuner.tune`` on SST-2 with the fp16 export,
            method bbt and clip (K=4), the full default budget (8,000 calls); wall_seconds from
            result.json. They use the fastest fp16 variant at pop 20 (padded with IOBinding or CUDA
-           graphs, packed, packed_host with IOBinding or CUDA graphs) whose logits matched PyTorch
+           graphs, the packed layouts with IOBinding or CUDA graphs) whose logits matched PyTorch
            fp32 as well as the padded graph's (``--tune-variant`` forces one).
 
 Results: ``<out>/gpu_<device>.json`` and ``.md`` (device name, providers that ran, versions, every
@@ -379,10 +381,22 @@ def make_engine(model_dir: Path, device: str, mode: str):
     from cliptune_ort.manifest import load_manifest
 
     man = load_manifest(model_dir)
-    kw = {"run": {"iobinding": False}, "iobinding": {"iobinding": True},
-          "cuda_graph": {"iobinding": True, "cuda_graph": True}, "packed": {"iobinding": True},
-          "packed_host": {"iobinding": True}, "packed_host_cg": {"iobinding": True, "cuda_graph": True}}[mode]
+    if mode.startswith("packed"):  # packed[_host][_flash][_cg]: the layout is the export's
+        kw = {"iobinding": True, "cuda_graph": mode.endswith("_cg")}
+    else:
+        kw = {"run": {"iobinding": False}, "iobinding": {"iobinding": True},
+              "cuda_graph": {"iobinding": True, "cuda_graph": True}}[mode]
     return Engine(man, [0], device=device, **kw)
+
+
+#: the packed copies of the fp16 export: name -> (host offsets, attention kernel of export/packing.py)
+PACKED_LAYOUTS = {"packed": (False, "fused"), "packed_host": (True, "fused"),
+                  "packed_flash": (False, "flash"), "packed_host_flash": (True, "flash")}
+#: tune variants: name -> (packed layout or None for the padded export, CUDA graphs)
+TUNE_VARIANTS = {"padded": (None, False), "padded_cg": (None, True), "packed": ("packed", False),
+                 "packed_host": ("packed_host", False), "packed_host_cg": ("packed_host", True),
+                 "packed_flash": ("packed_flash", False), "packed_host_flash": ("packed_host_flash", False),
+                 "packed_host_flash_cg": ("packed_host_flash", True)}
 
 
 def profile_placement(model_dir: Path, device: str, enc, verb, work: Path, n_buckets: int = 4,
@@ -596,12 +610,12 @@ def parse_args(argv=None):
     ap.add_argument("--work", default="/tmp/cliptune_gpu_work", help="exports and run dirs (large; never --out)")
     ap.add_argument("--quick", action="store_true", help="5 timed calls per cell, 1,000-call tune runs")
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny random RoBERTa, CPU provider, 2 timed calls")
-    ap.add_argument("--skip", default="", help="comma list: export,torch,ort,fp32,packed,kernels,profile,bbt,clip")
+    ap.add_argument("--skip", default="",
+                    help="comma list: export,torch,ort,fp32,packed,flash,kernels,profile,bbt,clip")
     ap.add_argument("--iters", type=int, default=0, help="timed calls per cell (default 15; quick 5; dry run 2)")
     ap.add_argument("--budget", type=int, default=0, help="tune budget in calls (default 8000; quick 1000; dry 100)")
     ap.add_argument("--tune-seed", type=int, default=42, help="seed of the tune runs (few-shot sample, A, CMA-ES)")
-    ap.add_argument("--tune-variant", default="auto",
-                    choices=("auto", "padded", "padded_cg", "packed", "packed_host", "packed_host_cg"),
+    ap.add_argument("--tune-variant", default="auto", choices=("auto", *TUNE_VARIANTS),
                     help="fp16 variant of the tune runs; auto: the fastest at pop 20 whose parity was sound")
     ap.add_argument("--deadline", type=float, default=345.0,
                     help="seconds for the whole script; a tune run that would not fit gets a smaller budget (flagged)")
@@ -655,7 +669,9 @@ def main(argv=None) -> int:
                                       "PackedAttention / RestorePadding, export/packing.py): iobinding, the whole "
                                       "set in one call, no padded token computed up to the last layer; "
                                       "packed_host(_cg) = the same with the packing offsets fed by the host "
-                                      "(no RemovePadding; IOBinding, or CUDA graphs)",
+                                      "(no RemovePadding; IOBinding, or CUDA graphs); *_flash = the same layouts "
+                                      "with the flash kernel (Q/K/V projections + PackedMultiHeadAttention "
+                                      "without biases: FlashAttention varlen; export --packed-kernel flash)",
                          "torch": "ContractModel(hf_layers=True): the HF layers' own attention (eager or SDPA), "
                                   "the same gather-at-mask head and last layer at the mask as the export; "
                                   "torch.backends.cuda.matmul.allow_tf32 left at its default (see versions)",
@@ -776,16 +792,20 @@ def main(argv=None) -> int:
             break
 
     # the packed copy of the fp16 export (graph rewrite only; runs on the CUDA provider only)
-    packed_dir, packed_host_dir = work / (fp16_dir.name + "_packed"), work / (fp16_dir.name + "_packed_host")
-    for name, pdir, host in (("packed", packed_dir, False), ("packed_host", packed_host_dir, True)):
+    packed_dirs = {name: work / f"{fp16_dir.name}_{name}" for name in PACKED_LAYOUTS}
+    packed_dir = packed_dirs["packed"]
+    for name, (host, kernel) in PACKED_LAYOUTS.items():
+        pdir = packed_dirs[name]
         if "packed" in skip or not (fp16_dir / "manifest.json").is_file():
             break
+        if kernel == "flash" and "flash" in skip:
+            continue
         try:
             from cliptune_export.packing import pack_export
 
             t = time.perf_counter()
-            pman = pack_export(fp16_dir, pdir, overwrite=True, host_offsets=host)
-            res.data["export"][name] = {"wall_seconds": round(time.perf_counter() - t, 1),
+            pman = pack_export(fp16_dir, pdir, overwrite=True, host_offsets=host, kernel=kernel)
+            res.data["export"][name] = {"wall_seconds": round(time.perf_counter() - t, 1), "kernel": kernel,
                                         "packed_attention_nodes": [g["packed_attention_nodes"] for g in pman["graphs"]]}
             log(f"{name} copy of the fp16 export in {res.data['export'][name]['wall_seconds']} s")
         except Exception as e:
@@ -815,7 +835,7 @@ def main(argv=None) -> int:
     engine_ok: dict = {}
     parity_prompts = None
     parity_out: dict = {}
-    for precision, mdir in (("fp16", fp16_dir), ("fp32", fp32_dir), ("fp16", packed_dir), ("fp16", packed_host_dir)):
+    for precision, mdir in (("fp16", fp16_dir), ("fp32", fp32_dir), *(("fp16", d) for d in packed_dirs.values())):
         if "ort" in skip or (precision == "fp32" and "fp32" in skip) or not (mdir / "manifest.json").is_file():
             continue
         man = load_manifest(mdir)
@@ -829,7 +849,8 @@ def main(argv=None) -> int:
             if device != "cuda":  # RemovePadding / PackedAttention exist on the CUDA provider only
                 res.data["packed_note"] = "packed-attention cells need the CUDA provider: not run on the CPU"
                 continue
-            modes = ["packed_host", "packed_host_cg"] if man.host_packing else ["packed"]
+            layout = next(n for n, d in packed_dirs.items() if d == mdir)
+            modes = [layout, layout + "_cg"] if man.host_packing else [layout]
         for mode in modes:
             try:
                 t = time.perf_counter()
@@ -855,7 +876,7 @@ def main(argv=None) -> int:
             except Exception as e:
                 engine_ok[(precision, mode)] = False
                 res.error(f"ort {precision} {mode}", e)
-        res.data["sections_done"].append(f"ort_{precision}" + ("_" + man.data["attention"] if man.packed else ""))
+        res.data["sections_done"].append(f"ort_{precision}" + (f"_{mdir.name}" if man.packed else ""))
         res.save()
     res.data["providers_that_ran"] = sorted({c["provider"] for c in cells if c.get("provider")})
 
@@ -865,7 +886,10 @@ def main(argv=None) -> int:
         pr20 = None
         for label, mdir, mode, nb in (("ort_fp16_iobinding_4buckets", fp16_dir, "iobinding", 4),
                                       ("ort_fp16_packed", packed_dir, "packed", 1),
-                                      ("ort_fp16_packed_host_cg", packed_host_dir, "packed_host_cg", 1)):
+                                      ("ort_fp16_packed_host_cg", packed_dirs["packed_host"], "packed_host_cg", 1),
+                                      ("ort_fp16_packed_flash", packed_dirs["packed_flash"], "packed_flash", 1),
+                                      ("ort_fp16_packed_host_flash_cg", packed_dirs["packed_host_flash"],
+                                       "packed_host_flash_cg", 1)):
             if "ort" in skip or not (mdir / "manifest.json").is_file():
                 continue
             man = load_manifest(mdir)
@@ -969,9 +993,8 @@ def main(argv=None) -> int:
     variants = {  # name: (model dir, cuda_graph, pop-20 p50 ms, usable)
         "padded": (fp16_dir, False, p50_of("iobinding", 4), True),
         "padded_cg": (fp16_dir, True, p50_of("cuda_graph", 4), bool(engine_ok.get(("fp16", "cuda_graph")))),
-        "packed": (packed_dir, False, p50_of("packed", 1), sound("ort_fp16_packed")),
-        "packed_host": (packed_host_dir, False, p50_of("packed_host", 1), sound("ort_fp16_packed_host")),
-        "packed_host_cg": (packed_host_dir, True, p50_of("packed_host_cg", 1), sound("ort_fp16_packed_host_cg")),
+        **{name: (packed_dirs[layout], cg, p50_of(name, 1), sound(f"ort_fp16_{name}"))
+           for name, (layout, cg) in TUNE_VARIANTS.items() if layout},
     }
     if args.tune_variant != "auto":
         chosen = args.tune_variant

@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--packed", nargs="?", const="device", choices=("device", "host"), default=False,
                    help="fp16 only: packed (padding-free) attention, CUDA provider only (one call, no padded "
                         "tokens); 'host': the runtime feeds the packing offsets, so CUDA graphs can capture it")
+    e.add_argument("--packed-kernel", choices=("fused", "flash"), default=None,
+                   help="with --packed: 'fused' = ORT's PackedAttention (QKV projection inside the op), 'flash' = "
+                        "Q/K/V projections + PackedMultiHeadAttention without biases (FlashAttention varlen on "
+                        "sm80+; the key bias dropped and the value bias folded, both exact) (default: fused)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
     t = sub.add_parser("tune", help="tune a soft prompt (default: SST-2 on the embedded model)")
@@ -189,6 +193,8 @@ def cmd_export(a) -> int:
     opts = ExportOptions(k=a.k, p=a.p, seed=a.seed, n_prompt=a.n_prompt, random_init=a.random_init,
                          tokenizer=a.tokenizer, overwrite=a.overwrite, precision=a.precision,
                          fold_masks=a.fold_masks, share_prefix=a.share_prefix, packed=a.packed)
+    if a.packed_kernel is not None:
+        opts.packed_kernel = a.packed_kernel
     if a.atol is not None:
         opts.atol = a.atol
     try:

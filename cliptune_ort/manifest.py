@@ -136,6 +136,8 @@ def _check_structure(mpath: Path, data: dict[str, Any]) -> None:
                                      f"{model['vocab']}")
     if data.get("attention", "padded") not in ("padded", "packed", "packed_host"):
         raise bad("attention", "'padded', 'packed' or 'packed_host'")
+    if data.get("packed_kernel", "fused") not in ("fused", "flash"):
+        raise bad("packed_kernel", "'fused' or 'flash'")
     sp = data.get("shared_prefix", 0)
     if not is_int(sp) or sp > data["n_prompt"] + 1:
         raise bad("shared_prefix", f"an integer in 0..{data['n_prompt'] + 1} (n_prompt + 1)")

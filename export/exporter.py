@@ -66,6 +66,7 @@ class ExportOptions:
     packed: bool | str = False  # fp16 only: ORT's packed (padding-free) attention, CUDA provider only
     # (packing.py): True / "device" = RemovePadding in the graph; "host" = the runtime feeds the packing
     # (CUDA-graph capturable); the graphs are validated against PyTorch before they are packed
+    packed_kernel: str = "fused"  # packing.KERNELS: "fused" (PackedAttention) | "flash" (PackedMultiHeadAttention)
 
     def validate(self) -> None:
         if not isinstance(self.k, int) or self.k < 0:
@@ -80,6 +81,8 @@ class ExportOptions:
             raise ConfigError(f"--atol must be > 0, got {self.atol!r}")
         if self.packed not in (False, True, "", "device", "host"):
             raise ConfigError(f"--packed must be 'device' or 'host', got {self.packed!r}")
+        if self.packed_kernel not in ("fused", "flash"):
+            raise ConfigError(f"--packed-kernel must be 'fused' or 'flash', got {self.packed_kernel!r}")
         if self.packed and (self.precision != "fp16" or self.resolved_share_prefix()):
             raise ConfigError("--packed needs --precision fp16 without --share-prefix (ORT fuses Attention only "
                               "there; packed attention runs on the CUDA provider only)")
@@ -373,9 +376,10 @@ def export_model(model: str, out: str | os.PathLike, opts: ExportOptions | None 
         if opts.packed:
             from .packing import pack_graph_file
 
-            _log("packing attention (RemovePadding / PackedAttention / RestorePadding; CUDA provider only)")
+            _log(f"packing attention ({opts.packed_kernel} kernel; CUDA provider only)")
             for g in graphs:
-                g["packed_attention_nodes"] = pack_graph_file(tmp / g["file"], host_offsets=opts.packed == "host")
+                g["packed_attention_nodes"] = pack_graph_file(tmp / g["file"], host_offsets=opts.packed == "host",
+                                                              kernel=opts.packed_kernel)
         for g in graphs:
             g["sha256"] = sha256_file(tmp / g["file"])
         manifest = {
@@ -410,6 +414,7 @@ def export_model(model: str, out: str | os.PathLike, opts: ExportOptions | None 
             "precision": opts.precision,
             "masks_folded": opts.resolved_fold(),
             "attention": ("packed_host" if opts.packed == "host" else "packed") if opts.packed else "padded",
+            **({"packed_kernel": opts.packed_kernel} if opts.packed else {}),
             # positions 0..L projected once per candidate in the first layer: every row of a batch must
             # hold the same ids there (the runtime checks); 0 = no such requirement
             "shared_prefix": opts.n_prompt + 1 if opts.resolved_share_prefix() else 0,

@@ -14,6 +14,16 @@ the query at the mask) reads padded again. ORT's own converter
 (``onnxruntime.transformers.convert_to_packing_mode``) restores padding after the *last* layer
 norm, which here sits inside the single-query layer; hence this converter.
 
+``kernel="flash"``: each layer's ``Attention`` becomes three projections and
+``PackedMultiHeadAttention`` without a bias input, for which ORT's CUDA provider runs FlashAttention's
+variable-length kernel straight on the packed [tokens, hidden] Q, K and V (``PackedAttention``, the
+``"fused"`` kernel, adds the QKV bias and transposes to [batch, heads, seq, head] first, then runs
+ORT's cutlass kernel on H100s). The biases are moved where they cost nothing, exactly:
+the key bias adds ``q . b_k`` to every score of a query row, which softmax ignores, so it is dropped;
+the value bias comes out of the attention unchanged (each row's weights sum to 1), so ``b_v @ W_o``
+joins the output projection's bias (SkipLayerNormalization's bias input). Only the query bias stays,
+as one Add. The weight slices are Slice nodes on the fused QKV weight, which ORT folds at load.
+
 ``host_offsets=True`` (the "packed_host" layout): no RemovePadding. The graph takes the packing as
 three more inputs the runtime computes once per (batch, population) from the attention mask
 (:func:`cliptune_ort.engine.packing_feeds`) and keeps on the device: ``packed_token_index`` (int64
@@ -44,6 +54,10 @@ MS = "com.microsoft"
 #: ops allowed between RemovePadding and RestorePadding: row-wise on [tokens, hidden] or packed-aware
 ROW_WISE = {"MatMul", "SkipLayerNormalization", "BiasGelu", "Gelu", "FastGelu", "Add", "Mul", "Cast",
             "PackedAttention", "Attention"}
+#: the packed attention kernels: "fused" = PackedAttention (QKV projection inside the op),
+#: "flash" = Q/K/V projections + PackedMultiHeadAttention without bias (FlashAttention varlen on sm80+)
+KERNELS = ("fused", "flash")
+DEFAULT_KERNEL = "fused"
 
 
 class PackingError(ValueError):
@@ -78,13 +92,18 @@ def topo_sort(graph) -> None:
     graph.node.extend(ordered)
 
 
-def pack_graph(model, host_offsets: bool = False) -> int:
+def pack_graph(model, host_offsets: bool = False, kernel: str = DEFAULT_KERNEL,
+               base_dir: str | os.PathLike | None = None) -> int:
     """Rewrite ``model`` (onnx.ModelProto, fused fp16 graph of the contract) in place for packed
-    attention (``host_offsets``: the packing comes in as graph inputs); returns the number of
-    Attention nodes converted. Raises :class:`PackingError` with the
+    attention (``host_offsets``: the packing comes in as graph inputs; ``kernel``: see :data:`KERNELS`;
+    ``base_dir``: where external weights live, which the "flash" kernel reads to fold the value bias);
+    returns the number of Attention nodes converted. Raises :class:`PackingError` with the
     reason when the graph does not have the expected structure (then only the node order may have changed:
     a topological sort, same graph)."""
     from onnx import helper
+
+    if kernel not in KERNELS:
+        raise PackingError(f"packed attention kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
 
     g = model.graph
     topo_sort(g)
@@ -171,6 +190,8 @@ def pack_graph(model, host_offsets: bool = False) -> int:
     if any(o.name == t_last for o in g.output):
         raise PackingError("the last full layer's output is a graph output")
 
+    flash = _plan_flash(g, atts, only, base_dir) if kernel == "flash" else {}
+
     # rewrite
     x_packed, offset, cum, max_len = (x0 + "__packed", x0 + "__token_offset", x0 + "__cu_seqlens",
                                       x0 + "__max_len")
@@ -197,7 +218,9 @@ def pack_graph(model, host_offsets: bool = False) -> int:
         elif n is atts[0]:
             new_nodes.append(helper.make_node("RemovePadding", [x0, mask], [x_packed, offset, cum, max_len],
                                               name="cliptune_RemovePadding", domain=MS))
-        if n.op_type == "Attention" and n.domain == MS:
+        if n.op_type == "Attention" and n.domain == MS and kernel == "flash":
+            new_nodes.extend(_flash_nodes(n, flash[n.name], offset, cum))
+        elif n.op_type == "Attention" and n.domain == MS:
             keep = [a for a in n.attribute if a.name in ("num_heads", "qkv_hidden_sizes", "scale")]
             p = helper.make_node("PackedAttention", [n.input[0], n.input[1], n.input[2], offset, cum], list(n.output),
                                  name=n.name + "_packed", domain=MS)
@@ -208,6 +231,8 @@ def pack_graph(model, host_offsets: bool = False) -> int:
         if n is s2:
             new_nodes.append(helper.make_node("RestorePadding", [t_packed, offset], [t_last],
                                               name="cliptune_RestorePadding", domain=MS))
+    if flash:  # before the node list is rebuilt: extend() copies the nodes
+        _apply_flash(g, flash)
     del g.node[:]
     g.node.extend(new_nodes)
     # shapes recorded for the padded tensors no longer hold inside the region
@@ -219,13 +244,95 @@ def pack_graph(model, host_offsets: bool = False) -> int:
     return len(atts)
 
 
-def pack_graph_file(path: str | os.PathLike, out: str | os.PathLike | None = None, host_offsets: bool = False) -> int:
+def _plan_flash(g, atts, only, base_dir) -> dict:
+    """Per Attention node of the "flash" kernel: the folded biases (numpy fp16) and the SkipLayerNorm whose
+    bias takes the value bias. Reads only; raises PackingError when a layer is not Attention -> MatMul ->
+    SkipLayerNormalization or a weight is not an initializer."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in g.initializer}
+
+    def value(name: str):
+        if name not in inits:
+            raise PackingError(f"{name} is not an initializer: the flash kernel folds the value bias at export")
+        try:
+            return numpy_helper.to_array(inits[name], base_dir=str(base_dir) if base_dir else "")
+        except Exception as e:  # external data not found
+            raise PackingError(f"cannot read {name} ({e}): pass base_dir, the folder of the graph's weights") from e
+
+    plan = {}
+    for a in atts:
+        attrs = {x.name: helper.get_attribute_value(x) for x in a.attribute}
+        sizes = list(attrs.get("qkv_hidden_sizes") or [])
+        if sizes and len(set(sizes)) != 1:
+            raise PackingError(f"{a.name} has unequal qkv_hidden_sizes {sizes}: not supported by the flash kernel")
+        bias = value(a.input[2])
+        hid = bias.shape[-1] // 3
+        proj = only(a.output[0], "MatMul")
+        sln = only(proj.output[0], "SkipLayerNormalization")
+        w_o = value(proj.input[1])
+        b_o = value(sln.input[4]) if len(sln.input) > 4 and sln.input[4] else np.zeros(hid, np.float32)
+        if w_o.shape != (hid, hid) or b_o.shape != (hid,):
+            raise PackingError(f"{proj.name} / {sln.name}: output projection {w_o.shape} and bias {b_o.shape} "
+                               f"do not fit hidden size {hid}")
+        b_out = b_o.astype(np.float32) + bias[2 * hid:].astype(np.float32) @ w_o.astype(np.float32)
+        plan[a.name] = {"hid": hid, "b_q": bias[:hid].astype(bias.dtype), "b_out": b_out.astype(bias.dtype),
+                        "sln": sln, "num_heads": attrs["num_heads"], "scale": attrs.get("scale")}
+    return plan
+
+
+def _flash_nodes(att, p: dict, offset: str, cum: str) -> list:
+    """Q/K/V projections (slices of the fused weight; no key or value bias) + PackedMultiHeadAttention."""
+    from onnx import helper
+
+    x, w, name, h = att.input[0], att.input[1], att.name, p["hid"]
+    out = []
+    for i, part in enumerate("qkv"):
+        out.append(helper.make_node("Slice", [w, f"cliptune_qkv_at_{i * h}", f"cliptune_qkv_at_{(i + 1) * h}",
+                                              "cliptune_qkv_axis"], [f"{name}__w{part}"], name=f"{name}_slice_{part}"))
+        mm_out = f"{name}__{part}" if part != "q" else f"{name}__q_nobias"
+        out.append(helper.make_node("MatMul", [x, f"{name}__w{part}"], [mm_out], name=f"{name}_matmul_{part}"))
+    out.append(helper.make_node("Add", [f"{name}__q_nobias", f"{name}__b_q"], [f"{name}__q"], name=f"{name}_bias_q"))
+    mha = helper.make_node("PackedMultiHeadAttention", [f"{name}__q", f"{name}__k", f"{name}__v", "", offset, cum],
+                           list(att.output), name=name + "_packed_mha", domain=MS, num_heads=p["num_heads"])
+    if p["scale"]:
+        mha.attribute.append(helper.make_attribute("scale", p["scale"]))
+    out.append(mha)
+    return out
+
+
+def _apply_flash(g, plan: dict) -> None:
+    """The new initializers (query biases, output biases with the value bias folded in, slice bounds)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    have = {t.name for t in g.initializer}
+    bounds = {0}
+    for name, p in plan.items():
+        h = p["hid"]
+        bounds |= {h, 2 * h, 3 * h}
+        g.initializer.append(numpy_helper.from_array(p["b_q"], f"{name}__b_q"))
+        g.initializer.append(numpy_helper.from_array(p["b_out"], f"{name}__b_out"))
+        sln = p["sln"]
+        while len(sln.input) < 5:
+            sln.input.append("")
+        sln.input[4] = f"{name}__b_out"
+    for b in sorted(bounds):
+        if f"cliptune_qkv_at_{b}" not in have:
+            g.initializer.append(numpy_helper.from_array(np.array([b], np.int64), f"cliptune_qkv_at_{b}"))
+    if "cliptune_qkv_axis" not in have:
+        g.initializer.append(numpy_helper.from_array(np.array([1], np.int64), "cliptune_qkv_axis"))
+
+
+def pack_graph_file(path: str | os.PathLike, out: str | os.PathLike | None = None, host_offsets: bool = False,
+                    kernel: str = DEFAULT_KERNEL) -> int:
     """:func:`pack_graph` on a graph file (weights stay where they are); writes ``out`` or in place."""
     import onnx
 
     path = Path(path)
     m = onnx.load(str(path), load_external_data=False)
-    n = pack_graph(m, host_offsets)
+    n = pack_graph(m, host_offsets, kernel, base_dir=path.parent)
     target = Path(out) if out else path
     tmp = target.with_name(target.name + ".tmp")
     onnx.save(m, str(tmp))
@@ -234,10 +341,10 @@ def pack_graph_file(path: str | os.PathLike, out: str | os.PathLike | None = Non
 
 
 def pack_export(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False,
-                host_offsets: bool = False) -> dict:
+                host_offsets: bool = False, kernel: str = DEFAULT_KERNEL) -> dict:
     """A packed copy of the fp16 export ``src`` in ``out``: graphs rewritten, the weights file
     copied, the manifest re-sealed with ``attention: packed`` (``packed_host`` with
-    ``host_offsets``). Returns the manifest."""
+    ``host_offsets``) and ``packed_kernel``. Returns the manifest."""
     from cliptune_ort.errors import ConfigError
     from cliptune_ort.fileio import atomic_write_json, sha256_file
     from cliptune_ort.manifest import MANIFEST_NAME, load_manifest, seal_manifest
@@ -261,9 +368,10 @@ def pack_export(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool 
         for f in (data["weights"]["file"], data["tokenizer"]["file"]):
             shutil.copy2(src / f, tmp / f)  # not a hard link: onnx refuses external data with several links
         for gr in data["graphs"]:
-            gr["packed_attention_nodes"] = pack_graph_file(src / gr["file"], tmp / gr["file"], host_offsets)
+            gr["packed_attention_nodes"] = pack_graph_file(src / gr["file"], tmp / gr["file"], host_offsets, kernel)
             gr["sha256"] = sha256_file(tmp / gr["file"])
         data["attention"] = "packed_host" if host_offsets else "packed"
+        data["packed_kernel"] = kernel
         data["packed_from"] = str(src)
         atomic_write_json(tmp / MANIFEST_NAME, seal_manifest(data))
         load_manifest(tmp)  # the result must load and verify

@@ -70,6 +70,18 @@ def _reference_ops():
                 out[r] = attend(q[r], k[r], v[r], num_heads, sc, np.ones(r.stop - r.start, bool)).astype(x.dtype)
             return (out,)
 
+    class PackedMultiHeadAttention(OpRun):  # separate Q, K, V [tokens, hidden]; no bias (the flash kernel)
+        op_domain = "com.microsoft"
+
+        def _run(self, q, k, v, bias, token_offset, cu, *_, num_heads=None, scale=None, **__):
+            assert bias is None and q.ndim == 2 and k.shape == q.shape == v.shape
+            sc = scale or 1.0 / math.sqrt(q.shape[-1] // num_heads)
+            out = np.empty_like(q)
+            for i in range(len(cu) - 1):
+                r = slice(int(cu[i]), int(cu[i + 1]))
+                out[r] = attend(q[r], k[r], v[r], num_heads, sc, np.ones(r.stop - r.start, bool)).astype(q.dtype)
+            return (out,)
+
     class SkipLayerNormalization(OpRun):
         op_domain = "com.microsoft"
 
@@ -118,7 +130,8 @@ def _reference_ops():
         def _run(self, data, indices, axis=0):
             return (np.take_along_axis(data, indices.astype(np.int64), axis=axis),)
 
-    return [GatherElements, Attention, PackedAttention, SkipLayerNormalization, BiasGelu, RemovePadding, RestorePadding]
+    return [GatherElements, Attention, PackedAttention, PackedMultiHeadAttention, SkipLayerNormalization, BiasGelu,
+            RemovePadding, RestorePadding]
 
 
 def _with_weights(path):
@@ -134,7 +147,8 @@ def _with_weights(path):
 
 @pytest.fixture(scope="module")
 def packed_pair(tmp_path_factory, tiny_roberta_src):
-    """(fp16 export with K=1, its packed copy, its packed_host copy)."""
+    """(fp16 export with K=1, its packed copy, its packed_host copy); the flash-kernel copies are beside
+    them (packed_flash, packed_host_flash)."""
     from cliptune_export import ExportOptions, export_model
     from cliptune_export.packing import pack_export
 
@@ -143,6 +157,8 @@ def packed_pair(tmp_path_factory, tiny_roberta_src):
                                                                     precision="fp16"))
     pack_export(out / "fp16", out / "packed")
     pack_export(out / "fp16", out / "packed_host", host_offsets=True)
+    pack_export(out / "fp16", out / "packed_flash", kernel="flash")
+    pack_export(out / "fp16", out / "packed_host_flash", host_offsets=True, kernel="flash")
     return out / "fp16", out / "packed", out / "packed_host"
 
 
@@ -175,6 +191,84 @@ def test_packed_graph_matches_unpacked(packed_pair):
             assert ref_packed.shape == (2, 5, 3)
             np.testing.assert_allclose(ref_packed, ref_padded, atol=1e-3)  # packing changes nothing real
             assert float(np.abs(ref_packed).max()) > 0.05  # not a trivially zero output
+
+
+def test_flash_kernel_matches_unpacked(packed_pair):
+    """The flash kernel's graph (Q/K/V projections, the key bias dropped, the value bias folded into the
+    output projection's bias, PackedMultiHeadAttention) gives the unpacked graph's logits."""
+    import collections
+
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    from cliptune_ort.engine import packing_feeds
+
+    src = packed_pair[0]
+    man = load_manifest(src)
+    feeds = contract_inputs(man, pop=2, batch=5, extra=17, seed=4)
+    host_feeds = {**feeds, **packing_feeds(feeds["attention_mask"], len(feeds["prompt_embeds"]))}
+    ops = _reference_ops()
+    layers = man.data["model"]["layers"]
+    for name, f, host in (("packed_flash", feeds, False), ("packed_host_flash", host_feeds, True)):
+        m = load_manifest(src.parent / name)
+        assert m.packed and m.host_packing == host and m.data["packed_kernel"] == "flash"
+        for g in range(man.k + 1):
+            graph = onnx.load(str(m.graph_path(g)), load_external_data=False).graph
+            ops_count = collections.Counter(n.op_type for n in graph.node)
+            assert ops_count["PackedMultiHeadAttention"] == layers - 1
+            assert ops_count["PackedAttention"] == ops_count["Attention"] == 0
+            assert ops_count["Slice"] == 3 * (layers - 1)
+            ref_padded = ReferenceEvaluator(_with_weights(man.graph_path(g)), new_ops=ops).run(None, feeds)[0]
+            ref_flash = ReferenceEvaluator(_with_weights(m.graph_path(g)), new_ops=ops).run(None, f)[0]
+            assert ref_flash.shape == (2, 5, 3)
+            np.testing.assert_allclose(ref_flash, ref_padded, atol=2e-3)  # moved biases: fp16 rounding only
+            assert float(np.abs(ref_flash).max()) > 0.05
+
+
+def test_flash_kernel_exact_with_nonzero_biases(packed_pair):
+    """Random-init models have zero biases, which would hide a wrong bias move: give every Q/K/V and output
+    bias random values, then the flash graph (key bias dropped, value bias folded into the output bias)
+    must still give the unpacked graph's logits, and dropping the value bias instead of folding it must not."""
+    import copy
+
+    from cliptune_export.packing import PackingError, pack_graph
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    man = load_manifest(packed_pair[0])
+    feeds = contract_inputs(man, pop=2, batch=4, extra=9, seed=5)
+    ops = _reference_ops()
+    m = _with_weights(man.graph_path(0))
+    rng = np.random.default_rng(0)
+    atts = [n for n in m.graph.node if n.op_type == "Attention"]
+    slns = [n for n in m.graph.node if n.op_type == "SkipLayerNormalization" and len(n.input) > 4 and n.input[4]]
+    biases = {n.input[2] for n in atts} | {n.input[4] for n in slns}
+    assert len(biases) >= 2 * len(atts)  # each layer's QKV bias and output bias
+    for t in m.graph.initializer:
+        if t.name in biases:
+            v = numpy_helper.to_array(t)
+            t.CopyFrom(numpy_helper.from_array((rng.standard_normal(v.shape) * 0.5).astype(v.dtype), t.name))
+    ref = ReferenceEvaluator(m, new_ops=ops).run(None, feeds)[0]
+    flash = copy.deepcopy(m)
+    before = {n.name: n.input[4] for n in flash.graph.node if n.op_type == "SkipLayerNormalization"
+              and len(n.input) > 4}
+    assert pack_graph(flash, kernel="flash") == len(atts)
+    got = ReferenceEvaluator(flash, new_ops=ops).run(None, feeds)[0]
+    np.testing.assert_allclose(got, ref, atol=3e-3)
+    fused = copy.deepcopy(m)
+    pack_graph(fused, kernel="fused")
+    np.testing.assert_allclose(ReferenceEvaluator(fused, new_ops=ops).run(None, feeds)[0], ref, atol=3e-3)
+    dropped = copy.deepcopy(flash)  # the value bias dropped instead of folded: the logits must move
+    moved = 0
+    for n in dropped.graph.node:
+        if n.op_type == "SkipLayerNormalization" and n.input[4].endswith("__b_out"):
+            n.input[4] = before.get(n.name) or ""
+            moved += 1
+    assert moved == len(atts)
+    wrong = ReferenceEvaluator(dropped, new_ops=ops).run(None, feeds)[0]
+    assert float(np.abs(wrong - ref).max()) > 10 * 3e-3
+    with pytest.raises(PackingError, match="kernel must be one of fused, flash"):
+        pack_graph(copy.deepcopy(m), kernel="cutlass")
 
 
 def test_packing_feeds_equal_remove_padding():
@@ -230,14 +324,20 @@ def test_export_option_packed(tiny_roberta_src, tmp_path):
     assert not (tmp_path / "bad").exists()
     with pytest.raises(ConfigError, match="must be 'device' or 'host'"):
         export_model(str(tiny_roberta_src), tmp_path / "bad", ExportOptions(k=1, precision="fp16", packed="gpu"))
+    with pytest.raises(ConfigError, match="--packed-kernel must be 'fused' or 'flash'"):
+        export_model(str(tiny_roberta_src), tmp_path / "bad", ExportOptions(k=1, precision="fp16", packed="host",
+                                                                            packed_kernel="cutlass"))
     man_d = export_model(str(tiny_roberta_src), tmp_path / "p",
-                         ExportOptions(k=1, p=0.2, seed=5, n_prompt=10, precision="fp16", packed="host"))
+                         ExportOptions(k=1, p=0.2, seed=5, n_prompt=10, precision="fp16", packed="host",
+                                       packed_kernel="flash"))
     man = load_manifest(tmp_path / "p")  # sha256 of the packed graphs verified
     assert man.packed and man.host_packing and man_d["attention"] == "packed_host"
+    assert man_d["packed_kernel"] == "flash"
     for g in man.data["graphs"]:
         ops = collections.Counter(n.op_type for n in onnx.load(str(man.graph_path(g["index"])),
                                                                load_external_data=False).graph.node)
-        assert ops["PackedAttention"] == g["packed_attention_nodes"] == man.data["model"]["layers"] - 1
+        assert ops["PackedMultiHeadAttention"] == g["packed_attention_nodes"] == man.data["model"]["layers"] - 1
+        assert ops["PackedAttention"] == 0
 
 
 def test_pack_refuses_position_dependent_ops(packed_pair):
