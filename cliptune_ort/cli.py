@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--packed-kernel", choices=("fused", "flash"), default=None,
                    help="with --packed: 'fused' = ORT's PackedAttention (QKV projection inside the op), 'flash' = "
                         "Q/K/V projections + PackedMultiHeadAttention without biases (FlashAttention varlen on "
-                        "sm80+; the key bias dropped and the value bias folded, both exact) (default: fused)")
+                        "sm80+; the key bias dropped and the value bias folded, both exact) (default: flash)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
     t = sub.add_parser("tune", help="tune a soft prompt (default: SST-2 on the embedded model)")

@@ -77,6 +77,7 @@ class SessionSpec:
     cuda_options: dict = field(default_factory=dict)  # extra CUDA provider options
     cuda_graph: bool = False  # capture CUDA graphs (fixed shapes and IOBinding only)
     cpu_arena: bool = False  # ORT CPU memory arena (keeps peak allocations; off measured leaner)
+    disabled_optimizers: tuple[str, ...] = ()  # ORT graph optimizers to skip (see engine.disabled_optimizers)
 
 
 _LEVELS = {
@@ -114,7 +115,8 @@ def make_session(path: str | Path, spec: SessionSpec, shared: SharedWeights | No
     else:
         providers = [CPU]
     try:
-        sess = ort.InferenceSession(str(path), so, providers=providers)
+        kw = {"disabled_optimizers": list(spec.disabled_optimizers)} if spec.disabled_optimizers else {}
+        sess = ort.InferenceSession(str(path), so, providers=providers, **kw)
     except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelDirError(f"ONNX Runtime cannot load {path} ({msg[:300]}): the file is damaged or not a "

@@ -66,7 +66,7 @@ class ExportOptions:
     packed: bool | str = False  # fp16 only: ORT's packed (padding-free) attention, CUDA provider only
     # (packing.py): True / "device" = RemovePadding in the graph; "host" = the runtime feeds the packing
     # (CUDA-graph capturable); the graphs are validated against PyTorch before they are packed
-    packed_kernel: str = "fused"  # packing.KERNELS: "fused" (PackedAttention) | "flash" (PackedMultiHeadAttention)
+    packed_kernel: str = "flash"  # packing.KERNELS: "fused" (PackedAttention) | "flash" (PackedMultiHeadAttention)
 
     def validate(self) -> None:
         if not isinstance(self.k, int) or self.k < 0:

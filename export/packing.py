@@ -22,7 +22,11 @@ ORT's cutlass kernel on H100s). The biases are moved where they cost nothing, ex
 the key bias adds ``q . b_k`` to every score of a query row, which softmax ignores, so it is dropped;
 the value bias comes out of the attention unchanged (each row's weights sum to 1), so ``b_v @ W_o``
 joins the output projection's bias (SkipLayerNormalization's bias input). Only the query bias stays,
-as one Add. The weight slices are Slice nodes on the fused QKV weight, which ORT folds at load.
+as one Add (the runtime keeps ORT from fusing it into a Gemm: engine.disabled_optimizers). The weight
+slices are Slice nodes on the fused QKV weight, which ORT folds at load. Measured on an H100
+(roberta-large shape, 20 candidates x 32 SST-2 examples): attention 7.7 -> 6.5 ms and no 4.35 ms
+bias-transpose pass, for 1.9 ms of query-bias Add and 1 ms more GEMM time (three projections instead of
+one); 62.2 -> 59.7 ms of kernels per call. It is the default kernel.
 
 ``host_offsets=True`` (the "packed_host" layout): no RemovePadding. The graph takes the packing as
 three more inputs the runtime computes once per (batch, population) from the attention mask
@@ -57,7 +61,7 @@ ROW_WISE = {"MatMul", "SkipLayerNormalization", "BiasGelu", "Gelu", "FastGelu", 
 #: the packed attention kernels: "fused" = PackedAttention (QKV projection inside the op),
 #: "flash" = Q/K/V projections + PackedMultiHeadAttention without bias (FlashAttention varlen on sm80+)
 KERNELS = ("fused", "flash")
-DEFAULT_KERNEL = "fused"
+DEFAULT_KERNEL = "flash"  # measured faster on an H100 (README, GPU section)
 
 
 class PackingError(ValueError):

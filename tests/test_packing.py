@@ -155,9 +155,9 @@ def packed_pair(tmp_path_factory, tiny_roberta_src):
     out = tmp_path_factory.mktemp("packing")
     export_model(str(tiny_roberta_src), out / "fp16", ExportOptions(k=1, p=0.2, seed=5, n_prompt=10,
                                                                     precision="fp16"))
-    pack_export(out / "fp16", out / "packed")
-    pack_export(out / "fp16", out / "packed_host", host_offsets=True)
-    pack_export(out / "fp16", out / "packed_flash", kernel="flash")
+    pack_export(out / "fp16", out / "packed", kernel="fused")
+    pack_export(out / "fp16", out / "packed_host", host_offsets=True, kernel="fused")
+    pack_export(out / "fp16", out / "packed_flash")  # the default kernel
     pack_export(out / "fp16", out / "packed_host_flash", host_offsets=True, kernel="flash")
     return out / "fp16", out / "packed", out / "packed_host"
 
@@ -271,6 +271,46 @@ def test_flash_kernel_exact_with_nonzero_biases(packed_pair):
         pack_graph(copy.deepcopy(m), kernel="cutlass")
 
 
+def test_flash_sessions_skip_matmul_add_fusion(packed_pair, monkeypatch, tmp_path):
+    """Flash exports' sessions are made without MatMulAddFusion (their query bias Add would become a Gemm
+    with a slow bias broadcast on CUDA); other layouts keep every optimizer. make_session hands the list
+    to ORT, which then leaves a MatMul + Add unfused."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from cliptune_ort import sessions
+    from cliptune_ort.engine import disabled_optimizers
+
+    src = packed_pair[0]
+    assert disabled_optimizers(load_manifest(src.parent / "packed_flash")) == ("MatMulAddFusion",)
+    assert disabled_optimizers(load_manifest(src.parent / "packed_host_flash")) == ("MatMulAddFusion",)
+    for d in (src, src.parent / "packed", src.parent / "packed_host"):
+        assert disabled_optimizers(load_manifest(d)) == ()
+    rng = np.random.default_rng(0)
+    w, b = rng.standard_normal((4, 3)).astype(np.float32), rng.standard_normal(3).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y0"]), helper.make_node("Add", ["y0", "b"], ["y"])],
+                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+                          [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "mm.onnx"))
+    seen, real = [], ort.InferenceSession
+
+    def spy(path, so, **kw):
+        seen.append(kw.get("disabled_optimizers"))
+        so.optimized_model_filepath = str(tmp_path / f"opt{len(seen)}.onnx")
+        return real(path, so, **kw)
+
+    monkeypatch.setattr(sessions.ort, "InferenceSession", spy)
+    x = rng.standard_normal((2, 4)).astype(np.float32)
+    for k, off in enumerate(((), ("MatMulAddFusion",)), 1):
+        sess = sessions.make_session(tmp_path / "mm.onnx", sessions.SessionSpec(disabled_optimizers=off))
+        np.testing.assert_allclose(sess.run(None, {"x": x})[0], x @ w + b, rtol=1e-5, atol=1e-6)
+        ops = [n.op_type for n in onnx.load(str(tmp_path / f"opt{k}.onnx")).graph.node]
+        assert ops == (["Gemm"] if not off else ["MatMul", "Add"])
+    assert seen == [None, ["MatMulAddFusion"]]
+
+
 def test_packing_feeds_equal_remove_padding():
     from cliptune_ort.engine import packing_feeds
 
@@ -327,9 +367,8 @@ def test_export_option_packed(tiny_roberta_src, tmp_path):
     with pytest.raises(ConfigError, match="--packed-kernel must be 'fused' or 'flash'"):
         export_model(str(tiny_roberta_src), tmp_path / "bad", ExportOptions(k=1, precision="fp16", packed="host",
                                                                             packed_kernel="cutlass"))
-    man_d = export_model(str(tiny_roberta_src), tmp_path / "p",
-                         ExportOptions(k=1, p=0.2, seed=5, n_prompt=10, precision="fp16", packed="host",
-                                       packed_kernel="flash"))
+    man_d = export_model(str(tiny_roberta_src), tmp_path / "p",  # the default kernel: flash
+                         ExportOptions(k=1, p=0.2, seed=5, n_prompt=10, precision="fp16", packed="host"))
     man = load_manifest(tmp_path / "p")  # sha256 of the packed graphs verified
     assert man.packed and man.host_packing and man_d["attention"] == "packed_host"
     assert man_d["packed_kernel"] == "flash"
