@@ -271,6 +271,32 @@ def test_flash_kernel_exact_with_nonzero_biases(packed_pair):
         pack_graph(copy.deepcopy(m), kernel="cutlass")
 
 
+def test_flash_kernel_on_real_weights(tmp_path):
+    """splade-tiny's trained weights (non-zero biases everywhere): the flash graph gives the unpacked fp16
+    graph's logits to fp16 rounding (logits up to ~6, where one fp16 step is 3.9e-3)."""
+    from onnx.reference import ReferenceEvaluator
+
+    from cliptune_export import ExportOptions, export_model
+    from cliptune_export.packing import pack_export
+
+    from cliptune_ort.engine import packing_feeds
+
+    from .conftest import SPLADE
+
+    export_model(str(SPLADE), tmp_path / "fp16", ExportOptions(k=1, p=0.1, seed=3, n_prompt=10, precision="fp16"))
+    pack_export(tmp_path / "fp16", tmp_path / "flash", host_offsets=True)
+    man, fm = load_manifest(tmp_path / "fp16"), load_manifest(tmp_path / "flash")
+    assert fm.data["packed_kernel"] == "flash"
+    feeds = contract_inputs(man, pop=2, batch=5, extra=17, seed=3)
+    host = {**feeds, **packing_feeds(feeds["attention_mask"], 2)}
+    ops = _reference_ops()
+    for g in range(man.k + 1):
+        ref = ReferenceEvaluator(_with_weights(man.graph_path(g)), new_ops=ops).run(None, feeds)[0]
+        got = ReferenceEvaluator(_with_weights(fm.graph_path(g)), new_ops=ops).run(None, host)[0]
+        assert float(np.abs(ref).max()) > 1.0
+        np.testing.assert_allclose(got, ref, atol=2e-2)
+
+
 def test_flash_sessions_skip_matmul_add_fusion(packed_pair, monkeypatch, tmp_path):
     """Flash exports' sessions are made without MatMulAddFusion (their query bias Add would become a Gemm
     with a slow bias broadcast on CUDA); other layouts keep every optimizer. make_session hands the list
