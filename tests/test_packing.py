@@ -274,10 +274,9 @@ def test_flash_kernel_exact_with_nonzero_biases(packed_pair):
 def test_flash_kernel_on_real_weights(tmp_path):
     """splade-tiny's trained weights (non-zero biases everywhere): the flash graph gives the unpacked fp16
     graph's logits to fp16 rounding (logits up to ~6, where one fp16 step is 3.9e-3)."""
-    from onnx.reference import ReferenceEvaluator
-
     from cliptune_export import ExportOptions, export_model
     from cliptune_export.packing import pack_export
+    from onnx.reference import ReferenceEvaluator
 
     from cliptune_ort.engine import packing_feeds
 
