@@ -13,6 +13,7 @@ result.json and convergence.png.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -365,11 +366,41 @@ def tune(cfg: TuneConfig, run_dir: str | Path, resume: bool = False, overwrite: 
     """
     locks: list[int] = []
     try:
-        return _tune(cfg, run_dir, resume, overwrite, force_resume, progress, model_dir, stop_after_generations,
-                     locks)
+        with blas_threads():
+            return _tune(cfg, run_dir, resume, overwrite, force_resume, progress, model_dir, stop_after_generations,
+                         locks)
     finally:
         for fd in locks:
             os.close(fd)
+
+
+@contextlib.contextmanager
+def blas_threads():
+    """numpy's BLAS (CMA-ES's eigendecomposition, the projection) on one thread for the run, as the CLI
+    sets it (OPENBLAS_NUM_THREADS=1) before numpy loads; an OPENBLAS_NUM_THREADS / OMP_NUM_THREADS the
+    user set wins. Its idle threads otherwise spin against ONNX Runtime's workers: a bbt SST-2 cell of
+    the accuracy sweep (API calls, two BLAS threads on 2 cores) spent 228 s of its 398 s in CMA-ES
+    ask/tell, against 2.6 s of 32 s with one thread (benchmarks/results/tune_time.md)."""
+    if os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS"):
+        yield
+        return
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # a declared dependency; without it numpy keeps its default
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+def blas_thread_count() -> int | None:
+    """Threads numpy's BLAS uses now (None when threadpoolctl is missing or finds no BLAS)."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return None
+    counts = [i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"]
+    return max(counts) if counts else None
 
 
 def _tune(cfg: TuneConfig, run_dir: str | Path, resume: bool, overwrite: bool, force_resume: bool, progress: bool,
@@ -591,6 +622,7 @@ def _finish(ws: Workspace, run_dir: Path, state: dict | None, stop_reason: str |
         "best_train_fitness": state["best_fit"] if state else None,
         "wall_seconds": round(wall, 3), "timing_seconds": {k: round(v, 4) for k, v in timing.items()},
         "provider": ws.engine.provider, "cands_per_call": ws.engine.cands_per_call,
+        "blas_threads": blas_thread_count(),
         # packed-attention graphs compute no padded token (up to the last layer) and take one bucket
         "train_padded_fraction": 0.0 if ws.manifest.packed else round(ws.train.padded_fraction, 4),
         "n_buckets": 1 if ws.manifest.packed else cfg.n_buckets, "train_parts": len(ws.train.parts),

@@ -149,3 +149,24 @@ def test_int8_edge_mode_on_the_embedded_model(tmp_path):
 
     man = load_manifest(res["model_dir"])
     assert man.precision == "int8" and man.root == embedded_export_dir(4, 0.1, precision="int8")
+
+
+def test_blas_on_one_thread_during_a_run(splade_dir, tmp_path, monkeypatch):
+    """API runs get the CLI's one BLAS thread (CMA-ES's eigendecomposition against ORT's spinning workers
+    cost a bbt run 228 s instead of 2.6 s); a thread count the user set in the environment wins, and the
+    process gets its own setting back afterwards."""
+    from threadpoolctl import threadpool_limits
+
+    from cliptune_ort.tuner import blas_thread_count
+
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    with threadpool_limits(limits=2, user_api="blas"):
+        assert blas_thread_count() == 2
+        res = tune(_cfg(method="bbt", budget=24), tmp_path / "a", model_dir=splade_dir, progress=False)
+        assert res["blas_threads"] == 1
+        assert json.loads((tmp_path / "a" / "result.json").read_text())["blas_threads"] == 1
+        assert blas_thread_count() == 2
+        monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+        res = tune(_cfg(method="bbt", budget=24), tmp_path / "b", model_dir=splade_dir, progress=False)
+        assert res["blas_threads"] == 2
