@@ -77,6 +77,12 @@ class Manifest:
         return self.data.get("attention", "padded") in ("packed", "packed_host")
 
     @property
+    def packed_kernel(self) -> str | None:
+        """The packed graphs' attention kernel ('fused' | 'flash'; packed exports before it was recorded:
+        'fused'); None for padded graphs."""
+        return self.data.get("packed_kernel", "fused") if self.packed else None
+
+    @property
     def host_packing(self) -> bool:
         """Packed graphs that take the packing offsets as inputs (engine.packing_feeds): capturable."""
         return self.data.get("attention", "padded") == "packed_host"

@@ -81,8 +81,10 @@ class ExportOptions:
             raise ConfigError(f"--atol must be > 0, got {self.atol!r}")
         if self.packed not in (False, True, "", "device", "host"):
             raise ConfigError(f"--packed must be 'device' or 'host', got {self.packed!r}")
-        if self.packed_kernel not in ("fused", "flash"):
-            raise ConfigError(f"--packed-kernel must be 'fused' or 'flash', got {self.packed_kernel!r}")
+        from .packing import KERNELS
+
+        if self.packed_kernel not in KERNELS:
+            raise ConfigError(f"--packed-kernel must be {' or '.join(map(repr, KERNELS))}, got {self.packed_kernel!r}")
         if self.packed and (self.precision != "fp16" or self.resolved_share_prefix()):
             raise ConfigError("--packed needs --precision fp16 without --share-prefix (ORT fuses Attention only "
                               "there; packed attention runs on the CUDA provider only)")

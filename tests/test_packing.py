@@ -44,6 +44,15 @@ def _reference_ops():
             out[:, s] = (sc / sc.sum(-1, keepdims=True)) @ v[:, s].astype(np.float32)
         return out
 
+    def attend_packed(q, k, v, cu, heads, scale):
+        """Packed [tokens, hidden] Q/K/V; row i's tokens are cu[i]:cu[i + 1] and attend only each other."""
+        sc = scale or 1.0 / math.sqrt(q.shape[-1] // heads)
+        out = np.empty_like(q)
+        for i in range(len(cu) - 1):
+            r = slice(int(cu[i]), int(cu[i + 1]))
+            out[r] = attend(q[r], k[r], v[r], heads, sc, np.ones(r.stop - r.start, bool)).astype(q.dtype)
+        return out
+
     def qkv(x, w, b):
         y = x.astype(np.float32) @ w.astype(np.float32) + b.astype(np.float32)
         return np.split(y.astype(x.dtype), 3, axis=-1)
@@ -62,25 +71,14 @@ def _reference_ops():
         op_domain = "com.microsoft"
 
         def _run(self, x, w, b, token_offset, cu, num_heads=None, scale=None, **_):
-            q, k, v = qkv(x, w, b)
-            sc = scale or 1.0 / math.sqrt(q.shape[-1] // num_heads)
-            out = np.empty_like(q)
-            for i in range(len(cu) - 1):
-                r = slice(int(cu[i]), int(cu[i + 1]))
-                out[r] = attend(q[r], k[r], v[r], num_heads, sc, np.ones(r.stop - r.start, bool)).astype(x.dtype)
-            return (out,)
+            return (attend_packed(*qkv(x, w, b), cu, num_heads, scale),)
 
     class PackedMultiHeadAttention(OpRun):  # separate Q, K, V [tokens, hidden]; no bias (the flash kernel)
         op_domain = "com.microsoft"
 
         def _run(self, q, k, v, bias, token_offset, cu, *_, num_heads=None, scale=None, **__):
             assert bias is None and q.ndim == 2 and k.shape == q.shape == v.shape
-            sc = scale or 1.0 / math.sqrt(q.shape[-1] // num_heads)
-            out = np.empty_like(q)
-            for i in range(len(cu) - 1):
-                r = slice(int(cu[i]), int(cu[i + 1]))
-                out[r] = attend(q[r], k[r], v[r], num_heads, sc, np.ones(r.stop - r.start, bool)).astype(q.dtype)
-            return (out,)
+            return (attend_packed(q, k, v, cu, num_heads, scale),)
 
     class SkipLayerNormalization(OpRun):
         op_domain = "com.microsoft"
