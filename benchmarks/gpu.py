@@ -17,7 +17,9 @@ One run on one machine (the lent H100/H200; see benchmarks/gpu_run.sh for the de
            fp16 export with packed (padding-free) attention (export/packing.py), the whole set in one
            call with no padded token computed, IOBinding; ``packed_host`` (offsets fed by the runtime,
            CUDA-graph capturable) and the ``_flash`` copies of both (PackedMultiHeadAttention without
-           biases, which ORT runs with FlashAttention's varlen kernel).
+           biases, which ORT runs with FlashAttention's varlen kernel); ``packed_host_flash_moe``: the
+           last with every packed feed-forward block as one single-expert ``MoE`` node (bias and GELU
+           in the GEMM epilogue).
            Every cell: population 1 and 20 (20 candidates stacked in one call per length bucket) x
            {1 bucket (padded to the longest), 4 length buckets}, on the real SST-2 16-shot train
            set of seed 13 (32 examples); median/p90 of >= 15 calls after warm-up. One "call" scores
@@ -389,14 +391,18 @@ def make_engine(model_dir: Path, device: str, mode: str):
     return Engine(man, [0], device=device, **kw)
 
 
-#: the packed copies of the fp16 export: name -> (host offsets, attention kernel of export/packing.py)
-PACKED_LAYOUTS = {"packed": (False, "fused"), "packed_host": (True, "fused"),
-                  "packed_flash": (False, "flash"), "packed_host_flash": (True, "flash")}
+#: the packed copies of the fp16 export: name -> (host offsets, attention kernel, feed-forward block of
+#: export/packing.py)
+PACKED_LAYOUTS = {"packed": (False, "fused", "matmul"), "packed_host": (True, "fused", "matmul"),
+                  "packed_flash": (False, "flash", "matmul"), "packed_host_flash": (True, "flash", "matmul"),
+                  "packed_host_flash_moe": (True, "flash", "moe")}
 #: tune variants: name -> (packed layout or None for the padded export, CUDA graphs)
 TUNE_VARIANTS = {"padded": (None, False), "padded_cg": (None, True), "packed": ("packed", False),
                  "packed_host": ("packed_host", False), "packed_host_cg": ("packed_host", True),
                  "packed_flash": ("packed_flash", False), "packed_host_flash": ("packed_host_flash", False),
-                 "packed_host_flash_cg": ("packed_host_flash", True)}
+                 "packed_host_flash_cg": ("packed_host_flash", True),
+                 "packed_host_flash_moe": ("packed_host_flash_moe", False),
+                 "packed_host_flash_moe_cg": ("packed_host_flash_moe", True)}
 
 
 def profile_placement(model_dir: Path, device: str, enc, verb, work: Path, n_buckets: int = 4,
@@ -475,12 +481,22 @@ def profile_placement(model_dir: Path, device: str, enc, verb, work: Path, n_buc
 
 
 KERNEL_CLASSES = (("qkv_bias_transpose", ("addbiastranspose",)),  # before gemm: its name holds "Cutlass"
+                  # the MoE feed-forward block (packed_ffn "moe"): its GEMMs (bias + GELU in the epilogue), then
+                  # its routing passes (gating softmax, sort, row permutation), before "softmax" means attention
+                  ("moe_gemm", ("moefcgemm", "moe_gemm", "moegemm", "grouped")),
+                  ("moe_routing", ("moe", "expandinputrows", "finalize", "topk", "gating", "permut", "radix")),
                   ("attention", ("fmha", "flash", "attention", "attn", "softmax")),
                   ("packing", ("padding", "tokenoffset", "token_offset")),
                   ("layer_norm", ("layernorm", "layer_norm", "skipln")),
                   ("gelu", ("gelu",)),
                   ("gemm", ("gemm", "gemv", "xmma", "nvjet", "cutlass", "cublas", "sm90", "sm80", "matmul")),
                   ("copy", ("memcpy", "copy")))
+
+
+def kernel_class(name: str) -> str:
+    """The class of a kernel (or CPU op) name: the first of :data:`KERNEL_CLASSES` with a key in it."""
+    low = name.lower()
+    return next((c for c, keys in KERNEL_CLASSES if any(k in low for k in keys)), "other")
 
 
 def kernel_split(fn, calls: int, cuda: bool) -> dict:
@@ -507,8 +523,7 @@ def kernel_split(fn, calls: int, cuda: bool) -> dict:
     rows.sort(key=lambda r: -r[1])
     classes: dict = {}
     for name, us, _ in rows:
-        low = name.lower()
-        cls = next((c for c, keys in KERNEL_CLASSES if any(k in low for k in keys)), "other")
+        cls = kernel_class(name)
         classes[cls] = classes.get(cls, 0.0) + us
     total = sum(r[1] for r in rows)
     return {"calls": calls, "wall_ms_per_call_profiled": round(1e3 * wall / calls, 2),
@@ -611,7 +626,7 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true", help="5 timed calls per cell, 1,000-call tune runs")
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny random RoBERTa, CPU provider, 2 timed calls")
     ap.add_argument("--skip", default="",
-                    help="comma list: export,torch,ort,fp32,packed,flash,kernels,profile,bbt,clip")
+                    help="comma list: export,torch,ort,fp32,packed,flash,moe,kernels,profile,bbt,clip")
     ap.add_argument("--iters", type=int, default=0, help="timed calls per cell (default 15; quick 5; dry run 2)")
     ap.add_argument("--budget", type=int, default=0, help="tune budget in calls (default 8000; quick 1000; dry 100)")
     ap.add_argument("--tune-seed", type=int, default=42, help="seed of the tune runs (few-shot sample, A, CMA-ES)")
@@ -671,7 +686,10 @@ def main(argv=None) -> int:
                                       "packed_host(_cg) = the same with the packing offsets fed by the host "
                                       "(no RemovePadding; IOBinding, or CUDA graphs); *_flash = the same layouts "
                                       "with the flash kernel (Q/K/V projections + PackedMultiHeadAttention "
-                                      "without biases: FlashAttention varlen; export --packed-kernel flash)",
+                                      "without biases: FlashAttention varlen; export --packed-kernel flash); "
+                                      "*_moe = the same with each packed layer's feed-forward block as one "
+                                      "single-expert com.microsoft.MoE node (bias + tanh GELU in the CUTLASS GEMM "
+                                      "epilogue; pack_export(ffn='moe'))",
                          "torch": "ContractModel(hf_layers=True): the HF layers' own attention (eager or SDPA), "
                                   "the same gather-at-mask head and last layer at the mask as the export; "
                                   "torch.backends.cuda.matmul.allow_tf32 left at its default (see versions)",
@@ -794,18 +812,18 @@ def main(argv=None) -> int:
     # the packed copy of the fp16 export (graph rewrite only; runs on the CUDA provider only)
     packed_dirs = {name: work / f"{fp16_dir.name}_{name}" for name in PACKED_LAYOUTS}
     packed_dir = packed_dirs["packed"]
-    for name, (host, kernel) in PACKED_LAYOUTS.items():
+    for name, (host, kernel, ffn) in PACKED_LAYOUTS.items():
         pdir = packed_dirs[name]
         if "packed" in skip or not (fp16_dir / "manifest.json").is_file():
             break
-        if kernel == "flash" and "flash" in skip:
+        if (kernel == "flash" and "flash" in skip) or (ffn == "moe" and "moe" in skip):
             continue
         try:
             from cliptune_export.packing import pack_export
 
             t = time.perf_counter()
-            pman = pack_export(fp16_dir, pdir, overwrite=True, host_offsets=host, kernel=kernel)
-            res.data["export"][name] = {"wall_seconds": round(time.perf_counter() - t, 1), "kernel": kernel,
+            pman = pack_export(fp16_dir, pdir, overwrite=True, host_offsets=host, kernel=kernel, ffn=ffn)
+            res.data["export"][name] = {"wall_seconds": round(time.perf_counter() - t, 1), "kernel": kernel, "ffn": ffn,
                                         "packed_attention_nodes": [g["packed_attention_nodes"] for g in pman["graphs"]]}
             log(f"{name} copy of the fp16 export in {res.data['export'][name]['wall_seconds']} s")
         except Exception as e:
@@ -889,7 +907,9 @@ def main(argv=None) -> int:
                                       ("ort_fp16_packed_host_cg", packed_dirs["packed_host"], "packed_host_cg", 1),
                                       ("ort_fp16_packed_flash", packed_dirs["packed_flash"], "packed_flash", 1),
                                       ("ort_fp16_packed_host_flash_cg", packed_dirs["packed_host_flash"],
-                                       "packed_host_flash_cg", 1)):
+                                       "packed_host_flash_cg", 1),
+                                      ("ort_fp16_packed_host_flash_moe_cg", packed_dirs["packed_host_flash_moe"],
+                                       "packed_host_flash_moe_cg", 1)):
             if "ort" in skip or not (mdir / "manifest.json").is_file():
                 continue
             man = load_manifest(mdir)

@@ -83,6 +83,12 @@ class Manifest:
         return self.data.get("packed_kernel", "fused") if self.packed else None
 
     @property
+    def packed_ffn(self) -> str | None:
+        """The packed graphs' feed-forward block ('matmul' | 'moe'; packed exports before it was recorded:
+        'matmul'); None for padded graphs."""
+        return self.data.get("packed_ffn", "matmul") if self.packed else None
+
+    @property
     def host_packing(self) -> bool:
         """Packed graphs that take the packing offsets as inputs (engine.packing_feeds): capturable."""
         return self.data.get("attention", "padded") == "packed_host"
@@ -144,6 +150,8 @@ def _check_structure(mpath: Path, data: dict[str, Any]) -> None:
         raise bad("attention", "'padded', 'packed' or 'packed_host'")
     if data.get("packed_kernel", "fused") not in ("fused", "flash"):
         raise bad("packed_kernel", "'fused' or 'flash'")
+    if data.get("packed_ffn", "matmul") not in ("matmul", "moe"):
+        raise bad("packed_ffn", "'matmul' or 'moe'")
     sp = data.get("shared_prefix", 0)
     if not is_int(sp) or sp > data["n_prompt"] + 1:
         raise bad("shared_prefix", f"an integer in 0..{data['n_prompt'] + 1} (n_prompt + 1)")

@@ -36,6 +36,20 @@ three more inputs the runtime computes once per (batch, population) from the att
 is then known before the run, nothing is read back to the host, and the graph can be captured as a
 CUDA graph (RemovePadding copies its token count to the host on every run).
 
+``ffn="moe"`` (experimental, not measured yet): each packed layer's feed-forward block, MatMul ->
+BiasGelu -> MatMul -> (SkipLayerNormalization's bias), becomes one ``com.microsoft.MoE`` node with a
+single expert. ORT's CUDA MoE runs CUTLASS grouped GEMMs that apply the bias and the activation in
+the GEMM epilogue, so the [tokens, 4 * hidden] intermediate is written once instead of being read
+and written again by BiasGelu (7.6 of 59.7 ms of kernels per stacked call on an H100). One router
+tensor of zeros [tokens, 1] serves every layer (softmax over one expert is exactly 1). Two costs:
+MoE's GELU is the tanh approximation, not BERT's erf (|difference| < 5e-4 per activation, below one
+fp16 step at the logit scale), and its routing adds a permute and an unpermute pass over
+[tokens, hidden]. Only a run on the card says whether it nets a gain (benchmarks/gpu.py times it
+as the ``packed_host_flash_moe`` layout). The weights reach MoE's [experts, out, in] layout through
+Transpose + Unsqueeze nodes that ORT folds when it loads a session, so each session holds its own
+folded copy of the feed-forward weights (two thirds of a layer's) instead of sharing the export's:
+fine for a timing, not yet for a deployment of K + 1 sessions.
+
 These ops exist on the CUDA provider only: a packed export cannot run on the CPU (the runtime
 refuses it in one line), and the exporter validates the unpacked graphs against PyTorch before it
 packs them. The rewrite itself is checked on the CPU by running both graphs through
@@ -62,6 +76,10 @@ ROW_WISE = {"MatMul", "SkipLayerNormalization", "BiasGelu", "Gelu", "FastGelu", 
 #: "flash" = Q/K/V projections + PackedMultiHeadAttention without bias (FlashAttention varlen on sm80+)
 KERNELS = ("fused", "flash")
 DEFAULT_KERNEL = "flash"  # measured faster on an H100 (README, GPU section)
+#: the packed layers' feed-forward block: "matmul" = MatMul -> BiasGelu -> MatMul (ORT's fusions),
+#: "moe" = one single-expert com.microsoft.MoE node (bias + GELU in the GEMM epilogue; experimental)
+FFNS = ("matmul", "moe")
+DEFAULT_FFN = "matmul"
 
 
 class PackingError(ValueError):
@@ -97,10 +115,11 @@ def topo_sort(graph) -> None:
 
 
 def pack_graph(model, host_offsets: bool = False, kernel: str = DEFAULT_KERNEL,
-               base_dir: str | os.PathLike | None = None) -> int:
+               base_dir: str | os.PathLike | None = None, ffn: str = DEFAULT_FFN) -> int:
     """Rewrite ``model`` (onnx.ModelProto, fused fp16 graph of the contract) in place for packed
     attention (``host_offsets``: the packing comes in as graph inputs; ``kernel``: see :data:`KERNELS`;
-    ``base_dir``: where external weights live, which the "flash" kernel reads to fold the value bias);
+    ``base_dir``: where external weights live, which the "flash" kernel reads to fold the value bias;
+    ``ffn``: the packed layers' feed-forward block, see :data:`FFNS`);
     returns the number of Attention nodes converted. Raises :class:`PackingError` with the
     reason when the graph does not have the expected structure (then only the node order may have changed:
     a topological sort, same graph)."""
@@ -108,6 +127,8 @@ def pack_graph(model, host_offsets: bool = False, kernel: str = DEFAULT_KERNEL,
 
     if kernel not in KERNELS:
         raise PackingError(f"packed attention kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    if ffn not in FFNS:
+        raise PackingError(f"packed feed-forward block must be one of {', '.join(FFNS)}, got {ffn!r}")
 
     g = model.graph
     topo_sort(g)
@@ -195,6 +216,10 @@ def pack_graph(model, host_offsets: bool = False, kernel: str = DEFAULT_KERNEL,
         raise PackingError("the last full layer's output is a graph output")
 
     flash = _plan_flash(g, atts, only, base_dir) if kernel == "flash" else {}
+    moe = _plan_moe(g, region, consumers) if ffn == "moe" else {}
+    if ffn == "moe" and len(moe) != len(atts):
+        raise PackingError(f"found {len(moe)} MatMul -> BiasGelu -> MatMul -> SkipLayerNormalization feed-forward "
+                           f"blocks in the {len(atts)} packed layers: the moe block needs one per layer")
 
     # rewrite
     x_packed, offset, cum, max_len = (x0 + "__packed", x0 + "__token_offset", x0 + "__cu_seqlens",
@@ -214,6 +239,7 @@ def pack_graph(model, host_offsets: bool = False, kernel: str = DEFAULT_KERNEL,
                 n.input[k] = x_packed
     s2.output[0] = t_packed
     new_nodes = []
+    folded = {id(b[part]) for b in moe.values() for part in ("gelu", "fc2")}  # inside the MoE nodes
     for n in nodes:
         if n is atts[0] and host_offsets:
             new_nodes.append(helper.make_node("Flatten", [x0], [x_flat], name="cliptune_PackFlatten", axis=2))
@@ -222,7 +248,13 @@ def pack_graph(model, host_offsets: bool = False, kernel: str = DEFAULT_KERNEL,
         elif n is atts[0]:
             new_nodes.append(helper.make_node("RemovePadding", [x0, mask], [x_packed, offset, cum, max_len],
                                               name="cliptune_RemovePadding", domain=MS))
-        if n.op_type == "Attention" and n.domain == MS and kernel == "flash":
+        if moe and n is atts[0]:  # one router for every layer: all read the same packed tokens
+            new_nodes.extend(_moe_router(x_packed, _moe_dtype(g, moe)))
+        if id(n) in moe:
+            new_nodes.extend(_moe_nodes(moe[id(n)]))
+        elif id(n) in folded:
+            continue
+        elif n.op_type == "Attention" and n.domain == MS and kernel == "flash":
             new_nodes.extend(_flash_nodes(n, flash[n.name], offset, cum))
         elif n.op_type == "Attention" and n.domain == MS:
             keep = [a for a in n.attribute if a.name in ("num_heads", "qkv_hidden_sizes", "scale")]
@@ -237,6 +269,8 @@ def pack_graph(model, host_offsets: bool = False, kernel: str = DEFAULT_KERNEL,
                                               name="cliptune_RestorePadding", domain=MS))
     if flash:  # before the node list is rebuilt: extend() copies the nodes
         _apply_flash(g, flash)
+    if moe:
+        _apply_moe(g, moe)
     del g.node[:]
     g.node.extend(new_nodes)
     # shapes recorded for the padded tensors no longer hold inside the region
@@ -329,14 +363,95 @@ def _apply_flash(g, plan: dict) -> None:
         g.initializer.append(numpy_helper.from_array(np.array([1], np.int64), "cliptune_qkv_axis"))
 
 
+def _plan_moe(g, region, consumers) -> dict:
+    """The feed-forward blocks of the packed region: id(first MatMul) -> {fc1, gelu, fc2, sln}. A block is
+    MatMul (weight initializer) -> BiasGelu -> MatMul (weight initializer) -> SkipLayerNormalization
+    (input 0), each the only reader of the one before."""
+    inits = {t.name for t in g.initializer}
+
+    def sole(tensor: str, op: str):
+        cs = consumers.get(tensor, [])
+        return cs[0] if len(cs) == 1 and cs[0].op_type == op else None
+
+    blocks = {}
+    for n in region:
+        if n.op_type != "MatMul" or n.input[1] not in inits:
+            continue
+        gelu = sole(n.output[0], "BiasGelu")
+        fc2 = sole(gelu.output[0], "MatMul") if gelu is not None else None
+        sln = sole(fc2.output[0], "SkipLayerNormalization") if fc2 is not None else None
+        if sln is None or fc2.input[1] not in inits or gelu.input[1] not in inits or sln.input[0] != fc2.output[0]:
+            continue
+        blocks[id(n)] = {"fc1": n, "gelu": gelu, "fc2": fc2, "sln": sln}
+    return blocks
+
+
+def _moe_dtype(g, moe: dict) -> int:
+    """The element type (TensorProto enum) of the feed-forward weights: MoE's router must match it."""
+    w = next(iter(moe.values()))["fc1"].input[1]
+    return next(t.data_type for t in g.initializer if t.name == w)
+
+
+ROUTER = "cliptune_moe_router"  # zeros [tokens, 1]: softmax over one expert is 1 for every token
+
+
+def _moe_router(x_packed: str, dtype: int) -> list:
+    """Shape(x)[0:1] ++ [1] -> ConstantOfShape(0): one router row per packed token, made on the device."""
+    from onnx import helper
+
+    return [helper.make_node("Shape", [x_packed], [ROUTER + "__tokens"], name="cliptune_moe_tokens", start=0, end=1),
+            helper.make_node("Concat", [ROUTER + "__tokens", "cliptune_moe_one"], [ROUTER + "__shape"],
+                             name="cliptune_moe_shape", axis=0),
+            helper.make_node("ConstantOfShape", [ROUTER + "__shape"], [ROUTER], name="cliptune_moe_zeros",
+                             value=helper.make_tensor("zero", dtype, [1], [0]))]
+
+
+def _moe_nodes(b: dict) -> list:
+    """Weights to MoE's layout ([experts, out, in]; Transpose + Unsqueeze of the initializers, which ORT
+    folds at load) and the single-expert MoE node; the SkipLayerNormalization loses its bias to fc2's."""
+    from onnx import helper
+
+    fc1, gelu, fc2, sln = b["fc1"], b["gelu"], b["fc2"], b["sln"]
+    name, out = fc1.name, fc1.name + "__moe"
+    nodes, args = [], [fc1.input[0], ROUTER]
+    for w, bias, tag in ((fc1.input[1], gelu.input[1], "fc1"), (fc2.input[1], sln.input[4] if len(sln.input) > 4
+                                                               else "", "fc2")):
+        nodes.append(helper.make_node("Transpose", [w], [f"{name}__{tag}_wt"], name=f"{name}_{tag}_wt", perm=[1, 0]))
+        nodes.append(helper.make_node("Unsqueeze", [f"{name}__{tag}_wt", "cliptune_moe_axis0"], [f"{name}__{tag}_w"],
+                                      name=f"{name}_{tag}_w"))
+        args.append(f"{name}__{tag}_w")
+        if bias:
+            nodes.append(helper.make_node("Unsqueeze", [bias, "cliptune_moe_axis0"], [f"{name}__{tag}_b"],
+                                          name=f"{name}_{tag}_b"))
+        args.append(f"{name}__{tag}_b" if bias else "")
+    nodes.append(helper.make_node("MoE", args, [out], name=name + "_moe", domain=MS, k=1, activation_type="gelu"))
+    return nodes
+
+
+def _apply_moe(g, moe: dict) -> None:
+    """Each block's SkipLayerNormalization reads the MoE output, without a bias (fc2's bias is inside MoE);
+    the constants the MoE nodes need."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    for b in moe.values():
+        sln = b["sln"]
+        sln.input[0] = b["fc1"].name + "__moe"
+        del sln.input[4:]
+    have = {t.name for t in g.initializer}
+    for name, v in (("cliptune_moe_axis0", [0]), ("cliptune_moe_one", [1])):
+        if name not in have:
+            g.initializer.append(numpy_helper.from_array(np.array(v, np.int64), name))
+
+
 def pack_graph_file(path: str | os.PathLike, out: str | os.PathLike | None = None, host_offsets: bool = False,
-                    kernel: str = DEFAULT_KERNEL) -> int:
+                    kernel: str = DEFAULT_KERNEL, ffn: str = DEFAULT_FFN) -> int:
     """:func:`pack_graph` on a graph file (weights stay where they are); writes ``out`` or in place."""
     import onnx
 
     path = Path(path)
     m = onnx.load(str(path), load_external_data=False)
-    n = pack_graph(m, host_offsets, kernel, base_dir=path.parent)
+    n = pack_graph(m, host_offsets, kernel, base_dir=path.parent, ffn=ffn)
     target = Path(out) if out else path
     tmp = target.with_name(target.name + ".tmp")
     onnx.save(m, str(tmp))
@@ -345,10 +460,10 @@ def pack_graph_file(path: str | os.PathLike, out: str | os.PathLike | None = Non
 
 
 def pack_export(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False,
-                host_offsets: bool = False, kernel: str = DEFAULT_KERNEL) -> dict:
+                host_offsets: bool = False, kernel: str = DEFAULT_KERNEL, ffn: str = DEFAULT_FFN) -> dict:
     """A packed copy of the fp16 export ``src`` in ``out``: graphs rewritten, the weights file
     copied, the manifest re-sealed with ``attention: packed`` (``packed_host`` with
-    ``host_offsets``) and ``packed_kernel``. Returns the manifest."""
+    ``host_offsets``), ``packed_kernel`` and ``packed_ffn``. Returns the manifest."""
     from cliptune_ort.errors import ConfigError
     from cliptune_ort.fileio import atomic_write_json, sha256_file
     from cliptune_ort.manifest import MANIFEST_NAME, load_manifest, seal_manifest
@@ -372,10 +487,12 @@ def pack_export(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool 
         for f in (data["weights"]["file"], data["tokenizer"]["file"]):
             shutil.copy2(src / f, tmp / f)  # not a hard link: onnx refuses external data with several links
         for gr in data["graphs"]:
-            gr["packed_attention_nodes"] = pack_graph_file(src / gr["file"], tmp / gr["file"], host_offsets, kernel)
+            gr["packed_attention_nodes"] = pack_graph_file(src / gr["file"], tmp / gr["file"], host_offsets, kernel,
+                                                           ffn)
             gr["sha256"] = sha256_file(tmp / gr["file"])
         data["attention"] = "packed_host" if host_offsets else "packed"
         data["packed_kernel"] = kernel
+        data["packed_ffn"] = ffn
         data["packed_from"] = str(src)
         atomic_write_json(tmp / MANIFEST_NAME, seal_manifest(data))
         load_manifest(tmp)  # the result must load and verify

@@ -36,6 +36,8 @@ def test_gpu_script_cpu_dry_run(tmp_path):
     assert {"torch_fp32", "torch_fp16", "ort_fp16", "tune_bbt"} <= set(data["sections_done"])
     assert data["export"]["packed"]["packed_attention_nodes"] == [2, 2]  # 3 layers: 2 full + the mask layer
     assert data["export"]["packed_host"]["packed_attention_nodes"] == [2, 2]
+    moe = data["export"]["packed_host_flash_moe"]  # the MoE feed-forward copy is made (and timed on a GPU)
+    assert moe["ffn"] == "moe" and moe["kernel"] == "flash" and moe["packed_attention_nodes"] == [2, 2]
     assert "CUDA provider" in data["packed_note"]
     assert not any(c["mode"].startswith("packed") for c in data["cells"])
     assert data["tune_variant"]["used"] == "padded"
@@ -44,3 +46,24 @@ def test_gpu_script_cpu_dry_run(tmp_path):
     par = data["parity"]["ort_fp16_iobinding"]  # the fp16 graph against torch fp32, same weights
     assert par["argmax_agreement"] == 1.0 and par["max_abs_diff"] < 2e-2
     assert (out / "gpu_cpu-dry-run.md").read_text().startswith("# GPU benchmark: cpu-dry-run")
+
+
+@pytest.mark.parametrize("name, cls", [
+    # ORT's MoE block on CUDA: CUTLASS grouped GEMMs, then its routing passes (one contains "softmax")
+    ("void cutlass::Kernel<ort_fastertransformer::MoeFCGemm<cutlass::half_t, 128, 128> >(Params)", "moe_gemm"),
+    ("void ort_fastertransformer::topkGatingSoftmax<__half, 1, 1, 1, 4>(...)", "moe_routing"),
+    ("void ort_fastertransformer::expandInputRowsKernel<__half>(...)", "moe_routing"),
+    ("void ort_fastertransformer::finalizeMoeRoutingKernel<__half, 1>(...)", "moe_routing"),
+    # the rest of a layer
+    ("void onnxruntime::contrib::cuda::AddBiasTransposeQKV<__half>(...)", "qkv_bias_transpose"),
+    ("flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128> >", "attention"),
+    ("void cunn_SoftMaxForward<4, c10::Half>(...)", "attention"),
+    ("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64", "gemm"),
+    ("void onnxruntime::contrib::cuda::SkipLayerNormKernelSmall<__half, 256>(...)", "layer_norm"),
+    ("void onnxruntime::contrib::cuda::biasGeluKernel<__half, 4>(...)", "gelu"),
+    ("void onnxruntime::cuda::_BinaryElementWise<__half, ...>(...)", "other"),
+])
+def test_kernel_classes(name, cls):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    gpu = pytest.importorskip("gpu")
+    assert gpu.kernel_class(name) == cls

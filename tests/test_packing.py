@@ -102,6 +102,17 @@ def _reference_ops():
             erf = np.vectorize(math.erf)(s / math.sqrt(2.0))
             return ((0.5 * s * (1.0 + erf)).astype(x.dtype),)
 
+    class MoE(OpRun):  # one expert (the "moe" feed-forward block): fc2(gelu_tanh(fc1(x)))
+        op_domain = "com.microsoft"
+
+        def _run(self, x, router, w1, b1=None, w2=None, b2=None, *_, k=1, activation_type="relu", **__):
+            assert w1.shape[0] == 1 and router.shape == (len(x), 1) and k == 1 and activation_type == "gelu"
+            h = x.astype(np.float32) @ w1[0].astype(np.float32).T
+            h = h + (b1[0].astype(np.float32) if b1 is not None else 0.0)
+            h = (0.5 * h * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h ** 3)))).astype(x.dtype)
+            y = h.astype(np.float32) @ w2[0].astype(np.float32).T
+            return ((y + (b2[0].astype(np.float32) if b2 is not None else 0.0)).astype(x.dtype),)
+
     class RemovePadding(OpRun):
         op_domain = "com.microsoft"
 
@@ -129,7 +140,7 @@ def _reference_ops():
             return (np.take_along_axis(data, indices.astype(np.int64), axis=axis),)
 
     return [GatherElements, Attention, PackedAttention, PackedMultiHeadAttention, SkipLayerNormalization, BiasGelu,
-            RemovePadding, RestorePadding]
+            MoE, RemovePadding, RestorePadding]
 
 
 def _with_weights(path):
@@ -270,8 +281,9 @@ def test_flash_kernel_exact_with_nonzero_biases(packed_pair):
 
 
 def test_flash_kernel_on_real_weights(tmp_path):
-    """splade-tiny's trained weights (non-zero biases everywhere): the flash graph gives the unpacked fp16
-    graph's logits to fp16 rounding (logits up to ~6, where one fp16 step is 3.9e-3)."""
+    """splade-tiny's trained weights (non-zero biases everywhere): the flash graph, and the flash graph with
+    MoE feed-forward blocks, give the unpacked fp16 graph's logits to fp16 rounding (logits up to ~6,
+    where one fp16 step is 3.9e-3)."""
     from cliptune_export import ExportOptions, export_model
     from cliptune_export.packing import pack_export
     from onnx.reference import ReferenceEvaluator
@@ -282,16 +294,113 @@ def test_flash_kernel_on_real_weights(tmp_path):
 
     export_model(str(SPLADE), tmp_path / "fp16", ExportOptions(k=1, p=0.1, seed=3, n_prompt=10, precision="fp16"))
     pack_export(tmp_path / "fp16", tmp_path / "flash", host_offsets=True)
-    man, fm = load_manifest(tmp_path / "fp16"), load_manifest(tmp_path / "flash")
-    assert fm.data["packed_kernel"] == "flash"
+    pack_export(tmp_path / "fp16", tmp_path / "moe", host_offsets=True, ffn="moe")  # + the tanh-GELU MoE block
+    man, fm, mm = load_manifest(tmp_path / "fp16"), load_manifest(tmp_path / "flash"), load_manifest(tmp_path / "moe")
+    assert fm.data["packed_kernel"] == mm.data["packed_kernel"] == "flash" and mm.packed_ffn == "moe"
     feeds = contract_inputs(man, pop=2, batch=5, extra=17, seed=3)
     host = {**feeds, **packing_feeds(feeds["attention_mask"], 2)}
     ops = _reference_ops()
     for g in range(man.k + 1):
         ref = ReferenceEvaluator(_with_weights(man.graph_path(g)), new_ops=ops).run(None, feeds)[0]
-        got = ReferenceEvaluator(_with_weights(fm.graph_path(g)), new_ops=ops).run(None, host)[0]
         assert float(np.abs(ref).max()) > 1.0
-        np.testing.assert_allclose(got, ref, atol=2e-2)
+        for d in (fm, mm):
+            got = ReferenceEvaluator(_with_weights(d.graph_path(g)), new_ops=ops).run(None, host)[0]
+            np.testing.assert_allclose(got, ref, atol=2e-2)
+
+
+def test_numpy_moe_is_onnxruntimes_moe():
+    """The numpy MoE above is ORT's: ORT's CPU provider runs a single-expert com.microsoft.MoE (weights
+    [experts, out, in], tanh GELU) and gives the numpy op's output; erf GELU would not match."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    moe = next(op for op in _reference_ops() if op.__name__ == "MoE")
+    rng = np.random.default_rng(0)
+    t, h, f = 9, 16, 64
+    w1, b1 = rng.standard_normal((1, f, h)) * 0.3, rng.standard_normal((1, f)) * 0.3
+    w2, b2 = rng.standard_normal((1, h, f)) * 0.3, rng.standard_normal((1, h)) * 0.3
+    arrays = [a.astype(np.float32) for a in (w1, b1, w2, b2)]
+    node = helper.make_node("MoE", ["x", "r", "w1", "b1", "w2", "b2"], ["y"], domain="com.microsoft", k=1,
+                            activation_type="gelu")
+    g = helper.make_graph([node], "moe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [t, h]),
+                                          helper.make_tensor_value_info("r", TensorProto.FLOAT, [t, 1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [t, h])],
+                          [numpy_helper.from_array(a, n) for a, n in zip(arrays, ("w1", "b1", "w2", "b2"))])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    x, r = rng.standard_normal((t, h)).astype(np.float32), np.zeros((t, 1), np.float32)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x, "r": r})[0]
+    want = moe._run(None, x, r, *arrays, k=1, activation_type="gelu")[0]
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    erf = np.vectorize(math.erf)
+    pre = x @ arrays[0][0].T + arrays[1][0]
+    erf_gelu = (0.5 * pre * (1 + erf(pre / math.sqrt(2.0)))) @ arrays[2][0].T + arrays[3][0]
+    assert float(np.abs(erf_gelu - got).max()) > 10 * 2e-5  # the test can tell the two GELUs apart
+
+
+def test_moe_ffn_matches_unpacked(packed_pair, tmp_path):
+    """ffn="moe": every packed layer's MatMul -> BiasGelu -> MatMul becomes one single-expert MoE node whose
+    biases are the BiasGelu's and the SkipLayerNormalization's (random here: random-init biases are zero),
+    and the logits are the unpacked graph's up to the tanh-vs-erf GELU; dropping fc2's bias must show."""
+    import collections
+    import copy
+    import json
+
+    from cliptune_export.packing import PackingError, pack_export, pack_graph
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    from cliptune_ort.engine import packing_feeds
+
+    src = packed_pair[0]
+    man = load_manifest(src)
+    layers = man.data["model"]["layers"]
+    feeds = contract_inputs(man, pop=2, batch=4, extra=9, seed=6)
+    host = {**feeds, **packing_feeds(feeds["attention_mask"], 2)}
+    ops = _reference_ops()
+    m = _with_weights(man.graph_path(0))
+    rng = np.random.default_rng(1)
+    gelus = [n for n in m.graph.node if n.op_type == "BiasGelu"]
+    slns = [n for n in m.graph.node if n.op_type == "SkipLayerNormalization" and len(n.input) > 4 and n.input[4]]
+    biases = {n.input[1] for n in gelus} | {n.input[4] for n in slns}
+    assert len(gelus) == layers + 1 and len(biases) >= 3 * layers - 1  # + the LM head's dense -> GELU
+    for t in m.graph.initializer:
+        if t.name in biases:
+            v = numpy_helper.to_array(t)
+            t.CopyFrom(numpy_helper.from_array((rng.standard_normal(v.shape) * 0.5).astype(v.dtype), t.name))
+    ref = ReferenceEvaluator(m, new_ops=ops).run(None, feeds)[0]
+    for host_offsets, kernel in ((True, "flash"), (False, "fused")):
+        moe = copy.deepcopy(m)
+        assert pack_graph(moe, host_offsets=host_offsets, kernel=kernel, ffn="moe") == layers - 1
+        count = collections.Counter(n.op_type for n in moe.graph.node)
+        assert count["MoE"] == layers - 1 and count["BiasGelu"] == 2  # the single-query last layer's, the LM head's
+        assert sum(n.op_type == "ConstantOfShape" and "moe" in n.name for n in moe.graph.node) == 1  # one router
+        got = ReferenceEvaluator(moe, new_ops=ops).run(None, host if host_offsets else feeds)[0]
+        assert float(np.abs(ref).max()) > 0.05
+        np.testing.assert_allclose(got, ref, atol=1e-3)  # fp16 rounding and the tanh GELU (2.4e-4 seen)
+    no_bias = copy.deepcopy(moe)  # fc2's bias dropped instead of moved into MoE: the logits must move
+    for n in no_bias.graph.node:
+        if n.op_type == "MoE":
+            n.input[5] = ""
+    wrong = ReferenceEvaluator(no_bias, new_ops=ops).run(None, feeds)[0]
+    assert float(np.abs(wrong - ref).max()) > 10 * 1e-3
+    with pytest.raises(PackingError, match="feed-forward block must be one of matmul, moe"):
+        pack_graph(copy.deepcopy(m), ffn="cutlass")
+    broken = copy.deepcopy(m)  # a layer whose FFN is not MatMul -> BiasGelu -> MatMul -> SkipLN
+    gelu = next(n for n in broken.graph.node if n.op_type == "BiasGelu")
+    gelu.op_type = "Add"
+    gelu.domain = ""
+    with pytest.raises(PackingError, match=f"found {layers - 2} MatMul -> BiasGelu"):
+        pack_graph(broken, ffn="moe")
+    pman = pack_export(src, tmp_path / "moe", host_offsets=True, ffn="moe")
+    assert pman["packed_ffn"] == "moe" and load_manifest(tmp_path / "moe").packed_ffn == "moe"
+    assert load_manifest(src.parent / "packed_flash").packed_ffn == "matmul" and man.packed_ffn is None
+    from cliptune_ort.errors import ModelDirError
+    from cliptune_ort.manifest import seal_manifest
+
+    data = json.loads((tmp_path / "moe" / "manifest.json").read_text())
+    (tmp_path / "moe" / "manifest.json").write_text(json.dumps(seal_manifest({**data, "packed_ffn": "gemm"})))
+    with pytest.raises(ModelDirError, match="packed_ffn.*'matmul' or 'moe'"):
+        load_manifest(tmp_path / "moe")
 
 
 def test_flash_sessions_skip_matmul_add_fusion(packed_pair, monkeypatch, tmp_path):
