@@ -154,6 +154,23 @@ def _with_weights(path):
     return m
 
 
+def _skip_ln_biases(m) -> set:
+    """The bias inputs of the graph's SkipLayerNormalization nodes."""
+    return {n.input[4] for n in m.graph.node if n.op_type == "SkipLayerNormalization" and len(n.input) > 4
+            and n.input[4]}
+
+
+def _randomize(m, names: set, rng) -> None:
+    """Give the initializers ``names`` random values (random-init biases are zero: a wrong bias move would
+    not show)."""
+    from onnx import numpy_helper
+
+    for t in m.graph.initializer:
+        if t.name in names:
+            v = numpy_helper.to_array(t)
+            t.CopyFrom(numpy_helper.from_array((rng.standard_normal(v.shape) * 0.5).astype(v.dtype), t.name))
+
+
 @pytest.fixture(scope="module")
 def packed_pair(tmp_path_factory, tiny_roberta_src):
     """(fp16 export with K=1, its packed copy, its packed_host copy); the flash-kernel copies are beside
@@ -241,7 +258,6 @@ def test_flash_kernel_exact_with_nonzero_biases(packed_pair):
     import copy
 
     from cliptune_export.packing import PackingError, pack_graph
-    from onnx import numpy_helper
     from onnx.reference import ReferenceEvaluator
 
     man = load_manifest(packed_pair[0])
@@ -250,13 +266,9 @@ def test_flash_kernel_exact_with_nonzero_biases(packed_pair):
     m = _with_weights(man.graph_path(0))
     rng = np.random.default_rng(0)
     atts = [n for n in m.graph.node if n.op_type == "Attention"]
-    slns = [n for n in m.graph.node if n.op_type == "SkipLayerNormalization" and len(n.input) > 4 and n.input[4]]
-    biases = {n.input[2] for n in atts} | {n.input[4] for n in slns}
+    biases = {n.input[2] for n in atts} | _skip_ln_biases(m)
     assert len(biases) >= 2 * len(atts)  # each layer's QKV bias and output bias
-    for t in m.graph.initializer:
-        if t.name in biases:
-            v = numpy_helper.to_array(t)
-            t.CopyFrom(numpy_helper.from_array((rng.standard_normal(v.shape) * 0.5).astype(v.dtype), t.name))
+    _randomize(m, biases, rng)
     ref = ReferenceEvaluator(m, new_ops=ops).run(None, feeds)[0]
     flash = copy.deepcopy(m)
     before = {n.name: n.input[4] for n in flash.graph.node if n.op_type == "SkipLayerNormalization"
@@ -346,7 +358,6 @@ def test_moe_ffn_matches_unpacked(packed_pair, tmp_path):
     import json
 
     from cliptune_export.packing import PackingError, pack_export, pack_graph
-    from onnx import numpy_helper
     from onnx.reference import ReferenceEvaluator
 
     from cliptune_ort.engine import packing_feeds
@@ -360,13 +371,9 @@ def test_moe_ffn_matches_unpacked(packed_pair, tmp_path):
     m = _with_weights(man.graph_path(0))
     rng = np.random.default_rng(1)
     gelus = [n for n in m.graph.node if n.op_type == "BiasGelu"]
-    slns = [n for n in m.graph.node if n.op_type == "SkipLayerNormalization" and len(n.input) > 4 and n.input[4]]
-    biases = {n.input[1] for n in gelus} | {n.input[4] for n in slns}
+    biases = {n.input[1] for n in gelus} | _skip_ln_biases(m)
     assert len(gelus) == layers + 1 and len(biases) >= 3 * layers - 1  # + the LM head's dense -> GELU
-    for t in m.graph.initializer:
-        if t.name in biases:
-            v = numpy_helper.to_array(t)
-            t.CopyFrom(numpy_helper.from_array((rng.standard_normal(v.shape) * 0.5).astype(v.dtype), t.name))
+    _randomize(m, biases, rng)
     ref = ReferenceEvaluator(m, new_ops=ops).run(None, feeds)[0]
     for host_offsets, kernel in ((True, "flash"), (False, "fused")):
         moe = copy.deepcopy(m)
