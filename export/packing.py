@@ -80,6 +80,7 @@ DEFAULT_KERNEL = "flash"  # measured faster on an H100 (README, GPU section)
 #: "moe" = one single-expert com.microsoft.MoE node (bias + GELU in the GEMM epilogue; experimental)
 FFNS = ("matmul", "moe")
 DEFAULT_FFN = "matmul"
+ROUTER = "cliptune_moe_router"  # the "moe" block's router, zeros [tokens, 1]: softmax over one expert is 1
 
 
 class PackingError(ValueError):
@@ -392,9 +393,6 @@ def _moe_dtype(g, moe: dict) -> int:
     return next(t.data_type for t in g.initializer if t.name == w)
 
 
-ROUTER = "cliptune_moe_router"  # zeros [tokens, 1]: softmax over one expert is 1 for every token
-
-
 def _moe_router(x_packed: str, dtype: int) -> list:
     """Shape(x)[0:1] ++ [1] -> ConstantOfShape(0): one router row per packed token, made on the device."""
     from onnx import helper
@@ -414,8 +412,8 @@ def _moe_nodes(b: dict) -> list:
     fc1, gelu, fc2, sln = b["fc1"], b["gelu"], b["fc2"], b["sln"]
     name, out = fc1.name, fc1.name + "__moe"
     nodes, args = [], [fc1.input[0], ROUTER]
-    for w, bias, tag in ((fc1.input[1], gelu.input[1], "fc1"), (fc2.input[1], sln.input[4] if len(sln.input) > 4
-                                                               else "", "fc2")):
+    b2 = sln.input[4] if len(sln.input) > 4 else ""
+    for w, bias, tag in ((fc1.input[1], gelu.input[1], "fc1"), (fc2.input[1], b2, "fc2")):
         nodes.append(helper.make_node("Transpose", [w], [f"{name}__{tag}_wt"], name=f"{name}_{tag}_wt", perm=[1, 0]))
         nodes.append(helper.make_node("Unsqueeze", [f"{name}__{tag}_wt", "cliptune_moe_axis0"], [f"{name}__{tag}_w"],
                                       name=f"{name}_{tag}_w"))
