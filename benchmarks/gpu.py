@@ -26,7 +26,11 @@ One run on one machine (the lent H100/H200; see benchmarks/gpu_run.sh for the de
            the candidates on all 32 examples (one session run per bucket).
 4. profile where ORT placed the fp16 graph's nodes (CPU vs CUDA), Memcpy nodes, and a logits
            parity check ORT fp16 / torch fp16 vs torch fp32 on the GPU.
-5. tune    measured runs through the package API: ``tuner.tune`` on SST-2 with the fp16 export,
+5. cma     CMA-ES ask/tell per generation (d = 500, population 20) with numpy's BLAS on 1, 2, 4
+           and 8 threads on this host: a CUDA run's CPU time between its GPU calls. The tune runs
+           use the fastest count when it beats one thread by more than 10 % (else one, the
+           package's default, which the CPU path needs).
+6. tune    measured runs through the package API: ``tuner.tune`` on SST-2 with the fp16 export,
            method bbt and clip (K=4), the full default budget (8,000 calls); wall_seconds from
            result.json. They use the fastest fp16 variant at pop 20 (padded with IOBinding or CUDA
            graphs, the packed layouts with IOBinding or CUDA graphs) whose logits matched PyTorch
@@ -579,18 +583,26 @@ def markdown(data: dict) -> str:
             lines.append(f"- {k}: {r}")
         lines.append("")
     if data.get("tune"):
-        lines += ["| tune run | calls | wall s | scoring s | session-run s | test acc | dev acc | provider | cuda graph | "
-                  "variant |", "|---|---|---|---|---|---|---|---|---|---|"]
+        cols = ("tune run", "calls", "wall s", "setup s", "ask/tell s", "projection s", "scoring s", "session-run s",
+                "checkpoint s", "test acc", "dev acc", "provider", "cuda graph", "prompts on device", "blas threads",
+                "variant")
+        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for name, r in data["tune"].items():
             if not isinstance(r, dict) or "wall_seconds" not in r:
                 continue
-            lines.append(f"| {name} | {r.get('calls')} | {_fmt(r.get('wall_seconds'))} | "
-                         f"{_fmt((r.get('timing_seconds') or {}).get('scoring'))} | "
-                         f"{_fmt((r.get('timing_seconds') or {}).get('session_run_seconds'))} | "
+            t = r.get("timing_seconds") or {}
+            cols = [_fmt(r.get("wall_seconds"))] + [_fmt(t.get(k)) for k in (
+                "setup", "ask_tell", "projection", "scoring", "session_run_seconds", "checkpoint")]
+            lines.append(f"| {name} | {r.get('calls')} | {' | '.join(cols)} | "
                          f"{_fmt((r.get('test') or {}).get('metric'), 3)} | {_fmt((r.get('dev') or {}).get('metric'), 3)} | "
-                         f"{r.get('provider')} | {r.get('cuda_graph')} | "
-                         f"{r.get('variant', 'packed' if r.get('packed') else '-')} |")
+                         f"{r.get('provider')} | {r.get('cuda_graph')} | {r.get('projection_on_device', '-')} | "
+                         f"{r.get('blas_threads', '-')} | {r.get('variant', 'packed' if r.get('packed') else '-')} |")
         lines.append("")
+    if data.get("cma_blas"):
+        c = data["cma_blas"]
+        lines += [f"CMA-ES ask/tell on this host (d {c['d']}, population {c['popsize']}, {c['generations']} "
+                  f"generations, {c['cores']} cores): ms per generation by BLAS threads {c['ms_per_gen']}; "
+                  f"the tune runs used {c['chosen_threads']}.", ""]
     if data.get("targets"):
         lines += ["Targets (issue):", ""]
         for k, t in data["targets"].items():
@@ -616,6 +628,66 @@ def markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------- CMA-ES on the host
+
+
+def cma_blas_threads(gens: int = 100, d: int = 500, pop: int = 20, counts=(1, 2, 4, 8)) -> dict:
+    """ms per CMA-ES generation (ask + tell, the package's optimiser, toy fitness) with numpy's BLAS
+    limited to each thread count (up to this process's cores); pycma's eigendecomposition of the
+    d x d covariance is most of it. The count for the tune runs: the fastest, if > 10 % faster than 1."""
+    import numpy as np
+    from threadpoolctl import threadpool_limits
+
+    from cliptune_ort.optim import make_optimizer
+
+    cores = len(os.sched_getaffinity(0))
+    out: dict = {"d": d, "popsize": pop, "generations": gens, "cores": cores, "ms_per_gen": {}}
+    for n in [c for c in counts if c <= cores]:
+        with threadpool_limits(limits=n, user_api="blas"):
+            opt = make_optimizer("cma", d, pop, 1.0, 42)
+            rng = np.random.default_rng(0)
+            for _ in range(10):  # warm-up: BLAS threads started, first decompositions
+                z = opt.ask()
+                opt.tell(z, rng.standard_normal(pop))
+            t = time.perf_counter()
+            for _ in range(gens):
+                z = opt.ask()
+                opt.tell(z, rng.standard_normal(pop))
+            out["ms_per_gen"][n] = round((time.perf_counter() - t) / gens * 1e3, 3)
+    ms = out["ms_per_gen"]
+    best = min(ms, key=ms.get)
+    out["chosen_threads"] = best if ms[best] < 0.9 * ms[1] else 1
+    return out
+
+
+class blas_threads_for_tune:
+    """numpy's BLAS on ``n`` threads during a tune run: the package keeps it at one thread unless
+    OPENBLAS_NUM_THREADS is set (tuner.blas_threads), so set it for the run, limit, and restore."""
+
+    def __init__(self, n: int):
+        self.n = int(n)
+
+    def __enter__(self):
+        if self.n <= 1:
+            return self
+        from threadpoolctl import threadpool_limits
+
+        self._env = os.environ.get("OPENBLAS_NUM_THREADS")
+        os.environ["OPENBLAS_NUM_THREADS"] = str(self.n)
+        self._limit = threadpool_limits(limits=self.n, user_api="blas")
+        return self
+
+    def __exit__(self, *exc):
+        if self.n <= 1:
+            return False
+        self._limit.restore_original_limits()
+        if self._env is None:
+            os.environ.pop("OPENBLAS_NUM_THREADS", None)
+        else:
+            os.environ["OPENBLAS_NUM_THREADS"] = self._env
+        return False
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -626,7 +698,7 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true", help="5 timed calls per cell, 1,000-call tune runs")
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny random RoBERTa, CPU provider, 2 timed calls")
     ap.add_argument("--skip", default="",
-                    help="comma list: export,torch,ort,fp32,packed,flash,moe,kernels,profile,bbt,clip")
+                    help="comma list: export,torch,ort,fp32,packed,flash,moe,kernels,profile,cma,bbt,clip")
     ap.add_argument("--iters", type=int, default=0, help="timed calls per cell (default 15; quick 5; dry run 2)")
     ap.add_argument("--budget", type=int, default=0, help="tune budget in calls (default 8000; quick 1000; dry 100)")
     ap.add_argument("--tune-seed", type=int, default=42, help="seed of the tune runs (few-shot sample, A, CMA-ES)")
@@ -994,7 +1066,20 @@ def main(argv=None) -> int:
                 res.error("profile packed", e)
             res.save()
 
-    # ------------------------------------------------ 5. tune runs (package API, full budget)
+    # ------------------------------------------------ 5. CMA-ES ask/tell vs BLAS threads
+    blas = 1
+    if "cma" not in skip:
+        try:
+            res.data["cma_blas"] = cma_blas_threads(gens=10 if cpu else 100)
+            blas = res.data["cma_blas"]["chosen_threads"]
+            log(f"cma ask/tell ms per generation by BLAS threads: {res.data['cma_blas']['ms_per_gen']}; "
+                f"tune runs use {blas}")
+            res.data["sections_done"].append("cma")
+        except Exception as e:
+            res.error("cma", e)
+        res.save()
+
+    # ------------------------------------------------ 6. tune runs (package API, full budget)
     from cliptune_ort.config import build_config
     from cliptune_ort.tuner import tune
 
@@ -1057,10 +1142,12 @@ def main(argv=None) -> int:
                 kw["cuda_graph"] = True
             cfg = build_config(**kw)
             log(f"tune {method}: budget {b} calls, variant {chosen} (cuda_graph {use_cg})")
-            out = tune(cfg, run_dir, overwrite=True, progress=True, model_dir=tune_dir)
+            with blas_threads_for_tune(blas):
+                out = tune(cfg, run_dir, overwrite=True, progress=True, model_dir=tune_dir)
             keep = {k: out.get(k) for k in ("calls", "forward_passes", "generations", "wall_seconds", "timing_seconds",
                                             "provider", "cands_per_call", "train_padded_fraction", "n_buckets", "k",
-                                            "train", "dev", "test", "stop_reason", "budget")}
+                                            "train", "dev", "test", "stop_reason", "budget", "projection_on_device",
+                                            "blas_threads")}
             keep["cuda_graph"] = use_cg
             keep["packed"] = use_packed
             keep["variant"] = chosen

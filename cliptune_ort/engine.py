@@ -4,6 +4,10 @@
 candidate prompts [pop, L, hidden] on a fixed :class:`FixedBatch` (tokenised once, split into
 length buckets once). Candidates are sent ``cands_per_call`` at a time: one per call on the CPU
 (stacking is slower per candidate there), all stacked on CUDA.
+
+Where a run's candidates are stacked and bound (CUDA), ``Engine.project`` computes the prompts from
+the candidates z on the device (the projection graph of ``assets/projection``) into one buffer that
+every thinned graph reads: no numpy projection, no host -> device copy of the prompts per graph.
 """
 
 from __future__ import annotations
@@ -14,11 +18,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from .encoding import Encoded, buckets, padded_fraction
-from .errors import ConfigError, IntegrityError, ProviderError
+from .errors import ConfigError, IntegrityError, ModelDirError, ProviderError
 from .manifest import Manifest
 from .sessions import (
     SessionSpec,
@@ -30,6 +35,8 @@ from .sessions import (
 )
 
 _BATCH_IDS = itertools.count(1)
+#: the prompt projection graphs (built by export/projection.py; no weights, the same for every model)
+PROJECTION_DIR = Path(__file__).resolve().parent / "assets" / "projection"
 #: extra inputs of "packed_host" graphs (export/packing.py HOST_INPUTS)
 PACKING_INPUTS = ("packed_token_index", "packed_token_offset", "packed_cu_seqlens")
 
@@ -92,6 +99,46 @@ class _Binding:
     keep: tuple  # OrtValues that must outlive the binding
 
 
+class DevicePrompts:
+    """Prompts [pop, L, hidden] that :meth:`Engine.project` made in the engine's prompt buffer.
+
+    ``logits``/``logits_multi`` of the same engine bind that buffer directly; anything else (another
+    engine, indexing, ``np.asarray``) gets the host projection ``z @ At`` (float32), so the object
+    can stand wherever a prompt array can. The buffer is shared by every candidate set of this
+    population size: a set used after another was projected is projected again first.
+    """
+
+    def __init__(self, engine: Engine, z: np.ndarray, version: int):
+        self.engine = engine
+        self.z = z  # [pop, d] float32
+        self.version = version
+        self.shape = (z.shape[0], engine.manifest.n_prompt, engine.manifest.hidden)
+
+    def host(self) -> np.ndarray:
+        return self.engine._host_projection(self.z)
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.host()
+        return a if dtype is None else a.astype(dtype)
+
+    def __getitem__(self, idx):
+        return self.host()[idx]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+
+@dataclass
+class _Projection:
+    """The bound projection run for one population size."""
+
+    io: object
+    z: object  # OrtValue [pop, d] float32, updated in place
+    prompt: object  # OrtValue [pop, L, hidden]: the buffer the graphs' bindings read
+    version: int
+    keep: tuple
+
+
 class Engine:
     """Sessions for the graphs a run needs, plus the counters the benchmarks read.
 
@@ -147,6 +194,11 @@ class Engine:
         self.session_seconds = 0.0
         self._bound: dict = {}  # (graph, id(batch), part, rows) -> _Binding
         self._resident: dict = {}  # (id(batch), part) -> fixed inputs as device OrtValues
+        self._at: np.ndarray | None = None  # the projection At [d, L*hidden] (enable_projection)
+        self._at_value = None  # ... resident on the device
+        self._projector = None
+        self._projections: dict[int, _Projection] = {}  # population size -> bound projection run
+        self._versions = itertools.count(1)
 
     def _open_sessions(self) -> None:
         cores = os.cpu_count() or 1
@@ -203,6 +255,93 @@ class Engine:
             parts.append((idx, feeds))
         return FixedBatch(enc, parts, padded_fraction(split))
 
+    # ------------------------------------------------------------ prompts made on the device
+
+    def enable_projection(self, at: np.ndarray) -> None:
+        """Let :meth:`project` make prompts from candidates with the projection ``at`` [d, L * hidden]
+        (float32; kept by reference, not copied). Once per engine: the prompt buffers stay bound."""
+        at = np.asarray(at)
+        size = self.manifest.n_prompt * self.manifest.hidden
+        if at.dtype != np.float32 or at.ndim != 2 or at.shape[1] != size:
+            raise ConfigError(f"the projection must be float32 [d, {self.manifest.n_prompt} * {self.manifest.hidden}],"
+                              f" got {at.dtype} {list(at.shape)}")
+        if self._at is not None and at is not self._at:
+            raise ConfigError("this engine already has a projection (one per engine): make a new Engine for another")
+        self._at = at
+
+    def projects_on_device(self, pop: int) -> bool:
+        """Whether :meth:`project` runs the projection graph for ``pop`` candidates: the engine binds its
+        runs (IOBinding) and stacks all ``pop`` candidates in one run per graph."""
+        return (self._at is not None and self._projector is not False and self.iobinding
+                and pop <= self.cands_per_call)
+
+    def _host_projection(self, z: np.ndarray) -> np.ndarray:
+        z = np.asarray(z, dtype=np.float32).reshape(-1, self._at.shape[0])
+        return (z @ self._at).reshape(z.shape[0], self.manifest.n_prompt, self.manifest.hidden)
+
+    def project(self, z: np.ndarray) -> DevicePrompts | np.ndarray:
+        """Prompts [pop, L, hidden] for candidates ``z`` [pop, d]: a :class:`DevicePrompts` made on the
+        device where :meth:`projects_on_device`, else the float32 host array ``z @ At``."""
+        if self._at is None:
+            raise ConfigError("Engine.project needs the projection first (Engine.enable_projection)")
+        z = np.ascontiguousarray(z, dtype=np.float32).reshape(-1, self._at.shape[0])
+        if self.projects_on_device(z.shape[0]) and self._projector is None:
+            try:
+                self._open_projector()
+            except (ModelDirError, ProviderError, RuntimeError, OSError) as e:  # an optimisation: the host path is equal
+                self._projector = False
+                warn(f"the prompt projection graph did not load on {self.device} ({str(e)[:200]}): prompts are "
+                     "projected on the host and copied to every graph")
+        if not self.projects_on_device(z.shape[0]):
+            return self._host_projection(z)
+        return self._run_projection(z)
+
+    def _open_projector(self) -> None:
+        import onnxruntime as ort
+
+        name = "fp16" if self.dtype == np.float16 else "fp32"
+        # true fp32 on CUDA (ORT's MatMul would use TF32): the prompts equal the host projection's to ~1e-6
+        spec = SessionSpec(device=self.device, threads=1, optimization="all",
+                           cuda_options={"use_tf32": "0"} if self.device == "cuda" else {})
+        sess = make_session(PROJECTION_DIR / f"projection_{name}.onnx", spec)
+        self._at_value = ort.OrtValue.ortvalue_from_numpy(self._at, "cuda" if self.device == "cuda" else "cpu", 0)
+        self._projector = sess
+
+    def _run_projection(self, z: np.ndarray) -> DevicePrompts:
+        import onnxruntime as ort
+
+        pop = z.shape[0]
+        dev = "cuda" if self.device == "cuda" else "cpu"
+        st = self._projections.get(pop)
+        if st is None:
+            io = self._projector.io_binding()
+            z_host = np.zeros_like(z)
+            z_v = ort.OrtValue.ortvalue_from_numpy(z_host, dev, 0)
+            shape = np.array([pop, self.manifest.n_prompt, self.manifest.hidden], dtype=np.int64)
+            shape_v = ort.OrtValue.ortvalue_from_numpy(shape, "cpu", 0)  # Reshape reads its shape on the host
+            prompt_v = ort.OrtValue.ortvalue_from_shape_and_type((pop, self.manifest.n_prompt, self.manifest.hidden),
+                                                                 self.dtype, dev, 0)
+            io.bind_ortvalue_input("z", z_v)
+            io.bind_ortvalue_input("at", self._at_value)
+            io.bind_ortvalue_input("shape", shape_v)
+            io.bind_ortvalue_output("prompt", prompt_v)
+            st = _Projection(io, z_v, prompt_v, 0, (z_host, shape, shape_v))
+            self._projections[pop] = st
+        st.z.update_inplace(z)
+        if self.device != "cuda":
+            st.io.synchronize_inputs()
+        self._projector.run_with_iobinding(st.io)
+        st.version = next(self._versions)
+        return DevicePrompts(self, z, st.version)
+
+    def _current(self, prompts: DevicePrompts) -> None:
+        """Make the shared buffer hold ``prompts`` (projecting again if another set overwrote it)."""
+        st = self._projections.get(prompts.shape[0])
+        if st is None or st.version != prompts.version:
+            prompts.version = self._run_projection(prompts.z).version
+
+    # ------------------------------------------------------------ forward
+
     def logits(self, graph: int, prompts: np.ndarray, batch: FixedBatch, verbalizer_ids: np.ndarray) -> np.ndarray:
         """Logits [pop, n, labels] of graph ``graph`` for prompts [pop, L, hidden] on ``batch``."""
         return self.logits_multi([(graph, prompts)], batch, verbalizer_ids)[0]
@@ -221,6 +360,14 @@ class Engine:
         for j, (graph, prompts) in enumerate(jobs):
             pop = prompts.shape[0]
             outs.append(np.empty((pop, batch.n, labels), dtype=np.float32))
+            if isinstance(prompts, DevicePrompts):
+                if prompts.engine is self and self.projects_on_device(pop):
+                    self._current(prompts)
+                    for part, (idx, _) in enumerate(batch.parts):
+                        units.append((j, graph, 0, prompts, idx, part))
+                    self.forward_passes += pop
+                    continue
+                prompts = prompts.host()
             step = max(1, min(self.cands_per_call, pop))
             for c0 in range(0, pop, step):
                 chunk = np.ascontiguousarray(prompts[c0:c0 + step], dtype=self.dtype)
@@ -256,11 +403,13 @@ class Engine:
     def _run_bound(self, graph: int, batch: FixedBatch, part: int, chunk: np.ndarray,
                    verb: np.ndarray) -> np.ndarray:
         """One run through IOBinding: token inputs stay on the device, the prompts are copied into a
-        persistent device buffer, the logits land in a persistent host buffer (no per-call allocation)."""
+        persistent device buffer (or, for :class:`DevicePrompts`, the projection's buffer is bound: no
+        copy), the logits land in a persistent host buffer (no per-call allocation)."""
         import onnxruntime as ort
 
+        on_device = isinstance(chunk, DevicePrompts)
         # one binding per worker thread: parallel CPU runs must not share a prompt buffer
-        key = (graph, batch.uid, part, chunk.shape, verb.tobytes(), threading.get_ident())
+        key = (graph, batch.uid, part, chunk.shape, verb.tobytes(), threading.get_ident(), on_device)
         b = self._bound.get(key)
         if b is None:
             feeds = batch.parts[part][1]
@@ -282,8 +431,12 @@ class Engine:
             verb_host = verb.copy()  # CPU OrtValues alias numpy memory: keep every array alive
             verb_v = ort.OrtValue.ortvalue_from_numpy(verb_host, dev, 0)
             io.bind_ortvalue_input("verbalizer_ids", verb_v)
-            prompt_host = np.zeros(chunk.shape, chunk.dtype)
-            prompt_v = ort.OrtValue.ortvalue_from_numpy(prompt_host, dev, 0)
+            if on_device:  # the projection writes it before every run; read-only here
+                prompt_host = None
+                prompt_v = self._projections[chunk.shape[0]].prompt
+            else:
+                prompt_host = np.zeros(chunk.shape, chunk.dtype)
+                prompt_v = ort.OrtValue.ortvalue_from_numpy(prompt_host, dev, 0)
             io.bind_ortvalue_input("prompt_embeds", prompt_v)
             out = np.empty((chunk.shape[0], feeds["input_ids"].shape[0], len(verb)), dtype=np.float32)
             out_v = ort.OrtValue.ortvalue_from_numpy(out, "cpu", 0)
@@ -298,7 +451,8 @@ class Engine:
                 run_opts.add_run_config_entry("gpu_graph_id", str(len(self._bound) + 1))
             b = _Binding(sess, io, prompt_v, out, out_dev, run_opts, (verb_v, verb_host, prompt_host, out_v, fixed))
             self._bound[key] = b
-        b.prompt.update_inplace(chunk)
+        if not on_device:
+            b.prompt.update_inplace(chunk)
         if b.out_dev is None:
             b.io.synchronize_inputs()
             b.sess.run_with_iobinding(b.io, b.run_opts)

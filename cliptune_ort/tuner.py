@@ -33,7 +33,7 @@ from . import __version__
 from .config import TuneConfig
 from .data import FewShot, load_fewshot
 from .encoding import Encoded, PromptTokenizer
-from .engine import Engine, FixedBatch
+from .engine import DevicePrompts, Engine, FixedBatch
 from .errors import CheckpointError, ConfigError, NumericError, TaskError
 from .fileio import append_line, atomic_write_bytes, atomic_write_json, atomic_write_text
 from .losses import loss_fn, metric_fn
@@ -74,9 +74,12 @@ class Workspace:
     loss: str
     graphs_train: list[int]
 
-    def prompts(self, z: np.ndarray) -> np.ndarray:
-        """Z [pop, d] -> prompts [pop, L, hidden] (float32)."""
+    def prompts(self, z: np.ndarray, host: bool = False) -> np.ndarray | DevicePrompts:
+        """Z [pop, d] -> prompts [pop, L, hidden]: made on the engine's device where its runs are bound and
+        stacked (``Engine.project``), else (or with ``host``) the float32 array ``z @ At``."""
         z = np.asarray(z, dtype=np.float32).reshape(-1, self.cfg.d)
+        if not host:
+            return self.engine.project(z)
         return (z @ self.at).reshape(z.shape[0], self.manifest.n_prompt, self.manifest.hidden)
 
     def zero_prompt(self) -> np.ndarray:
@@ -147,6 +150,7 @@ def prepare(cfg: TuneConfig, model_dir: Path | None = None) -> Workspace:
     at = None
     if use_prompt:
         at = projection(cfg.seed, cfg.d, manifest.n_prompt, manifest.hidden, manifest.embedding_std, cfg.sigma0)
+        engine.enable_projection(at)
     return Workspace(cfg, task, manifest, engine, ptok, verb, fewshot, train, dev, test, at,
                      cfg.loss or task.loss, graphs_train)
 
@@ -505,6 +509,8 @@ def _tune(cfg: TuneConfig, run_dir: str | Path, resume: bool, overwrite: bool, f
         raise
     elapsed0 = float(state["elapsed"])
     t_loop = time.perf_counter()
+    timing["setup"] = t_loop - t_start  # sessions, data, projection (and a resume's replay)
+    timing["checkpoint"] = 0.0
 
     def used() -> int:
         return state["calls"] if cfg.budget_unit == "calls" else state["forward_passes"]
@@ -558,8 +564,10 @@ def _tune(cfg: TuneConfig, run_dir: str | Path, resume: bool, overwrite: bool, f
             last = used() >= cfg.budget or reason is not None
             if last or state["generation"] % cfg.checkpoint_every == 0 or intr.hit or (
                     stop_after_generations is not None and gens_this_process >= stop_after_generations):
-                state["elapsed"] = elapsed0 + time.perf_counter() - t_loop
+                tc = time.perf_counter()
+                state["elapsed"] = elapsed0 + tc - t_loop
                 save_checkpoint(run_dir, state)
+                timing["checkpoint"] += time.perf_counter() - tc
             if reason is not None:
                 stop_reason = f"optimizer stopped: {reason}"
                 break
@@ -580,7 +588,7 @@ def _tune(cfg: TuneConfig, run_dir: str | Path, resume: bool, overwrite: bool, f
 def _dev_eval(ws: Workspace, state: dict, run_dir: Path) -> None:
     """Score the best candidate so far on dev with the full network; keep it if it is the best."""
     z = np.asarray(state["best_z"])
-    r = evaluate(ws, ws.prompts(z)[0], ws.dev)
+    r = evaluate(ws, ws.prompts(z, host=True)[0], ws.dev)
     improved = state["best_dev"] is None or r["metric"] > state["best_dev"]
     if improved:
         state["best_dev"] = r["metric"]
@@ -600,7 +608,7 @@ def _finish(ws: Workspace, run_dir: Path, state: dict | None, stop_reason: str |
     te = time.perf_counter()
     if state is not None:
         z = np.asarray(state["best_dev_z"], dtype=np.float64)
-        prompt = ws.prompts(z)[0]
+        prompt = ws.prompts(z, host=True)[0]
         _save_array(run_dir / "best_z.npy", z)
         _save_array(run_dir / "best_prompt.npy", prompt)
     else:
@@ -622,6 +630,8 @@ def _finish(ws: Workspace, run_dir: Path, state: dict | None, stop_reason: str |
         "best_train_fitness": state["best_fit"] if state else None,
         "wall_seconds": round(wall, 3), "timing_seconds": {k: round(v, 4) for k, v in timing.items()},
         "provider": ws.engine.provider, "cands_per_call": ws.engine.cands_per_call,
+        # prompts made by the projection graph on the engine's device, bound to the graphs' input
+        "projection_on_device": ws.at is not None and ws.engine.projects_on_device(cfg.popsize),
         "blas_threads": blas_thread_count(),
         # packed-attention graphs compute no padded token (up to the last layer) and take one bucket
         "train_padded_fraction": 0.0 if ws.manifest.packed else round(ws.train.padded_fraction, 4),

@@ -33,7 +33,11 @@ def test_gpu_script_cpu_dry_run(tmp_path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     data = json.loads((out / "gpu_cpu-dry-run.json").read_text())
     assert data["status"] == "done" and data["errors"] == []
-    assert {"torch_fp32", "torch_fp16", "ort_fp16", "tune_bbt"} <= set(data["sections_done"])
+    assert {"torch_fp32", "torch_fp16", "ort_fp16", "cma", "tune_bbt"} <= set(data["sections_done"])
+    cma = data["cma_blas"]  # ask/tell timed per BLAS thread count; the tune run used the chosen one
+    assert cma["ms_per_gen"]["1"] > 0 and str(cma["chosen_threads"]) in cma["ms_per_gen"]
+    assert data["tune"]["bbt"]["blas_threads"] == cma["chosen_threads"]
+    assert data["tune"]["bbt"]["projection_on_device"] is False  # CPU: one candidate per call, host prompts
     assert data["export"]["packed"]["packed_attention_nodes"] == [2, 2]  # 3 layers: 2 full + the mask layer
     assert data["export"]["packed_host"]["packed_attention_nodes"] == [2, 2]
     moe = data["export"]["packed_host_flash_moe"]  # the MoE feed-forward copy is made (and timed on a GPU)

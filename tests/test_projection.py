@@ -1,0 +1,147 @@
+"""Prompts made on the engine's device (Engine.project): the shipped projection graphs, the shared
+prompt buffer the bound graphs read, and runs that use it (checked on the CPU provider)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from cliptune_ort.config import build_config
+from cliptune_ort.engine import PROJECTION_DIR, DevicePrompts, Engine
+from cliptune_ort.errors import ConfigError
+from cliptune_ort.tuner import prepare, score, tune
+
+from .conftest import needs_export
+
+D = 40
+
+
+def test_shipped_graphs_are_what_the_exporter_builds():
+    pytest.importorskip("onnx")
+    from cliptune_export.projection import DTYPES, asset_path, projection_model
+
+    for dtype in DTYPES:
+        shipped = asset_path(dtype).read_bytes()
+        assert asset_path(dtype).parent == PROJECTION_DIR
+        assert shipped == projection_model(dtype), (f"{asset_path(dtype)} is stale: rebuild it with "
+                                                    "python -m cliptune_export.projection")
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_projection_graph_is_z_times_at(dtype):
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((3, 7)).astype(np.float32)
+    at = rng.standard_normal((7, 4 * 5)).astype(np.float32)
+    sess = ort.InferenceSession(str(PROJECTION_DIR / f"projection_{dtype}.onnx"), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {"z": z, "at": at, "shape": np.array([3, 4, 5], dtype=np.int64)})[0]
+    want = (z @ at).reshape(3, 4, 5)
+    if dtype == "fp16":
+        assert out.dtype == np.float16
+        np.testing.assert_array_equal(out, want.astype(np.float16))  # one rounding, as the host path's cast
+    else:
+        assert out.dtype == np.float32
+        np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def ws(splade_dir):
+    return prepare(build_config(task="sst2", method="clip", k=2, d=D, popsize=5), splade_dir)
+
+
+def _bound_engine(ws, **kw):
+    eng = Engine(ws.manifest, [0, 1, 2], device="cpu", iobinding=True, **{"cands_per_call": 100, "workers": 1, **kw})
+    eng.enable_projection(ws.at)
+    return eng
+
+
+@needs_export
+@pytest.mark.parametrize("workers,n_buckets", [(1, 1), (2, 3)])
+def test_device_prompts_give_the_host_scores(ws, workers, n_buckets):
+    z = np.random.default_rng(4).standard_normal((5, D))
+    host = ws.prompts(z)
+    assert isinstance(host, np.ndarray)  # the CPU engine of prepare() runs one candidate per call
+    ref = score(ws, host)
+    eng = _bound_engine(ws, workers=workers)
+    old, ws.engine = ws.engine, eng
+    try:
+        if n_buckets > 1:  # several length buckets: every bucket's binding reads the one buffer
+            old_train, ws.train = ws.train, eng.prepare(ws.train.enc, n_buckets)
+        dp = ws.prompts(z)
+        assert isinstance(dp, DevicePrompts) and dp.shape == (5, ws.manifest.n_prompt, ws.manifest.hidden)
+        buf = eng._projections[5].prompt.numpy()
+        np.testing.assert_allclose(buf, host, rtol=1e-5, atol=1e-6)
+        for _ in range(2):  # the second call reuses the bindings
+            np.testing.assert_allclose(score(ws, dp), ref, atol=1e-6, rtol=0)
+        # another set overwrites the shared buffer; the first is projected again when used
+        dp2 = ws.prompts(z[::-1].copy())
+        np.testing.assert_allclose(score(ws, dp2), ref[::-1], atol=1e-6, rtol=0)
+        np.testing.assert_allclose(score(ws, dp), ref, atol=1e-6, rtol=0)
+        # anything but this engine's stacked runs sees the host projection
+        np.testing.assert_allclose(np.asarray(dp), host, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(dp[1], host[1], rtol=1e-6, atol=1e-7)
+        mixture, ws.cfg.mixture = ws.cfg.mixture, "assign"
+        try:
+            np.testing.assert_allclose(score(ws, dp), score(ws, host), atol=1e-6, rtol=0)
+        finally:
+            ws.cfg.mixture = mixture
+        if n_buckets > 1:
+            ws.train = old_train
+    finally:
+        ws.engine = old
+        eng.close()
+    np.testing.assert_allclose(score(ws, dp), ref, atol=1e-6, rtol=0)  # on an engine that did not make it
+
+
+@needs_export
+def test_projection_only_where_runs_are_bound_and_stacked(ws):
+    z = np.random.default_rng(5).standard_normal((5, D))
+    for kw in ({"cands_per_call": 1, "workers": 2}, {"cands_per_call": 4}):
+        eng = _bound_engine(ws, **kw)
+        assert not eng.projects_on_device(5)
+        assert isinstance(eng.project(z), np.ndarray)
+        eng.close()
+    eng = Engine(ws.manifest, [0], device="cpu", iobinding=False, cands_per_call=100)
+    with pytest.raises(ConfigError, match="enable_projection"):
+        eng.project(z)
+    eng.enable_projection(ws.at)
+    assert isinstance(eng.project(z), np.ndarray)
+    eng.enable_projection(ws.at)  # the same array again: fine
+    with pytest.raises(ConfigError, match="one per engine"):
+        eng.enable_projection(ws.at.copy())
+    with pytest.raises(ConfigError, match="float32"):
+        Engine(ws.manifest, [0], device="cpu").enable_projection(ws.at.astype(np.float64))
+    eng.close()
+
+
+@needs_export
+def test_bound_stacked_tune_run_matches_the_host_path(splade_dir, tmp_path):
+    """A whole run with the projection on the (CPU) device: the first generation's losses are the host
+    path's; the run finishes and records where it projected."""
+    small = {"task": "sst2", "method": "clip", "k": 2, "budget": 60, "popsize": 6, "eval_every": 30, "d": 50,
+             "plot": False}
+    a = tune(build_config(**small), tmp_path / "host", model_dir=splade_dir, progress=False)
+    b = tune(build_config(**small, iobinding="on", cands_per_call=6), tmp_path / "dev", model_dir=splade_dir,
+             progress=False)
+    assert a["projection_on_device"] is False and b["projection_on_device"] is True
+    fa = json.loads((tmp_path / "host" / "checkpoint.json").read_text())["fitness"]
+    fb = json.loads((tmp_path / "dev" / "checkpoint.json").read_text())["fitness"]
+    assert len(fa) == len(fb) == 10
+    np.testing.assert_allclose(fb[0], fa[0], atol=1e-6, rtol=0)
+    assert b["calls"] == 60 and b["timing_seconds"]["projection"] > 0
+
+
+@needs_export
+def test_a_projection_graph_that_does_not_load_falls_back_to_the_host(ws, tmp_path, monkeypatch):
+    import cliptune_ort.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "PROJECTION_DIR", tmp_path)  # no graph there
+    eng = _bound_engine(ws)
+    z = np.random.default_rng(6).standard_normal((5, D))
+    with pytest.warns(RuntimeWarning, match="projection graph did not load"):
+        p = eng.project(z)
+    assert isinstance(p, np.ndarray) and not eng.projects_on_device(5)
+    np.testing.assert_allclose(p, ws.prompts(z, host=True), rtol=0, atol=0)
+    eng.close()
