@@ -115,7 +115,7 @@ class DevicePrompts:
         self.shape = (z.shape[0], engine.manifest.n_prompt, engine.manifest.hidden)
 
     def host(self) -> np.ndarray:
-        return self.engine._host_projection(self.z)
+        return self.engine.host_projection(self.z)
 
     def __array__(self, dtype=None, copy=None):
         a = self.host()
@@ -275,15 +275,20 @@ class Engine:
         return (self._at is not None and self._projector is not False and self.iobinding
                 and pop <= self.cands_per_call)
 
-    def _host_projection(self, z: np.ndarray) -> np.ndarray:
+    def _need_projection(self) -> None:
+        if self._at is None:
+            raise ConfigError("prompts from candidates need the projection first (Engine.enable_projection)")
+
+    def host_projection(self, z: np.ndarray) -> np.ndarray:
+        """Prompts [pop, L, hidden] = ``z @ At`` with numpy (float32): what the device projection computes."""
+        self._need_projection()
         z = np.asarray(z, dtype=np.float32).reshape(-1, self._at.shape[0])
         return (z @ self._at).reshape(z.shape[0], self.manifest.n_prompt, self.manifest.hidden)
 
     def project(self, z: np.ndarray) -> DevicePrompts | np.ndarray:
         """Prompts [pop, L, hidden] for candidates ``z`` [pop, d]: a :class:`DevicePrompts` made on the
         device where :meth:`projects_on_device`, else the float32 host array ``z @ At``."""
-        if self._at is None:
-            raise ConfigError("Engine.project needs the projection first (Engine.enable_projection)")
+        self._need_projection()
         z = np.ascontiguousarray(z, dtype=np.float32).reshape(-1, self._at.shape[0])
         if self.projects_on_device(z.shape[0]) and self._projector is None:
             try:
@@ -293,7 +298,7 @@ class Engine:
                 warn(f"the prompt projection graph did not load on {self.device} ({str(e)[:200]}): prompts are "
                      "projected on the host and copied to every graph")
         if not self.projects_on_device(z.shape[0]):
-            return self._host_projection(z)
+            return self.host_projection(z)
         return self._run_projection(z)
 
     def _open_projector(self) -> None:

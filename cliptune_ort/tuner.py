@@ -77,10 +77,7 @@ class Workspace:
     def prompts(self, z: np.ndarray, host: bool = False) -> np.ndarray | DevicePrompts:
         """Z [pop, d] -> prompts [pop, L, hidden]: made on the engine's device where its runs are bound and
         stacked (``Engine.project``), else (or with ``host``) the float32 array ``z @ At``."""
-        z = np.asarray(z, dtype=np.float32).reshape(-1, self.cfg.d)
-        if not host:
-            return self.engine.project(z)
-        return (z @ self.at).reshape(z.shape[0], self.manifest.n_prompt, self.manifest.hidden)
+        return self.engine.host_projection(z) if host else self.engine.project(z)
 
     def zero_prompt(self) -> np.ndarray:
         return np.zeros((1, self.manifest.n_prompt, self.manifest.hidden), dtype=np.float32)
