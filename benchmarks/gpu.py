@@ -49,6 +49,7 @@ bugs before the device run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -646,11 +647,9 @@ def cma_blas_threads(gens: int = 100, d: int = 500, pop: int = 20, counts=(1, 2,
         with threadpool_limits(limits=n, user_api="blas"):
             opt = make_optimizer("cma", d, pop, 1.0, 42)
             rng = np.random.default_rng(0)
-            for _ in range(10):  # warm-up: BLAS threads started, first decompositions
-                z = opt.ask()
-                opt.tell(z, rng.standard_normal(pop))
-            t = time.perf_counter()
-            for _ in range(gens):
+            for g in range(10 + gens):  # 10 warm-up generations: BLAS threads started, first decompositions
+                if g == 10:
+                    t = time.perf_counter()
                 z = opt.ask()
                 opt.tell(z, rng.standard_normal(pop))
             out["ms_per_gen"][n] = round((time.perf_counter() - t) / gens * 1e3, 3)
@@ -660,32 +659,25 @@ def cma_blas_threads(gens: int = 100, d: int = 500, pop: int = 20, counts=(1, 2,
     return out
 
 
-class blas_threads_for_tune:
-    """numpy's BLAS on ``n`` threads during a tune run: the package keeps it at one thread unless
-    OPENBLAS_NUM_THREADS is set (tuner.blas_threads), so set it for the run, limit, and restore."""
+@contextlib.contextmanager
+def blas_threads_for_tune(n: int):
+    """numpy's BLAS on ``n`` threads during a tune run. The package keeps one thread unless the user set
+    OPENBLAS_NUM_THREADS (tuner.blas_threads), so set that for the run, limit, and restore both."""
+    if n <= 1:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
 
-    def __init__(self, n: int):
-        self.n = int(n)
-
-    def __enter__(self):
-        if self.n <= 1:
-            return self
-        from threadpoolctl import threadpool_limits
-
-        self._env = os.environ.get("OPENBLAS_NUM_THREADS")
-        os.environ["OPENBLAS_NUM_THREADS"] = str(self.n)
-        self._limit = threadpool_limits(limits=self.n, user_api="blas")
-        return self
-
-    def __exit__(self, *exc):
-        if self.n <= 1:
-            return False
-        self._limit.restore_original_limits()
-        if self._env is None:
+    old = os.environ.get("OPENBLAS_NUM_THREADS")
+    os.environ["OPENBLAS_NUM_THREADS"] = str(n)
+    try:
+        with threadpool_limits(limits=n, user_api="blas"):
+            yield
+    finally:
+        if old is None:
             os.environ.pop("OPENBLAS_NUM_THREADS", None)
         else:
-            os.environ["OPENBLAS_NUM_THREADS"] = self._env
-        return False
+            os.environ["OPENBLAS_NUM_THREADS"] = old
 
 
 # ---------------------------------------------------------------- main

@@ -108,10 +108,9 @@ class DevicePrompts:
     population size: a set used after another was projected is projected again first.
     """
 
-    def __init__(self, engine: Engine, z: np.ndarray, version: int):
+    def __init__(self, engine: Engine, z: np.ndarray):
         self.engine = engine
         self.z = z  # [pop, d] float32
-        self.version = version
         self.shape = (z.shape[0], engine.manifest.n_prompt, engine.manifest.hidden)
 
     def host(self) -> np.ndarray:
@@ -124,9 +123,6 @@ class DevicePrompts:
     def __getitem__(self, idx):
         return self.host()[idx]
 
-    def __len__(self) -> int:
-        return self.shape[0]
-
 
 @dataclass
 class _Projection:
@@ -135,7 +131,7 @@ class _Projection:
     io: object
     z: object  # OrtValue [pop, d] float32, updated in place
     prompt: object  # OrtValue [pop, L, hidden]: the buffer the graphs' bindings read
-    version: int
+    holds: DevicePrompts | None  # the candidate set now in ``prompt``
     keep: tuple
 
 
@@ -198,7 +194,6 @@ class Engine:
         self._at_value = None  # ... resident on the device
         self._projector = None
         self._projections: dict[int, _Projection] = {}  # population size -> bound projection run
-        self._versions = itertools.count(1)
 
     def _open_sessions(self) -> None:
         cores = os.cpu_count() or 1
@@ -299,7 +294,9 @@ class Engine:
                      "projected on the host and copied to every graph")
         if not self.projects_on_device(z.shape[0]):
             return self.host_projection(z)
-        return self._run_projection(z)
+        prompts = DevicePrompts(self, z)
+        self._run_projection(prompts)
+        return prompts
 
     def _open_projector(self) -> None:
         import onnxruntime as ort
@@ -309,14 +306,14 @@ class Engine:
         spec = SessionSpec(device=self.device, threads=1, optimization="all",
                            cuda_options={"use_tf32": "0"} if self.device == "cuda" else {})
         sess = make_session(PROJECTION_DIR / f"projection_{name}.onnx", spec)
-        self._at_value = ort.OrtValue.ortvalue_from_numpy(self._at, "cuda" if self.device == "cuda" else "cpu", 0)
+        self._at_value = ort.OrtValue.ortvalue_from_numpy(self._at, self.device, 0)
         self._projector = sess
 
-    def _run_projection(self, z: np.ndarray) -> DevicePrompts:
+    def _run_projection(self, prompts: DevicePrompts) -> None:
+        """Project ``prompts.z`` into the buffer of its population size."""
         import onnxruntime as ort
 
-        pop = z.shape[0]
-        dev = "cuda" if self.device == "cuda" else "cpu"
+        z, pop, dev = prompts.z, prompts.shape[0], self.device
         st = self._projections.get(pop)
         if st is None:
             io = self._projector.io_binding()
@@ -330,20 +327,19 @@ class Engine:
             io.bind_ortvalue_input("at", self._at_value)
             io.bind_ortvalue_input("shape", shape_v)
             io.bind_ortvalue_output("prompt", prompt_v)
-            st = _Projection(io, z_v, prompt_v, 0, (z_host, shape, shape_v))
+            st = _Projection(io, z_v, prompt_v, None, (z_host, shape, shape_v))
             self._projections[pop] = st
         st.z.update_inplace(z)
         if self.device != "cuda":
             st.io.synchronize_inputs()
         self._projector.run_with_iobinding(st.io)
-        st.version = next(self._versions)
-        return DevicePrompts(self, z, st.version)
+        st.holds = prompts
 
     def _current(self, prompts: DevicePrompts) -> None:
         """Make the shared buffer hold ``prompts`` (projecting again if another set overwrote it)."""
         st = self._projections.get(prompts.shape[0])
-        if st is None or st.version != prompts.version:
-            prompts.version = self._run_projection(prompts.z).version
+        if st is None or st.holds is not prompts:
+            self._run_projection(prompts)
 
     # ------------------------------------------------------------ forward
 
@@ -418,7 +414,7 @@ class Engine:
         b = self._bound.get(key)
         if b is None:
             feeds = batch.parts[part][1]
-            dev = "cuda" if self.device == "cuda" else "cpu"
+            dev = self.device
             rkey = (batch.uid, part)
             if rkey not in self._resident:
                 self._resident[rkey] = {k: ort.OrtValue.ortvalue_from_numpy(v, dev, 0) for k, v in feeds.items()}
