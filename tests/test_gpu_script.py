@@ -28,7 +28,7 @@ def test_gpu_script_cpu_dry_run(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--cpu-dry-run", "--out", str(out),
-                        "--work", str(work), "--skip", "fp32,profile", "--fp16-k", "1", "--budget", "40"],
+                        "--work", str(work), "--skip", "fp32,profile", "--moe", "--fp16-k", "1", "--budget", "40"],
                        check=False, capture_output=True, text=True, timeout=600, env=env, cwd=str(ROOT))
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     data = json.loads((out / "gpu_cpu-dry-run.json").read_text())
@@ -58,6 +58,14 @@ def test_gpu_script_cpu_dry_run(tmp_path):
     ("void ort_fastertransformer::topkGatingSoftmax<__half, 1, 1, 1, 4>(...)", "moe_routing"),
     ("void ort_fastertransformer::expandInputRowsKernel<__half>(...)", "moe_routing"),
     ("void ort_fastertransformer::finalizeMoeRoutingKernel<__half, 1>(...)", "moe_routing"),
+    # the names ORT 1.31.1's MoE kernels had on an H100 (run 5): grouped GEMMs, a separate activation kernel
+    ("_ZN7cutlass13device_kernelINS_4gemm6kernel13GemmUniversalINS1_17GroupProblemShapeIN4cute5tupleIJlllEEEEE", "moe_gemm"),
+    ("void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<cutlass::gemm::GroupProblemShape<cute::tuple<long",
+     "moe_gemm"),
+    ("void onnxruntime::llm::kernels::cutlass_kernels::doActivationKernel<__half, __half, __half, cutlass::epilogue::",
+     "moe_activation"),
+    ("void onnxruntime::llm::kernels::cutlass_kernels::expandInputRowsKernel<__half, __half, (onnxruntime::llm::",
+     "moe_routing"),
     # the rest of a layer
     ("void onnxruntime::contrib::cuda::AddBiasTransposeQKV<__half>(...)", "qkv_bias_transpose"),
     ("flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128> >", "attention"),
