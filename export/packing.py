@@ -36,19 +36,19 @@ three more inputs the runtime computes once per (batch, population) from the att
 is then known before the run, nothing is read back to the host, and the graph can be captured as a
 CUDA graph (RemovePadding copies its token count to the host on every run).
 
-``ffn="moe"`` (experimental, not measured yet): each packed layer's feed-forward block, MatMul ->
+``ffn="moe"`` (experimental; measured slower): each packed layer's feed-forward block, MatMul ->
 BiasGelu -> MatMul -> (SkipLayerNormalization's bias), becomes one ``com.microsoft.MoE`` node with a
-single expert. ORT's CUDA MoE runs CUTLASS grouped GEMMs that apply the bias and the activation in
-the GEMM epilogue, so the [tokens, 4 * hidden] intermediate is written once instead of being read
-and written again by BiasGelu (7.6 of 59.7 ms of kernels per stacked call on an H100). One router
-tensor of zeros [tokens, 1] serves every layer (softmax over one expert is exactly 1). Two costs:
-MoE's GELU is the tanh approximation, not BERT's erf (|difference| < 5e-4 per activation, below one
-fp16 step at the logit scale), and its routing adds a permute and an unpermute pass over
-[tokens, hidden]. Only a run on the card says whether it nets a gain (benchmarks/gpu.py times it
-as the ``packed_host_flash_moe`` layout). The weights reach MoE's [experts, out, in] layout through
-Transpose + Unsqueeze nodes that ORT folds when it loads a session, so each session holds its own
-folded copy of the feed-forward weights (two thirds of a layer's) instead of sharing the export's:
-fine for a timing, not yet for a deployment of K + 1 sessions.
+single expert. The hope was a GEMM epilogue for the bias and the activation, so the [tokens, 4 * hidden]
+intermediate would not be read and written again by BiasGelu (7.7 of 60 ms of kernels per stacked call
+on an H100). One router tensor of zeros [tokens, 1] serves every layer (softmax over one expert is
+exactly 1). MoE's GELU is the tanh approximation, not BERT's erf (|difference| < 5e-4 per activation,
+below one fp16 step at the logit scale). Measured on an H100 with onnxruntime-gpu 1.31.1
+(benchmarks/gpu.py --moe, run 5): 78.6 ms per stacked call against 62.3 ms. That ORT runs the block as
+CUTLASS grouped GEMMs (about 35 ms against about 25 ms in cuBLAS), then a separate activation kernel
+(8.5 ms, no epilogue), plus its routing passes over [tokens, hidden]. The weights reach MoE's
+[experts, out, in] layout through Transpose + Unsqueeze nodes that ORT folds when it loads a session,
+so each session holds its own folded copy of the feed-forward weights (two thirds of a layer's)
+instead of sharing the export's: fine for a timing, not for a deployment of K + 1 sessions.
 
 These ops exist on the CUDA provider only: a packed export cannot run on the CPU (the runtime
 refuses it in one line), and the exporter validates the unpacked graphs against PyTorch before it
@@ -77,7 +77,7 @@ ROW_WISE = {"MatMul", "SkipLayerNormalization", "BiasGelu", "Gelu", "FastGelu", 
 KERNELS = ("fused", "flash")
 DEFAULT_KERNEL = "flash"  # measured faster on an H100 (README, GPU section)
 #: the packed layers' feed-forward block: "matmul" = MatMul -> BiasGelu -> MatMul (ORT's fusions),
-#: "moe" = one single-expert com.microsoft.MoE node (bias + GELU in the GEMM epilogue; experimental)
+#: "moe" = one single-expert com.microsoft.MoE node (experimental; 26 % slower on an H100, see above)
 FFNS = ("matmul", "moe")
 DEFAULT_FFN = "matmul"
 ROUTER = "cliptune_moe_router"  # the "moe" block's router, zeros [tokens, 1]: softmax over one expert is 1
