@@ -24,7 +24,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cliptune_ort.config import build_config  # noqa: E402
+from cliptune_ort.config import DEVICES, build_config  # noqa: E402
+from cliptune_ort.errors import CliptuneError  # noqa: E402
 from cliptune_ort.fileio import atomic_write_json, atomic_write_text  # noqa: E402
 from cliptune_ort.tasks import TASKS  # noqa: E402
 
@@ -47,7 +48,7 @@ def cell_dir(out: Path, task: str, method: str, seed: int) -> Path:
     return out / "runs" / task / method / f"seed{seed}"
 
 
-def run_cell(out: Path, task: str, method: str, seed: int, budget: int | None) -> dict:
+def run_cell(out: Path, task: str, method: str, seed: int, budget: int | None, device: str | None = None) -> dict:
     from cliptune_ort.tuner import tune
 
     d = cell_dir(out, task, method, seed)
@@ -56,6 +57,8 @@ def run_cell(out: Path, task: str, method: str, seed: int, budget: int | None) -
     overrides = dict(task=task, seed=seed, **METHODS[method])
     if budget is not None:
         overrides["budget"] = budget
+    if device is not None:
+        overrides["device"] = device
     cfg = build_config(**overrides)
     resume = (d / "checkpoint.json").exists() or (d / "checkpoint.prev.json").exists()
     if d.exists() and not resume:
@@ -79,6 +82,7 @@ def collect(out: Path) -> list[dict]:
             "budget": r["budget"], "k": r["k"], "p": r["p"], "optimizer": r["optimizer"],
             # which graphs scored it: the export cache folder name carries the export format (_f2, ...)
             "export": Path(r["model_dir"]).name if r.get("model_dir") else None, "export_id": r.get("export_id"),
+            "provider": r.get("provider"),
         })
     return rows
 
@@ -124,6 +128,13 @@ def table(rows: list[dict], methods: list[str], tasks: list[str]) -> str:
     for t in tasks:
         if notes[t]:
             lines.append(f"- {t}: {notes[t]}")
+    cuda: dict[tuple[str, str], list[int]] = {}
+    for r in rows:  # a cell scored on a GPU (same method and seeds; float rounding differs from the CPU's)
+        if r.get("provider") == "CUDAExecutionProvider" and r["task"] in tasks and r["method"] in methods:
+            cuda.setdefault((r["task"], r["method"]), []).append(r["seed"])
+    if cuda:
+        lines.append("- scored with ONNX Runtime's CUDA provider (fp32, TF32 off), every other cell on the CPU: "
+                     + "; ".join(f"{t} {m} seeds {', '.join(map(str, sorted(s)))}" for (t, m), s in sorted(cuda.items())))
     return "\n".join(lines) + "\n"
 
 
@@ -242,6 +253,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "accuracy"))
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--max-minutes", type=float, default=None, help="stop starting new cells after this long")
+    ap.add_argument("--device", choices=DEVICES, default=None,
+                    help="where cells run (default: the package's, auto = CUDA when onnxruntime-gpu finds a GPU); "
+                         "table.md lists the cells scored on CUDA")
     a = ap.parse_args(argv)
     tasks = [t for t in a.tasks.split(",") if t]
     methods = [m for m in a.methods.split(",") if m]
@@ -264,7 +278,12 @@ def main(argv=None) -> int:
             if (cell_dir(out, t, m, s) / "result.json").is_file():
                 continue
             tc = time.perf_counter()
-            r = run_cell(out, t, m, s, a.budget)
+            try:
+                r = run_cell(out, t, m, s, a.budget, a.device)
+            except CliptuneError as e:  # one line; the finished cells and this cell's checkpoint stay
+                print(f"accuracy.py: {t} {m} seed {s}: {e}", file=sys.stderr)
+                report(out, methods, tasks, time.perf_counter() - t0)
+                return 1
             test = r["test"]["metric"] if r["test"] else None
             print(f"[accuracy] {i + 1}/{len(cells)} {t} {m} seed {s}: dev {r['dev']['metric']:.4f} test {test} "
                   f"({time.perf_counter() - tc:.0f} s)", flush=True)

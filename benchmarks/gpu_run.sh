@@ -11,7 +11,8 @@
 # 3. prints the environment (GPU, ORT providers after torch is imported, versions of what the runtime
 #    imports), then runs benchmarks/gpu.py --out "$OUT" under `timeout` (GPU_TIMEOUT, default 420 s;
 #    the script itself aims to finish within its --deadline, default 345 s) and keeps its log there.
-# Env: OUT (results folder, default benchmarks/results), GPU_TIMEOUT, PY (python, default python3).
+# Env: OUT (results folder, default benchmarks/results), GPU_TIMEOUT, PY (python, default python3),
+# GPU_SCRIPT (default benchmarks/gpu.py; another script runs through benchmarks/cuda_run.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -77,9 +78,14 @@ for m in ("numpy", "transformers", "onnx", "cma", "tokenizers", "cliptune_ort", 
 EOF
 
 # (d) the benchmark
-echo "[gpu_run] benchmarks/gpu.py --out $OUT $* (timeout ${LIMIT} s)"
-timeout -k 15 "$LIMIT" "$PY" -u benchmarks/gpu.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_log.txt"
+# GPU_SCRIPT: another script to run the same way (e.g. benchmarks/accuracy.py --device cuda), through
+# benchmarks/cuda_run.py, which loads the CUDA libraries first as gpu.py does itself
+SCRIPT=${GPU_SCRIPT:-benchmarks/gpu.py}
+LAUNCH=()
+if [ "$SCRIPT" != benchmarks/gpu.py ]; then LAUNCH=(benchmarks/cuda_run.py); fi
+echo "[gpu_run] $SCRIPT --out $OUT $* (timeout ${LIMIT} s)"
+timeout -k 15 "$LIMIT" "$PY" -u "${LAUNCH[@]}" "$SCRIPT" --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_log.txt"
 rc=${PIPESTATUS[0]}
-echo "[gpu_run] gpu.py exit status $rc"
+echo "[gpu_run] $SCRIPT exit status $rc"
 ls -la "$OUT"
 exit "$rc"

@@ -56,3 +56,52 @@ def test_the_common_average_uses_only_tasks_every_broad_method_ran():
     assert lines["bbt"].endswith("| 63.3 (3) | 50.0 |")
     assert lines["clip_k4"].endswith("| 40.0 (2) | 40.0 |")
     assert lines["clip_k8"].endswith("| 99.0 (1) | - |")
+
+
+def test_cells_scored_on_cuda_are_named_in_the_table():
+    rows = [dict(_row("bbt", s, 0.7, 0.6), provider="CPUExecutionProvider") for s in (13, 42)]
+    rows += [dict(_row("clip_k8", s, 0.7, 0.6, "dbpedia"), provider="CUDAExecutionProvider") for s in (42, 13)]
+    md = accuracy.table(rows, ["bbt", "clip_k8"], ["sst2", "dbpedia"])
+    (note,) = [ln for ln in md.splitlines() if "CUDA provider" in ln]
+    assert note.endswith(": dbpedia clip_k8 seeds 13, 42") and "sst2" not in note
+    assert "CUDA" not in accuracy.table(rows[:2], ["bbt"], ["sst2"])  # all on the CPU: no note
+
+
+def test_run_cell_passes_the_device_to_the_run(tmp_path, monkeypatch):
+    from cliptune_ort import tuner
+
+    seen = []
+    monkeypatch.setattr(tuner, "tune", lambda cfg, d, **kw: seen.append((cfg.device, cfg.method, cfg.k, cfg.task)) or {})
+    accuracy.run_cell(tmp_path, "dbpedia", "clip_k8", 13, None, "cuda")
+    accuracy.run_cell(tmp_path, "sst2", "bbt", 13, None)
+    assert seen == [("cuda", "clip", 8, "dbpedia"), ("auto", "bbt", 4, "sst2")]
+    with pytest.raises(SystemExit):  # argparse: one line naming the choices
+        accuracy.main(["--device", "gpu", "--out", str(tmp_path)])
+
+
+def test_a_cell_that_cannot_run_stops_the_sweep_in_one_line(tmp_path, monkeypatch, capsys):
+    from cliptune_ort import tuner
+    from cliptune_ort.errors import ProviderError
+
+    def no_cuda(cfg, d, **kw):
+        raise ProviderError("device 'cuda' asked for, but this onnxruntime has no CUDAExecutionProvider")
+
+    monkeypatch.setattr(tuner, "tune", no_cuda)
+    rc = accuracy.main(["--device", "cuda", "--tasks", "sst2", "--methods", "bbt", "--seeds", "13", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and err == ("accuracy.py: sst2 bbt seed 13: device 'cuda' asked for, but this onnxruntime has no "
+                               "CUDAExecutionProvider")
+    assert (tmp_path / "results.json").is_file()  # the report of what did finish is still written
+
+
+def test_cuda_run_launches_a_script_with_its_arguments(tmp_path):
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    launch = [sys.executable, str(root / "benchmarks" / "cuda_run.py")]
+    p = subprocess.run([*launch, str(root / "benchmarks" / "accuracy.py"), "--report-only", "--out", str(tmp_path),
+                        "--tasks", "sst2"], capture_output=True, text=True, timeout=120, check=False)
+    assert p.returncode == 0, p.stderr[-1000:]
+    assert "[cuda_run] onnxruntime" in p.stdout and (tmp_path / "table.md").is_file()
+    p = subprocess.run(launch, capture_output=True, text=True, timeout=60, check=False)
+    assert p.returncode == 1 and "expected the script to run first" in p.stderr
