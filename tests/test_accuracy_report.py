@@ -105,3 +105,22 @@ def test_cuda_run_launches_a_script_with_its_arguments(tmp_path):
     assert "[cuda_run] onnxruntime" in p.stdout and (tmp_path / "table.md").is_file()
     p = subprocess.run(launch, capture_output=True, text=True, timeout=60, check=False)
     assert p.returncode == 1 and "expected the script to run first" in p.stderr
+
+
+def test_p_rates_pair_the_rates_by_seed_and_count_wins_over_p01():
+    rows = [_row("clip_k4", 13, 0.6, 0.50), _row("clip_k4", 42, 0.6, 0.60), _row("clip_k4", 100, 0.6, 0.70),
+            _row("clip_k4_p0.05", 13, 0.6, 0.55), _row("clip_k4_p0.05", 42, 0.6, 0.58),
+            _row("clip_k4_p0.2", 13, 0.6, 0.40), _row("clip_k4_p0.2", 42, 0.6, 0.65), _row("clip_k4_p0.2", 100, 0.6, 0.9),
+            _row("bbt", 13, 0.7, None, "yelp_polarity"), _row("clip_k4", 13, 0.62, None, "yelp_polarity"),
+            _row("clip_k4_p0.2", 13, 0.64, None, "yelp_polarity"),
+            _row("clip_k4", 13, 0.6, 0.5, "rte")]  # no other rate ran: no record
+    sst2, yelp = accuracy.p_rates(rows, ["sst2", "yelp_polarity", "rte"])
+    assert sst2["on"] == "test" and sst2["full_seeds"] == [13, 42]  # seed 100 lacks p = 0.05
+    assert sst2["per_seed"][100] == [None, 0.70, 0.9]
+    assert sst2["means"] == pytest.approx([0.565, 0.55, 0.525])
+    assert sst2["above_p0.1"] == {"0.05": 1, "0.2": 1}
+    assert yelp["on"] == "dev" and yelp["per_seed"][13] == [None, 0.62, 0.64] and "means" not in yelp
+    md = accuracy.p_rate_table([sst2, yelp])
+    assert md.splitlines()[0] == "| p = 0.05 / 0.1 / 0.2 | sst2 | yelp_polarity (dev) |"
+    assert "| seed 100 | - / 70.0 / 90.0 | - |" in md
+    assert "| mean (seeds with all three) | 56.5 / 55.0 / 52.5 (n=2) | - |" in md
