@@ -15,9 +15,9 @@ import runpy
 import sys
 
 
-def main(argv: list[str]) -> None:
-    if not argv or not argv[0].endswith(".py"):
-        sys.exit("usage: python benchmarks/cuda_run.py SCRIPT.py [arguments...] (expected the script to run first)")
+def load_cuda_libraries() -> str | None:
+    """torch's CUDA/cuDNN libraries (when torch is installed), then ``onnxruntime.preload_dlls()``; the
+    reason preloading failed, or None. benchmarks/gpu.py calls this too."""
     try:
         import torch  # noqa: F401  (its CUDA/cuDNN libraries, for onnxruntime-gpu)
     except ImportError:
@@ -28,7 +28,18 @@ def main(argv: list[str]) -> None:
         try:
             ort.preload_dlls()
         except Exception as e:  # noqa: BLE001  (a CPU build or no CUDA libraries: the run checks its provider)
-            print(f"[cuda_run] preload_dlls: {type(e).__name__}: {e}", file=sys.stderr)
+            return f"preload_dlls: {type(e).__name__}: {e}"
+    return None
+
+
+def main(argv: list[str]) -> None:
+    if not argv or not argv[0].endswith(".py"):
+        sys.exit("usage: python benchmarks/cuda_run.py SCRIPT.py [arguments...] (expected the script to run first)")
+    problem = load_cuda_libraries()
+    if problem:
+        print(f"[cuda_run] {problem}", file=sys.stderr)
+    import onnxruntime as ort
+
     print(f"[cuda_run] onnxruntime {ort.__version__}, providers {ort.get_available_providers()}", flush=True)
     sys.argv = list(argv)
     runpy.run_path(argv[0], run_name="__main__")

@@ -69,6 +69,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
+from cuda_run import load_cuda_libraries
 
 SPLADE = ROOT / "cliptune_ort" / "assets" / "models" / "splade-tiny"
 
@@ -730,11 +731,8 @@ def main(argv=None) -> int:
 
     if cpu:
         torch.set_num_threads(1)  # the dry run's 2 shared cores: fewer threads, less noise
-    if not cpu and hasattr(ort, "preload_dlls"):
-        try:
-            ort.preload_dlls()
-        except Exception as e:
-            log(f"preload_dlls: {e}")
+    if not cpu and (problem := load_cuda_libraries()):
+        log(problem)
     dev = device_info(cpu)
     res = Results(Path(args.out), slugify(dev["name"]) + (f"_{slugify(args.tag)}" if args.tag else ""))
     res.data.update({"device": dev, "versions": versions(), "device_kind": device,
