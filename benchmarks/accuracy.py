@@ -3,6 +3,7 @@
     python benchmarks/accuracy.py                          # the full sweep (hours on 2 cores)
     python benchmarks/accuracy.py --tasks sst2 --methods manual,bbt,clip_k4 --seeds 13,42,100
     python benchmarks/accuracy.py --report-only            # rebuild table/plot from finished cells
+    python benchmarks/accuracy.py --import-cells /tmp/accout runs.tar.gz   # add cells swept elsewhere
 
 Each cell is one `cliptune tune` run in OUT/runs/<task>/<method>/seed<seed>/; a finished cell (result.json)
 is skipped and an unfinished one resumes from its checkpoint, so a crashed sweep continues where it
@@ -15,7 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import shutil
 import sys
+import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -85,6 +90,71 @@ def collect(out: Path) -> list[dict]:
             "provider": r.get("provider"),
         })
     return rows
+
+
+def _cell_sources(src: Path, tmp: Path) -> tuple[Path, float]:
+    """The ``runs`` folder of an accuracy.py --out folder or of a ``runs.tar.gz`` (benchmarks/pack_out.py),
+    and the sweep wall time that source recorded (its results.json, else 0)."""
+    if src.is_file() and src.name.endswith((".tar.gz", ".tgz")):
+        with tarfile.open(src) as tar:
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(tmp, filter="data")  # no absolute paths, links or '..' out of tmp
+            else:  # pragma: no cover (Python < 3.10.12)
+                if any(m.name.startswith(("/", "..")) or ".." in Path(m.name).parts for m in tar.getmembers()):
+                    raise CliptuneError(f"{src}: an archive member points outside it; expected runs.tar.gz from pack_out.py")
+                tar.extractall(tmp)
+        root, results = tmp, src.parent / "results.json"
+    elif src.is_dir():
+        root, results = src, src / "results.json"
+    else:
+        raise CliptuneError(f"{src}: not found; expected an accuracy.py --out folder (holding runs/) or runs.tar.gz")
+    if not (root / "runs").is_dir():
+        raise CliptuneError(f"{src}: holds no runs/ folder; expected an accuracy.py --out folder or runs.tar.gz")
+    wall = (json.loads(results.read_text()).get("sweep_wall_seconds") or 0.0) if results.is_file() else 0.0
+    return root / "runs", float(wall)
+
+
+def import_cells(out: Path, sources: list[Path]) -> tuple[list[str], float]:
+    """Copy the finished cells (those with a result.json) of other sweeps into ``out``; a cell ``out``
+    has finished already is kept, an unfinished one there is replaced by the finished copy. Returns the
+    imported cells and the sweep wall time of the sources that gave any (their results.json)."""
+    imported, skipped, unfinished, wall = [], [], 0, 0.0
+    for src in sources:
+        with tempfile.TemporaryDirectory() as tmp:
+            runs, src_wall = _cell_sources(Path(src), Path(tmp))
+            took = 0
+            for d in sorted(p for p in runs.glob("*/*/seed*") if p.is_dir()):
+                task, method, seed = d.parent.parent.name, d.parent.name, d.name
+                if task not in TASKS or method not in METHODS or not re.fullmatch(r"seed\d+", seed):
+                    raise CliptuneError(f"{d}: not a cell of this sweep (expected runs/<task>/<method>/seed<N>/ with "
+                                        f"tasks {sorted(TASKS)}, methods {list(METHODS)})")
+                if not (d / "result.json").is_file():
+                    unfinished += 1
+                    continue
+                r = json.loads((d / "result.json").read_text())
+                if r.get("task") != task or f"seed{r.get('seed')}" != seed:
+                    raise CliptuneError(f"{d}/result.json is task {r.get('task')} seed {r.get('seed')}: it does not "
+                                        "belong in this folder; expected runs/<task>/<method>/seed<N>/")
+                dest = out / "runs" / task / method / seed
+                name = f"{task} {method} {seed}"
+                if (dest / "result.json").is_file():
+                    skipped.append(name)
+                    continue
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                part = dest.parent / f".{seed}.import"
+                shutil.rmtree(part, ignore_errors=True)
+                shutil.copytree(d, part)
+                if dest.exists():
+                    print(f"[accuracy] {name}: the unfinished cell here is replaced by the finished one from {src}")
+                    shutil.rmtree(dest)
+                part.rename(dest)
+                imported.append(name)
+                took += 1
+            if took:
+                wall += src_wall
+    print(f"[accuracy] imported {len(imported)} finished cells" + (f": {', '.join(imported)}" if imported else "")
+          + f"; {len(skipped)} already finished here, {unfinished} unfinished left out", flush=True)
+    return imported, wall
 
 
 def _fmt(vals: list[float]) -> str:
@@ -302,6 +372,9 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=int, default=None, help="default: the package default (8000 calls)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "accuracy"))
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--import-cells", nargs="+", metavar="SRC", default=None,
+                    help="copy the finished cells of other sweeps (accuracy.py --out folders or the runs.tar.gz of a "
+                         "device run) into --out, add their recorded sweep wall time, rebuild the report; runs nothing")
     ap.add_argument("--max-minutes", type=float, default=None, help="stop starting new cells after this long")
     ap.add_argument("--device", choices=DEVICES, default=None,
                     help="where cells run (default: the package's, auto = CUDA when onnxruntime-gpu finds a GPU); "
@@ -317,6 +390,15 @@ def main(argv=None) -> int:
         return 2
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.import_cells:
+        try:
+            _, wall = import_cells(out, [Path(p) for p in a.import_cells])
+        except CliptuneError as e:
+            print(f"accuracy.py: {e}", file=sys.stderr)
+            return 2
+        report(out, methods, tasks, wall)
+        print((out / "table.md").read_text())
+        return 0
     t0 = time.perf_counter()
     if not a.report_only:
         # order: the central comparison first (manual, bbt, clip K=4 over every task and seed), then the rest

@@ -10,11 +10,14 @@
 #    the machine has, /tmp/shim/cliptune_export -> ./export (the package is not pip-installed there);
 # 3. prints the environment (GPU, ORT providers after torch is imported, versions of what the runtime
 #    imports), then runs benchmarks/gpu.py --out "$OUT" under `timeout` (GPU_TIMEOUT, default 420 s;
-#    the script itself aims to finish within its --deadline, default 345 s) and keeps its log there.
+#    the script itself aims to finish within its --deadline, default 345 s) and keeps its log there;
+# 4. with OUT set (the device tool's), packs each folder of $OUT that holds files too deep to come back
+#    into <folder>.tar.gz (benchmarks/pack_out.py: accuracy.py's runs/ folder).
 # Env: OUT (results folder, default benchmarks/results), GPU_TIMEOUT, PY (python, default python3),
 # GPU_SCRIPT (default benchmarks/gpu.py; another script runs through benchmarks/cuda_run.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+PACK=${OUT:+1}  # the device tool's $OUT: pack what would not come back (benchmarks/pack_out.py)
 OUT=${OUT:-benchmarks/results}
 LIMIT=${GPU_TIMEOUT:-420}
 PY=${PY:-python3}
@@ -87,5 +90,6 @@ echo "[gpu_run] $SCRIPT --out $OUT $* (timeout ${LIMIT} s)"
 timeout -k 15 "$LIMIT" "$PY" -u "${LAUNCH[@]}" "$SCRIPT" --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_log.txt"
 rc=${PIPESTATUS[0]}
 echo "[gpu_run] $SCRIPT exit status $rc"
+if [ -n "$PACK" ]; then "$PY" benchmarks/pack_out.py "$OUT"; fi
 ls -la "$OUT"
 exit "$rc"

@@ -1,6 +1,8 @@
 """The accuracy sweep's Clip-Tuning vs BBT comparison: best K on dev only, paired by seed, fair seed sets."""
 
+import json
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -124,3 +126,60 @@ def test_p_rates_pair_the_rates_by_seed_and_count_wins_over_p01():
     assert md.splitlines()[0] == "| p = 0.05 / 0.1 / 0.2 | sst2 | yelp_polarity (dev) |"
     assert "| seed 100 | - / 70.0 / 90.0 | - |" in md
     assert "| mean (seeds with all three) | 56.5 / 55.0 / 52.5 (n=2) | - |" in md
+
+
+def _cell(runs, task, method, seed, finished=True, test=0.6):
+    d = runs / task / method / f"seed{seed}"
+    d.mkdir(parents=True)
+    (d / "checkpoint.json").write_text("{}")
+    if finished:
+        (d / "result.json").write_text(json.dumps({"task": task, "seed": seed, "test": test}))
+    return d
+
+
+def test_pack_out_packs_what_the_device_would_not_bring_back(tmp_path):
+    pack_out = pytest.importorskip("pack_out")
+    out = tmp_path / "out"
+    _cell(out / "runs", "dbpedia", "clip_k8", 13)
+    _cell(out / "runs", "dbpedia", "clip_k4_p0.2", 13, finished=False)
+    (out / "shallow").mkdir()
+    (out / "shallow" / "a.json").write_text("{}")  # one folder down: comes back as it is
+    (out / "results.json").write_text("{}")
+    assert [p.name for p in pack_out.pack(out)] == ["runs.tar.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "runs.tar.gz", "shallow"]
+    with tarfile.open(out / "runs.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {"runs/dbpedia/clip_k8/seed13/result.json", "runs/dbpedia/clip_k4_p0.2/seed13/checkpoint.json"} <= names
+    for i in range(9):  # more than 8 files: the shallow folder is packed too
+        (out / "shallow" / f"f{i}.txt").write_text("x")
+    assert [p.name for p in pack_out.pack(out)] == ["shallow.tar.gz"]
+    assert pack_out.pack(out) == []  # nothing left to pack
+    with pytest.raises(ValueError, match="inside the repository"):  # it deletes what it packs
+        pack_out.pack(Path(__file__).resolve().parents[1] / "benchmarks" / "results")
+
+
+def test_import_cells_takes_finished_cells_from_folders_and_device_archives(tmp_path, capsys):
+    pack_out = pytest.importorskip("pack_out")
+    here, cpu, dev = tmp_path / "here", tmp_path / "cpu", tmp_path / "dev"
+    _cell(here / "runs", "dbpedia", "bbt", 13, test=0.7)
+    _cell(here / "runs", "dbpedia", "clip_k8", 21, finished=False)  # superseded by a finished copy
+    _cell(cpu / "runs", "dbpedia", "bbt", 13, test=0.1)  # finished here already: kept
+    _cell(cpu / "runs", "dbpedia", "random", 100)
+    _cell(cpu / "runs", "dbpedia", "clip_k4_p0.05", 13, finished=False)  # unfinished: left out
+    (cpu / "results.json").write_text(json.dumps({"sweep_wall_seconds": 600.0}))
+    _cell(dev / "runs", "dbpedia", "clip_k8", 21)
+    (dev / "results.json").write_text(json.dumps({"sweep_wall_seconds": 50.0}))
+    pack_out.pack(dev)
+    got, wall = accuracy.import_cells(here, [cpu, dev / "runs.tar.gz"])
+    assert got == ["dbpedia random seed100", "dbpedia clip_k8 seed21"] and wall == 650.0
+    assert "1 already finished here, 1 unfinished left out" in capsys.readouterr().out
+    runs = here / "runs" / "dbpedia"
+    assert json.loads((runs / "bbt" / "seed13" / "result.json").read_text())["test"] == 0.7
+    assert (runs / "clip_k8" / "seed21" / "result.json").is_file() and not (runs / "clip_k4_p0.05").exists()
+    assert sorted(p.name for p in runs.glob("*/.*")) == []  # no temporary copies left
+    assert accuracy.import_cells(here, [cpu]) == ([], 0.0)  # again: nothing new, no wall added
+    _cell(tmp_path / "bad" / "runs", "dbpedia", "clip_k3", 13)
+    rc = accuracy.main(["--import-cells", str(tmp_path / "bad"), "--out", str(here)])
+    assert rc == 2 and "not a cell of this sweep" in capsys.readouterr().err
+    rc = accuracy.main(["--import-cells", str(tmp_path / "nothing"), "--out", str(here)])
+    assert rc == 2 and "expected an accuracy.py --out folder" in capsys.readouterr().err
