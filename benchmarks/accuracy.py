@@ -274,13 +274,14 @@ def p_rates(rows: list[dict], tasks: list[str]) -> list[dict]:
     return out
 
 
-def p_rate_table(recs: list[dict]) -> str:
+def p_rate_table(recs: list[dict], label=lambda t: t) -> str:
     """Markdown: one row per seed, one column per task, 'p=0.05 / 0.1 / 0.2' in each cell; then the means."""
     if not recs:
         return ""
     seeds = sorted({s for r in recs for s in r["per_seed"]})
     head = " / ".join(f"{p:g}" for _, p in P_RATES)
-    lines = [f"| p = {head} | " + " | ".join(r["task"] + (" (dev)" if r["on"] == "dev" else "") for r in recs) + " |",
+    lines = [f"| p = {head} | " + " | ".join(label(r["task"]) + (" (dev)" if r["on"] == "dev" else "") for r in recs)
+             + " |",
              "|---" * (len(recs) + 1) + "|"]
 
     def fmt(vs):
@@ -292,6 +293,69 @@ def p_rate_table(recs: list[dict]) -> str:
     lines.append("| mean (seeds with all three) | " + " | ".join(
         f"{fmt(r['means'])} (n={len(r['full_seeds'])})" if r["full_seeds"] else "-" for r in recs) + " |")
     return "\n".join(lines) + "\n"
+
+
+#: the README's names for the tasks and methods, methods in the README's row order
+README_TASKS = {"sst2": "SST-2", "yelp_polarity": "Yelp P.", "ag_news": "AG News", "dbpedia": "DBpedia",
+                "mrpc": "MRPC", "snli": "SNLI", "rte": "RTE"}
+README_METHODS = {"manual": "manual", "bbt": "bbt", "random": "random search", "clip_k2": "clip K = 2",
+                  "clip_k4": "clip K = 4", "clip_k8": "clip K = 8", "clip_k4_p0.05": "clip K = 4, p = 0.05",
+                  "clip_k4_p0.2": "clip K = 4, p = 0.2"}
+#: footnote marks the README's prose explains below the all-tasks table
+README_MARKS = {"yelp_polarity": " (dev ¹)", "dbpedia": " ²"}
+
+
+def readme_blocks(rows: list[dict], comp: list[dict], rates: list[dict]) -> dict[str, str]:
+    """The README's three accuracy tables (all tasks; best K vs BBT; the dropout rate) from the same numbers
+    as table.md, in the README's names; ``update_readme`` puts them between its markers."""
+    tasks = [t for t in TASK_ORDER if any(r["task"] == t for r in rows)]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["task"]), []).append(r)
+    lines = ["| method | " + " | ".join(README_TASKS[t] + README_MARKS.get(t, "") for t in tasks) + " |",
+             "|---" * (len(tasks) + 1) + "|"]
+    for m, name in README_METHODS.items():
+        if not any(m == k[0] for k in groups):
+            continue
+        cells = []
+        for t in tasks:
+            rs = groups.get((m, t), [])
+            tests = [r["test"] for r in rs if r["test"] is not None]
+            cells.append(_fmt(tests) if tests else _fmt([r["dev"] for r in rs]))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    blocks = {"all-tasks": "\n".join(lines) + "\n"}
+    lines = [("| task | seeds | best K (of) | clip | bbt | diff | std of diff | paired t | bbt seed std | "
+              "beyond seed std? |"), "|---" * 10 + "|"]
+    for c in comp:
+        name = README_TASKS[c["task"]] + (" (dev)" if c["on"] == "dev" else "")
+        ks = "/".join(m.removeprefix("clip_k") for m in c["compared"])
+        beyond = "-"
+        if c["bbt_seed_std"] is not None:
+            worse = "clip worse" if c["mean_diff"] < 0 else "clip better"
+            beyond = f"yes: {worse}" if abs(c["mean_diff"]) > c["bbt_seed_std"] else "no"
+        std = "-" if c["diff_std"] is None else f"{c['diff_std'] * 100:.1f}"
+        pt = "-" if c["paired_t"] is None else f"{c['paired_t']:+.1f}"
+        bstd = "-" if c["bbt_seed_std"] is None else f"{c['bbt_seed_std'] * 100:.1f}"
+        lines.append(f"| {name} | {', '.join(map(str, c['seeds']))} | {c['clip'].removeprefix('clip_k')} ({ks}) | "
+                     f"{c['clip_mean'] * 100:.1f} | {c['bbt_mean'] * 100:.1f} | {c['mean_diff'] * 100:+.1f} | {std} | "
+                     f"{pt} | {bstd} | {beyond} |")
+    blocks["best-k"] = "\n".join(lines) + "\n"
+    blocks["p-rates"] = p_rate_table(rates, label=README_TASKS.get)
+    return blocks
+
+
+def update_readme(path: Path, blocks: dict[str, str]) -> None:
+    """Replace what stands between ``<!-- accuracy:NAME -->`` and ``<!-- /accuracy:NAME -->`` in ``path``
+    with each block (written atomically); a missing marker pair is an error that names it."""
+    text = path.read_text()
+    for name, block in blocks.items():
+        start, end = f"<!-- accuracy:{name} -->\n", f"<!-- /accuracy:{name} -->"
+        i, j = text.find(start), text.find(end)
+        if i < 0 or j < i:
+            raise CliptuneError(f"{path} has no '{start.strip()}' ... '{end}' pair; expected the markers around "
+                                f"the {name} table (see the README's accuracy section)")
+        text = text[:i + len(start)] + "\n" + block + "\n" + text[j:]  # blank lines: the table stands alone
+    atomic_write_text(path, text)
 
 
 def plot(out: Path, tasks: list[str]) -> None:
@@ -328,7 +392,8 @@ def plot(out: Path, tasks: list[str]) -> None:
     plt.close(fig)
 
 
-def report(out: Path, methods: list[str], tasks: list[str], wall: float | None) -> None:
+def report(out: Path, methods: list[str], tasks: list[str], wall: float | None) -> dict[str, str]:
+    """Write results.json, table.md and the plot from the finished cells; return the README's tables."""
     rows = collect(out)
     comp = comparison(rows, tasks)
     prev = {}
@@ -362,6 +427,7 @@ def report(out: Path, methods: list[str], tasks: list[str], wall: float | None) 
         plot(out, tasks)
     except ImportError:
         pass
+    return readme_blocks(rows, comp, rates)
 
 
 def main(argv=None) -> int:
@@ -375,6 +441,8 @@ def main(argv=None) -> int:
     ap.add_argument("--import-cells", nargs="+", metavar="SRC", default=None,
                     help="copy the finished cells of other sweeps (accuracy.py --out folders or the runs.tar.gz of a "
                          "device run) into --out, add their recorded sweep wall time, rebuild the report; runs nothing")
+    ap.add_argument("--readme", default=None, metavar="README.md",
+                    help="also rewrite the accuracy tables between the <!-- accuracy:NAME --> markers of this file")
     ap.add_argument("--max-minutes", type=float, default=None, help="stop starting new cells after this long")
     ap.add_argument("--device", choices=DEVICES, default=None,
                     help="where cells run (default: the package's, auto = CUDA when onnxruntime-gpu finds a GPU); "
@@ -390,15 +458,17 @@ def main(argv=None) -> int:
         return 2
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.readme and not Path(a.readme).is_file():
+        print(f"accuracy.py: --readme {a.readme}: no such file; expected the README with the accuracy markers",
+              file=sys.stderr)
+        return 2
     if a.import_cells:
         try:
             _, wall = import_cells(out, [Path(p) for p in a.import_cells])
         except CliptuneError as e:
             print(f"accuracy.py: {e}", file=sys.stderr)
             return 2
-        report(out, methods, tasks, wall)
-        print((out / "table.md").read_text())
-        return 0
+        return _finish(a, report(out, methods, tasks, wall), out)
     t0 = time.perf_counter()
     if not a.report_only:
         # order: the central comparison first (manual, bbt, clip K=4 over every task and seed), then the rest
@@ -420,8 +490,18 @@ def main(argv=None) -> int:
             print(f"[accuracy] {i + 1}/{len(cells)} {t} {m} seed {s}: dev {r['dev']['metric']:.4f} test {test} "
                   f"({time.perf_counter() - tc:.0f} s)", flush=True)
             report(out, methods, tasks, None)
-    report(out, methods, tasks, time.perf_counter() - t0 if not a.report_only else None)
+    return _finish(a, report(out, methods, tasks, time.perf_counter() - t0 if not a.report_only else None), out)
+
+
+def _finish(a: argparse.Namespace, blocks: dict[str, str], out: Path) -> int:
     print((out / "table.md").read_text())
+    if a.readme:
+        try:
+            update_readme(Path(a.readme), blocks)
+        except CliptuneError as e:
+            print(f"accuracy.py: {e}", file=sys.stderr)
+            return 2
+        print(f"[accuracy] updated the accuracy tables in {a.readme}")
     return 0
 
 

@@ -183,3 +183,32 @@ def test_import_cells_takes_finished_cells_from_folders_and_device_archives(tmp_
     assert rc == 2 and "not a cell of this sweep" in capsys.readouterr().err
     rc = accuracy.main(["--import-cells", str(tmp_path / "nothing"), "--out", str(here)])
     assert rc == 2 and "expected an accuracy.py --out folder" in capsys.readouterr().err
+
+
+def test_readme_tables_come_from_the_report_and_replace_only_the_marked_blocks(tmp_path):
+    rows = [_row("bbt", 13, 0.70, 0.60), _row("bbt", 42, 0.72, 0.62),
+            _row("clip_k4", 13, 0.75, 0.58), _row("clip_k4", 42, 0.74, 0.57),
+            _row("clip_k4_p0.2", 13, 0.7, 0.50), _row("clip_k4_p0.05", 13, 0.7, 0.66),
+            _row("bbt", 13, 0.5, None, "yelp_polarity"), _row("bbt", 42, 0.7, None, "yelp_polarity")]
+    tasks = ["sst2", "yelp_polarity"]
+    blocks = accuracy.readme_blocks(rows, accuracy.comparison(rows, tasks), accuracy.p_rates(rows, tasks))
+    table = blocks["all-tasks"].splitlines()
+    assert table[0] == "| method | SST-2 | Yelp P. (dev ¹) |"
+    assert table[2] == "| bbt | 61.0 ± 1.4 (n=2) | 60.0 ± 14.1 (n=2) |"  # Yelp: dev, it has no test split
+    assert table[3] == "| clip K = 4 | 57.5 ± 0.7 (n=2) | - |" and len(table) == 6  # README order, ran methods only
+    (best,) = blocks["best-k"].splitlines()[2:]
+    assert best == "| SST-2 | 13, 42 | 4 (4) | 57.5 | 61.0 | -3.5 | 2.1 | -2.3 | 1.4 | yes: clip worse |"
+    assert blocks["p-rates"].splitlines()[2] == "| seed 13 | 66.0 / 58.0 / 50.0 |"
+    readme = tmp_path / "README.md"
+    marked = "".join(f"<!-- accuracy:{n} -->\nold {n}\n<!-- /accuracy:{n} -->\n" for n in blocks)
+    readme.write_text("# intro\n" + marked + "outro\n")
+    accuracy.update_readme(readme, blocks)
+    once = readme.read_text()
+    assert once.startswith("# intro\n<!-- accuracy:all-tasks -->\n\n| method |") and once.endswith("outro\n")
+    assert "old " not in once and f"\n\n{blocks['best-k']}\n<!-- /accuracy:best-k -->" in once
+    accuracy.update_readme(readme, blocks)
+    assert readme.read_text() == once  # idempotent
+    readme.write_text("# no markers\n")
+    with pytest.raises(accuracy.CliptuneError, match="no '<!-- accuracy:all-tasks -->'"):
+        accuracy.update_readme(readme, blocks)
+    assert readme.read_text() == "# no markers\n"
