@@ -92,9 +92,8 @@ def collect(out: Path) -> list[dict]:
     return rows
 
 
-def _cell_sources(src: Path, tmp: Path) -> tuple[Path, float]:
-    """The ``runs`` folder of an accuracy.py --out folder or of a ``runs.tar.gz`` (benchmarks/pack_out.py),
-    and the sweep wall time that source recorded (its results.json, else 0)."""
+def _cell_source(src: Path, tmp: Path) -> Path:
+    """The ``runs`` folder of an accuracy.py --out folder or of a ``runs.tar.gz`` (benchmarks/pack_out.py)."""
     if src.is_file() and src.name.endswith((".tar.gz", ".tgz")):
         with tarfile.open(src) as tar:
             if hasattr(tarfile, "data_filter"):
@@ -103,26 +102,25 @@ def _cell_sources(src: Path, tmp: Path) -> tuple[Path, float]:
                 if any(m.name.startswith(("/", "..")) or ".." in Path(m.name).parts for m in tar.getmembers()):
                     raise CliptuneError(f"{src}: an archive member points outside it; expected runs.tar.gz from pack_out.py")
                 tar.extractall(tmp)
-        root, results = tmp, src.parent / "results.json"
+        root = tmp
     elif src.is_dir():
-        root, results = src, src / "results.json"
+        root = src
     else:
         raise CliptuneError(f"{src}: not found; expected an accuracy.py --out folder (holding runs/) or runs.tar.gz")
     if not (root / "runs").is_dir():
         raise CliptuneError(f"{src}: holds no runs/ folder; expected an accuracy.py --out folder or runs.tar.gz")
-    wall = (json.loads(results.read_text()).get("sweep_wall_seconds") or 0.0) if results.is_file() else 0.0
-    return root / "runs", float(wall)
+    return root / "runs"
 
 
 def import_cells(out: Path, sources: list[Path]) -> tuple[list[str], float]:
     """Copy the finished cells (those with a result.json) of other sweeps into ``out``; a cell ``out``
     has finished already is kept, an unfinished one there is replaced by the finished copy. Returns the
-    imported cells and the sweep wall time of the sources that gave any (their results.json)."""
+    imported cells and the sum of their wall times (each cell counts once, however often a source is
+    imported; a source's export and idle time is not in it)."""
     imported, skipped, unfinished, wall = [], [], 0, 0.0
     for src in sources:
         with tempfile.TemporaryDirectory() as tmp:
-            runs, src_wall = _cell_sources(Path(src), Path(tmp))
-            took = 0
+            runs = _cell_source(Path(src), Path(tmp))
             for d in sorted(p for p in runs.glob("*/*/seed*") if p.is_dir()):
                 task, method, seed = d.parent.parent.name, d.parent.name, d.name
                 if task not in TASKS or method not in METHODS or not re.fullmatch(r"seed\d+", seed):
@@ -149,9 +147,7 @@ def import_cells(out: Path, sources: list[Path]) -> tuple[list[str], float]:
                     shutil.rmtree(dest)
                 part.rename(dest)
                 imported.append(name)
-                took += 1
-            if took:
-                wall += src_wall
+                wall += float(r.get("wall_seconds") or 0.0)
     print(f"[accuracy] imported {len(imported)} finished cells" + (f": {', '.join(imported)}" if imported else "")
           + f"; {len(skipped)} already finished here, {unfinished} unfinished left out", flush=True)
     return imported, wall
@@ -440,7 +436,7 @@ def main(argv=None) -> int:
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--import-cells", nargs="+", metavar="SRC", default=None,
                     help="copy the finished cells of other sweeps (accuracy.py --out folders or the runs.tar.gz of a "
-                         "device run) into --out, add their recorded sweep wall time, rebuild the report; runs nothing")
+                         "device run) into --out, add their wall time to the sweep's, rebuild the report; runs nothing")
     ap.add_argument("--readme", default=None, metavar="README.md",
                     help="also rewrite the accuracy tables between the <!-- accuracy:NAME --> markers of this file")
     ap.add_argument("--max-minutes", type=float, default=None, help="stop starting new cells after this long")

@@ -133,7 +133,7 @@ def _cell(runs, task, method, seed, finished=True, test=0.6):
     d.mkdir(parents=True)
     (d / "checkpoint.json").write_text("{}")
     if finished:
-        (d / "result.json").write_text(json.dumps({"task": task, "seed": seed, "test": test}))
+        (d / "result.json").write_text(json.dumps({"task": task, "seed": seed, "test": test, "wall_seconds": 60.0}))
     return d
 
 
@@ -166,18 +166,16 @@ def test_import_cells_takes_finished_cells_from_folders_and_device_archives(tmp_
     _cell(cpu / "runs", "dbpedia", "bbt", 13, test=0.1)  # finished here already: kept
     _cell(cpu / "runs", "dbpedia", "random", 100)
     _cell(cpu / "runs", "dbpedia", "clip_k4_p0.05", 13, finished=False)  # unfinished: left out
-    (cpu / "results.json").write_text(json.dumps({"sweep_wall_seconds": 600.0}))
     _cell(dev / "runs", "dbpedia", "clip_k8", 21)
-    (dev / "results.json").write_text(json.dumps({"sweep_wall_seconds": 50.0}))
     pack_out.pack(dev)
     got, wall = accuracy.import_cells(here, [cpu, dev / "runs.tar.gz"])
-    assert got == ["dbpedia random seed100", "dbpedia clip_k8 seed21"] and wall == 650.0
+    assert got == ["dbpedia random seed100", "dbpedia clip_k8 seed21"] and wall == 120.0  # each cell's wall
     assert "1 already finished here, 1 unfinished left out" in capsys.readouterr().out
     runs = here / "runs" / "dbpedia"
     assert json.loads((runs / "bbt" / "seed13" / "result.json").read_text())["test"] == 0.7
     assert (runs / "clip_k8" / "seed21" / "result.json").is_file() and not (runs / "clip_k4_p0.05").exists()
     assert sorted(p.name for p in runs.glob("*/.*")) == []  # no temporary copies left
-    assert accuracy.import_cells(here, [cpu]) == ([], 0.0)  # again: nothing new, no wall added
+    assert accuracy.import_cells(here, [cpu, dev / "runs.tar.gz"]) == ([], 0.0)  # again: nothing new, no wall
     _cell(tmp_path / "bad" / "runs", "dbpedia", "clip_k3", 13)
     rc = accuracy.main(["--import-cells", str(tmp_path / "bad"), "--out", str(here)])
     assert rc == 2 and "not a cell of this sweep" in capsys.readouterr().err
