@@ -160,12 +160,26 @@ def _fmt(vals: list[float]) -> str:
     return f"{a.mean():.1f} ± {a.std(ddof=1) if len(a) > 1 else 0.0:.1f} (n={len(a)})"
 
 
-def table(rows: list[dict], methods: list[str], tasks: list[str]) -> str:
-    notes = {t: TASKS[t].test_note for t in tasks}
-
+def _groups(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """(method, task) -> its finished cells."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["method"], r["task"]), []).append(r)
+    return groups
+
+
+def _comp_cells(c: dict) -> tuple[str, str, str]:
+    """A comparison record's std of the paired differences, paired t and BBT's seed std, as table text."""
+    std = "-" if c["diff_std"] is None else f"{c['diff_std'] * 100:.1f}"
+    pt = "-" if c["paired_t"] is None else f"{c['paired_t']:+.1f}"
+    bstd = "-" if c["bbt_seed_std"] is None else f"{c['bbt_seed_std'] * 100:.1f}"
+    return std, pt, bstd
+
+
+def table(rows: list[dict], methods: list[str], tasks: list[str]) -> str:
+    notes = {t: TASKS[t].test_note for t in tasks}
+
+    groups = _groups(rows)
     tests = {k: [r["test"] for r in rs if r["test"] is not None] for k, rs in groups.items()}
     means = {k: float(np.mean(v)) for k, v in tests.items() if v}  # (method, task) -> mean test metric
 
@@ -305,9 +319,7 @@ def readme_blocks(rows: list[dict], comp: list[dict], rates: list[dict]) -> dict
     """The README's three accuracy tables (all tasks; best K vs BBT; the dropout rate) from the same numbers
     as table.md, in the README's names; ``update_readme`` puts them between its markers."""
     tasks = [t for t in TASK_ORDER if any(r["task"] == t for r in rows)]
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["method"], r["task"]), []).append(r)
+    groups = _groups(rows)
     lines = ["| method | " + " | ".join(README_TASKS[t] + README_MARKS.get(t, "") for t in tasks) + " |",
              "|---" * (len(tasks) + 1) + "|"]
     for m, name in README_METHODS.items():
@@ -329,9 +341,7 @@ def readme_blocks(rows: list[dict], comp: list[dict], rates: list[dict]) -> dict
         if c["bbt_seed_std"] is not None:
             worse = "clip worse" if c["mean_diff"] < 0 else "clip better"
             beyond = f"yes: {worse}" if abs(c["mean_diff"]) > c["bbt_seed_std"] else "no"
-        std = "-" if c["diff_std"] is None else f"{c['diff_std'] * 100:.1f}"
-        pt = "-" if c["paired_t"] is None else f"{c['paired_t']:+.1f}"
-        bstd = "-" if c["bbt_seed_std"] is None else f"{c['bbt_seed_std'] * 100:.1f}"
+        std, pt, bstd = _comp_cells(c)
         lines.append(f"| {name} | {', '.join(map(str, c['seeds']))} | {c['clip'].removeprefix('clip_k')} ({ks}) | "
                      f"{c['clip_mean'] * 100:.1f} | {c['bbt_mean'] * 100:.1f} | {c['mean_diff'] * 100:+.1f} | {std} | "
                      f"{pt} | {bstd} | {beyond} |")
@@ -408,10 +418,8 @@ def report(out: Path, methods: list[str], tasks: list[str], wall: float | None) 
     md += "|---|---|---|---|---|---|---|---|---|---|\n"
     for c in comp:
         exceeds = "-" if c["bbt_seed_std"] is None else ("yes" if abs(c["mean_diff"]) > c["bbt_seed_std"] else "no")
-        std = "-" if c["diff_std"] is None else f"{c['diff_std'] * 100:.1f}"
-        bstd = "-" if c["bbt_seed_std"] is None else f"{c['bbt_seed_std'] * 100:.1f}"
+        std, pt, bstd = _comp_cells(c)
         ks = "/".join(m.removeprefix("clip_k") for m in c["compared"])
-        pt = "-" if c["paired_t"] is None else f"{c['paired_t']:+.1f}"
         md += (f"| {c['task']} | {c['clip']} (K {ks}) | {c['on']} (seeds {','.join(map(str, c['seeds']))}) | "
                f"{c['clip_mean'] * 100:.1f} | {c['bbt_mean'] * 100:.1f} | {c['mean_diff'] * 100:+.1f} | {std} | "
                f"{pt} | {bstd} | {exceeds} |\n")
