@@ -447,7 +447,12 @@ def main(argv=None) -> int:
                          "device run) into --out, add their wall time to the sweep's, rebuild the report; runs nothing")
     ap.add_argument("--readme", default=None, metavar="README.md",
                     help="also rewrite the accuracy tables between the <!-- accuracy:NAME --> markers of this file")
-    ap.add_argument("--max-minutes", type=float, default=None, help="stop starting new cells after this long")
+    ap.add_argument("--cells", default=None, metavar="TASK/METHOD/SEED,...",
+                    help="run exactly these cells in this order, in place of --tasks x --methods x --seeds "
+                         "(e.g. the ones a sweep has left: dbpedia/clip_k8/13,dbpedia/clip_k4_p0.2/21)")
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="bound one sitting: start no cell that, at the pace of the slowest cell run so far, "
+                         "would end after this many minutes")
     ap.add_argument("--device", choices=DEVICES, default=None,
                     help="where cells run (default: the package's, auto = CUDA when onnxruntime-gpu finds a GPU); "
                          "table.md lists the cells scored on CUDA")
@@ -455,6 +460,15 @@ def main(argv=None) -> int:
     tasks = [t for t in a.tasks.split(",") if t]
     methods = [m for m in a.methods.split(",") if m]
     seeds = [int(s) for s in a.seeds.split(",") if s]
+    cells = [(t, m, s) for m in methods for s in seeds for t in tasks]
+    if a.cells:
+        try:
+            cells = [_parse_cell(c) for c in a.cells.split(",") if c]
+        except ValueError as e:
+            print(f"accuracy.py: --cells: {e}", file=sys.stderr)
+            return 2
+        tasks = list(dict.fromkeys(t for t, _, _ in cells))
+        methods = list(dict.fromkeys(m for _, m, _ in cells))
     bad = [t for t in tasks if t not in TASKS] + [m for m in methods if m not in METHODS]
     if bad:
         print(f"accuracy.py: unknown task/method {bad}: tasks {sorted(TASKS)}, methods {list(METHODS)}",
@@ -475,14 +489,16 @@ def main(argv=None) -> int:
         return _finish(a, report(out, methods, tasks, wall), out)
     t0 = time.perf_counter()
     if not a.report_only:
-        # order: the central comparison first (manual, bbt, clip K=4 over every task and seed), then the rest
-        cells = [(t, m, s) for m in methods for s in seeds for t in tasks]
+        # order (without --cells): the central comparison first (manual, bbt, clip K=4 over every task and
+        # seed), then the rest
+        slowest = 0.0  # seconds of the slowest cell run in this sitting
         for i, (t, m, s) in enumerate(cells):
-            if a.max_minutes is not None and (time.perf_counter() - t0) / 60 > a.max_minutes:
-                print(f"[accuracy] --max-minutes reached; {len(cells) - i} cells left", flush=True)
-                break
             if (cell_dir(out, t, m, s) / "result.json").is_file():
                 continue
+            if a.max_minutes is not None and time.perf_counter() - t0 + slowest > 60 * a.max_minutes:
+                print(f"[accuracy] --max-minutes {a.max_minutes:g}: the next cell would end after it "
+                      f"(slowest cell so far {slowest:.0f} s); stopping with {len(cells) - i} cells left", flush=True)
+                break
             tc = time.perf_counter()
             try:
                 r = run_cell(out, t, m, s, a.budget, a.device)
@@ -490,11 +506,19 @@ def main(argv=None) -> int:
                 print(f"accuracy.py: {t} {m} seed {s}: {e}", file=sys.stderr)
                 report(out, methods, tasks, time.perf_counter() - t0)
                 return 1
+            slowest = max(slowest, time.perf_counter() - tc)
             test = r["test"]["metric"] if r["test"] else None
             print(f"[accuracy] {i + 1}/{len(cells)} {t} {m} seed {s}: dev {r['dev']['metric']:.4f} test {test} "
                   f"({time.perf_counter() - tc:.0f} s)", flush=True)
             report(out, methods, tasks, None)
     return _finish(a, report(out, methods, tasks, time.perf_counter() - t0 if not a.report_only else None), out)
+
+
+def _parse_cell(text: str) -> tuple[str, str, int]:
+    parts = text.strip().split("/")
+    if len(parts) != 3 or not parts[2].isdigit():
+        raise ValueError(f"{text!r}: expected TASK/METHOD/SEED, e.g. dbpedia/clip_k8/13")
+    return parts[0], parts[1], int(parts[2])
 
 
 def _finish(a: argparse.Namespace, blocks: dict[str, str], out: Path) -> int:

@@ -96,6 +96,52 @@ def test_a_cell_that_cannot_run_stops_the_sweep_in_one_line(tmp_path, monkeypatc
     assert (tmp_path / "results.json").is_file()  # the report of what did finish is still written
 
 
+def test_cells_runs_exactly_the_listed_cells_in_order(tmp_path, monkeypatch, capsys):
+    seen = []
+
+    def fake_cell(out, task, method, seed, budget, device=None):
+        seen.append((task, method, seed, device))
+        return {"dev": {"metric": 0.5}, "test": None}
+
+    monkeypatch.setattr(accuracy, "run_cell", fake_cell)
+    done = accuracy.cell_dir(tmp_path, "dbpedia", "clip_k4_p0.2", 13)
+    done.mkdir(parents=True)
+    (done / "result.json").write_text("{}")  # finished: skipped, as in the product sweep
+    monkeypatch.setattr(accuracy, "collect", lambda out: [])
+    rc = accuracy.main(["--cells", "dbpedia/clip_k8/21,dbpedia/clip_k4_p0.2/13,sst2/bbt/100", "--device", "cuda",
+                        "--out", str(tmp_path)])
+    assert rc == 0
+    assert seen == [("dbpedia", "clip_k8", 21, "cuda"), ("sst2", "bbt", 100, "cuda")]
+    capsys.readouterr()
+    assert accuracy.main(["--cells", "dbpedia/clip_k8", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == ("accuracy.py: --cells: 'dbpedia/clip_k8': expected TASK/METHOD/SEED, "
+                                               "e.g. dbpedia/clip_k8/13")
+    assert accuracy.main(["--cells", "dbpedia/clip_k16/13", "--out", str(tmp_path)]) == 2
+    assert "unknown task/method ['clip_k16']" in capsys.readouterr().err
+    assert len(seen) == 2
+
+
+def test_max_minutes_starts_no_cell_that_would_end_after_it(tmp_path, monkeypatch, capsys):
+    clock = [0.0]
+    seen = []
+
+    def fake_cell(out, task, method, seed, budget, device=None):
+        seen.append(seed)
+        clock[0] += {13: 100.0, 21: 250.0}.get(seed, 10.0)  # seconds each cell takes
+        return {"dev": {"metric": 0.5}, "test": None}
+
+    monkeypatch.setattr(accuracy, "run_cell", fake_cell)
+    monkeypatch.setattr(accuracy, "collect", lambda out: [])
+    monkeypatch.setattr(accuracy.time, "perf_counter", lambda: clock[0])
+    rc = accuracy.main(["--cells", "sst2/bbt/13,sst2/bbt/21,sst2/bbt/42,sst2/bbt/87", "--max-minutes", "10",
+                        "--out", str(tmp_path)])
+    # 13 ends at 100 s; 21 (started at 100 s + slowest 100 s <= 600 s) ends at 350 s; 42 would end after
+    # 350 + 250 = 600 s at the slowest pace: not past the bound, so it runs; 87: 360 + 250 > 600: stop
+    assert rc == 0 and seen == [13, 21, 42]
+    assert "--max-minutes 10: the next cell would end after it (slowest cell so far 250 s); stopping with 1 cells left" \
+        in capsys.readouterr().out
+
+
 def test_cuda_run_launches_a_script_with_its_arguments(tmp_path):
     import subprocess
 
