@@ -363,14 +363,18 @@ def tune(cfg: TuneConfig, run_dir: str | Path, resume: bool = False, overwrite: 
          stop_after_generations: int | None = None) -> dict[str, Any]:
     """Run (or resume) one tuning run in ``run_dir``; returns the result dict (also result.json).
 
-    The run dir is locked (``.lock``, flock) while this call works in it.
+    The run dir is locked (``.lock``, flock) while this call works in it; the run's sessions are closed
+    when it returns (or fails), so runs one after another in one process do not pile up device memory.
     """
     locks: list[int] = []
+    engines: list[Engine] = []
     try:
         with blas_threads():
             return _tune(cfg, run_dir, resume, overwrite, force_resume, progress, model_dir, stop_after_generations,
-                         locks)
+                         locks, engines)
     finally:
+        for eng in engines:
+            eng.close()
         for fd in locks:
             os.close(fd)
 
@@ -405,7 +409,8 @@ def blas_thread_count() -> int | None:
 
 
 def _tune(cfg: TuneConfig, run_dir: str | Path, resume: bool, overwrite: bool, force_resume: bool, progress: bool,
-          model_dir: Path | None, stop_after_generations: int | None, locks: list[int]) -> dict[str, Any]:
+          model_dir: Path | None, stop_after_generations: int | None, locks: list[int],
+          engines: list[Engine]) -> dict[str, Any]:
     """Run (or resume) one tuning run in ``run_dir``; returns the result dict (also result.json).
 
     Every input is checked before anything is written; a run dir this call creates is removed again if
@@ -457,6 +462,7 @@ def _tune(cfg: TuneConfig, run_dir: str | Path, resume: bool, overwrite: bool, f
                             "set HF_HUB_OFFLINE=1 to use datasets already in the local cache, or use the vendored "
                             "data (--data-source local)")
     ws = prepare(cfg, model_dir)
+    engines.append(ws.engine)  # closed by tune() however this call ends
     fingerprint = ws.manifest.fingerprint()
     state = None
     if resume and had_run:

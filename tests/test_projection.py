@@ -3,7 +3,9 @@ prompt buffer the bound graphs read, and runs that use it (checked on the CPU pr
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 
 import numpy as np
 import onnxruntime as ort
@@ -114,6 +116,48 @@ def test_projection_only_where_runs_are_bound_and_stacked(ws):
     with pytest.raises(ConfigError, match="float32"):
         Engine(ws.manifest, [0], device="cpu").enable_projection(ws.at.astype(np.float64))
     eng.close()
+
+
+def _live_after(make_and_drop):
+    """Which weak references ``make_and_drop()`` returns are still alive with the cycle collector off."""
+    gc.collect()
+    gc.disable()
+    try:
+        return [r for r in make_and_drop() if r() is not None]
+    finally:
+        gc.enable()
+
+
+@needs_export
+def test_an_engine_and_its_device_prompts_free_their_sessions_by_refcount(ws):
+    # a DevicePrompts refers to its engine, so the engine must refer to it weakly: a cycle would keep
+    # every session (on CUDA: its arena and bound device buffers) until the collector happens to run
+    def run():
+        eng = _bound_engine(ws)
+        dp = eng.project(np.random.default_rng(6).standard_normal((5, D)))
+        assert isinstance(dp, DevicePrompts)
+        assert eng.logits(1, dp, ws.train, ws.verbalizer_ids).shape == (5, len(ws.train.labels), 2)
+        return [weakref.ref(s) for s in eng.sessions.values()] + [weakref.ref(eng), weakref.ref(dp)]
+
+    assert _live_after(run) == []
+
+
+@needs_export
+def test_close_releases_the_sessions_while_the_engine_is_still_referenced(ws):
+    kept = []
+
+    def run():
+        eng = _bound_engine(ws)
+        dp = eng.project(np.random.default_rng(7).standard_normal((5, D)))
+        eng.logits(2, dp, ws.train, ws.verbalizer_ids)
+        refs = [weakref.ref(s) for s in eng.sessions.values()] + [weakref.ref(eng._projector)]
+        kept.append(eng)  # someone still holds the engine (a traceback, a benchmark's variable)
+        eng.close()
+        return refs
+
+    assert _live_after(run) == []
+    host = kept[0].host_projection(np.ones((1, D)))  # the host projection still works after close
+    assert host.shape == (1, ws.manifest.n_prompt, ws.manifest.hidden)
 
 
 @needs_export

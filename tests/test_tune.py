@@ -151,6 +151,33 @@ def test_int8_edge_mode_on_the_embedded_model(tmp_path):
     assert man.precision == "int8" and man.root == embedded_export_dir(4, 0.1, precision="int8")
 
 
+def test_a_finished_run_closes_its_sessions(splade_dir, tmp_path, monkeypatch):
+    # accuracy.py runs cell after cell in one process: on an H100 the third DBpedia K = 8 run ran out of
+    # GPU memory while the earlier runs' sessions were still referenced (a cycle, and pycma's first import
+    # keeping its caller frames); tune() closes its engine, so they go when it returns
+    import gc
+    import weakref
+
+    from cliptune_ort import engine as engine_mod
+
+    made, real = [], engine_mod.make_session
+
+    def recording(*a, **kw):
+        sess = real(*a, **kw)
+        made.append(weakref.ref(sess))
+        return sess
+
+    monkeypatch.setattr(engine_mod, "make_session", recording)
+    gc.collect()
+    gc.disable()
+    try:
+        res = tune(_cfg(method="clip", k=2, budget=24), tmp_path / "r", model_dir=splade_dir, progress=False)
+        alive = [r for r in made if r() is not None]
+    finally:
+        gc.enable()
+    assert res["calls"] == 24 and len(made) >= 3 and alive == []
+
+
 def test_blas_on_one_thread_during_a_run(splade_dir, tmp_path, monkeypatch):
     """API runs get the CLI's one BLAS thread (CMA-ES's eigendecomposition against ORT's spinning workers
     cost a bbt run 228 s instead of 2.6 s); a thread count the user set in the environment wins, and the
