@@ -1,6 +1,7 @@
 """The accuracy sweep's Clip-Tuning vs BBT comparison: best K on dev only, paired by seed, fair seed sets."""
 
 import json
+import os
 import sys
 import tarfile
 from pathlib import Path
@@ -10,6 +11,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 accuracy = pytest.importorskip("accuracy")
+
+from .conftest import needs_export  # noqa: E402
 
 
 def _row(method, seed, dev, test, task="sst2"):
@@ -256,3 +259,30 @@ def test_readme_tables_come_from_the_report_and_replace_only_the_marked_blocks(t
     with pytest.raises(accuracy.CliptuneError, match="no '<!-- accuracy:all-tasks -->'"):
         accuracy.update_readme(readme, blocks)
     assert readme.read_text() == "# no markers\n"
+
+
+@pytest.mark.slow
+@needs_export
+def test_gpu_cells_runs_one_process_per_cell_and_packs_them(tmp_path):
+    # the device route's loop (benchmarks/gpu_cells.sh), dry-run on the CPU with a tiny budget
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "ACC": str(tmp_path / "acc"), "PY": sys.executable,
+           "DEVICE": "cpu", "CLIPTUNE_CACHE": os.environ.get("CLIPTUNE_CACHE", str(tmp_path / "cache"))}
+    script = [str(root / "benchmarks" / "gpu_cells.sh")]
+    usage = subprocess.run(["bash", *script, "soon", "sst2/bbt/13"], env=env, capture_output=True, text=True)
+    assert usage.returncode == 2 and usage.stderr.startswith("usage: bash benchmarks/gpu_cells.sh SECONDS CELL")
+    cells = ["sst2/manual/13", "sst2/bbt/13", "sst2/clip_k3/13", "sst2/bbt/21"]
+    run = subprocess.run(["bash", *script, "600", *cells, "--", "--budget", "40"], env=env, capture_output=True,
+                         text=True, timeout=600)
+    lines = [ln for ln in run.stdout.splitlines() if ln.startswith("[gpu_cells]")]
+    # the unknown method stops the loop with accuracy.py's one-line error; what finished comes back
+    assert run.returncode == 2 and len(lines) == 3, run.stdout + run.stderr
+    assert lines[1].startswith("[gpu_cells] sst2/bbt/13 exit status 0 at ") and "sst2 bbt seed 13: dev" in lines[1]
+    assert "accuracy.py: unknown task/method ['clip_k3']" in lines[2]
+    with tarfile.open(tmp_path / "out" / "runs.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {"runs/sst2/manual/seed13/result.json", "runs/sst2/bbt/seed13/result.json"} <= names
+    assert not any("seed21" in n for n in names)
+    assert json.loads((tmp_path / "acc" / "runs" / "sst2" / "bbt" / "seed13" / "result.json").read_text())["calls"] == 40
