@@ -153,8 +153,9 @@ def test_int8_edge_mode_on_the_embedded_model(tmp_path):
 
 def test_a_finished_run_closes_its_sessions(splade_dir, tmp_path, monkeypatch):
     # accuracy.py runs cell after cell in one process: on an H100 the third DBpedia K = 8 run ran out of
-    # GPU memory while the earlier runs' sessions were still referenced (a cycle, and pycma's first import
-    # keeping its caller frames); tune() closes its engine, so they go when it returns
+    # GPU memory while the earlier runs' sessions sat in reference cycles (engine <-> its DevicePrompts;
+    # and the first run's frames, held by a pyparsing exception cycle made while `import cma` loads
+    # matplotlib) until the cycle collector ran; tune() closes its engine, so they go when it returns
     import gc
     import weakref
 
