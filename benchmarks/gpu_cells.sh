@@ -11,8 +11,8 @@
 # (finished cells are skipped). No cell starts once SECONDS have passed; then ACC is copied into OUT and
 # packed for the trip back (benchmarks/pack_out.py: runs/ -> runs.tar.gz). The status line of each cell
 # goes to stdout, its whole log to $ACC/logs/.
-# Env: OUT (default benchmarks/results/accuracy_gpu), ACC, PY (default python3), DEVICE (default cuda;
-# cpu for a dry run here).
+# Env: OUT (packed when set, as the device tool sets it; default benchmarks/results/accuracy_gpu, not
+# packed), ACC, PY (default python3), DEVICE (default cuda; cpu for a dry run here).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 2 ] || ! [[ $1 =~ ^[0-9]+$ ]]; then
@@ -23,6 +23,7 @@ limit=$1; shift
 cells=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do cells+=("$1"); shift; done
 [ "${1:-}" = "--" ] && shift
+PACK=${OUT:+1}  # the device tool's $OUT: pack what would not come back (pack_out.py packs only outside the repo)
 OUT=${OUT:-benchmarks/results/accuracy_gpu}
 ACC=${ACC:-/tmp/acc}
 PY=${PY:-python3}
@@ -42,5 +43,5 @@ for c in "${cells[@]}"; do
   if [ "$status" -ne 0 ]; then rc=$status; tail -3 "$log"; break; fi
 done
 cp -r "$ACC/." "$OUT/"
-"$PY" benchmarks/pack_out.py "$OUT"
+if [ -n "$PACK" ]; then "$PY" benchmarks/pack_out.py "$OUT"; fi
 exit "$rc"
