@@ -27,11 +27,8 @@ PACK=${OUT:+1}  # the device tool's $OUT: pack what would not come back (pack_ou
 OUT=${OUT:-benchmarks/results/accuracy_gpu}
 ACC=${ACC:-/tmp/acc}
 PY=${PY:-python3}
-mkdir -p "$OUT" "$ACC/logs" /tmp/shim
-ln -sfn "$PWD/export" /tmp/shim/cliptune_export
-export PYTHONPATH="/tmp/site:/tmp/shim:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
-export CLIPTUNE_CACHE=${CLIPTUNE_CACHE:-/tmp/cliptune_cache}
+mkdir -p "$OUT" "$ACC/logs"
+. benchmarks/gpu_env.sh
 rc=0
 for c in "${cells[@]}"; do
   if [ "$SECONDS" -gt "$limit" ]; then echo "[gpu_cells] stop before $c: ${SECONDS} s passed (limit ${limit} s)"; break; fi

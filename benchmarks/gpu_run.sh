@@ -23,7 +23,7 @@ LIMIT=${GPU_TIMEOUT:-420}
 PY=${PY:-python3}
 SITE=/tmp/site
 ORT_WHL=onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
-mkdir -p "$OUT" "$SITE" /tmp/shim
+mkdir -p "$OUT" "$SITE"
 shopt -s nullglob
 
 # (a) wheels: small ones from .whl/ and .whl/extra/ (cma), each once
@@ -53,10 +53,7 @@ for dir in /tmp/w .whl; do
 done
 
 # (b) import paths: onnxruntime-gpu first, cliptune_export = ./export
-ln -sfn "$PWD/export" /tmp/shim/cliptune_export
-export PYTHONPATH="$SITE:/tmp/shim:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
-export CLIPTUNE_CACHE=${CLIPTUNE_CACHE:-/tmp/cliptune_cache}
+. benchmarks/gpu_env.sh
 
 # (c) environment
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "[gpu_run] no nvidia-smi"
