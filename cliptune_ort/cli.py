@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --packed: 'fused' = ORT's PackedAttention (QKV projection inside the op), 'flash' = "
                         "Q/K/V projections + PackedMultiHeadAttention without biases (FlashAttention varlen on "
                         "sm80+; the key bias dropped and the value bias folded, both exact) (default: flash)")
+    e.add_argument("--packed-ffn", choices=("matmul", "cublaslt"), default="matmul",
+                   help="with --packed: 'cublaslt' = the feed-forward bias + GELU (and the flash kernel's query "
+                        "bias) inside the GEMM, cliptune's FusedDense op (cuBLASLt epilogue; tanh GELU); the "
+                        "sessions need `cliptune build-ops` (default: matmul, ORT's own ops)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
     t = sub.add_parser("tune", help="tune a soft prompt (default: SST-2 on the embedded model)")
@@ -129,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
                                         "run tuned on a --packed export")
 
     sub.add_parser("env", help="print versions and available ONNX Runtime providers")
+    from .native import add_build_args
+
+    add_build_args(sub.add_parser("build-ops", help="compile cliptune's custom-op library (for --packed-ffn "
+                                                    "cublaslt exports; needs g++, CUDA and cuBLAS headers)"))
     return ap
 
 
@@ -195,6 +203,7 @@ def cmd_export(a) -> int:
                          fold_masks=a.fold_masks, share_prefix=a.share_prefix, packed=a.packed)
     if a.packed_kernel is not None:
         opts.packed_kernel = a.packed_kernel
+    opts.packed_ffn = a.packed_ffn
     if a.atol is not None:
         opts.atol = a.atol
     try:
@@ -306,8 +315,10 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = build_parser()
     a = ap.parse_args(argv)
+    from .native import run_build
+
     handlers = {"export": cmd_export, "tune": cmd_tune, "eval": cmd_eval, "predict": cmd_predict, "env": cmd_env,
-                "deploy": cmd_deploy}
+                "deploy": cmd_deploy, "build-ops": run_build}
     debug = bool(os.environ.get("CLIPTUNE_DEBUG"))
 
     def error(msg: str) -> None:

@@ -203,7 +203,8 @@ class Engine:
         threads = self._threads or (1 if self.workers > 1 else cores)
         spec = SessionSpec(device=self.device, threads=threads, n_live=max(len(self.graphs), self.workers),
                            optimization=self._optimization, cuda_graph=self.cuda_graph,
-                           disabled_optimizers=disabled_optimizers(self.manifest))
+                           disabled_optimizers=disabled_optimizers(self.manifest),
+                           ops_library="cuda" if self.manifest.packed_ffn == "cublaslt" else None)
         self.sessions = {g: self._make(g, spec) for g in self.graphs}
         self._pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
 

@@ -84,7 +84,8 @@ class Manifest:
 
     @property
     def packed_ffn(self) -> str | None:
-        """The packed graphs' feed-forward block ('matmul' | 'moe'; packed exports before it was recorded:
+        """The packed graphs' feed-forward block ('matmul' | 'moe' | 'cublaslt', the last needing the custom-op
+        library, cliptune_ort.native; packed exports before it was recorded:
         'matmul'); None for padded graphs."""
         return self.data.get("packed_ffn", "matmul") if self.packed else None
 
@@ -150,8 +151,8 @@ def _check_structure(mpath: Path, data: dict[str, Any]) -> None:
         raise bad("attention", "'padded', 'packed' or 'packed_host'")
     if data.get("packed_kernel", "fused") not in ("fused", "flash"):
         raise bad("packed_kernel", "'fused' or 'flash'")
-    if data.get("packed_ffn", "matmul") not in ("matmul", "moe"):
-        raise bad("packed_ffn", "'matmul' or 'moe'")
+    if data.get("packed_ffn", "matmul") not in ("matmul", "moe", "cublaslt"):
+        raise bad("packed_ffn", "'matmul', 'moe' or 'cublaslt'")
     sp = data.get("shared_prefix", 0)
     if not is_int(sp) or sp > data["n_prompt"] + 1:
         raise bad("shared_prefix", f"an integer in 0..{data['n_prompt'] + 1} (n_prompt + 1)")

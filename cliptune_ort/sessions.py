@@ -78,6 +78,7 @@ class SessionSpec:
     cuda_graph: bool = False  # capture CUDA graphs (fixed shapes and IOBinding only)
     cpu_arena: bool = False  # ORT CPU memory arena (keeps peak allocations; off measured leaner)
     disabled_optimizers: tuple[str, ...] = ()  # ORT graph optimizers to skip (see engine.disabled_optimizers)
+    ops_library: str | None = None  # custom-op library variant the graphs need ('cuda' | 'cpu'; cliptune_ort.native)
 
 
 _LEVELS = {
@@ -107,6 +108,10 @@ def make_session(path: str | Path, spec: SessionSpec, shared: SharedWeights | No
         so.add_session_config_entry("session.disable_prepacking", "1")
         for name, value in shared.values.items():
             so.add_initializer(name, value)
+    if spec.ops_library:
+        from . import native
+
+        native.register(so, spec.ops_library)
     if spec.device == "cuda":
         opts = {"device_id": 0, **spec.cuda_options}
         if spec.cuda_graph:

@@ -67,6 +67,9 @@ class ExportOptions:
     # (packing.py): True / "device" = RemovePadding in the graph; "host" = the runtime feeds the packing
     # (CUDA-graph capturable); the graphs are validated against PyTorch before they are packed
     packed_kernel: str = "flash"  # packing.KERNELS: "fused" (PackedAttention) | "flash" (PackedMultiHeadAttention)
+    # packing.FFNS: "matmul" (ORT's MatMul + BiasGelu) | "cublaslt" (cliptune's FusedDense op: bias and GELU
+    # in the GEMM epilogue; the sessions need `cliptune build-ops --variant cuda`) | "moe" (experimental)
+    packed_ffn: str = "matmul"
 
     def validate(self) -> None:
         if not isinstance(self.k, int) or self.k < 0:
@@ -85,6 +88,12 @@ class ExportOptions:
 
         if self.packed_kernel not in KERNELS:
             raise ConfigError(f"--packed-kernel must be {' or '.join(map(repr, KERNELS))}, got {self.packed_kernel!r}")
+        from .packing import FFNS
+
+        if self.packed_ffn not in FFNS:
+            raise ConfigError(f"--packed-ffn must be one of {', '.join(FFNS)}, got {self.packed_ffn!r}")
+        if self.packed_ffn != "matmul" and not self.packed:
+            raise ConfigError(f"--packed-ffn {self.packed_ffn} needs --packed (it rewrites the packed layers)")
         if self.packed and (self.precision != "fp16" or self.resolved_share_prefix()):
             raise ConfigError("--packed needs --precision fp16 without --share-prefix (ORT fuses Attention only "
                               "there; packed attention runs on the CUDA provider only)")
@@ -378,10 +387,10 @@ def export_model(model: str, out: str | os.PathLike, opts: ExportOptions | None 
         if opts.packed:
             from .packing import pack_graph_file
 
-            _log(f"packing attention ({opts.packed_kernel} kernel; CUDA provider only)")
+            _log(f"packing attention ({opts.packed_kernel} kernel, {opts.packed_ffn} feed-forward; CUDA provider only)")
             for g in graphs:
                 g["packed_attention_nodes"] = pack_graph_file(tmp / g["file"], host_offsets=opts.packed == "host",
-                                                              kernel=opts.packed_kernel)
+                                                              kernel=opts.packed_kernel, ffn=opts.packed_ffn)
         for g in graphs:
             g["sha256"] = sha256_file(tmp / g["file"])
         manifest = {
@@ -416,7 +425,7 @@ def export_model(model: str, out: str | os.PathLike, opts: ExportOptions | None 
             "precision": opts.precision,
             "masks_folded": opts.resolved_fold(),
             "attention": ("packed_host" if opts.packed == "host" else "packed") if opts.packed else "padded",
-            **({"packed_kernel": opts.packed_kernel} if opts.packed else {}),
+            **({"packed_kernel": opts.packed_kernel, "packed_ffn": opts.packed_ffn} if opts.packed else {}),
             # positions 0..L projected once per candidate in the first layer: every row of a batch must
             # hold the same ids there (the runtime checks); 0 = no such requirement
             "shared_prefix": opts.n_prompt + 1 if opts.resolved_share_prefix() else 0,

@@ -50,6 +50,13 @@ CUTLASS grouped GEMMs (about 35 ms against about 25 ms in cuBLAS), then a separa
 so each session holds its own folded copy of the feed-forward weights (two thirds of a layer's)
 instead of sharing the export's: fine for a timing, not for a deployment of K + 1 sessions.
 
+``ffn="cublaslt"``: each packed layer's first feed-forward projection, MatMul -> BiasGelu, becomes one
+``ai.cliptune.FusedDense`` node (cliptune_ort/native: cuBLASLt's GELU_BIAS epilogue; the GELU is the tanh
+approximation, as MoE's), and with the flash kernel the query projection's MatMul -> Add(bias) becomes a
+FusedDense with the BIAS epilogue. The bias and the activation run inside the GEMM, so the [tokens,
+4 * hidden] intermediate is written once and the query once. The sessions load the custom-op library
+(``cliptune build-ops --variant cuda``); the manifest says so (``packed_ffn: cublaslt``).
+
 These ops exist on the CUDA provider only: a packed export cannot run on the CPU (the runtime
 refuses it in one line), and the exporter validates the unpacked graphs against PyTorch before it
 packs them. The rewrite itself is checked on the CPU by running both graphs through
@@ -78,7 +85,9 @@ KERNELS = ("fused", "flash")
 DEFAULT_KERNEL = "flash"  # measured faster on an H100 (README, GPU section)
 #: the packed layers' feed-forward block: "matmul" = MatMul -> BiasGelu -> MatMul (ORT's fusions),
 #: "moe" = one single-expert com.microsoft.MoE node (experimental; 26 % slower on an H100, see above)
-FFNS = ("matmul", "moe")
+#: "cublaslt" = MatMul -> BiasGelu as one ai.cliptune.FusedDense (cuBLASLt epilogue; custom-op library)
+FFNS = ("matmul", "moe", "cublaslt")
+LT_DOMAIN = "ai.cliptune"  # cliptune_ort.native.DOMAIN (not imported: the export must not need the library)
 DEFAULT_FFN = "matmul"
 ROUTER = "cliptune_moe_router"  # the "moe" block's router, zeros [tokens, 1]: softmax over one expert is 1
 
@@ -221,6 +230,10 @@ def pack_graph(model, host_offsets: bool = False, kernel: str = DEFAULT_KERNEL,
     if ffn == "moe" and len(moe) != len(atts):
         raise PackingError(f"found {len(moe)} MatMul -> BiasGelu -> MatMul -> SkipLayerNormalization feed-forward "
                            f"blocks in the {len(atts)} packed layers: the moe block needs one per layer")
+    lt = _plan_lt(g, region, consumers) if ffn == "cublaslt" else {}
+    if ffn == "cublaslt" and len(lt) != len(atts):
+        raise PackingError(f"found {len(lt)} MatMul -> BiasGelu feed-forward projections in the {len(atts)} packed "
+                           "layers: the cublaslt block needs one per layer")
 
     # rewrite
     x_packed, offset, cum, max_len = (x0 + "__packed", x0 + "__token_offset", x0 + "__cu_seqlens",
@@ -241,6 +254,7 @@ def pack_graph(model, host_offsets: bool = False, kernel: str = DEFAULT_KERNEL,
     s2.output[0] = t_packed
     new_nodes = []
     folded = {id(b[part]) for b in moe.values() for part in ("gelu", "fc2")}  # inside the MoE nodes
+    folded |= {id(gelu) for gelu in lt.values()}  # inside the FusedDense nodes
     for n in nodes:
         if n is atts[0] and host_offsets:
             new_nodes.append(helper.make_node("Flatten", [x0], [x_flat], name="cliptune_PackFlatten", axis=2))
@@ -253,10 +267,14 @@ def pack_graph(model, host_offsets: bool = False, kernel: str = DEFAULT_KERNEL,
             new_nodes.extend(_moe_router(x_packed, _moe_dtype(g, moe)))
         if id(n) in moe:
             new_nodes.extend(_moe_nodes(moe[id(n)]))
+        elif id(n) in lt:
+            gelu = lt[id(n)]
+            new_nodes.append(helper.make_node("FusedDense", [n.input[0], n.input[1], gelu.input[1]], list(gelu.output),
+                                              name=n.name + "_fused_gelu", domain=LT_DOMAIN, activation="gelu_tanh"))
         elif id(n) in folded:
             continue
         elif n.op_type == "Attention" and n.domain == MS and kernel == "flash":
-            new_nodes.extend(_flash_nodes(n, flash[n.name], offset, cum))
+            new_nodes.extend(_flash_nodes(n, flash[n.name], offset, cum, epilogue=ffn == "cublaslt"))
         elif n.op_type == "Attention" and n.domain == MS:
             keep = [a for a in n.attribute if a.name in ("num_heads", "qkv_hidden_sizes", "scale")]
             p = helper.make_node("PackedAttention", [n.input[0], n.input[1], n.input[2], offset, cum], list(n.output),
@@ -280,6 +298,8 @@ def pack_graph(model, host_offsets: bool = False, kernel: str = DEFAULT_KERNEL,
     del g.value_info[:]
     g.value_info.extend(keep_vi)
     ensure_ms_opset(model)
+    if ffn == "cublaslt" and not any(o.domain == LT_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(LT_DOMAIN, 1))
     return len(atts)
 
 
@@ -321,8 +341,9 @@ def _plan_flash(g, atts, only, base_dir) -> dict:
     return plan
 
 
-def _flash_nodes(att, p: dict, offset: str, cum: str) -> list:
-    """Q/K/V projections (slices of the fused weight; no key or value bias) + PackedMultiHeadAttention."""
+def _flash_nodes(att, p: dict, offset: str, cum: str, epilogue: bool = False) -> list:
+    """Q/K/V projections (slices of the fused weight; no key or value bias) + PackedMultiHeadAttention;
+    ``epilogue``: the query projection and its bias as one FusedDense (cuBLASLt's BIAS epilogue)."""
     from onnx import helper
 
     x, w, name, h = att.input[0], att.input[1], att.name, p["hid"]
@@ -330,9 +351,15 @@ def _flash_nodes(att, p: dict, offset: str, cum: str) -> list:
     for i, part in enumerate("qkv"):
         out.append(helper.make_node("Slice", [w, f"cliptune_qkv_at_{i * h}", f"cliptune_qkv_at_{(i + 1) * h}",
                                               "cliptune_qkv_axis"], [f"{name}__w{part}"], name=f"{name}_slice_{part}"))
+        if part == "q" and epilogue:
+            out.append(helper.make_node("FusedDense", [x, f"{name}__wq", f"{name}__b_q"], [f"{name}__q"],
+                                        name=f"{name}_dense_q", domain=LT_DOMAIN, activation="none"))
+            continue
         mm_out = f"{name}__{part}" if part != "q" else f"{name}__q_nobias"
         out.append(helper.make_node("MatMul", [x, f"{name}__w{part}"], [mm_out], name=f"{name}_matmul_{part}"))
-    out.append(helper.make_node("Add", [f"{name}__q_nobias", f"{name}__b_q"], [f"{name}__q"], name=f"{name}_bias_q"))
+    if not epilogue:
+        out.append(helper.make_node("Add", [f"{name}__q_nobias", f"{name}__b_q"], [f"{name}__q"],
+                                    name=f"{name}_bias_q"))
     mha = helper.make_node("PackedMultiHeadAttention", [f"{name}__q", f"{name}__k", f"{name}__v", "", offset, cum],
                            list(att.output), name=name + "_packed_mha", domain=MS, num_heads=p["num_heads"])
     if p["scale"]:
@@ -385,6 +412,20 @@ def _plan_moe(g, region, consumers) -> dict:
             continue
         blocks[id(n)] = {"fc1": n, "gelu": gelu, "fc2": fc2, "sln": sln}
     return blocks
+
+
+def _plan_lt(g, region, consumers) -> dict:
+    """The packed layers' first feed-forward projections: id(MatMul) -> its BiasGelu, where the MatMul reads a
+    weight initializer and its only reader is a BiasGelu with an initializer bias."""
+    inits = {t.name for t in g.initializer}
+    found = {}
+    for n in region:
+        if n.op_type != "MatMul" or n.input[1] not in inits:
+            continue
+        cs = consumers.get(n.output[0], [])
+        if len(cs) == 1 and cs[0].op_type == "BiasGelu" and cs[0].input[0] == n.output[0] and cs[0].input[1] in inits:
+            found[id(n)] = cs[0]
+    return found
 
 
 def _moe_dtype(g, moe: dict) -> int:

@@ -113,6 +113,17 @@ def _reference_ops():
             y = h.astype(np.float32) @ w2[0].astype(np.float32).T
             return ((y + (b2[0].astype(np.float32) if b2 is not None else 0.0)).astype(x.dtype),)
 
+    class FusedDense(OpRun):  # cliptune's custom op (cliptune_ort/native): act(x @ w + b), fp32 accumulation
+        op_domain = "ai.cliptune"
+
+        def _run(self, x, w, b, activation=None):
+            y = x.astype(np.float32) @ w.astype(np.float32) + b.astype(np.float32)
+            if activation == "gelu_tanh":
+                y = 0.5 * y * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (y + 0.044715 * y ** 3)))
+            else:
+                assert activation == "none", activation
+            return (y.astype(x.dtype),)
+
     class RemovePadding(OpRun):
         op_domain = "com.microsoft"
 
@@ -140,7 +151,7 @@ def _reference_ops():
             return (np.take_along_axis(data, indices.astype(np.int64), axis=axis),)
 
     return [GatherElements, Attention, PackedAttention, PackedMultiHeadAttention, SkipLayerNormalization, BiasGelu,
-            MoE, RemovePadding, RestorePadding]
+            MoE, FusedDense, RemovePadding, RestorePadding]
 
 
 def _with_weights(path):
@@ -406,7 +417,7 @@ def test_moe_ffn_matches_unpacked(packed_pair, tmp_path):
 
     data = json.loads((tmp_path / "moe" / "manifest.json").read_text())
     (tmp_path / "moe" / "manifest.json").write_text(json.dumps(seal_manifest({**data, "packed_ffn": "gemm"})))
-    with pytest.raises(ModelDirError, match="packed_ffn.*'matmul' or 'moe'"):
+    with pytest.raises(ModelDirError, match="packed_ffn.*'matmul', 'moe' or 'cublaslt'"):
         load_manifest(tmp_path / "moe")
 
 

@@ -1,0 +1,346 @@
+// cliptune_ort's custom-op library: ai.cliptune.FusedDense, a dense layer whose bias and activation
+// run in the GEMM's epilogue.
+//
+//   Y = act(X @ W + B)     X [..., K], W [K, N], B [N]  ->  Y [..., N]
+//   activation (string attribute): "none" | "gelu_tanh"
+//     gelu_tanh(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))  (cuBLASLt's GELU epilogue)
+//
+// Why: on a CUDA fp16 graph, ONNX Runtime runs MatMul and then BiasGelu (or Add) as separate kernels,
+// so the [tokens, 4 * hidden] feed-forward intermediate is written, read and written again. cuBLASLt's
+// CUBLASLT_EPILOGUE_GELU_BIAS / _BIAS apply both inside the GEMM (README, GPU section, for the time it
+// costs: 7.7 of 60 ms per stacked call on an H100 before this op).
+//
+// Two builds of this one file (cliptune_ort/native.py builds them):
+// - CUDA (-DCLIPTUNE_CUDA; links cuBLASLt): the op on CUDAExecutionProvider, float16 in and out,
+//   float32 accumulation, on the provider's compute stream; no allocation or synchronisation after the
+//   first call of a shape, so ONNX Runtime can capture it in a CUDA graph.
+// - CPU (no CUDA at all): the same op on CPUExecutionProvider in float32, a plain loop. It exists so the
+//   library's ONNX Runtime glue (inputs, shapes, attribute, registration) and the graph rewrite are
+//   tested on machines without a GPU, against numpy.
+//
+// Built against ONNX Runtime's C++ header API (API version of the headers; any newer runtime accepts it).
+
+#define ORT_API_MANUAL_INIT
+#include "onnxruntime_cxx_api.h"
+#undef ORT_API_MANUAL_INIT
+
+#include <cmath>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#ifdef CLIPTUNE_CUDA
+#include <cublasLt.h>
+#include <cuda_runtime.h>
+#endif
+
+namespace {
+
+constexpr const char* kDomain = "ai.cliptune";
+constexpr const char* kOpName = "FusedDense";
+
+enum class Act { kNone, kGeluTanh };
+
+Act ParseActivation(const OrtKernelInfo* info) {
+  Ort::ConstKernelInfo ki(info);
+  std::string a = ki.GetAttribute<std::string>("activation");
+  if (a == "none") return Act::kNone;
+  if (a == "gelu_tanh") return Act::kGeluTanh;
+  ORT_CXX_API_THROW("FusedDense: activation must be 'none' or 'gelu_tanh', got '" + a + "'",
+                    ORT_INVALID_ARGUMENT);
+}
+
+// The GEMM sizes of one call: rows M (all leading dims of X), K, N; and the output shape.
+struct Dims {
+  int64_t m = 1, k = 0, n = 0;
+  std::vector<int64_t> y_shape;
+};
+
+Dims CheckDims(const Ort::ConstValue& x, const Ort::ConstValue& w, const Ort::ConstValue& b) {
+  auto xs = x.GetTensorTypeAndShapeInfo().GetShape();
+  auto ws = w.GetTensorTypeAndShapeInfo().GetShape();
+  auto bs = b.GetTensorTypeAndShapeInfo().GetShape();
+  if (xs.empty() || ws.size() != 2 || bs.size() != 1 || xs.back() != ws[0] || bs[0] != ws[1]) {
+    auto str = [](const std::vector<int64_t>& s) {
+      std::string r = "[";
+      for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+      return r + "]";
+    };
+    ORT_CXX_API_THROW("FusedDense: expected X [..., K], W [K, N], B [N]; got X " + str(xs) + ", W " + str(ws) +
+                          ", B " + str(bs),
+                      ORT_INVALID_ARGUMENT);
+  }
+  Dims d;
+  for (size_t i = 0; i + 1 < xs.size(); ++i) d.m *= xs[i];
+  d.k = ws[0];
+  d.n = ws[1];
+  d.y_shape = xs;
+  d.y_shape.back() = d.n;
+  return d;
+}
+
+inline float GeluTanh(float x) {
+  const float c = 0.7978845608028654f;  // sqrt(2 / pi)
+  return 0.5f * x * (1.0f + std::tanh(c * (x + 0.044715f * x * x * x)));
+}
+
+// ---------------------------------------------------------------------------------------------- CPU
+struct DenseCpuKernel {
+  explicit DenseCpuKernel(const OrtKernelInfo* info) : act(ParseActivation(info)) {}
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    try {
+      Ort::KernelContext ctx(context);
+      auto x = ctx.GetInput(0), w = ctx.GetInput(1), b = ctx.GetInput(2);
+      Dims d = CheckDims(x, w, b);
+      auto y = ctx.GetOutput(0, d.y_shape);
+      const float* X = x.GetTensorData<float>();
+      const float* W = w.GetTensorData<float>();
+      const float* B = b.GetTensorData<float>();
+      float* Y = y.GetTensorMutableData<float>();
+      std::vector<float> row(static_cast<size_t>(d.n));
+      for (int64_t m = 0; m < d.m; ++m) {
+        for (int64_t n = 0; n < d.n; ++n) row[n] = B[n];
+        for (int64_t k = 0; k < d.k; ++k) {
+          const float xv = X[m * d.k + k];
+          const float* wr = W + k * d.n;
+          for (int64_t n = 0; n < d.n; ++n) row[n] += xv * wr[n];
+        }
+        for (int64_t n = 0; n < d.n; ++n) Y[m * d.n + n] = act == Act::kGeluTanh ? GeluTanh(row[n]) : row[n];
+      }
+      return nullptr;
+    } catch (const Ort::Exception& e) {
+      return Ort::Status(e).release();
+    } catch (const std::exception& e) {
+      return Ort::Status(e.what(), ORT_RUNTIME_EXCEPTION).release();
+    }
+  }
+
+  Act act;
+};
+
+struct DenseCpuOp : Ort::CustomOpBase<DenseCpuOp, DenseCpuKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    try {
+      *kernel = new DenseCpuKernel(info);
+      return nullptr;
+    } catch (const Ort::Exception& e) {
+      return Ort::Status(e).release();
+    }
+  }
+  const char* GetName() const { return kOpName; }
+  size_t GetInputTypeCount() const { return 3; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+#ifdef CLIPTUNE_CUDA
+// --------------------------------------------------------------------------------------------- CUDA
+std::string LtError(const char* what, cublasStatus_t s) {
+  return std::string("FusedDense: ") + what + " failed with cuBLAS status " + std::to_string(static_cast<int>(s));
+}
+#define LT_CHECK(call)                                                   \
+  do {                                                                   \
+    cublasStatus_t s_ = (call);                                          \
+    if (s_ != CUBLAS_STATUS_SUCCESS) ORT_CXX_API_THROW(LtError(#call, s_), ORT_RUNTIME_EXCEPTION); \
+  } while (0)
+
+constexpr size_t kWorkspaceBytes = size_t(32) << 20;  // NVIDIA's suggestion for Hopper
+
+// One cuBLASLt handle for the process (it holds no stream and no workspace).
+struct LtHandleHolder {
+  cublasLtHandle_t handle = nullptr;
+  cublasStatus_t status = cublasLtCreate(&handle);
+};
+
+cublasLtHandle_t LtHandle() {
+  static LtHandleHolder holder;  // made once, thread-safe (a function-local static)
+  if (holder.status != CUBLAS_STATUS_SUCCESS) {
+    ORT_CXX_API_THROW(LtError("cublasLtCreate", holder.status), ORT_RUNTIME_EXCEPTION);
+  }
+  return holder.handle;
+}
+
+// One workspace per stream (kernels on one stream run one after another), made on first use. A stream
+// that is being captured into a CUDA graph gets none made (ONNX Runtime runs a graph's kernels once
+// before it captures them, so the workspace exists by then); if it still has none, the GEMM runs
+// without workspace.
+struct Workspace {
+  void* ptr = nullptr;
+  size_t bytes = 0;
+};
+
+Workspace WorkspaceFor(cudaStream_t stream) {
+  static std::mutex mu;
+  static std::map<cudaStream_t, Workspace> by_stream;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = by_stream.find(stream);
+  if (it != by_stream.end()) return it->second;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess || capture != cudaStreamCaptureStatusNone) {
+    return Workspace{};
+  }
+  Workspace ws;
+  if (cudaMalloc(&ws.ptr, kWorkspaceBytes) != cudaSuccess) {
+    cudaGetLastError();  // clear it: run without workspace
+    ws.ptr = nullptr;
+  } else {
+    ws.bytes = kWorkspaceBytes;
+  }
+  by_stream[stream] = ws;  // kept for the life of the process (a few per process)
+  return ws;
+}
+
+// The descriptors and chosen algorithm of one GEMM shape, made once. Row-major Y [M, N] is
+// column-major Y^T [N, M] = W^T [N, K] (W row-major, ld N) x X^T [K, M] (X row-major, ld K), so the
+// bias (length N) runs along the rows of cuBLASLt's D, as its epilogue expects.
+struct Plan {
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t w = nullptr, x = nullptr, y = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+  size_t max_workspace = 0;
+  ~Plan() {
+    if (y) cublasLtMatrixLayoutDestroy(y);
+    if (x) cublasLtMatrixLayoutDestroy(x);
+    if (w) cublasLtMatrixLayoutDestroy(w);
+    if (op) cublasLtMatmulDescDestroy(op);
+  }
+};
+
+struct DenseCudaKernel {
+  explicit DenseCudaKernel(const OrtKernelInfo* info) : act(ParseActivation(info)) {}
+
+  Plan& PlanFor(const Dims& d, size_t workspace) {
+    auto key = std::make_tuple(d.m, d.k, d.n, workspace);
+    auto it = plans.find(key);
+    if (it != plans.end()) return *it->second;
+    auto p = std::make_unique<Plan>();
+    LT_CHECK(cublasLtMatmulDescCreate(&p->op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    cublasOperation_t no = CUBLAS_OP_N;
+    LT_CHECK(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSA, &no, sizeof(no)));
+    LT_CHECK(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSB, &no, sizeof(no)));
+    cublasLtEpilogue_t epi = act == Act::kGeluTanh ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_BIAS;
+    LT_CHECK(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)));
+    LT_CHECK(cublasLtMatrixLayoutCreate(&p->w, CUDA_R_16F, d.n, d.k, d.n));
+    LT_CHECK(cublasLtMatrixLayoutCreate(&p->x, CUDA_R_16F, d.k, d.m, d.k));
+    LT_CHECK(cublasLtMatrixLayoutCreate(&p->y, CUDA_R_16F, d.n, d.m, d.n));
+    cublasLtMatmulPreference_t pref = nullptr;
+    LT_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace,
+                                         sizeof(workspace));
+    cublasLtMatmulHeuristicResult_t result{};
+    int found = 0;
+    cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(LtHandle(), p->op, p->w, p->x, p->y, p->y, pref, 1, &result,
+                                                      &found);
+    cublasLtMatmulPreferenceDestroy(pref);
+    if (s != CUBLAS_STATUS_SUCCESS || found == 0) {
+      ORT_CXX_API_THROW("FusedDense: cuBLASLt has no fp16 algorithm with this epilogue for M=" + std::to_string(d.m) +
+                            " K=" + std::to_string(d.k) + " N=" + std::to_string(d.n) + " (status " +
+                            std::to_string(static_cast<int>(s)) + ")",
+                        ORT_RUNTIME_EXCEPTION);
+    }
+    p->algo = result.algo;
+    p->max_workspace = workspace;
+    Plan& ref = *p;
+    plans.emplace(key, std::move(p));
+    return ref;
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    try {
+      Ort::KernelContext ctx(context);
+      auto x = ctx.GetInput(0), w = ctx.GetInput(1), b = ctx.GetInput(2);
+      Dims d = CheckDims(x, w, b);
+      auto y = ctx.GetOutput(0, d.y_shape);
+      if (d.m == 0 || d.n == 0) return nullptr;
+      auto stream = static_cast<cudaStream_t>(ctx.GetGPUComputeStream());
+      std::lock_guard<std::mutex> lock(mu);
+      Workspace ws = WorkspaceFor(stream);
+      Plan& p = PlanFor(d, ws.bytes);
+      const void* bias = b.GetTensorRawData();
+      LT_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
+      const float alpha = 1.0f, beta = 0.0f;
+      void* out = y.GetTensorMutableRawData();
+      LT_CHECK(cublasLtMatmul(LtHandle(), p.op, &alpha, w.GetTensorRawData(), p.w, x.GetTensorRawData(), p.x, &beta,
+                              out, p.y, out, p.y, &p.algo, ws.ptr, ws.bytes, stream));
+      return nullptr;
+    } catch (const Ort::Exception& e) {
+      return Ort::Status(e).release();
+    } catch (const std::exception& e) {
+      return Ort::Status(e.what(), ORT_RUNTIME_EXCEPTION).release();
+    }
+  }
+
+  Act act;
+  std::mutex mu;
+  std::map<std::tuple<int64_t, int64_t, int64_t, size_t>, std::unique_ptr<Plan>> plans;
+};
+
+struct DenseCudaOp : Ort::CustomOpBase<DenseCudaOp, DenseCudaKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    try {
+      *kernel = new DenseCudaKernel(info);
+      return nullptr;
+    } catch (const Ort::Exception& e) {
+      return Ort::Status(e).release();
+    }
+  }
+  const char* GetName() const { return kOpName; }
+  const char* GetExecutionProviderType() const { return "CUDAExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 3; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16; }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16; }
+};
+#endif  // CLIPTUNE_CUDA
+
+// The domains handed to sessions must outlive them: kept here until the library is unloaded.
+std::mutex g_domains_mu;
+std::vector<Ort::CustomOpDomain>& Domains() {
+  static std::vector<Ort::CustomOpDomain> domains;
+  return domains;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Which build this is: "cuda" or "cpu" (cliptune_ort/native.py checks it before registering).
+const char* cliptune_ops_variant() {
+#ifdef CLIPTUNE_CUDA
+  return "cuda";
+#else
+  return "cpu";
+#endif
+}
+
+OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+  if (api == nullptr) {  // a runtime older than these headers: answer through the first API version
+    return api_base->GetApi(1)->CreateStatus(
+        ORT_FAIL, "cliptune ops: this onnxruntime is older than the headers the library was built with; rebuild it");
+  }
+  Ort::InitApi(api);
+  try {
+#ifdef CLIPTUNE_CUDA
+    static const DenseCudaOp op;
+#else
+    static const DenseCpuOp op;
+#endif
+    Ort::CustomOpDomain domain{kDomain};
+    domain.Add(&op);
+    Ort::UnownedSessionOptions(options).Add(domain);
+    std::lock_guard<std::mutex> lock(g_domains_mu);
+    Domains().push_back(std::move(domain));
+    return nullptr;
+  } catch (const Ort::Exception& e) {
+    return Ort::Status(e).release();
+  }
+}
+
+}  // extern "C"

@@ -1,0 +1,252 @@
+"""cliptune's custom-op library (cliptune_ort/native) and the packed "cublaslt" feed-forward rewrite.
+
+The op's CUDA build runs on a GPU only (benchmarks/gpu.py checks its logits against PyTorch there). Here:
+- the CPU build of the same source runs in ONNX Runtime and gives the numpy FusedDense of
+  tests/test_packing.py, which the rewrite tests use: that ties the numpy op to the library's semantics
+  (tanh GELU, bias, any leading dimensions) and tests the library's ONNX Runtime glue;
+- the rewrite (export/packing.py, ffn="cublaslt") keeps the unpacked graph's logits through onnx.reference,
+  with random biases so that a lost bias shows;
+- a missing or unloadable library is a one-line error naming `cliptune build-ops`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from cliptune_ort.manifest import load_manifest
+
+from .conftest import contract_inputs, needs_export
+from .test_packing import (  # noqa: F401
+    _randomize,
+    _reference_ops,
+    _skip_ln_biases,
+    _with_weights,
+    packed_pair,
+)
+
+
+@pytest.fixture(scope="module")
+def cpu_ops(tmp_path_factory):
+    """The CPU build of the library (skips where ONNX Runtime's headers cannot be had: no download and no
+    CLIPTUNE_ORT_INCLUDE)."""
+    import shutil
+
+    from cliptune_ort import native
+
+    if shutil.which("g++") is None:
+        pytest.skip("no g++ on this machine")
+    try:
+        native.ort_include()
+    except native.NativeOpsError as e:
+        pytest.skip(f"ONNX Runtime headers unavailable: {e}")
+    return native.build("cpu", tmp_path_factory.mktemp("ops"))
+
+
+def _dense_model(k: int, n: int, w, b, activation: str, x_shape=None):
+    from onnx import TensorProto, helper, numpy_helper
+
+    node = helper.make_node("FusedDense", ["x", "w", "b"], ["y"], domain="ai.cliptune", activation=activation)
+    g = helper.make_graph([node], "dense", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                          x_shape or ["a", "b", k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.cliptune", 1)])
+
+
+def _session(model, lib):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(lib))
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def test_library_op_is_the_numpy_op(cpu_ops):
+    """ORT running the library's FusedDense = the numpy op the rewrite tests use, for both activations and
+    3-D inputs; the tanh GELU is told apart from BERT's erf GELU at this tolerance."""
+    dense = next(op for op in _reference_ops() if op.__name__ == "FusedDense")
+    rng = np.random.default_rng(0)
+    k, n = 24, 40
+    w = (rng.standard_normal((k, n)) * 0.4).astype(np.float32)
+    b = (rng.standard_normal(n) * 0.4).astype(np.float32)
+    x = rng.standard_normal((2, 7, k)).astype(np.float32)
+    for act in ("none", "gelu_tanh"):
+        got = _session(_dense_model(k, n, w, b, act), cpu_ops).run(None, {"x": x})[0]
+        want = dense._run(None, x, w, b, activation=act)[0]
+        assert got.shape == (2, 7, n)
+        np.testing.assert_allclose(got, want, atol=2e-5)
+    pre = x @ w + b
+    erf_gelu = 0.5 * pre * (1 + np.vectorize(math.erf)(pre / math.sqrt(2.0)))
+    assert float(np.abs(erf_gelu - got).max()) > 10 * 2e-5
+    assert float(np.abs(pre - got).max()) > 0.1  # the activation was applied
+
+
+def test_library_errors_are_one_line(cpu_ops):
+    rng = np.random.default_rng(1)
+    w, b = rng.standard_normal((8, 4)).astype(np.float32), rng.standard_normal(4).astype(np.float32)
+    with pytest.raises(Exception, match="activation must be 'none' or 'gelu_tanh', got 'relu'"):
+        _session(_dense_model(8, 4, w, b, "relu"), cpu_ops)
+    sess = _session(_dense_model(8, 4, w, b, "none", x_shape=["a", "k"]), cpu_ops)
+    with pytest.raises(Exception, match=r"expected X \[\.\.\., K\], W \[K, N\], B \[N\]; got X \[3, 9\], W \[8, 4\]"):
+        sess.run(None, {"x": np.zeros((3, 9), np.float32)})
+
+
+def test_make_session_registers_the_library(cpu_ops, monkeypatch, tmp_path):
+    """SessionSpec.ops_library: make_session registers the built library (found by CLIPTUNE_OPS_DIR); without
+    it the graph does not load; a missing build is one line naming `cliptune build-ops`."""
+    import shutil
+
+    from cliptune_ort import native
+    from cliptune_ort.errors import ModelDirError
+    from cliptune_ort.sessions import SessionSpec, make_session
+
+    rng = np.random.default_rng(2)
+    w, b = rng.standard_normal((8, 4)).astype(np.float32), rng.standard_normal(4).astype(np.float32)
+    path = tmp_path / "dense.onnx"
+    path.write_bytes(_dense_model(8, 4, w, b, "gelu_tanh").SerializeToString())
+    monkeypatch.setenv("CLIPTUNE_OPS_DIR", str(tmp_path / "ops"))
+    with pytest.raises(native.NativeOpsError, match="cliptune build-ops --variant cpu"):
+        make_session(path, SessionSpec(device="cpu", ops_library="cpu"))
+    with pytest.raises(native.NativeOpsError, match="cliptune build-ops --variant cuda"):
+        native.library_path("cuda")
+    (tmp_path / "ops").mkdir()
+    shutil.copy(cpu_ops, tmp_path / "ops" / native.lib_name("cpu"))
+    x = rng.standard_normal((1, 2, 8)).astype(np.float32)
+    got = make_session(path, SessionSpec(device="cpu", ops_library="cpu")).run(None, {"x": x})[0]
+    dense = next(op for op in _reference_ops() if op.__name__ == "FusedDense")
+    np.testing.assert_allclose(got, dense._run(None, x, w, b, activation="gelu_tanh")[0], atol=2e-5)
+    with pytest.raises(ModelDirError, match="cannot load"):
+        make_session(path, SessionSpec(device="cpu"))
+    monkeypatch.setenv("CLIPTUNE_OPS_LIB", str(tmp_path / "elsewhere.so"))  # an explicit file wins
+    with pytest.raises(native.NativeOpsError, match="elsewhere.so missing"):
+        native.library_path("cpu")
+
+
+@needs_export
+def test_cublaslt_ffn_matches_unpacked(packed_pair, tmp_path):  # noqa: F811
+    """ffn="cublaslt": every packed layer's MatMul -> BiasGelu and (flash kernel) the query projection's MatMul
+    -> Add become FusedDense nodes with the same weights and biases (random here: random-init biases are
+    zero); the logits are the unpacked graph's up to the tanh-vs-erf GELU, and shifting the fused biases
+    moves them."""
+    import collections
+    import copy
+
+    from cliptune_export.packing import PackingError, pack_export, pack_graph
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    from cliptune_ort.engine import packing_feeds
+
+    src = packed_pair[0]
+    man = load_manifest(src)
+    layers = man.data["model"]["layers"]
+    feeds = contract_inputs(man, pop=2, batch=4, extra=9, seed=7)
+    host = {**feeds, **packing_feeds(feeds["attention_mask"], 2)}
+    ops = _reference_ops()
+    m = _with_weights(man.graph_path(0))
+    gelus = [n for n in m.graph.node if n.op_type == "BiasGelu"]
+    atts = [n for n in m.graph.node if n.op_type == "Attention"]
+    _randomize(m, {n.input[1] for n in gelus} | {n.input[2] for n in atts} | _skip_ln_biases(m),
+               np.random.default_rng(3))
+    ref = ReferenceEvaluator(m, new_ops=ops).run(None, feeds)[0]
+    assert float(np.abs(ref).max()) > 0.05
+    for host_offsets, kernel, dense in ((True, "flash", 2), (False, "fused", 1)):
+        lt = copy.deepcopy(m)
+        assert pack_graph(lt, host_offsets=host_offsets, kernel=kernel, ffn="cublaslt") == layers - 1
+        count = collections.Counter(n.op_type for n in lt.graph.node)
+        assert count["FusedDense"] == dense * (layers - 1)
+        assert count["BiasGelu"] == 2  # the single-query last layer's and the LM head's stay ORT's
+        assert not any(n.name.endswith("_bias_q") for n in lt.graph.node)
+        assert any(o.domain == "ai.cliptune" for o in lt.opset_import)
+        got = ReferenceEvaluator(lt, new_ops=ops).run(None, host if host_offsets else feeds)[0]
+        np.testing.assert_allclose(got, ref, atol=1e-3)  # fp16 rounding and the tanh GELU
+    # the GELU projections' biases are read: shift them and the logits move
+    shifted, rng = copy.deepcopy(lt), np.random.default_rng(4)
+    inits = {t.name: t for t in shifted.graph.initializer}
+    fc1 = [n for n in shifted.graph.node if n.op_type == "FusedDense"]
+    assert len(fc1) == layers - 1 and all(n.attribute[0].s == b"gelu_tanh" for n in fc1)
+    for n in fc1:
+        v = numpy_helper.to_array(inits[n.input[2]])
+        inits[n.input[2]].CopyFrom(numpy_helper.from_array((v + rng.standard_normal(v.shape)).astype(v.dtype),
+                                                           n.input[2]))
+    wrong = ReferenceEvaluator(shifted, new_ops=ops).run(None, feeds)[0]
+    assert float(np.abs(wrong - ref).max()) > 10 * 1e-3
+    # the query projections' bias is the first third of the layer's QKV bias (its effect on a random-init
+    # model's logits is below fp16 rounding, so it is checked by value)
+    flash = _packed_flash(m)
+    inits = {t.name: numpy_helper.to_array(t) for t in flash.graph.initializer}
+    qkv_bias = {n.name: numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == n.input[2]))
+                for n in atts}
+    queries = [n for n in flash.graph.node if n.op_type == "FusedDense" and n.attribute[0].s == b"none"]
+    assert len(queries) == layers - 1
+    for n in queries:
+        b = qkv_bias[n.name.removesuffix("_dense_q")]
+        assert float(np.abs(b).max()) > 0.1 and np.array_equal(inits[n.input[2]], b[: len(b) // 3])
+    broken = copy.deepcopy(m)  # a layer whose first projection is not MatMul -> BiasGelu
+    gelu = next(n for n in broken.graph.node if n.op_type == "BiasGelu")
+    gelu.op_type, gelu.domain = "Add", ""
+    with pytest.raises(PackingError, match=f"found {layers - 2} MatMul -> BiasGelu feed-forward projections"):
+        pack_graph(broken, ffn="cublaslt")
+    pman = pack_export(src, tmp_path / "lt", host_offsets=True, ffn="cublaslt")
+    assert pman["packed_ffn"] == "cublaslt" and load_manifest(tmp_path / "lt").packed_ffn == "cublaslt"
+
+
+def _packed_flash(m):
+    import copy
+
+    from cliptune_export.packing import pack_graph
+
+    lt = copy.deepcopy(m)
+    pack_graph(lt, host_offsets=True, kernel="flash", ffn="cublaslt")
+    return lt
+
+
+@needs_export
+def test_cublaslt_export_option_and_runtime(tiny_roberta_src, tmp_path, monkeypatch):
+    """`cliptune export --packed host --packed-ffn cublaslt` records it; the option needs --packed; the engine
+    asks make_session for the cuda library (and refuses packed graphs on the CPU first, as for any packed export)."""
+    from cliptune_export import ExportOptions, export_model
+
+    from cliptune_ort.cli import main
+    from cliptune_ort.engine import Engine
+    from cliptune_ort.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--packed-ffn cublaslt needs --packed"):
+        export_model(str(tiny_roberta_src), tmp_path / "bad", ExportOptions(k=1, precision="fp16",
+                                                                            packed_ffn="cublaslt"))
+    with pytest.raises(ConfigError, match="--packed-ffn must be one of matmul, moe, cublaslt"):
+        export_model(str(tiny_roberta_src), tmp_path / "bad", ExportOptions(k=1, precision="fp16", packed="host",
+                                                                            packed_ffn="gemm"))
+    rc = main(["export", str(tiny_roberta_src), "--out", str(tmp_path / "lt"), "--k", "1", "--p", "0.2",
+               "--n-prompt", "10", "--precision", "fp16", "--packed", "host", "--packed-ffn", "cublaslt"])
+    assert rc == 0
+    man = load_manifest(tmp_path / "lt")
+    assert man.packed_ffn == "cublaslt" and man.host_packing
+    with pytest.raises(ConfigError, match="run on the CUDA provider only"):
+        Engine(man, [0], device="cpu")
+    seen = {}
+
+    def fake_make(path, spec, shared=None):
+        seen["ops_library"] = spec.ops_library
+        raise ConfigError("stop here")
+
+    import cliptune_ort.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "resolve_device", lambda d: "cuda")
+    monkeypatch.setattr(engine_mod, "make_session", fake_make)
+    with pytest.raises(ConfigError, match="stop here"):
+        Engine(man, [0], device="cuda")
+    assert seen["ops_library"] == "cuda"
+
+
+def test_build_ops_cli(cpu_ops, tmp_path, capsys):
+    """`cliptune build-ops --variant cpu --out DIR` builds the library there (atomically: no temp file left)."""
+    from cliptune_ort.cli import main
+
+    assert main(["build-ops", "--variant", "cpu", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "libcliptune_ops_cpu.so").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["libcliptune_ops_cpu.so"]
+    assert "built" in capsys.readouterr().out
