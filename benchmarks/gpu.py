@@ -20,7 +20,10 @@ One run on one machine (the lent H100/H200; see benchmarks/gpu_run.sh for the de
            biases, which ORT runs with FlashAttention's varlen kernel); with ``--moe`` also
            ``packed_host_flash_moe``: the last with every packed feed-forward block as one
            single-expert ``MoE`` node (slower on an H100: ORT 1.31.1 runs its GELU as a kernel of its
-           own, after CUTLASS grouped GEMMs).
+           own, after CUTLASS grouped GEMMs); ``packed_host_flash_lt``: packed_host_flash with
+           cliptune's FusedDense op (cuBLASLt bias + GELU epilogue, tanh GELU; the query bias too), which
+           needs the CUDA build of the custom-op library (``cliptune build-ops``; $CLIPTUNE_OPS_DIR).
+           ``--layouts`` picks the packed layouts, ``--padded-modes`` the padded fp16 graph's modes.
            Every cell: population 1 and 20 (20 candidates stacked in one call per length bucket) x
            {1 bucket (padded to the longest), 4 length buckets}, on the real SST-2 16-shot train
            set of seed 13 (32 examples); median/p90 of >= 15 calls after warm-up. One "call" scores
@@ -402,14 +405,17 @@ def make_engine(model_dir: Path, device: str, mode: str):
 #: export/packing.py)
 PACKED_LAYOUTS = {"packed": (False, "fused", "matmul"), "packed_host": (True, "fused", "matmul"),
                   "packed_flash": (False, "flash", "matmul"), "packed_host_flash": (True, "flash", "matmul"),
-                  "packed_host_flash_moe": (True, "flash", "moe")}
+                  "packed_host_flash_moe": (True, "flash", "moe"),
+                  "packed_host_flash_lt": (True, "flash", "cublaslt")}
 #: tune variants: name -> (packed layout or None for the padded export, CUDA graphs)
 TUNE_VARIANTS = {"padded": (None, False), "padded_cg": (None, True), "packed": ("packed", False),
                  "packed_host": ("packed_host", False), "packed_host_cg": ("packed_host", True),
                  "packed_flash": ("packed_flash", False), "packed_host_flash": ("packed_host_flash", False),
                  "packed_host_flash_cg": ("packed_host_flash", True),
                  "packed_host_flash_moe": ("packed_host_flash_moe", False),
-                 "packed_host_flash_moe_cg": ("packed_host_flash_moe", True)}
+                 "packed_host_flash_moe_cg": ("packed_host_flash_moe", True),
+                 "packed_host_flash_lt": ("packed_host_flash_lt", False),
+                 "packed_host_flash_lt_cg": ("packed_host_flash_lt", True)}
 
 
 def profile_placement(model_dir: Path, device: str, enc, verb, work: Path, n_buckets: int = 4,
@@ -487,6 +493,8 @@ def profile_placement(model_dir: Path, device: str, enc, verb, work: Path, n_buc
                         "share_by_op": {k: round(v / total, 4) for k, v in op_us.most_common()} if total else {}}}
 
 
+#: names of GEMM kernels (cuBLAS, cuBLASLt, CUTLASS)
+GEMM_KEYS = ("gemm", "gemv", "xmma", "nvjet", "cutlass", "cublas", "sm90", "sm80", "matmul")
 KERNEL_CLASSES = (("qkv_bias_transpose", ("addbiastranspose",)),  # before gemm: its name holds "Cutlass"
                   # the MoE feed-forward block (packed_ffn "moe"): its grouped GEMMs (ORT 1.31.1 on an H100: CUTLASS
                   # GemmUniversal<GroupProblemShape>), its activation (a kernel of its own there, not an epilogue),
@@ -498,13 +506,15 @@ KERNEL_CLASSES = (("qkv_bias_transpose", ("addbiastranspose",)),  # before gemm:
                   ("packing", ("padding", "tokenoffset", "token_offset")),
                   ("layer_norm", ("layernorm", "layer_norm", "skipln")),
                   ("gelu", ("gelu",)),
-                  ("gemm", ("gemm", "gemv", "xmma", "nvjet", "cutlass", "cublas", "sm90", "sm80", "matmul")),
+                  ("gemm", GEMM_KEYS),
                   ("copy", ("memcpy", "copy")))
 
 
 def kernel_class(name: str) -> str:
     """The class of a kernel (or CPU op) name: the first of :data:`KERNEL_CLASSES` with a key in it."""
     low = name.lower()
+    if "gelu" in low and any(k in low for k in GEMM_KEYS):  # a GEMM with the GELU in its epilogue (FusedDense)
+        return "gemm_gelu_epilogue"
     return next((c for c, keys in KERNEL_CLASSES if any(k in low for k in keys)), "other")
 
 
@@ -695,6 +705,12 @@ def parse_args(argv=None):
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny random RoBERTa, CPU provider, 2 timed calls")
     ap.add_argument("--skip", default="",
                     help="comma list: export,torch,ort,fp32,packed,flash,moe,kernels,profile,cma,bbt,clip")
+    ap.add_argument("--layouts", default="",
+                    help="comma list of packed layouts to copy and time (default: all but the moe one; "
+                         f"{', '.join(PACKED_LAYOUTS)})")
+    ap.add_argument("--padded-modes", default="run,iobinding,cuda_graph",
+                    help="modes timed on the padded fp16 graph (iobinding is needed for the packed layouts' "
+                         "parity check)")
     ap.add_argument("--moe", action="store_true",
                     help="also time the packed_host_flash_moe layout (78.6 ms against 62.3 ms for packed_host_flash_cg "
                          "at pop 20 on an H100, run 5)")
@@ -717,6 +733,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cpu = args.cpu_dry_run
     skip = {s.strip() for s in args.skip.split(",") if s.strip()} | (set() if args.moe else {"moe"})
+    layouts = {s.strip() for s in args.layouts.split(",") if s.strip()}
+    if layouts - set(PACKED_LAYOUTS):
+        raise SystemExit(f"--layouts: unknown {sorted(layouts - set(PACKED_LAYOUTS))}; known: {', '.join(PACKED_LAYOUTS)}")
+    padded_modes = {s.strip() for s in args.padded_modes.split(",") if s.strip()}
     iters = args.iters or (2 if cpu else 5 if args.quick else 15)
     warmup = 1 if cpu else 3
     budget = args.budget or (100 if cpu else 1000 if args.quick else 8000)
@@ -757,7 +777,10 @@ def main(argv=None) -> int:
                                       "without biases: FlashAttention varlen; export --packed-kernel flash); "
                                       "*_moe = the same with each packed layer's feed-forward block as one "
                                       "single-expert com.microsoft.MoE node (tanh GELU; ORT 1.31.1 runs CUTLASS grouped "
-                                      "GEMMs and a separate activation kernel; pack_export(ffn='moe'); --moe)",
+                                      "GEMMs and a separate activation kernel; pack_export(ffn='moe'); --moe); "
+                                      "*_lt = the same with cliptune's FusedDense op for the feed-forward bias + "
+                                      "GELU and the query bias (cuBLASLt epilogues, tanh GELU; export --packed-ffn "
+                                      "cublaslt; the CUDA build of the custom-op library)",
                          "torch": "ContractModel(hf_layers=True): the HF layers' own attention (eager or SDPA), "
                                   "the same gather-at-mask head and last layer at the mask as the export; "
                                   "torch.backends.cuda.matmul.allow_tf32 left at its default (see versions)",
@@ -886,6 +909,8 @@ def main(argv=None) -> int:
             break
         if (kernel == "flash" and "flash" in skip) or (ffn == "moe" and "moe" in skip):
             continue
+        if layouts and name not in layouts:
+            continue
         try:
             from cliptune_export.packing import pack_export
 
@@ -928,7 +953,8 @@ def main(argv=None) -> int:
         std = man.embedding_std
         if parity_prompts is None:
             parity_prompts = prompts_for(20, man.hidden, std)
-        modes = ["run", "iobinding"] + (["cuda_graph"] if device == "cuda" else [])
+        modes = [m for m in ("run", "iobinding", "cuda_graph") if m in padded_modes
+                 and (m != "cuda_graph" or device == "cuda")]
         if precision == "fp32":
             modes = ["iobinding"]
         if man.packed:
@@ -977,7 +1003,9 @@ def main(argv=None) -> int:
                                       ("ort_fp16_packed_host_flash_cg", packed_dirs["packed_host_flash"],
                                        "packed_host_flash_cg", 1),
                                       ("ort_fp16_packed_host_flash_moe_cg", packed_dirs["packed_host_flash_moe"],
-                                       "packed_host_flash_moe_cg", 1)):
+                                       "packed_host_flash_moe_cg", 1),
+                                      ("ort_fp16_packed_host_flash_lt_cg", packed_dirs["packed_host_flash_lt"],
+                                       "packed_host_flash_lt_cg", 1)):
             if "ort" in skip or not (mdir / "manifest.json").is_file():
                 continue
             man = load_manifest(mdir)

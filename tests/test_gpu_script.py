@@ -73,6 +73,10 @@ def test_gpu_script_cpu_dry_run(tmp_path):
     ("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64", "gemm"),
     ("void onnxruntime::contrib::cuda::SkipLayerNormKernelSmall<__half, 256>(...)", "layer_norm"),
     ("void onnxruntime::contrib::cuda::biasGeluKernel<__half, 4>(...)", "gelu"),
+    # cuBLASLt GEMMs with the bias + GELU epilogue (cliptune's FusedDense) count as GEMMs, not as a GELU pass
+    ("nvjet_hsh_256x128_64x4_2x1_v_bz_bias_gelu_TNT", "gemm_gelu_epilogue"),
+    ("sm90_xmma_gemm_f16f16_f16f32_f32_nn_n_tilesize128x256x64_gelu_bias_execute_kernel__5x_cublas",
+     "gemm_gelu_epilogue"),
     ("void onnxruntime::cuda::_BinaryElementWise<__half, ...>(...)", "other"),
 ])
 def test_kernel_classes(name, cls):

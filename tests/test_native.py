@@ -250,3 +250,27 @@ def test_build_ops_cli(cpu_ops, tmp_path, capsys):
     assert (tmp_path / "libcliptune_ops_cpu.so").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["libcliptune_ops_cpu.so"]
     assert "built" in capsys.readouterr().out
+
+
+def test_fused_dense_benchmark_dry_run(cpu_ops, tmp_path):
+    """benchmarks/fused_dense.py on the CPU build: every case runs on the CPU provider, the fused outputs
+    equal the float64 reference and ORT's own ops up to the tanh-vs-erf GELU."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "CLIPTUNE_OPS_DIR": str(Path(cpu_ops).parent)}
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "fused_dense.py"), "--cpu-dry-run", "--out",
+                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads((tmp_path / "fused_dense_cpu-dry-run.json").read_text())
+    assert data["errors"] == [] and set(data["cases"]) == {"ffn_up_ort_gelu", "ffn_up_lt_gelu", "query_ort_bias",
+                                                           "query_lt_bias"}
+    assert {c["provider"] for c in data["cases"].values()} == {"CPUExecutionProvider"}
+    par = data["parity"]
+    assert par["ffn_up_lt_gelu"]["max_abs_vs_float64_first_rows"] < 1e-4
+    assert par["query_lt_bias"]["max_abs_vs_float64_first_rows"] < 1e-4
+    assert 1e-4 < par["ffn_up_lt_vs_ort_max_abs"] < 2e-3  # tanh vs erf GELU: seen, and small
