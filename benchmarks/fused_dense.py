@@ -48,8 +48,10 @@ def graph(kind: str, k: int, n: int, w, b, fp16: bool):
     g = helper.make_graph(nodes, kind, [helper.make_tensor_value_info("x", et, ["tokens", k])],
                           [helper.make_tensor_value_info("y", et, ["tokens", n])],
                           [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
-                                               helper.make_opsetid("ai.cliptune", 1)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
+                                            helper.make_opsetid("ai.cliptune", 1)])
+    m.ir_version = 9  # newer onnx writes IR versions older runtimes refuse
+    return m
 
 
 def session(model, device: str, cuda_graph: bool):
