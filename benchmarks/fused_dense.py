@@ -12,7 +12,10 @@ against a float64 numpy reference on a slice of rows.
     python benchmarks/cuda_run.py benchmarks/fused_dense.py --out DIR     (GPU; CLIPTUNE_OPS_DIR set)
     python benchmarks/fused_dense.py --cpu-dry-run --out DIR               (CPU build, float32, small)
 
-Writes ``DIR/fused_dense_<device>.json`` (p50/p90/p99 per case, the providers that ran, parity).
+Writes ``DIR/fused_dense_<device>[_<tag>].json`` (p50/p90/p99 per case, the providers that ran, parity).
+Cases: the feed-forward up-projection (bias + GELU), the query projection (bias) and the feed-forward
+down-projection (no bias), each as ORT's ops, as FusedDense, and as FusedDense timing up to 16 of cuBLASLt's
+candidate algorithms on its first call ("tuned"; $CLIPTUNE_FUSED_DENSE_ALGOS).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 def graph(kind: str, k: int, n: int, w, b, fp16: bool):
     """kind: ort_gelu (MatMul -> BiasGelu), lt_gelu (FusedDense gelu_tanh), ort_bias (MatMul -> Add),
-    lt_bias (FusedDense none)."""
+    lt_bias (FusedDense none), ort_plain (MatMul alone; ``b`` unused), lt_plain (FusedDense none: pass zeros)."""
     from onnx import TensorProto, helper, numpy_helper
 
     et = TensorProto.FLOAT16 if fp16 else TensorProto.FLOAT
@@ -42,12 +45,14 @@ def graph(kind: str, k: int, n: int, w, b, fp16: bool):
                  helper.make_node("BiasGelu", ["h", "b"], ["y"], domain="com.microsoft")]
     elif kind == "ort_bias":
         nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])]
+    elif kind == "ort_plain":
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
     else:
         nodes = [helper.make_node("FusedDense", ["x", "w", "b"], ["y"], domain="ai.cliptune",
                                   activation="gelu_tanh" if kind == "lt_gelu" else "none")]
     g = helper.make_graph(nodes, kind, [helper.make_tensor_value_info("x", et, ["tokens", k])],
                           [helper.make_tensor_value_info("y", et, ["tokens", n])],
-                          [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+                          [numpy_helper.from_array(w, "w")] + ([numpy_helper.from_array(b, "b")] if kind != "ort_plain" else []))
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
                                             helper.make_opsetid("ai.cliptune", 1)])
     m.ir_version = 9  # newer onnx writes IR versions older runtimes refuse
@@ -110,6 +115,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu-dry-run", action="store_true", help="CPU build of the op, float32, small sizes")
     ap.add_argument("--tokens", type=int, default=0, help="rows of X (default 45,400; dry run 300)")
     ap.add_argument("--iters", type=int, default=0, help="timed runs per case (default 50; dry run 3)")
+    ap.add_argument("--tag", default="", help="suffix of the result file (fused_dense_<device>_<tag>.json)")
     a = ap.parse_args(argv)
     import onnxruntime as ort
 
@@ -132,42 +138,57 @@ def main(argv=None) -> int:
     out = {"device": name, "onnxruntime": ort.__version__, "tokens": tokens, "hidden": hidden, "ffn": ffn,
            "dtype": np.dtype(dtype).name, "iters": iters, "warmup": warmup, "cases": {}, "parity": {}, "errors": []}
     ref_rows = 256
-    for proj, n, gelu in (("ffn_up", ffn, True), ("query", hidden, False)):
-        w = (rng.standard_normal((hidden, n)) / math.sqrt(hidden)).astype(dtype)
-        b = (rng.standard_normal(n) * 0.5).astype(dtype)
+    # the projections of a packed layer: feed-forward up (bias + GELU), query (bias), feed-forward down
+    # (no bias: SkipLayerNormalization adds it; FusedDense gets zeros); "lt_tuned" times up to 16 of
+    # cuBLASLt's candidate algorithms on the first call ($CLIPTUNE_FUSED_DENSE_ALGOS) instead of taking the first
+    for proj, k, n, kind in (("ffn_up", hidden, ffn, "gelu"), ("query", hidden, hidden, "bias"),
+                             ("ffn_down", ffn, hidden, "plain")):
+        w = (rng.standard_normal((k, n)) / math.sqrt(k)).astype(dtype)
+        b = (rng.standard_normal(n) * 0.5).astype(dtype) if kind != "plain" else np.zeros(n, dtype)
+        xk = x if k == hidden else rng.standard_normal((tokens, k)).astype(dtype)
         ys = {}
-        for kind in (("ort_gelu", "lt_gelu") if gelu else ("ort_bias", "lt_bias")):
-            for cg in ((False, True) if not cpu else (False,)):
-                label = f"{proj}_{kind}" + ("_cg" if cg else "")
-                try:
-                    sess = session(graph(kind, hidden, n, w, b, not cpu), device, cg)
-                    stats, y = time_case(sess, x, n, device, iters, warmup)
-                    out["cases"][label] = {**stats, "provider": sess.get_providers()[0]}
-                    ys[label] = y
-                    print(f"[fused_dense] {label}: p50 {stats['p50_ms']} ms", flush=True)
-                except Exception as e:  # noqa: BLE001 - recorded, the other cases go on
-                    out["errors"].append({"case": label, "error": f"{type(e).__name__}: {str(e)[:500]}"})
-                    print(f"[fused_dense] {label}: ERROR {e}", flush=True)
-        want = reference(x[:ref_rows], w, b, gelu)
+        for engine, cg, algos in (("ort", False, 1), ("ort", True, 1), ("lt", False, 1), ("lt", True, 1),
+                                  ("lt", True, 16)):
+            if cg and cpu:
+                continue
+            label = f"{proj}_{engine}_{kind}" + ("_tuned" if algos > 1 else "") + ("_cg" if cg else "")
+            os.environ["CLIPTUNE_FUSED_DENSE_ALGOS"] = str(algos)
+            try:
+                sess = session(graph(f"{engine}_{kind}", k, n, w, b, not cpu), device, cg)
+                stats, y = time_case(sess, xk, n, device, iters, warmup)
+                out["cases"][label] = {**stats, "provider": sess.get_providers()[0]}
+                ys[label] = y
+                print(f"[fused_dense] {label}: p50 {stats['p50_ms']} ms", flush=True)
+            except Exception as e:  # noqa: BLE001 - recorded, the other cases go on
+                out["errors"].append({"case": label, "error": f"{type(e).__name__}: {str(e)[:500]}"})
+                print(f"[fused_dense] {label}: ERROR {e}", flush=True)
+            finally:
+                os.environ.pop("CLIPTUNE_FUSED_DENSE_ALGOS", None)
+        want = reference(xk[:ref_rows], w, b, kind == "gelu")
         for label, y in ys.items():
             out["parity"][label] = {"max_abs_vs_float64_first_rows": round(float(np.abs(y[:ref_rows] - want).max()), 5),
                                     "rows": ref_rows}
-        ort_key, lt_key = (f"{proj}_ort_gelu", f"{proj}_lt_gelu") if gelu else (f"{proj}_ort_bias", f"{proj}_lt_bias")
+        ort_key, lt_key = f"{proj}_ort_{kind}", f"{proj}_lt_{kind}"
         if ort_key in ys and lt_key in ys:
             out["parity"][f"{proj}_lt_vs_ort_max_abs"] = round(float(np.abs(ys[lt_key].astype(np.float32)
                                                                               - ys[ort_key].astype(np.float32)).max()), 5)
             if f"{lt_key}_cg" in ys:  # the captured graph replays the same computation
                 out["parity"][f"{proj}_lt_cg_equals_lt"] = bool(np.array_equal(ys[f"{lt_key}_cg"], ys[lt_key]))
-        o, f = out["cases"].get(ort_key), out["cases"].get(lt_key)
+        best = "_cg" if not cpu else ""
+        o, f, t = (out["cases"].get(ort_key + best), out["cases"].get(lt_key + best),
+                   out["cases"].get(f"{lt_key}_tuned{best}"))
         if o and f:
             out[f"{proj}_saved_ms_p50"] = round(o["p50_ms"] - f["p50_ms"], 3)
+        if o and t:
+            out[f"{proj}_tuned_saved_ms_p50"] = round(o["p50_ms"] - t["p50_ms"], 3)
     os.makedirs(a.out, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-    path = Path(a.out) / f"fused_dense_{slug}.json"
+    path = Path(a.out) / (f"fused_dense_{slug}" + (f"_{a.tag}" if a.tag else "") + ".json")
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(out, indent=1))
     os.replace(tmp, path)
-    print(f"[fused_dense] wrote {path}: {json.dumps({k: v for k, v in out.items() if k.endswith('_ms_p50')})}")
+    print(f"[fused_dense] wrote {path}: {json.dumps({k: v for k, v in out.items() if k.endswith('_ms_p50')})}",
+          flush=True)
     return 1 if out["errors"] else 0
 
 

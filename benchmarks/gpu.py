@@ -757,6 +757,8 @@ def main(argv=None) -> int:
     res = Results(Path(args.out), slugify(dev["name"]) + (f"_{slugify(args.tag)}" if args.tag else ""))
     res.data.update({"device": dev, "versions": versions(), "device_kind": device,
                      "args": vars(args), "iters": iters, "warmup": warmup, "budget": budget,
+                     # FusedDense's algorithm choice (cliptune_ort/native/fused_dense.cc): 1 = cuBLASLt's first
+                     "fused_dense_algos": int(os.environ.get("CLIPTUNE_FUSED_DENSE_ALGOS") or 1),
                      "model": "random-weight RoBERTa, " + ", ".join(f"{k}={v}" for k, v in (TINY if cpu else LARGE).items())
                      + ", vocab 30522 (splade-tiny's WordPiece tokenizer), L=50",
                      "definitions": {

@@ -268,9 +268,10 @@ def test_fused_dense_benchmark_dry_run(cpu_ops, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads((tmp_path / "fused_dense_cpu-dry-run.json").read_text())
     assert data["errors"] == [] and set(data["cases"]) == {"ffn_up_ort_gelu", "ffn_up_lt_gelu", "query_ort_bias",
-                                                           "query_lt_bias"}
+                                                           "query_lt_bias", "ffn_down_ort_plain", "ffn_down_lt_plain"}
     assert {c["provider"] for c in data["cases"].values()} == {"CPUExecutionProvider"}
     par = data["parity"]
     assert par["ffn_up_lt_gelu"]["max_abs_vs_float64_first_rows"] < 1e-4
     assert par["query_lt_bias"]["max_abs_vs_float64_first_rows"] < 1e-4
+    assert par["ffn_down_lt_plain"]["max_abs_vs_float64_first_rows"] < 1e-4 and par["ffn_down_lt_vs_ort_max_abs"] < 1e-4
     assert 1e-4 < par["ffn_up_lt_vs_ort_max_abs"] < 2e-3  # tanh vs erf GELU: seen, and small

@@ -26,6 +26,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -166,6 +168,21 @@ cublasLtHandle_t LtHandle() {
   return holder.handle;
 }
 
+// How many of cuBLASLt's heuristic candidates a new GEMM shape times before it picks one:
+// $CLIPTUNE_FUSED_DENSE_ALGOS (default 1 = the heuristic's first, no timing; at most 32). Timing runs
+// the candidates on the call's own inputs (3 runs each, CUDA events), on the first call of a shape only,
+// never while the stream is being captured. $CLIPTUNE_FUSED_DENSE_VERBOSE=1 prints each choice to stderr.
+int AlgoCandidates() {
+  const char* v = std::getenv("CLIPTUNE_FUSED_DENSE_ALGOS");
+  int n = v ? std::atoi(v) : 1;
+  return n < 1 ? 1 : (n > 32 ? 32 : n);
+}
+
+bool Capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  return cudaStreamIsCapturing(stream, &capture) != cudaSuccess || capture != cudaStreamCaptureStatusNone;
+}
+
 // One workspace per stream (kernels on one stream run one after another), made on first use. A stream
 // that is being captured into a CUDA graph gets none made (ONNX Runtime runs a graph's kernels once
 // before it captures them, so the workspace exists by then); if it still has none, the GEMM runs
@@ -181,10 +198,7 @@ Workspace WorkspaceFor(cudaStream_t stream) {
   std::lock_guard<std::mutex> lock(mu);
   auto it = by_stream.find(stream);
   if (it != by_stream.end()) return it->second;
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess || capture != cudaStreamCaptureStatusNone) {
-    return Workspace{};
-  }
+  if (Capturing(stream)) return Workspace{};
   Workspace ws;
   if (cudaMalloc(&ws.ptr, kWorkspaceBytes) != cudaSuccess) {
     cudaGetLastError();  // clear it: run without workspace
@@ -215,7 +229,18 @@ struct Plan {
 struct DenseCudaKernel {
   explicit DenseCudaKernel(const OrtKernelInfo* info) : act(ParseActivation(info)) {}
 
-  Plan& PlanFor(const Dims& d, size_t workspace) {
+  // The GEMM's operands, for timing candidate algorithms on the first call of a shape.
+  struct Operands {
+    const void* x;
+    const void* w;
+    const void* bias;
+    void* y;
+    Workspace ws;
+    cudaStream_t stream;
+  };
+
+  Plan& PlanFor(const Dims& d, const Operands& io) {
+    const size_t workspace = io.ws.bytes;
     auto key = std::make_tuple(d.m, d.k, d.n, workspace);
     auto it = plans.find(key);
     if (it != plans.end()) return *it->second;
@@ -233,10 +258,11 @@ struct DenseCudaKernel {
     LT_CHECK(cublasLtMatmulPreferenceCreate(&pref));
     cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace,
                                          sizeof(workspace));
-    cublasLtMatmulHeuristicResult_t result{};
+    const int want = AlgoCandidates();
+    std::vector<cublasLtMatmulHeuristicResult_t> results(static_cast<size_t>(want));
     int found = 0;
-    cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(LtHandle(), p->op, p->w, p->x, p->y, p->y, pref, 1, &result,
-                                                      &found);
+    cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(LtHandle(), p->op, p->w, p->x, p->y, p->y, pref, want,
+                                                      results.data(), &found);
     cublasLtMatmulPreferenceDestroy(pref);
     if (s != CUBLAS_STATUS_SUCCESS || found == 0) {
       ORT_CXX_API_THROW("FusedDense: cuBLASLt has no fp16 algorithm with this epilogue for M=" + std::to_string(d.m) +
@@ -244,11 +270,63 @@ struct DenseCudaKernel {
                             std::to_string(static_cast<int>(s)) + ")",
                         ORT_RUNTIME_EXCEPTION);
     }
-    p->algo = result.algo;
+    int best = 0;
+    if (found > 1 && !Capturing(io.stream)) best = FastestAlgo(*p, d, io, results, found);
+    p->algo = results[static_cast<size_t>(best)].algo;
     p->max_workspace = workspace;
     Plan& ref = *p;
     plans.emplace(key, std::move(p));
     return ref;
+  }
+
+  // The candidate with the least time over 3 runs (after one untimed run); 0 when none can be timed.
+  int FastestAlgo(Plan& p, const Dims& d, const Operands& io, const std::vector<cublasLtMatmulHeuristicResult_t>& rs,
+                  int found) {
+    const float alpha = 1.0f, beta = 0.0f;
+    if (cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &io.bias, sizeof(io.bias)) !=
+        CUBLAS_STATUS_SUCCESS) {
+      return 0;
+    }
+    cudaEvent_t start = nullptr, stop = nullptr;
+    if (cudaEventCreate(&start) != cudaSuccess || cudaEventCreate(&stop) != cudaSuccess) {
+      cudaGetLastError();
+      return 0;
+    }
+    int best = 0;
+    float best_ms = -1.0f;
+    std::string report;
+    for (int i = 0; i < found; ++i) {
+      const auto& r = rs[static_cast<size_t>(i)];
+      if (r.workspaceSize > io.ws.bytes) continue;
+      auto run = [&] {
+        return cublasLtMatmul(LtHandle(), p.op, &alpha, io.w, p.w, io.x, p.x, &beta, io.y, p.y, io.y, p.y, &r.algo,
+                              io.ws.ptr, io.ws.bytes, io.stream);
+      };
+      if (run() != CUBLAS_STATUS_SUCCESS) continue;
+      cudaEventRecord(start, io.stream);
+      bool ok = true;
+      for (int k = 0; k < 3 && ok; ++k) ok = run() == CUBLAS_STATUS_SUCCESS;
+      cudaEventRecord(stop, io.stream);
+      float ms = 0.0f;
+      if (!ok || cudaEventSynchronize(stop) != cudaSuccess || cudaEventElapsedTime(&ms, start, stop) != cudaSuccess) {
+        cudaGetLastError();
+        continue;
+      }
+      report += " " + std::to_string(i) + ":" + std::to_string(ms / 3.0f);
+      if (best_ms < 0.0f || ms < best_ms) {
+        best_ms = ms;
+        best = i;
+      }
+    }
+    cudaEventDestroy(start);
+    cudaEventDestroy(stop);
+    const char* verbose = std::getenv("CLIPTUNE_FUSED_DENSE_VERBOSE");
+    if (verbose && verbose[0] == '1') {
+      std::fprintf(stderr, "[FusedDense] M=%lld K=%lld N=%lld: algorithm %d of %d (ms per run:%s)\n",
+                   static_cast<long long>(d.m), static_cast<long long>(d.k), static_cast<long long>(d.n), best, found,
+                   report.c_str());
+    }
+    return best;
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
@@ -260,14 +338,14 @@ struct DenseCudaKernel {
       if (d.m == 0 || d.n == 0) return nullptr;
       auto stream = static_cast<cudaStream_t>(ctx.GetGPUComputeStream());
       std::lock_guard<std::mutex> lock(mu);
-      Workspace ws = WorkspaceFor(stream);
-      Plan& p = PlanFor(d, ws.bytes);
       const void* bias = b.GetTensorRawData();
+      void* out = y.GetTensorMutableRawData();
+      Operands io{x.GetTensorRawData(), w.GetTensorRawData(), bias, out, WorkspaceFor(stream), stream};
+      Plan& p = PlanFor(d, io);
       LT_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
       const float alpha = 1.0f, beta = 0.0f;
-      void* out = y.GetTensorMutableRawData();
-      LT_CHECK(cublasLtMatmul(LtHandle(), p.op, &alpha, w.GetTensorRawData(), p.w, x.GetTensorRawData(), p.x, &beta,
-                              out, p.y, out, p.y, &p.algo, ws.ptr, ws.bytes, stream));
+      LT_CHECK(cublasLtMatmul(LtHandle(), p.op, &alpha, io.w, p.w, io.x, p.x, &beta, out, p.y, out, p.y, &p.algo,
+                              io.ws.ptr, io.ws.bytes, stream));
       return nullptr;
     } catch (const Ort::Exception& e) {
       return Ort::Status(e).release();
