@@ -18,8 +18,9 @@ import pytest
 
 from cliptune_ort.manifest import load_manifest
 
-from .conftest import contract_inputs, needs_export
+from .conftest import needs_export
 from .test_packing import (  # noqa: F401
+    _ffn_case,
     _randomize,
     _reference_ops,
     _skip_ln_biases,
@@ -138,15 +139,8 @@ def test_cublaslt_ffn_matches_unpacked(packed_pair, tmp_path):  # noqa: F811
     from onnx import numpy_helper
     from onnx.reference import ReferenceEvaluator
 
-    from cliptune_ort.engine import packing_feeds
-
     src = packed_pair[0]
-    man = load_manifest(src)
-    layers = man.data["model"]["layers"]
-    feeds = contract_inputs(man, pop=2, batch=4, extra=9, seed=7)
-    host = {**feeds, **packing_feeds(feeds["attention_mask"], 2)}
-    ops = _reference_ops()
-    m = _with_weights(man.graph_path(0))
+    _, layers, feeds, host, ops, m = _ffn_case(src, seed=7)
     gelus = [n for n in m.graph.node if n.op_type == "BiasGelu"]
     atts = [n for n in m.graph.node if n.op_type == "Attention"]
     _randomize(m, {n.input[1] for n in gelus} | {n.input[2] for n in atts} | _skip_ln_biases(m),

@@ -182,6 +182,17 @@ def _randomize(m, names: set, rng) -> None:
             t.CopyFrom(numpy_helper.from_array((rng.standard_normal(v.shape) * 0.5).astype(v.dtype), t.name))
 
 
+def _ffn_case(src, seed: int):
+    """(manifest, layers, contract feeds, the same + host packing feeds, numpy ops, graph 0 with weights) of the
+    fp16 export ``src``: the set-up of the feed-forward rewrite tests."""
+    from cliptune_ort.engine import packing_feeds
+
+    man = load_manifest(src)
+    feeds = contract_inputs(man, pop=2, batch=4, extra=9, seed=seed)
+    host = {**feeds, **packing_feeds(feeds["attention_mask"], 2)}
+    return man, man.data["model"]["layers"], feeds, host, _reference_ops(), _with_weights(man.graph_path(0))
+
+
 @pytest.fixture(scope="module")
 def packed_pair(tmp_path_factory, tiny_roberta_src):
     """(fp16 export with K=1, its packed copy, its packed_host copy); the flash-kernel copies are beside
@@ -371,15 +382,8 @@ def test_moe_ffn_matches_unpacked(packed_pair, tmp_path):
     from cliptune_export.packing import PackingError, pack_export, pack_graph
     from onnx.reference import ReferenceEvaluator
 
-    from cliptune_ort.engine import packing_feeds
-
     src = packed_pair[0]
-    man = load_manifest(src)
-    layers = man.data["model"]["layers"]
-    feeds = contract_inputs(man, pop=2, batch=4, extra=9, seed=6)
-    host = {**feeds, **packing_feeds(feeds["attention_mask"], 2)}
-    ops = _reference_ops()
-    m = _with_weights(man.graph_path(0))
+    man, layers, feeds, host, ops, m = _ffn_case(src, seed=6)
     rng = np.random.default_rng(1)
     gelus = [n for n in m.graph.node if n.op_type == "BiasGelu"]
     biases = {n.input[1] for n in gelus} | _skip_ln_biases(m)

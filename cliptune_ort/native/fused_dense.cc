@@ -85,6 +85,49 @@ Dims CheckDims(const Ort::ConstValue& x, const Ort::ConstValue& w, const Ort::Co
   return d;
 }
 
+// Runs ``f``; an exception becomes the OrtStatus ONNX Runtime reports (nothing may cross the C API).
+template <typename F>
+OrtStatusPtr AsStatus(F&& f) {
+  try {
+    f();
+    return nullptr;
+  } catch (const Ort::Exception& e) {
+    return Ort::Status(e).release();
+  } catch (const std::exception& e) {
+    return Ort::Status(e.what(), ORT_RUNTIME_EXCEPTION).release();
+  }
+}
+
+// One call: inputs checked, the output allocated, then ``f(ctx, x, w, b, y, d)``; errors as an OrtStatus.
+template <typename F>
+OrtStatusPtr RunDense(OrtKernelContext* context, F&& f) {
+  return AsStatus([&] {
+    Ort::KernelContext ctx(context);
+    auto x = ctx.GetInput(0), w = ctx.GetInput(1), b = ctx.GetInput(2);
+    Dims d = CheckDims(x, w, b);
+    auto y = ctx.GetOutput(0, d.y_shape);
+    f(ctx, x, w, b, y, d);
+  });
+}
+
+// The op, for one kernel type (the CPU or the CUDA implementation), element type and provider.
+template <typename Kernel, ONNXTensorElementDataType kType>
+struct DenseOp : Ort::CustomOpBase<DenseOp<Kernel, kType>, Kernel, true> {
+  explicit DenseOp(const char* provider) : provider_(provider) {}
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    return AsStatus([&] { *kernel = new Kernel(info); });
+  }
+  const char* GetName() const { return kOpName; }
+  const char* GetExecutionProviderType() const { return provider_; }  // nullptr: the CPU provider
+  size_t GetInputTypeCount() const { return 3; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return kType; }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return kType; }
+
+ private:
+  const char* provider_;
+};
+
 inline float GeluTanh(float x) {
   const float c = 0.7978845608028654f;  // sqrt(2 / pi)
   return 0.5f * x * (1.0f + std::tanh(c * (x + 0.044715f * x * x * x)));
@@ -95,11 +138,8 @@ struct DenseCpuKernel {
   explicit DenseCpuKernel(const OrtKernelInfo* info) : act(ParseActivation(info)) {}
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
-    try {
-      Ort::KernelContext ctx(context);
-      auto x = ctx.GetInput(0), w = ctx.GetInput(1), b = ctx.GetInput(2);
-      Dims d = CheckDims(x, w, b);
-      auto y = ctx.GetOutput(0, d.y_shape);
+    return RunDense(context, [&](Ort::KernelContext&, const Ort::ConstValue& x, const Ort::ConstValue& w,
+                                 const Ort::ConstValue& b, Ort::UnownedValue& y, const Dims& d) {
       const float* X = x.GetTensorData<float>();
       const float* W = w.GetTensorData<float>();
       const float* B = b.GetTensorData<float>();
@@ -114,32 +154,13 @@ struct DenseCpuKernel {
         }
         for (int64_t n = 0; n < d.n; ++n) Y[m * d.n + n] = act == Act::kGeluTanh ? GeluTanh(row[n]) : row[n];
       }
-      return nullptr;
-    } catch (const Ort::Exception& e) {
-      return Ort::Status(e).release();
-    } catch (const std::exception& e) {
-      return Ort::Status(e.what(), ORT_RUNTIME_EXCEPTION).release();
-    }
+    });
   }
 
   Act act;
 };
 
-struct DenseCpuOp : Ort::CustomOpBase<DenseCpuOp, DenseCpuKernel, true> {
-  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
-    try {
-      *kernel = new DenseCpuKernel(info);
-      return nullptr;
-    } catch (const Ort::Exception& e) {
-      return Ort::Status(e).release();
-    }
-  }
-  const char* GetName() const { return kOpName; }
-  size_t GetInputTypeCount() const { return 3; }
-  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-};
+using DenseCpuOp = DenseOp<DenseCpuKernel, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT>;
 
 #ifdef CLIPTUNE_CUDA
 // --------------------------------------------------------------------------------------------- CUDA
@@ -330,12 +351,9 @@ struct DenseCudaKernel {
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
-    try {
-      Ort::KernelContext ctx(context);
-      auto x = ctx.GetInput(0), w = ctx.GetInput(1), b = ctx.GetInput(2);
-      Dims d = CheckDims(x, w, b);
-      auto y = ctx.GetOutput(0, d.y_shape);
-      if (d.m == 0 || d.n == 0) return nullptr;
+    return RunDense(context, [&](Ort::KernelContext& ctx, const Ort::ConstValue& x, const Ort::ConstValue& w,
+                                 const Ort::ConstValue& b, Ort::UnownedValue& y, const Dims& d) {
+      if (d.m == 0 || d.n == 0) return;
       auto stream = static_cast<cudaStream_t>(ctx.GetGPUComputeStream());
       std::lock_guard<std::mutex> lock(mu);
       const void* bias = b.GetTensorRawData();
@@ -346,12 +364,7 @@ struct DenseCudaKernel {
       const float alpha = 1.0f, beta = 0.0f;
       LT_CHECK(cublasLtMatmul(LtHandle(), p.op, &alpha, io.w, p.w, io.x, p.x, &beta, out, p.y, out, p.y, &p.algo,
                               io.ws.ptr, io.ws.bytes, stream));
-      return nullptr;
-    } catch (const Ort::Exception& e) {
-      return Ort::Status(e).release();
-    } catch (const std::exception& e) {
-      return Ort::Status(e.what(), ORT_RUNTIME_EXCEPTION).release();
-    }
+    });
   }
 
   Act act;
@@ -359,22 +372,7 @@ struct DenseCudaKernel {
   std::map<std::tuple<int64_t, int64_t, int64_t, size_t>, std::unique_ptr<Plan>> plans;
 };
 
-struct DenseCudaOp : Ort::CustomOpBase<DenseCudaOp, DenseCudaKernel, true> {
-  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
-    try {
-      *kernel = new DenseCudaKernel(info);
-      return nullptr;
-    } catch (const Ort::Exception& e) {
-      return Ort::Status(e).release();
-    }
-  }
-  const char* GetName() const { return kOpName; }
-  const char* GetExecutionProviderType() const { return "CUDAExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 3; }
-  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16; }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16; }
-};
+using DenseCudaOp = DenseOp<DenseCudaKernel, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>;
 #endif  // CLIPTUNE_CUDA
 
 // The domains handed to sessions must outlive them: kept here until the library is unloaded.
@@ -406,9 +404,9 @@ OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtA
   Ort::InitApi(api);
   try {
 #ifdef CLIPTUNE_CUDA
-    static const DenseCudaOp op;
+    static const DenseCudaOp op("CUDAExecutionProvider");
 #else
-    static const DenseCpuOp op;
+    static const DenseCpuOp op(nullptr);
 #endif
     Ort::CustomOpDomain domain{kDomain};
     domain.Add(&op);
