@@ -302,6 +302,11 @@ def cmd_env(a) -> int:
             info[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             info[pkg] = None
+    from .native import VARIANTS, lib_name, ops_dir
+
+    # the custom-op library (`cliptune build-ops`): built variants, for --packed-ffn cublaslt exports
+    info["ops_library"] = {v: str(ops_dir() / lib_name(v)) if (ops_dir() / lib_name(v)).is_file() else None
+                           for v in VARIANTS}
     print(json.dumps(info, indent=1))
     return 0
 

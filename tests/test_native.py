@@ -236,14 +236,21 @@ def test_cublaslt_export_option_and_runtime(tiny_roberta_src, tmp_path, monkeypa
     assert seen["ops_library"] == "cuda"
 
 
-def test_build_ops_cli(cpu_ops, tmp_path, capsys):
-    """`cliptune build-ops --variant cpu --out DIR` builds the library there (atomically: no temp file left)."""
+def test_build_ops_cli(cpu_ops, tmp_path, capsys, monkeypatch):
+    """`cliptune build-ops --variant cpu --out DIR` builds the library there (atomically: no temp file left);
+    `cliptune env` then lists it (and no cuda build) in that folder."""
+    import json
+
     from cliptune_ort.cli import main
 
     assert main(["build-ops", "--variant", "cpu", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "libcliptune_ops_cpu.so").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["libcliptune_ops_cpu.so"]
     assert "built" in capsys.readouterr().out
+    monkeypatch.setenv("CLIPTUNE_OPS_DIR", str(tmp_path))
+    assert main(["env"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["ops_library"] == {"cpu": str(tmp_path / "libcliptune_ops_cpu.so"), "cuda": None}
 
 
 def test_fused_dense_benchmark_dry_run(cpu_ops, tmp_path):
