@@ -24,17 +24,10 @@ runtime imports no compiler and no CUDA Python package.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import glob
-import hashlib
-import io
 import os
 import shutil
-import subprocess
 import sys
-import tarfile
-import tempfile
-import urllib.request
 from pathlib import Path
 
 from .errors import ConfigError, ProviderError
@@ -71,6 +64,9 @@ def ops_dir() -> Path:
 
 def _extract_deb(data: bytes, dest: Path, keep: tuple[str, ...]) -> None:
     """Members of a .deb (an ar archive holding data.tar.*) under the ``keep`` prefixes, into ``dest``."""
+    import io
+    import tarfile
+
     if not data.startswith(b"!<arch>\n"):
         raise NativeOpsError("the downloaded headers package is not a .deb archive")
     pos = 8
@@ -105,6 +101,10 @@ def ort_include(download: bool = True) -> Path:
     inc = root / "usr" / "include" / "onnxruntime"
     if (inc / "onnxruntime_cxx_api.h").is_file():
         return inc
+    import hashlib
+    import tempfile
+    import urllib.request
+
     if not download:
         raise NativeOpsError(f"ONNX Runtime's headers are not in {inc}: run `cliptune build-ops` once online, or set "
                              "CLIPTUNE_ORT_INCLUDE to ONNX Runtime's include folder")
@@ -180,6 +180,8 @@ def _soname(lib_dir: Path, stem: str) -> str:
 def build(variant: str = "cpu", out_dir: str | os.PathLike | None = None, include_dirs=(), lib_dirs=(),
           cxx: str | None = None) -> Path:
     """Compile the library for ``variant``; returns its path (written atomically)."""
+    import subprocess
+
     name = lib_name(variant)
     cxx = cxx or os.environ.get("CXX") or "g++"
     if shutil.which(cxx) is None:
@@ -213,6 +215,8 @@ def library_path(variant: str) -> Path:
     if not path.is_file():
         raise NativeOpsError(f"the {variant} custom-op library is not built ({path} missing): run "
                              f"`cliptune build-ops --variant {variant}` (needs g++; see cliptune_ort/native.py)")
+    import ctypes
+
     got = ctypes.CDLL(str(path), mode=ctypes.RTLD_LOCAL) if variant == "cpu" else None
     if got is not None:
         got.cliptune_ops_variant.restype = ctypes.c_char_p
