@@ -74,6 +74,7 @@ from pathlib import Path
 from cliptune_ort.engine import (
     PACKING_INPUTS as HOST_INPUTS,  # the extra inputs of "packed_host" graphs
 )
+from cliptune_ort.native import DOMAIN as NATIVE_DOMAIN
 
 MS = "com.microsoft"
 #: ops allowed between RemovePadding and RestorePadding: row-wise on [tokens, hidden] or packed-aware
@@ -87,7 +88,7 @@ DEFAULT_KERNEL = "flash"  # measured faster on an H100 (README, GPU section)
 #: "moe" = one single-expert com.microsoft.MoE node (experimental; 26 % slower on an H100, see above)
 #: "cublaslt" = MatMul -> BiasGelu as one ai.cliptune.FusedDense (cuBLASLt epilogue; custom-op library)
 FFNS = ("matmul", "moe", "cublaslt")
-LT_DOMAIN = "ai.cliptune"  # cliptune_ort.native.DOMAIN (not imported: the export must not need the library)
+LT_DOMAIN = NATIVE_DOMAIN  # the custom-op library's domain (the export needs only the name, not the library)
 DEFAULT_FFN = "matmul"
 ROUTER = "cliptune_moe_router"  # the "moe" block's router, zeros [tokens, 1]: softmax over one expert is 1
 
