@@ -152,13 +152,18 @@ def losses(models, ws, prompts) -> tuple[np.ndarray, np.ndarray]:
     return mix, loss(logits(models[0], ws, prompts))
 
 
+def ort_graph0_loss(ws, prompts) -> np.ndarray:
+    """Graph 0's loss [pop] through the workspace's ONNX Runtime engine."""
+    from cliptune_ort.losses import loss_fn
+
+    return loss_fn(ws.loss, ws.engine.logits(0, prompts, ws.train, ws.verbalizer_ids), ws.train.labels, ws.cfg.margin)
+
+
 def ort_losses(ws, prompts) -> tuple[np.ndarray, np.ndarray]:
     """losses() through the workspace's ONNX Runtime engine (the int8 graphs)."""
-    from cliptune_ort.losses import loss_fn
     from cliptune_ort.tuner import score
 
-    l0 = loss_fn(ws.loss, ws.engine.logits(0, prompts, ws.train, ws.verbalizer_ids), ws.train.labels, ws.cfg.margin)
-    return score(ws, prompts), l0
+    return score(ws, prompts), ort_graph0_loss(ws, prompts)
 
 
 def calibrate(models, ws, prompts) -> None:
@@ -200,10 +205,7 @@ def main(argv=None) -> int:
         ref_models = build_models(ws, None)
         ref = {k: losses(ref_models, ws, p) for k, p in prompts.items()}
         # the fp32 torch path is the export's: graph 0's loss equals the ONNX Runtime engine's
-        from cliptune_ort.losses import loss_fn
-
-        ort_l0 = loss_fn(ws.loss, ws.engine.logits(0, prompts["random_7"], ws.train, ws.verbalizer_ids),
-                         ws.train.labels, cfg.margin)
+        ort_l0 = ort_graph0_loss(ws, prompts["random_7"])
         result = {"model": "splade-tiny (embedded)", "task": "sst2", "method": "clip K=4 (mean of the K losses)",
                   "seed": 13, "pop": a.pop, "best_z": os.path.relpath(a.best_z, ROOT),
                   "torch_vs_onnxruntime_fp32_max_abs_loss": float(np.max(np.abs(ort_l0 - ref["random_7"][1]))),

@@ -147,10 +147,15 @@ def _find(roots: list[Path], subdirs: tuple[str, ...], pattern: str) -> Path | N
     return None
 
 
-def cuda_dirs(include_dirs=(), lib_dirs=()) -> tuple[list[Path], list[Path]]:
-    """Include and library folders for the cuda variant: the given ones, then the toolkit and pip packages."""
+#: the libraries the cuda variant links: file stem -> where it comes from
+CUDA_LIBS = {"libcublasLt": "nvidia-cublas", "libcudart": "nvidia-cuda-runtime"}
+
+
+def cuda_dirs(include_dirs=(), lib_dirs=()) -> tuple[list[Path], dict[str, Path]]:
+    """Include folders and the folder of each of :data:`CUDA_LIBS` for the cuda variant: the given ones first,
+    then the toolkit and pip packages."""
     roots = _nvidia_roots()
-    inc, libs = [Path(p) for p in include_dirs], [Path(p) for p in lib_dirs]
+    inc, given = [Path(p) for p in include_dirs], [Path(p) for p in lib_dirs]
     need_inc = {"cublasLt.h": "cuBLAS (nvidia-cublas)", "cuda_runtime_api.h": "the CUDA runtime (nvidia-cuda-runtime)",
                 "crt/host_defines.h": "a CUDA toolkit or nvidia-cuda-nvcc"}
     for header, what in need_inc.items():
@@ -160,15 +165,15 @@ def cuda_dirs(include_dirs=(), lib_dirs=()) -> tuple[list[Path], list[Path]]:
         if found is None:
             raise NativeOpsError(f"{header} not found (it comes with {what}): install it, or pass --include DIR")
         inc.append(found)
-    for lib, what in (("libcublasLt.so*", "nvidia-cublas"), ("libcudart.so*", "nvidia-cuda-runtime")):
-        if any(glob.glob(str(d / lib)) for d in libs):
-            continue
-        found = _find(roots, ("lib64", "lib"), lib)
+    libs = {}
+    for stem, what in CUDA_LIBS.items():
+        found = next((d for d in given if glob.glob(str(d / f"{stem}.so*"))), None) or _find(
+            roots, ("lib64", "lib"), f"{stem}.so*")
         if found is None:
-            raise NativeOpsError(f"{lib} not found (it comes with {what} or a CUDA toolkit): install it, or pass "
+            raise NativeOpsError(f"{stem}.so not found (it comes with {what} or a CUDA toolkit): install it, or pass "
                                  "--lib DIR")
-        libs.append(found)
-    return list(dict.fromkeys(inc)), list(dict.fromkeys(libs))
+        libs[stem] = found
+    return list(dict.fromkeys(inc)), libs
 
 
 def _soname(lib_dir: Path, stem: str) -> str:
@@ -191,11 +196,10 @@ def build(variant: str = "cpu", out_dir: str | os.PathLike | None = None, includ
     cmd = [cxx, "-std=c++17", "-O2", "-fPIC", "-shared", "-Wall", "-Wextra", f"-I{ort_include()}"]
     libs: list[str] = []
     if variant == "cuda":
-        inc, lib = cuda_dirs(include_dirs, lib_dirs)
+        inc, lib_of = cuda_dirs(include_dirs, lib_dirs)
         cmd += ["-DCLIPTUNE_CUDA", *(f"-I{d}" for d in inc)]
         # the CUDA libraries are found at run time through the process (ONNX Runtime's CUDA provider and
         # PyTorch load them) or the loader path: no rpath into a build machine's folders
-        lib_of = {stem: next(d for d in lib if glob.glob(str(d / f"{stem}.so*"))) for stem in ("libcublasLt", "libcudart")}
         libs = [*(f"-L{d}" for d in dict.fromkeys(lib_of.values())),
                 *(_soname(d, stem) for stem, d in lib_of.items())]
     tmp = out / f".{name}.{os.getpid()}.tmp"
@@ -239,12 +243,6 @@ def register(so, variant: str) -> Path:
     return path
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="cliptune build-ops", description="build cliptune's custom-op library")
-    add_build_args(ap)
-    return run_build(ap.parse_args(argv))
-
-
 def add_build_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--variant", choices=VARIANTS, default="cuda", help="cuda (the GPU op) or cpu (tests)")
     ap.add_argument("--out", help="output folder (default: $CLIPTUNE_OPS_DIR or <cache>/ops)")
@@ -258,11 +256,7 @@ def run_build(a) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from .errors import CliptuneError
+if __name__ == "__main__":  # python -m cliptune_ort.native ARGS = cliptune build-ops ARGS
+    from .cli import main
 
-    try:
-        sys.exit(main())
-    except CliptuneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+    sys.exit(main(["build-ops", *sys.argv[1:]]))

@@ -105,3 +105,20 @@ def contract_inputs(man, pop=4, batch=7, extra=29, seed=21):
     prompts = (rng.standard_normal((pop, L, H)) * man.embedding_std).astype(np.float32)
     verb = np.array([2307, 6659, 1045], dtype=np.int64)
     return dict(zip(NAMES, (ids, am, mask_pos, prompts, verb)))
+
+
+@pytest.fixture(scope="session")
+def packed_pair(tmp_path_factory, tiny_roberta_src):
+    """(fp16 export with K=1, its packed copy, its packed_host copy); the flash-kernel copies are beside
+    them (packed_flash, packed_host_flash). Read-only: tests/test_packing.py and tests/test_native.py share it."""
+    from cliptune_export import ExportOptions, export_model
+    from cliptune_export.packing import pack_export
+
+    out = tmp_path_factory.mktemp("packing")
+    export_model(str(tiny_roberta_src), out / "fp16", ExportOptions(k=1, p=0.2, seed=5, n_prompt=10,
+                                                                    precision="fp16"))
+    pack_export(out / "fp16", out / "packed", kernel="fused")
+    pack_export(out / "fp16", out / "packed_host", host_offsets=True, kernel="fused")
+    pack_export(out / "fp16", out / "packed_flash")  # the default kernel
+    pack_export(out / "fp16", out / "packed_host_flash", host_offsets=True, kernel="flash")
+    return out / "fp16", out / "packed", out / "packed_host"

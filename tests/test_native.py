@@ -19,13 +19,11 @@ import pytest
 from cliptune_ort.manifest import load_manifest
 
 from .conftest import needs_export
-from .test_packing import (  # noqa: F401
+from .test_packing import (
     _ffn_case,
     _randomize,
     _reference_ops,
     _skip_ln_biases,
-    _with_weights,
-    packed_pair,
 )
 
 
@@ -127,7 +125,7 @@ def test_make_session_registers_the_library(cpu_ops, monkeypatch, tmp_path):
 
 
 @needs_export
-def test_cublaslt_ffn_matches_unpacked(packed_pair, tmp_path):  # noqa: F811
+def test_cublaslt_ffn_matches_unpacked(packed_pair, tmp_path):
     """ffn="cublaslt": every packed layer's MatMul -> BiasGelu and (flash kernel) the query projection's MatMul
     -> Add become FusedDense nodes with the same weights and biases (random here: random-init biases are
     zero); the logits are the unpacked graph's up to the tanh-vs-erf GELU, and shifting the fused biases

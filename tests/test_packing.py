@@ -193,23 +193,6 @@ def _ffn_case(src, seed: int):
     return man, man.data["model"]["layers"], feeds, host, _reference_ops(), _with_weights(man.graph_path(0))
 
 
-@pytest.fixture(scope="module")
-def packed_pair(tmp_path_factory, tiny_roberta_src):
-    """(fp16 export with K=1, its packed copy, its packed_host copy); the flash-kernel copies are beside
-    them (packed_flash, packed_host_flash)."""
-    from cliptune_export import ExportOptions, export_model
-    from cliptune_export.packing import pack_export
-
-    out = tmp_path_factory.mktemp("packing")
-    export_model(str(tiny_roberta_src), out / "fp16", ExportOptions(k=1, p=0.2, seed=5, n_prompt=10,
-                                                                    precision="fp16"))
-    pack_export(out / "fp16", out / "packed", kernel="fused")
-    pack_export(out / "fp16", out / "packed_host", host_offsets=True, kernel="fused")
-    pack_export(out / "fp16", out / "packed_flash")  # the default kernel
-    pack_export(out / "fp16", out / "packed_host_flash", host_offsets=True, kernel="flash")
-    return out / "fp16", out / "packed", out / "packed_host"
-
-
 def test_packed_graph_matches_unpacked(packed_pair):
     import collections
 

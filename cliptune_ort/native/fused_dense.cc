@@ -238,7 +238,6 @@ struct Plan {
   cublasLtMatmulDesc_t op = nullptr;
   cublasLtMatrixLayout_t w = nullptr, x = nullptr, y = nullptr;
   cublasLtMatmulAlgo_t algo{};
-  size_t max_workspace = 0;
   ~Plan() {
     if (y) cublasLtMatrixLayoutDestroy(y);
     if (x) cublasLtMatrixLayoutDestroy(x);
@@ -294,7 +293,6 @@ struct DenseCudaKernel {
     int best = 0;
     if (found > 1 && !Capturing(io.stream)) best = FastestAlgo(*p, d, io, results, found);
     p->algo = results[static_cast<size_t>(best)].algo;
-    p->max_workspace = workspace;
     Plan& ref = *p;
     plans.emplace(key, std::move(p));
     return ref;
