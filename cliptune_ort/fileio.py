@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,67 @@ def read_jsonl_lines(path: str | os.PathLike) -> list[Any]:
             out.append(json.loads(raw.decode("utf-8")))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}:{i}: expected one JSON value per line, found a corrupt line ({e})") from None
+    return out
+
+
+#: a cached hash is trusted only for a file whose last change (ctime) is this much older than the hash
+RACY_NS = 100_000_000
+
+
+def _file_id(st: os.stat_result) -> str:
+    return f"{st.st_dev}:{st.st_ino}"
+
+
+def _stat_key(st: os.stat_result) -> list[int]:
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def sha256_files_cached(paths: list[Path], cache_file: Path | None, rehash: bool = False) -> list[str]:
+    """sha256 of each of ``paths``, skipping the read of a file whose size, mtime and ctime equal those
+    recorded in ``cache_file`` for its (device, inode) when it was last hashed (git's index does the
+    same). Writing a file changes its mtime and ctime and replacing it its inode, so only a change below
+    the file system (bit rot) goes unseen; ``rehash`` reads every file again (and records it). Keyed by
+    inode, an entry survives renaming the folder (an export hashes its files, then moves them into
+    place). ``cache_file`` (JSON, written atomically; None = no cache) is best effort: a missing, corrupt
+    or read-only one just means hashing.
+
+    File timestamps tick coarsely (a few ms), so a file changed just before it was hashed could change
+    again unseen within the same tick: an entry is trusted only when the file's ctime is at least
+    ``RACY_NS`` older than the hash (git's "racy" rule); otherwise the file is read again."""
+    entries: dict[str, Any] = {}
+    if cache_file is not None:
+        try:
+            loaded = json.loads(Path(cache_file).read_text(encoding="utf-8"))
+            entries = loaded.get("files", {}) if isinstance(loaded, dict) else {}
+            entries = entries if isinstance(entries, dict) else {}
+        except (OSError, ValueError, RecursionError):
+            entries = {}
+    out, changed = [], False
+    for path in paths:
+        st = os.stat(path)
+        fid = _file_id(st)
+        hit = entries.get(fid)
+        if (not rehash and isinstance(hit, dict) and hit.get("stat") == _stat_key(st)
+                and isinstance(hit.get("sha256"), str) and isinstance(hit.get("hashed_ns"), int)
+                and hit["hashed_ns"] - st.st_ctime_ns >= RACY_NS):
+            out.append(hit["sha256"])
+            continue
+        hashed_ns = time.time_ns()
+        sha = sha256_file(path)
+        if _stat_key(os.stat(path)) == _stat_key(st):  # not written to while it was read
+            entries.pop(fid, None)  # re-inserted last: the oldest entries are the first dropped
+            entries[fid] = {"path": str(Path(path).resolve()), "stat": _stat_key(st), "sha256": sha,
+                            "hashed_ns": hashed_ns}
+            changed = True
+        out.append(sha)
+    if cache_file is not None and changed:
+        if len(entries) > 512:  # forget files that are gone, then the oldest entries
+            entries = {k: v for k, v in entries.items() if isinstance(v, dict) and os.path.exists(str(v.get("path")))}
+            entries = dict(list(entries.items())[-512:])
+        try:
+            atomic_write_json(cache_file, {"format": "cliptune-hash-cache", "files": entries})
+        except OSError:
+            pass
     return out
 
 

@@ -28,8 +28,8 @@ import numpy as np
 
 from cliptune_ort import __version__
 from cliptune_ort.errors import CliptuneError, ConfigError, ModelDirError
-from cliptune_ort.fileio import atomic_write_json, sha256_file
-from cliptune_ort.manifest import MANIFEST_NAME, SCHEMA_VERSION, WEIGHTS_NAME, seal_manifest
+from cliptune_ort.fileio import atomic_write_json
+from cliptune_ort.manifest import MANIFEST_NAME, SCHEMA_VERSION, WEIGHTS_NAME, pin_sha256, seal_manifest
 
 #: initializers at least this large go to the shared weight file; smaller ones (masks, biases of
 #: small models) stay inside each graph
@@ -392,7 +392,7 @@ def export_model(model: str, out: str | os.PathLike, opts: ExportOptions | None 
                 g["packed_attention_nodes"] = pack_graph_file(tmp / g["file"], host_offsets=opts.packed == "host",
                                                               kernel=opts.packed_kernel, ffn=opts.packed_ffn)
         for g in graphs:
-            g["sha256"] = sha256_file(tmp / g["file"])
+            g["sha256"] = pin_sha256(tmp / g["file"])
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "created_by": f"cliptune-ort {__version__}",
@@ -412,7 +412,7 @@ def export_model(model: str, out: str | os.PathLike, opts: ExportOptions | None 
             },
             "tokenizer": {
                 "file": "tokenizer.json",
-                "sha256": sha256_file(tmp / "tokenizer.json"),
+                "sha256": pin_sha256(tmp / "tokenizer.json"),
                 "cls_id": tok.cls_token_id, "sep_id": tok.sep_token_id,
                 "mask_id": tok.mask_token_id, "pad_id": tok.pad_token_id,
                 "lowercase": bool(getattr(tok, "do_lower_case", False)),
@@ -433,7 +433,7 @@ def export_model(model: str, out: str | os.PathLike, opts: ExportOptions | None 
             "p": opts.p,
             "seed": opts.seed,
             "mask_sites": site_names,
-            "weights": {"file": WEIGHTS_NAME, "sha256": sha256_file(tmp / WEIGHTS_NAME), "tensors": weights},
+            "weights": {"file": WEIGHTS_NAME, "sha256": pin_sha256(tmp / WEIGHTS_NAME), "tensors": weights},
             "graphs": graphs,
             "export_options": asdict(opts),
             "export_seconds": round(time.perf_counter() - t0, 2),

@@ -505,8 +505,13 @@ def pack_export(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool 
     copied, the manifest re-sealed with ``attention: packed`` (``packed_host`` with
     ``host_offsets``), ``packed_kernel`` and ``packed_ffn``. Returns the manifest."""
     from cliptune_ort.errors import ConfigError
-    from cliptune_ort.fileio import atomic_write_json, sha256_file
-    from cliptune_ort.manifest import MANIFEST_NAME, load_manifest, seal_manifest
+    from cliptune_ort.fileio import atomic_write_json
+    from cliptune_ort.manifest import (
+        MANIFEST_NAME,
+        load_manifest,
+        pin_sha256,
+        seal_manifest,
+    )
 
     src, out = Path(src), Path(out)
     man = load_manifest(src)
@@ -529,7 +534,7 @@ def pack_export(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool 
         for gr in data["graphs"]:
             gr["packed_attention_nodes"] = pack_graph_file(src / gr["file"], tmp / gr["file"], host_offsets, kernel,
                                                            ffn)
-            gr["sha256"] = sha256_file(tmp / gr["file"])
+            gr["sha256"] = pin_sha256(tmp / gr["file"])
         data["attention"] = "packed_host" if host_offsets else "packed"
         data["packed_kernel"] = kernel
         data["packed_ffn"] = ffn
