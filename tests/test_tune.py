@@ -198,3 +198,30 @@ def test_blas_on_one_thread_during_a_run(splade_dir, tmp_path, monkeypatch):
         monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
         res = tune(_cfg(method="bbt", budget=24), tmp_path / "b", model_dir=splade_dir, progress=False)
         assert res["blas_threads"] == 2
+
+
+def test_dev_evaluations_of_an_unchanged_best_are_reused_exactly(splade_dir, tmp_path, monkeypatch):
+    import cliptune_ort.tuner as tuner
+
+    cfg = _cfg(method="bbt", eval_every=6, budget=96)  # one evaluation a generation: the best often stays
+    calls = []
+    real_eval = tuner.evaluate
+
+    def counting(ws, prompt, batch):
+        calls.append(batch is ws.dev)
+        return real_eval(ws, prompt, batch)
+
+    monkeypatch.setattr(tuner, "evaluate", counting)
+    reused = tune(cfg, tmp_path / "reused", model_dir=splade_dir, progress=False)
+    n_reused = sum(calls)
+    real_dev_eval = tuner._dev_eval
+    monkeypatch.setattr(tuner, "_dev_eval", lambda ws, state, writer, memo: real_dev_eval(ws, state, writer, {}))
+    calls.clear()
+    fresh = tune(cfg, tmp_path / "fresh", model_dir=splade_dir, progress=False)
+    n_fresh = sum(calls)
+    hist = [json.loads(x) for x in (tmp_path / "reused" / "history.jsonl").read_text().splitlines()]
+    distinct = 1 + sum(1 for a, b in zip(hist, hist[1:]) if a["best_train_fitness"] != b["best_train_fitness"])
+    assert n_fresh == len(hist) + 1  # every evaluation, plus the final one on dev
+    assert n_reused == distinct + 1 < n_fresh
+    assert (tmp_path / "reused" / "history.jsonl").read_text() == (tmp_path / "fresh" / "history.jsonl").read_text()
+    assert reused["dev"] == fresh["dev"] and reused["test"] == fresh["test"]
