@@ -18,6 +18,10 @@ with a bias epilogue does the same). Variants:
   the noise floor the GPU path already has;
 - ``fp8_ffn``: the two feed-forward Linears of every layer in E4M3 (two thirds of the GEMM FLOPs);
 - ``fp8_all``: every encoder Linear (Q, K, V, attention output, both feed-forward) in E4M3;
+- ``fp8_ffn_rowwise`` / ``fp8_all_rowwise``: the same Linears in E4M3 with finer scales: one per
+  token of the input, computed at run time, and one per output channel of the weight (cuBLASLt's
+  outer-vector scaling). Finer scales only help values far from their tensor's maximum; the 3-bit
+  mantissa's rounding (up to 1/16 relative) stays, so this tells which of the two the ranking loses to;
 - ``int8_ort``: for perspective, the shipped int8 edge mode itself (``--precision int8`` graphs, ONNX
   Runtime, per-channel dynamic quantisation of the encoder MatMuls), same masks and populations.
 
@@ -49,7 +53,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 E4M3_MAX = 448.0
-VARIANTS = ("fp16", "fp8_ffn", "fp8_all", "int8_ort")
+VARIANTS = ("fp16", "fp8_ffn", "fp8_all", "fp8_ffn_rowwise", "fp8_all_rowwise", "int8_ort")
 
 
 def fake_quant(x, scale: float, fmt: str):
@@ -58,6 +62,15 @@ def fake_quant(x, scale: float, fmt: str):
 
     if fmt == "fp16":
         return x.to(torch.float16).to(x.dtype)
+    return (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).to(x.dtype) * scale
+
+
+def fake_quant_rows(x):
+    """x rounded to E4M3 with one scale per row (amax of the last axis / 448): per token for activations,
+    per output channel for a weight [out, in] (what cuBLASLt's outer-vector scaling takes)."""
+    import torch
+
+    scale = (x.abs().amax(dim=-1, keepdim=True) / E4M3_MAX).clamp_min(torch.finfo(torch.float32).tiny)
     return (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).to(x.dtype) * scale
 
 
@@ -71,11 +84,17 @@ def quant_linear_class():
 
         def __init__(self, lin: nn.Linear, fmt: str):
             super().__init__()
-            self.lin, self.fmt, self.amax, self.calibrating = lin, fmt, 0.0, fmt != "fp16"
+            self.lin, self.fmt, self.amax = lin, fmt, 0.0
+            self.calibrating = fmt == "e4m3"  # e4m3_rows: dynamic per-token scales, nothing to calibrate
             w = lin.weight.detach()
-            self.wq = fake_quant(w, float(w.abs().max()) / E4M3_MAX, "e4m3" if fmt == "e4m3" else "fp16")
+            if fmt == "e4m3_rows":
+                self.wq = fake_quant_rows(w)
+            else:
+                self.wq = fake_quant(w, float(w.abs().max()) / E4M3_MAX, "e4m3" if fmt == "e4m3" else "fp16")
 
         def forward(self, x):
+            if self.fmt == "e4m3_rows":
+                return torch.nn.functional.linear(fake_quant_rows(x), self.wq, self.lin.bias)
             if self.calibrating:
                 self.amax = max(self.amax, float(x.detach().abs().max()))
                 return self.lin(x)
@@ -118,8 +137,8 @@ def build_models(ws, variant: str | None):
             masks = {k: torch.from_numpy(v) for k, v in draw_masks(sites, hidden, info["p"], info["mask_seed"]).items()}
         m = ContractModel(copy.deepcopy(mlm), arch, masks, last_layer_at_mask=False).eval()
         if variant is not None:
-            fmt = "fp16" if variant == "fp16" else "e4m3"
-            which = "ffn" if variant == "fp8_ffn" else "all"
+            fmt = "fp16" if variant == "fp16" else "e4m3_rows" if variant.endswith("_rowwise") else "e4m3"
+            which = "ffn" if variant.startswith("fp8_ffn") else "all"
             for layer in m.layers:
                 for parent, attr in linear_sites(layer, which):
                     setattr(parent, attr, QuantLinear(getattr(parent, attr), fmt))
@@ -216,7 +235,7 @@ def main(argv=None) -> int:
                                            precision="int8"))
             else:
                 models = build_models(ws, variant)
-                if variant != "fp16":
+                if variant in ("fp8_ffn", "fp8_all"):  # static per-tensor scales
                     calibrate(models, ws, calib)
             rows = {}
             for k, p in prompts.items():

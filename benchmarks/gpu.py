@@ -613,6 +613,13 @@ def markdown(data: dict) -> str:
                          f"{r.get('provider')} | {r.get('cuda_graph')} | {r.get('projection_on_device', '-')} | "
                          f"{r.get('blas_threads', '-')} | {r.get('variant', 'packed' if r.get('packed') else '-')} |")
         lines.append("")
+        for name, r in data["tune"].items():
+            if isinstance(r, dict) and r.get("setup_seconds"):
+                t = r.get("timing_seconds") or {}
+                lines.append(f"- {name} set-up by phase (s): {r['setup_seconds']}; checkpoints written on the "
+                             f"background thread: {_fmt(t.get('checkpoint_background'))} s; dev evaluations "
+                             f"{_fmt(t.get('eval'))} s; final evaluation {_fmt(t.get('final_eval'))} s")
+        lines.append("")
     if data.get("cma_blas"):
         c = data["cma_blas"]
         lines += [f"CMA-ES ask/tell on this host (d {c['d']}, population {c['popsize']}, {c['generations']} "
@@ -1173,7 +1180,7 @@ def main(argv=None) -> int:
             keep = {k: out.get(k) for k in ("calls", "forward_passes", "generations", "wall_seconds", "timing_seconds",
                                             "provider", "cands_per_call", "train_padded_fraction", "n_buckets", "k",
                                             "train", "dev", "test", "stop_reason", "budget", "projection_on_device",
-                                            "blas_threads")}
+                                            "blas_threads", "setup_seconds")}
             keep["cuda_graph"] = use_cg
             keep["packed"] = use_packed
             keep["variant"] = chosen

@@ -43,3 +43,25 @@ def test_quant_linear_calibrates_then_quantises():
     rel = float((y - lin(x)).norm() / lin(x).norm())
     assert 1e-3 < rel < 0.1  # E4M3 moves the output by a few percent, not more
     assert np.isfinite(y.numpy()).all()
+
+
+def test_rowwise_scales_follow_each_row():
+    import torch
+
+    fp8 = pytest.importorskip("fp8_precision")
+    x = torch.tensor([[0.001, 0.002, -0.003], [100.0, 50.0, 1.05], [0.0, 0.0, 0.0]])
+    got = fp8.fake_quant_rows(x)
+    # each row's largest value lands exactly on 448 * scale: exact; small rows keep their precision
+    assert got[0, 2].item() == pytest.approx(-0.003, rel=1e-6) and got[1, 0].item() == pytest.approx(100.0, rel=1e-6)
+    assert torch.equal(got[2], x[2])  # zeros stay zeros
+
+    def rel(y):
+        return float(((y[0] - x[0]) / x[0]).abs().max())
+
+    assert rel(got) <= 1 / 16  # within E4M3's mantissa step
+    assert rel(fp8.fake_quant(x, 100.0 / fp8.E4M3_MAX, "e4m3")) > 0.08  # one scale for all: subnormal, coarser
+    lin = torch.nn.Linear(3, 2).requires_grad_(False)
+    q = fp8.quant_linear_class()(lin, "e4m3_rows")
+    assert not q.calibrating
+    want = torch.nn.functional.linear(fp8.fake_quant_rows(x), fp8.fake_quant_rows(lin.weight), lin.bias)
+    assert torch.equal(q(x), want)

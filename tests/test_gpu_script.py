@@ -49,7 +49,11 @@ def test_gpu_script_cpu_dry_run(tmp_path):
     assert "K=1 < 4" in data["tune"]["clip"]["skipped"]  # clip needs K=4 graphs
     par = data["parity"]["ort_fp16_iobinding"]  # the fp16 graph against torch fp32, same weights
     assert par["argmax_agreement"] == 1.0 and par["max_abs_diff"] < 2e-2
-    assert (out / "gpu_cpu-dry-run.md").read_text().startswith("# GPU benchmark: cpu-dry-run")
+    phases = data["tune"]["bbt"]["setup_seconds"]  # where the run's start went, for the next card run
+    assert {"manifest", "data", "sessions", "projection", "optimizer"} <= set(phases)
+    assert sum(phases.values()) <= data["tune"]["bbt"]["timing_seconds"]["setup"] + 1e-3
+    md = (out / "gpu_cpu-dry-run.md").read_text()
+    assert md.startswith("# GPU benchmark: cpu-dry-run") and "bbt set-up by phase (s): {'manifest'" in md
 
 
 @pytest.mark.parametrize("name, cls", [
