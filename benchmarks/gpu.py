@@ -616,10 +616,19 @@ def markdown(data: dict) -> str:
         for name, r in data["tune"].items():
             if isinstance(r, dict) and r.get("setup_seconds"):
                 t = r.get("timing_seconds") or {}
-                lines.append(f"- {name} set-up by phase (s): {r['setup_seconds']}; checkpoints written on the "
+                lines.append(f"- {name} set-up by phase (s): {r['setup_seconds']}; sessions by graph (s): "
+                             f"{r.get('session_open_seconds')}; checkpoints written on the "
                              f"background thread: {_fmt(t.get('checkpoint_background'))} s; dev evaluations "
                              f"{_fmt(t.get('eval'))} s; final evaluation {_fmt(t.get('final_eval'))} s")
         lines.append("")
+    if data.get("session_open"):
+        so = data["session_open"]
+        lines += [f"Opening the tune export ({so['pinned_bytes'] / 2**30:.2f} GiB pinned): sha256 of every file "
+                  f"{so['verify_full_s']} s, through the verified-hash cache {so['verify_cached_s']} s; sessions "
+                  f"(graph, s) {[(o['graph'], o['s']) for o in so['opens_shared_weights']]} (graph 0 first, then again, "
+                  f"same mapped weights); graph 0 with freshly mapped weights {so['graph0_fresh_weights_s']} s; by ORT "
+                  f"optimisation level {so['graph0_by_optimization_s']}; ORT's profile of the first open (ms) "
+                  f"{so.get('ort_first_open_ms')}.", ""]
     if data.get("cma_blas"):
         c = data["cma_blas"]
         lines += [f"CMA-ES ask/tell on this host (d {c['d']}, population {c['popsize']}, {c['generations']} "
@@ -711,7 +720,8 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true", help="5 timed calls per cell, 1,000-call tune runs")
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny random RoBERTa, CPU provider, 2 timed calls")
     ap.add_argument("--skip", default="",
-                    help="comma list: export,torch,ort,fp32,packed,flash,moe,kernels,profile,cma,bbt,clip")
+                    help="comma list: export,torch,ort,fp32,packed,flash,moe,kernels,profile,cma,bbt,clip,"
+                         "session_open")
     ap.add_argument("--layouts", default="",
                     help="comma list of packed layouts to copy and time (default: all but the moe one; "
                          f"{', '.join(PACKED_LAYOUTS)})")
@@ -1180,7 +1190,7 @@ def main(argv=None) -> int:
             keep = {k: out.get(k) for k in ("calls", "forward_passes", "generations", "wall_seconds", "timing_seconds",
                                             "provider", "cands_per_call", "train_padded_fraction", "n_buckets", "k",
                                             "train", "dev", "test", "stop_reason", "budget", "projection_on_device",
-                                            "blas_threads", "setup_seconds")}
+                                            "blas_threads", "setup_seconds", "session_open_seconds")}
             keep["cuda_graph"] = use_cg
             keep["packed"] = use_packed
             keep["variant"] = chosen
@@ -1193,6 +1203,26 @@ def main(argv=None) -> int:
         except Exception as e:
             res.error(f"tune {method}", e)
         res.save()
+
+    # ------------------------------------------------ 7. where a run's start goes (after the tunes: they
+    # see the same state as before; benchmarks/session_open.py)
+    if "session_open" not in skip and (tune_dir / "manifest.json").is_file():
+        if args.deadline - elapsed() < 40:
+            log("session_open skipped: too close to --deadline")
+        else:
+            try:
+                from session_open import measure as measure_open
+
+                so = measure_open(tune_dir, device, [0, 1])
+                res.data["session_open"] = so
+                log(f"session open ({chosen}): verify full {so['verify_full_s']} s / cached {so['verify_cached_s']} s, "
+                    f"opens {[o['s'] for o in so['opens_shared_weights']]}, fresh weights "
+                    f"{so['graph0_fresh_weights_s']}, by level {so['graph0_by_optimization_s']}, ORT "
+                    f"{so.get('ort_first_open_ms')}")
+                res.data["sections_done"].append("session_open")
+            except Exception as e:
+                res.error("session_open", e)
+            res.save()
 
     # ------------------------------------------------ targets
     tg = {}

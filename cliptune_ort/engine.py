@@ -205,7 +205,12 @@ class Engine:
                            optimization=self._optimization, cuda_graph=self.cuda_graph,
                            disabled_optimizers=disabled_optimizers(self.manifest),
                            ops_library="cuda" if self.manifest.packed_ffn == "cublaslt" else None)
-        self.sessions = {g: self._make(g, spec) for g in self.graphs}
+        self.sessions = {}
+        self.open_seconds: dict[int, float] = {}  # per graph: session creation (load, optimise, weights placed)
+        for g in self.graphs:
+            t0 = time.perf_counter()
+            self.sessions[g] = self._make(g, spec)
+            self.open_seconds[g] = round(time.perf_counter() - t0, 4)
         self._pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
 
     def _make(self, g: int, spec: SessionSpec):

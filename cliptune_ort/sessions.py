@@ -79,6 +79,7 @@ class SessionSpec:
     cpu_arena: bool = False  # ORT CPU memory arena (keeps peak allocations; off measured leaner)
     disabled_optimizers: tuple[str, ...] = ()  # ORT graph optimizers to skip (see engine.disabled_optimizers)
     ops_library: str | None = None  # custom-op library variant the graphs need ('cuda' | 'cpu'; cliptune_ort.native)
+    profile_prefix: str | None = None  # ORT's profiler on, files named after this (benchmarks/session_open.py)
 
 
 _LEVELS = {
@@ -100,6 +101,9 @@ def make_session(path: str | Path, spec: SessionSpec, shared: SharedWeights | No
     if spec.device == "cpu" and not spec.cpu_arena:
         # varying shapes (buckets, dev/test chunks) make the arena keep every peak: measured 618 -> 357 MB peak RSS for an SST-2 run, same speed
         so.enable_cpu_mem_arena = False
+    if spec.profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = spec.profile_prefix
     if spec.n_live > 1:
         # several sessions called in turn on few cores: spinning pools fight (142 ms vs 37 ms measured)
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -265,7 +265,8 @@ class _RunWriter:
     """A run's checkpoints and history lines, written in order on one background thread.
 
     The loop hands over a snapshot and goes on scoring while the thread serialises, fsyncs and renames
-    (about 15 ms a checkpoint late in an 8,000-call run, and an fsync per history line). Files are
+    (13 ms a checkpoint at the end of an 8,000-call run on the 2-core machine, about 18 ms on run 7's card
+    host, and an fsync per history line). Files are
     written exactly as before, and in the same order; an error on the thread is raised in the loop at
     its next hand-over or at :meth:`close`, which waits for everything handed over (the run's end, a
     SIGINT checkpoint, ``stop_after_generations``, an error). The snapshot copies the lists the loop
@@ -774,6 +775,7 @@ def _finish(ws: Workspace, run_dir: Path, state: dict | None, stop_reason: str |
         "best_train_fitness": state["best_fit"] if state else None,
         "wall_seconds": round(wall, 3), "timing_seconds": {k: round(v, 4) for k, v in timing.items()},
         "setup_seconds": ws.setup_seconds,  # this process's prepare(), by phase (part of timing's setup)
+        "session_open_seconds": {str(g): v for g, v in ws.engine.open_seconds.items()},
         "provider": ws.engine.provider, "cands_per_call": ws.engine.cands_per_call,
         # prompts made by the projection graph on the engine's device, bound to the graphs' input
         "projection_on_device": ws.at is not None and ws.engine.projects_on_device(cfg.popsize),

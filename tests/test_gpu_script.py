@@ -52,8 +52,14 @@ def test_gpu_script_cpu_dry_run(tmp_path):
     phases = data["tune"]["bbt"]["setup_seconds"]  # where the run's start went, for the next card run
     assert {"manifest", "data", "sessions", "projection", "optimizer"} <= set(phases)
     assert sum(phases.values()) <= data["tune"]["bbt"]["timing_seconds"]["setup"] + 1e-3
+    assert list(data["tune"]["bbt"]["session_open_seconds"]) == ["0"]  # bbt opens graph 0 only
+    so = data["session_open"]  # the start-up breakdown on the tune export
+    assert [o["graph"] for o in so["opens_shared_weights"]] == [0, 0, 1] and so["verify_full_s"] > 0
+    assert set(so["graph0_by_optimization_s"]) == {"all", "basic", "disable"}
+    assert "session_initialization" in so["ort_first_open_ms"]
     md = (out / "gpu_cpu-dry-run.md").read_text()
     assert md.startswith("# GPU benchmark: cpu-dry-run") and "bbt set-up by phase (s): {'manifest'" in md
+    assert "Opening the tune export" in md
 
 
 @pytest.mark.parametrize("name, cls", [
