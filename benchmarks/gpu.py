@@ -629,6 +629,13 @@ def markdown(data: dict) -> str:
                   f"same mapped weights); graph 0 with freshly mapped weights {so['graph0_fresh_weights_s']} s; by ORT "
                   f"optimisation level {so['graph0_by_optimization_s']}; ORT's profile of the first open (ms) "
                   f"{so.get('ort_first_open_ms')}.", ""]
+        dw = so.get("device_weights")
+        if dw:
+            lines += [f"Shared tensors as device OrtValues (CLIPTUNE_DEVICE_WEIGHTS=1) against host ones, clip with "
+                      f"{dw['graphs']} graphs: sessions {dw['on']['sessions_s']} s against {dw['off']['sessions_s']} s, "
+                      f"GPU memory {dw['on']['gpu_memory_mib']} MiB against {dw['off']['gpu_memory_mib']} MiB, "
+                      f"{dw['on']['device_values']} tensors on the device; losses differ by at most "
+                      f"{dw['max_abs_loss_diff']:.3g}.", ""]
     if data.get("cma_blas"):
         c = data["cma_blas"]
         lines += [f"CMA-ES ask/tell on this host (d {c['d']}, population {c['popsize']}, {c['generations']} "

@@ -14,7 +14,9 @@ times, in one process, on one model dir:
 - graph 0 at each ORT optimisation level (``all``, the runtime's, then ``basic`` and ``disable``), so
   the graph optimisers' share shows;
 - ONNX Runtime's own split of the first open (its profiler's ``model_loading_uri`` and
-  ``session_initialization`` events).
+  ``session_initialization`` events);
+- a clip K = 2 workspace made with the shared tensors as host OrtValues (the default) and as device
+  OrtValues (``CLIPTUNE_DEVICE_WEIGHTS=1``): session time, GPU memory, and whether the losses agree.
 
     python benchmarks/session_open.py --model-dir DIR [--device cuda] [--graphs 0,1] [--out DIR]
 
@@ -115,7 +117,61 @@ def measure(model_dir: str | os.PathLike, device: str = "cpu", graphs: list[int]
             levels[level] = f"failed: {str(e).splitlines()[0][:160]}"
     out["graph0_by_optimization_s"] = levels
     out["provider"] = provider
+    out["device_weights"] = compare_device_weights(model_dir, device)
     return out
+
+
+def _gpu_memory_used_mib() -> float | None:
+    import subprocess
+
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                           capture_output=True, text=True, timeout=20)
+        return float(r.stdout.strip().splitlines()[0])
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return None
+
+
+def compare_device_weights(model_dir, device: str, k: int = 2, pop: int = 4) -> dict:
+    """A clip run's workspace (graph 0 + ``k`` thinned graphs) made with the shared tensors handed to the
+    sessions from host memory (the default) and as device OrtValues (``CLIPTUNE_DEVICE_WEIGHTS=1``; on
+    the CPU provider both are the host path): session time, GPU memory after scoring one population,
+    and the largest difference of its losses (0 expected: same weights, same kernels)."""
+    import numpy as np
+
+    from cliptune_ort.config import build_config
+    from cliptune_ort.manifest import load_manifest
+    from cliptune_ort.tuner import prepare, score
+
+    k = min(k, load_manifest(model_dir).k)
+    cfg = build_config(task="sst2", method="clip", k=k, device=device, plot=False)
+    z = np.random.default_rng(0).standard_normal((pop, cfg.d))
+    old = os.environ.get("CLIPTUNE_DEVICE_WEIGHTS")
+    runs: dict = {}
+    losses = {}
+    try:
+        for flag in ("0", "1"):
+            os.environ["CLIPTUNE_DEVICE_WEIGHTS"] = flag
+            before = _gpu_memory_used_mib() if device == "cuda" else None
+            ws = prepare(cfg, Path(model_dir))
+            try:
+                losses[flag] = score(ws, ws.prompts(z))
+                after = _gpu_memory_used_mib() if device == "cuda" else None
+                runs["on" if flag == "1" else "off"] = {
+                    "sessions_s": ws.setup_seconds["sessions"], "session_open_s": ws.engine.open_seconds,
+                    "gpu_memory_mib": None if before is None or after is None else round(after - before, 1),
+                    "device_values": sum(1 for v in (ws.engine.shared.values.values() if ws.engine.shared else [])
+                                         if v.device_name().lower() != "cpu")}
+            finally:
+                ws.engine.close()
+    finally:
+        if old is None:
+            os.environ.pop("CLIPTUNE_DEVICE_WEIGHTS", None)
+        else:
+            os.environ["CLIPTUNE_DEVICE_WEIGHTS"] = old
+    runs["graphs"] = k + 1
+    runs["max_abs_loss_diff"] = float(np.max(np.abs(losses["0"] - losses["1"])))
+    return runs
 
 
 def main(argv=None) -> int:

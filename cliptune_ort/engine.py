@@ -30,6 +30,7 @@ from .sessions import (
     SessionSpec,
     SharedWeights,
     check_contract,
+    device_weights_enabled,
     make_session,
     resolve_device,
     warn,
@@ -148,7 +149,7 @@ class Engine:
 
     def __init__(self, manifest: Manifest, graphs: list[int], device: str = "auto", cands_per_call: int = 0,
                  threads: int = 0, workers: int = 0, optimization: str = "all", share_weights: bool | None = None,
-                 iobinding: bool | None = None, cuda_graph: bool = False):
+                 iobinding: bool | None = None, cuda_graph: bool = False, device_weights: bool | None = None):
         self.manifest = manifest
         self.graphs = sorted(set(graphs))
         for g in self.graphs:
@@ -159,7 +160,9 @@ class Engine:
             # int8 weights are small and gain most from ORT's prepacking, which sharing turns off: measured
             # roberta-base SST-2 pass 463 -> 365 ms unshared (+~100 MB per extra session); fp32/fp16 share
             share_weights = manifest.precision != "int8"
-        self.shared = SharedWeights(manifest) if share_weights else None
+        self._share = bool(share_weights)
+        self.device_weights = device_weights_enabled(device_weights)  # CUDA: shared tensors on the device
+        self.shared: SharedWeights | None = None
         self._threads, self._workers, self._optimization = threads, workers, optimization
         self.cuda_graph = bool(cuda_graph)
         device_asked = device
@@ -205,6 +208,11 @@ class Engine:
                            optimization=self._optimization, cuda_graph=self.cuda_graph,
                            disabled_optimizers=disabled_optimizers(self.manifest),
                            ops_library="cuda" if self.manifest.packed_ffn == "cublaslt" else None)
+        self.shared = None
+        if self._share:
+            on_device = self.device_weights and self.device == "cuda"
+            self.shared = SharedWeights(self.manifest, device=self.device if on_device else "cpu",
+                                        graphs=self.graphs if on_device else None)
         self.sessions = {}
         self.open_seconds: dict[int, float] = {}  # per graph: session creation (load, optimise, weights placed)
         for g in self.graphs:

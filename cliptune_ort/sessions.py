@@ -43,27 +43,67 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def graph_weight_names(manifest: Manifest, graphs: list[int]) -> set[str]:
+    """Names of the shared tensors (``weights.bin``) that ``graphs`` use: each graph file names its
+    external initializers, content-addressed as ``w_<24 hex digits>`` by the exporter."""
+    import re
+
+    table = {t["name"] for t in manifest.data["weights"]["tensors"]}
+    used: set[str] = set()
+    for g in graphs:
+        found = re.findall(rb"w_[0-9a-f]{24}", manifest.graph_path(g).read_bytes())
+        used |= {n.decode() for n in found} & table
+    return used
+
+
+def device_weights_enabled(value: bool | None = None) -> bool:
+    """Whether CUDA sessions get the shared tensors as device OrtValues: ``value``, else
+    ``CLIPTUNE_DEVICE_WEIGHTS`` ('1' on, '0' or unset off; off by default until measured on a card)."""
+    if value is not None:
+        return bool(value)
+    env = os.environ.get("CLIPTUNE_DEVICE_WEIGHTS", "").strip()
+    if env not in ("", "0", "1"):
+        from .errors import ConfigError
+
+        raise ConfigError(f"CLIPTUNE_DEVICE_WEIGHTS={env!r}: expected 1 (on) or 0 (off); unset it for the default (off)")
+    return env == "1"
+
+
 class SharedWeights:
     """The model directory's ``weights.bin``, memory-mapped once and handed to every session.
 
     Each tensor listed in the manifest becomes an OrtValue over the mapped file (no copy); sessions
-    receive them through ``SessionOptions.add_initializer``, so K+1 sessions hold one copy.
+    receive them through ``SessionOptions.add_initializer``. ONNX Runtime uses such a tensor in place
+    only where the session plans it on the tensor's device: on the CPU provider the K+1 sessions hold one
+    copy; a CUDA session copies each tensor it places on the GPU into memory of its own.
+
+    ``device='cuda'``: the tensors that ``graphs`` use are copied to the GPU once, as device OrtValues,
+    which every CUDA session then uses in place (one device copy for the K+1 sessions, no upload per
+    session). Opt-in (``Engine(device_weights=True)`` or ``CLIPTUNE_DEVICE_WEIGHTS=1``) until a card run
+    has measured it (benchmarks/session_open.py checks the losses are the same).
     """
 
-    def __init__(self, manifest: Manifest):
+    def __init__(self, manifest: Manifest, device: str = "cpu", graphs: list[int] | None = None):
         table = manifest.data["weights"]["tensors"]
         path = manifest.weights_path
         size = path.stat().st_size
+        self.device = device
         self._map = np.memmap(path, dtype=np.uint8, mode="r")
         self.arrays: dict[str, np.ndarray] = {}
         self.values: dict[str, ort.OrtValue] = {}
+        wanted = graph_weight_names(manifest, graphs) if graphs is not None else None
         for t in table:
             end = int(t["offset"]) + int(t["length"])
             if end > size:
                 raise ModelDirError(f"{path} is truncated ({size} bytes, tensor {t['name']} ends at {end}): re-export")
             arr = self._map[int(t["offset"]):end].view(np.dtype(t["dtype"])).reshape(t["shape"])
             self.arrays[t["name"]] = arr
-            self.values[t["name"]] = ort.OrtValue.ortvalue_from_numpy(arr)
+            if wanted is not None and t["name"] not in wanted:
+                continue
+            if device == "cpu":
+                self.values[t["name"]] = ort.OrtValue.ortvalue_from_numpy(arr)
+            else:  # one host -> device copy here, none per session
+                self.values[t["name"]] = ort.OrtValue.ortvalue_from_numpy(arr, device, 0)
 
 
 @dataclass

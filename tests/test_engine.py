@@ -53,3 +53,41 @@ def test_cuda_requests_fail_loudly_without_cuda(splade_dir):
     with pytest.raises(ConfigError, match="cuda_graph needs --device cuda"):
         Engine(man, [0], device="cpu", cuda_graph=True)
     assert Engine(man, [0], device="auto").device == "cpu"
+
+
+def test_shared_tensors_per_graph_and_the_device_weights_switch(splade_dir, packed_pair, monkeypatch):
+    import json
+
+    from cliptune_ort.manifest import load_manifest
+    from cliptune_ort.sessions import SharedWeights, device_weights_enabled, graph_weight_names
+
+    man = load_manifest(splade_dir, verify=False)
+    table = {t["name"] for t in man.data["weights"]["tensors"]}
+    per_graph = [graph_weight_names(man, [g]) for g in range(man.k + 1)]
+    assert set().union(*per_graph) == table  # every shared tensor is some graph's
+    assert all(per_graph) and all(p <= table for p in per_graph)
+    assert not man.data["masks_folded"] and all(p == per_graph[0] for p in per_graph)  # masks stay in-graph
+    fp16 = load_manifest(packed_pair[0], verify=False)  # fp16: masks folded into a thinned graph's weights
+    f0, f1 = graph_weight_names(fp16, [0]), graph_weight_names(fp16, [1])
+    assert fp16.data["masks_folded"] and f0 & f1 and f0 != f1
+    assert graph_weight_names(load_manifest(packed_pair[2], verify=False), [1]) == f1  # packing keeps the names
+    # a graph names each of its external initializers: the same set as the protobuf's own list
+    onnx = pytest.importorskip("onnx")
+    m = onnx.load(str(man.graph_path(1)), load_external_data=False)
+    assert per_graph[1] == {i.name for i in m.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL}
+    sw = SharedWeights(man, graphs=[1])  # host values for graph 1's tensors only; every array mapped
+    assert set(sw.values) == per_graph[1] and set(sw.arrays) == table
+    assert set(SharedWeights(man).values) == table
+
+    monkeypatch.delenv("CLIPTUNE_DEVICE_WEIGHTS", raising=False)
+    assert device_weights_enabled() is False and device_weights_enabled(True) is True
+    monkeypatch.setenv("CLIPTUNE_DEVICE_WEIGHTS", "1")
+    assert device_weights_enabled() is True and device_weights_enabled(False) is False
+    eng = Engine(man, [0, 1], device="cpu")  # CPU provider: host tensors whatever the switch says
+    assert eng.device_weights is True and set(eng.shared.values) == table
+    assert all(v.device_name().lower() == "cpu" for v in eng.shared.values.values())
+    eng.close()
+    monkeypatch.setenv("CLIPTUNE_DEVICE_WEIGHTS", "yes")
+    with pytest.raises(ConfigError, match="CLIPTUNE_DEVICE_WEIGHTS='yes': expected 1 .on. or 0 .off."):
+        Engine(man, [0], device="cpu")
+    assert json.dumps(sorted(per_graph[0]))  # names are plain strings (manifest-safe)

@@ -57,9 +57,11 @@ def test_gpu_script_cpu_dry_run(tmp_path):
     assert [o["graph"] for o in so["opens_shared_weights"]] == [0, 0, 1] and so["verify_full_s"] > 0
     assert set(so["graph0_by_optimization_s"]) == {"all", "basic", "disable"}
     assert "session_initialization" in so["ort_first_open_ms"]
+    dw = so["device_weights"]  # on the CPU provider both are the host path: same losses, nothing on a device
+    assert dw["max_abs_loss_diff"] == 0.0 and dw["on"]["device_values"] == 0 and dw["graphs"] == 2
     md = (out / "gpu_cpu-dry-run.md").read_text()
     assert md.startswith("# GPU benchmark: cpu-dry-run") and "bbt set-up by phase (s): {'manifest'" in md
-    assert "Opening the tune export" in md
+    assert "Opening the tune export" in md and "Shared tensors as device OrtValues" in md
 
 
 @pytest.mark.parametrize("name, cls", [
