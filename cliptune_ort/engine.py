@@ -31,6 +31,7 @@ from .sessions import (
     SharedWeights,
     check_contract,
     device_weights_enabled,
+    env_flag,
     make_session,
     resolve_device,
     warn,
@@ -149,7 +150,8 @@ class Engine:
 
     def __init__(self, manifest: Manifest, graphs: list[int], device: str = "auto", cands_per_call: int = 0,
                  threads: int = 0, workers: int = 0, optimization: str = "all", share_weights: bool | None = None,
-                 iobinding: bool | None = None, cuda_graph: bool = False, device_weights: bool | None = None):
+                 iobinding: bool | None = None, cuda_graph: bool = False, device_weights: bool | None = None,
+                 concurrent_graphs: bool | None = None):
         self.manifest = manifest
         self.graphs = sorted(set(graphs))
         for g in self.graphs:
@@ -161,6 +163,8 @@ class Engine:
             # roberta-base SST-2 pass 463 -> 365 ms unshared (+~100 MB per extra session); fp32/fp16 share
             share_weights = manifest.precision != "int8"
         self._share = bool(share_weights)
+        # several graphs of one job (clip's K thinned networks) run at once, one thread each (opt-in)
+        self.concurrent_graphs = env_flag("CLIPTUNE_CONCURRENT_GRAPHS", concurrent_graphs)
         self.device_weights = device_weights_enabled(device_weights)  # CUDA: shared tensors on the device
         self.shared: SharedWeights | None = None
         self._threads, self._workers, self._optimization = threads, workers, optimization
@@ -220,6 +224,10 @@ class Engine:
             self.sessions[g] = self._make(g, spec)
             self.open_seconds[g] = round(time.perf_counter() - t0, 4)
         self._pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
+        # one thread per graph, always the same one (its bindings and CUDA graphs stay its own)
+        self._graph_threads = ({g: ThreadPoolExecutor(1, thread_name_prefix=f"cliptune-graph{g}") for g in self.graphs}
+                               if self.concurrent_graphs and self.workers == 1 and len(self.graphs) > 1 else None)
+        self._graph_runs: dict = {}  # (graph, batch, part, rows, on device) -> runs made on its graph's thread
 
     def _make(self, g: int, spec: SessionSpec):
         path = self.manifest.graph_path(g)
@@ -409,13 +417,45 @@ class Engine:
             outs[j][c0:c0 + chunk.shape[0], idx] = res
             return time.perf_counter() - t0
 
-        if self._pool is not None and len(units) > 1:
-            secs = list(self._pool.map(run, units))
+        if self._graph_threads is not None and len({u[1] for u in units}) > 1:
+            self.session_seconds += self._run_by_graph(units, run, batch, verb.tobytes())
         else:
-            secs = [run(u) for u in units]
-        self.session_seconds += sum(secs)
+            if self._pool is not None and len(units) > 1:
+                secs = list(self._pool.map(run, units))
+            else:
+                secs = [run(u) for u in units]
+            self.session_seconds += sum(secs)
         self.session_runs += len(units)
         return outs
+
+    #: runs of a binding before it may overlap another graph's: ORT's CUDA provider runs a new shape one or
+    #: two times (by version), then captures it as a CUDA graph, kept in the calling thread's context; the
+    #: capture (cudaStreamCaptureModeGlobal) must not overlap CUDA work from another thread
+    WARM_RUNS = 3
+
+    def _run_by_graph(self, units: list, run, batch: FixedBatch, verb: bytes) -> float:
+        """Each graph's units on that graph's own thread, the graphs at once (their sessions, streams and
+        bindings are separate; the prompts are read-only). Until every binding involved has run
+        :attr:`WARM_RUNS` times, the graphs take turns. Returns the wall time."""
+        by_graph: dict[int, list] = {}
+        for u in units:
+            by_graph.setdefault(u[1], []).append(u)
+
+        def key(u):
+            return (u[1], batch.uid, u[5], u[3].shape, isinstance(u[3], DevicePrompts), verb)
+
+        warm = all(self._graph_runs.get(key(u), 0) >= self.WARM_RUNS for u in units)
+        t0 = time.perf_counter()
+        if warm:
+            futures = [self._graph_threads[g].submit(lambda us=us: [run(u) for u in us]) for g, us in by_graph.items()]
+            for f in futures:
+                f.result()
+        else:
+            for g, us in by_graph.items():
+                self._graph_threads[g].submit(lambda us=us: [run(u) for u in us]).result()
+        for u in units:
+            self._graph_runs[key(u)] = self._graph_runs.get(key(u), 0) + 1
+        return time.perf_counter() - t0
 
     def _run_bound(self, graph: int, batch: FixedBatch, part: int, chunk: np.ndarray,
                    verb: np.ndarray) -> np.ndarray:
@@ -493,6 +533,9 @@ class Engine:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        for ex in (self._graph_threads or {}).values():
+            ex.shutdown(wait=True)
+        self._graph_threads = None
         self._bound.clear()
         self._resident.clear()
         self._projections.clear()

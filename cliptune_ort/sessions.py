@@ -56,17 +56,22 @@ def graph_weight_names(manifest: Manifest, graphs: list[int]) -> set[str]:
     return used
 
 
-def device_weights_enabled(value: bool | None = None) -> bool:
-    """Whether CUDA sessions get the shared tensors as device OrtValues: ``value``, else
-    ``CLIPTUNE_DEVICE_WEIGHTS`` ('1' on, '0' or unset off; off by default until measured on a card)."""
+def env_flag(name: str, value: bool | None = None) -> bool:
+    """``value`` when given, else the environment variable ``name``: '1' on, '0' or unset off."""
     if value is not None:
         return bool(value)
-    env = os.environ.get("CLIPTUNE_DEVICE_WEIGHTS", "").strip()
+    env = os.environ.get(name, "").strip()
     if env not in ("", "0", "1"):
         from .errors import ConfigError
 
-        raise ConfigError(f"CLIPTUNE_DEVICE_WEIGHTS={env!r}: expected 1 (on) or 0 (off); unset it for the default (off)")
+        raise ConfigError(f"{name}={env!r}: expected 1 (on) or 0 (off); unset it for the default (off)")
     return env == "1"
+
+
+def device_weights_enabled(value: bool | None = None) -> bool:
+    """Whether CUDA sessions get the shared tensors as device OrtValues: ``value``, else
+    ``CLIPTUNE_DEVICE_WEIGHTS`` (off by default until measured on a card)."""
+    return env_flag("CLIPTUNE_DEVICE_WEIGHTS", value)
 
 
 class SharedWeights:

@@ -91,3 +91,41 @@ def test_shared_tensors_per_graph_and_the_device_weights_switch(splade_dir, pack
     with pytest.raises(ConfigError, match="CLIPTUNE_DEVICE_WEIGHTS='yes': expected 1 .on. or 0 .off."):
         Engine(man, [0], device="cpu")
     assert json.dumps(sorted(per_graph[0]))  # names are plain strings (manifest-safe)
+
+
+@pytest.mark.parametrize("iobinding,cpc", [(True, 5), (False, 2)])
+def test_concurrent_graphs_give_the_same_losses(ws, iobinding, cpc):
+    # clip's K thinned graphs each on their own thread (CLIPTUNE_CONCURRENT_GRAPHS): the first
+    # WARM_RUNS calls of a shape take turns (ORT's CUDA-graph capture must run alone), later ones overlap
+    p = ws.prompts(np.random.default_rng(5).standard_normal((5, 40)))
+    seq = Engine(ws.manifest, [0, 1, 2], device="cpu", iobinding=iobinding, cands_per_call=cpc, workers=1, threads=1)
+    con = Engine(ws.manifest, [0, 1, 2], device="cpu", iobinding=iobinding, cands_per_call=cpc, workers=1, threads=1,
+                 concurrent_graphs=True)
+    old = ws.engine
+    try:
+        ws.engine = seq
+        ref = score(ws, p)
+        ws.engine = con
+        threads = set()
+        real = con._run_bound if iobinding else None
+        if real is not None:
+            def spy(graph, *a, **kw):
+                import threading
+
+                threads.add((graph, threading.current_thread().name))
+                return real(graph, *a, **kw)
+
+            con._run_bound = spy
+        for i in range(Engine.WARM_RUNS + 2):
+            assert np.array_equal(score(ws, p), ref), i  # bit for bit, in turns and overlapped
+        # runs per binding: chunks of one shape share one (3 chunks of 2, 2, 1 candidates with cpc 2)
+        n = Engine.WARM_RUNS + 2
+        assert sorted(set(con._graph_runs.values())) == ([n] if cpc == 5 else [n, 2 * n])
+        if iobinding:  # each graph always on its own thread
+            assert threads == {(1, "cliptune-graph1_0"), (2, "cliptune-graph2_0")}
+        assert con.logits(0, p[:1], ws.dev, ws.verbalizer_ids).shape == (1, ws.dev.n, 2)  # one graph: this thread
+    finally:
+        ws.engine = old
+        seq.close()
+        con.close()
+    assert con._graph_threads is None

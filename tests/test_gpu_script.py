@@ -28,7 +28,7 @@ def test_gpu_script_cpu_dry_run(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--cpu-dry-run", "--out", str(out),
-                        "--work", str(work), "--skip", "fp32,profile", "--moe", "--fp16-k", "1", "--budget", "40"],
+                        "--work", str(work), "--skip", "fp32,profile", "--moe", "--fp16-k", "2", "--budget", "40"],
                        check=False, capture_output=True, text=True, timeout=600, env=env, cwd=str(ROOT))
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     data = json.loads((out / "gpu_cpu-dry-run.json").read_text())
@@ -38,15 +38,18 @@ def test_gpu_script_cpu_dry_run(tmp_path):
     assert cma["ms_per_gen"]["1"] > 0 and str(cma["chosen_threads"]) in cma["ms_per_gen"]
     assert data["tune"]["bbt"]["blas_threads"] == cma["chosen_threads"]
     assert data["tune"]["bbt"]["projection_on_device"] is False  # CPU: one candidate per call, host prompts
-    assert data["export"]["packed"]["packed_attention_nodes"] == [2, 2]  # 3 layers: 2 full + the mask layer
-    assert data["export"]["packed_host"]["packed_attention_nodes"] == [2, 2]
+    assert data["export"]["packed"]["packed_attention_nodes"] == [2, 2, 2]  # 3 layers: 2 full + the mask layer
+    assert data["export"]["packed_host"]["packed_attention_nodes"] == [2, 2, 2]
     moe = data["export"]["packed_host_flash_moe"]  # the MoE feed-forward copy is made (and timed on a GPU)
-    assert moe["ffn"] == "moe" and moe["kernel"] == "flash" and moe["packed_attention_nodes"] == [2, 2]
+    assert moe["ffn"] == "moe" and moe["kernel"] == "flash" and moe["packed_attention_nodes"] == [2, 2, 2]
     assert "CUDA provider" in data["packed_note"]
     assert not any(c["mode"].startswith("packed") for c in data["cells"])
     assert data["tune_variant"]["used"] == "padded"
     assert data["tune"]["bbt"]["calls"] == 40 and data["tune"]["bbt"]["variant"] == "padded"
-    assert "K=1 < 4" in data["tune"]["clip"]["skipped"]  # clip needs K=4 graphs
+    assert "K=2 < 4" in data["tune"]["clip"]["skipped"]  # clip needs K=4 graphs
+    cc = data["concurrent_graphs"]  # clip's graph calls in turn and at once: timed, same losses, not used on a CPU
+    assert cc["k"] == 2 and cc["max_abs_loss_diff"] == 0.0 and cc["used_for_clip"] is False
+    assert cc["sequential"]["p50_ms"] > 0 and cc["concurrent"]["p50_ms"] > 0
     par = data["parity"]["ort_fp16_iobinding"]  # the fp16 graph against torch fp32, same weights
     assert par["argmax_agreement"] == 1.0 and par["max_abs_diff"] < 2e-2
     phases = data["tune"]["bbt"]["setup_seconds"]  # where the run's start went, for the next card run
@@ -58,10 +61,11 @@ def test_gpu_script_cpu_dry_run(tmp_path):
     assert set(so["graph0_by_optimization_s"]) == {"all", "basic", "disable"}
     assert "session_initialization" in so["ort_first_open_ms"]
     dw = so["device_weights"]  # on the CPU provider both are the host path: same losses, nothing on a device
-    assert dw["max_abs_loss_diff"] == 0.0 and dw["on"]["device_values"] == 0 and dw["graphs"] == 2
+    assert dw["max_abs_loss_diff"] == 0.0 and dw["on"]["device_values"] == 0 and dw["graphs"] == 3
     md = (out / "gpu_cpu-dry-run.md").read_text()
     assert md.startswith("# GPU benchmark: cpu-dry-run") and "bbt set-up by phase (s): {'manifest'" in md
     assert "Opening the tune export" in md and "Shared tensors as device OrtValues" in md
+    assert "One clip generation (K = 2 graphs" in md
 
 
 @pytest.mark.parametrize("name, cls", [
