@@ -688,29 +688,22 @@ def concurrent_graphs_cell(model_dir: Path, device: str, cuda_graph: bool, k: in
 
     out: dict = {"k": k, "pop": 20, "cuda_graph": cuda_graph}
     losses = {}
-    old = os.environ.get("CLIPTUNE_CONCURRENT_GRAPHS")
-    try:
-        for flag in ("0", "1"):
-            os.environ["CLIPTUNE_CONCURRENT_GRAPHS"] = flag
-            kw = dict(task=TASK, method="clip", k=k, device=device, plot=False, workers=workers)
-            if cuda_graph:
-                kw["cuda_graph"] = True
-            cfg = build_config(**kw)
+    kw = dict(task=TASK, method="clip", k=k, device=device, plot=False, workers=workers)
+    if cuda_graph:
+        kw["cuda_graph"] = True
+    cfg = build_config(**kw)
+    for flag in ("0", "1"):
+        with harness.env_var("CLIPTUNE_CONCURRENT_GRAPHS", flag):
             ws = prepare(cfg, Path(model_dir))
-            try:
-                p = ws.prompts(np.random.default_rng(3).standard_normal((20, cfg.d)))
-                for _ in range(Engine.WARM_RUNS):  # new shapes run (and are captured) in turn first
-                    score(ws, p)
-                out["concurrent" if flag == "1" else "sequential"] = summarize(
-                    time_iters(lambda ws=ws, p=p: score(ws, p), warmup=1, iters=iters))
-                losses[flag] = score(ws, p)
-            finally:
-                ws.engine.close()
-    finally:
-        if old is None:
-            os.environ.pop("CLIPTUNE_CONCURRENT_GRAPHS", None)
-        else:
-            os.environ["CLIPTUNE_CONCURRENT_GRAPHS"] = old
+        try:
+            p = ws.prompts(np.random.default_rng(3).standard_normal((20, cfg.d)))
+            for _ in range(Engine.WARM_RUNS):  # new shapes run (and are captured) in turn first
+                score(ws, p)
+            out["concurrent" if flag == "1" else "sequential"] = summarize(
+                time_iters(lambda ws=ws, p=p: score(ws, p), warmup=1, iters=iters))
+            losses[flag] = score(ws, p)
+        finally:
+            ws.engine.close()
     out["max_abs_loss_diff"] = float(np.max(np.abs(losses["0"] - losses["1"])))
     out["speedup"] = round(out["sequential"]["p50_ms"] / out["concurrent"]["p50_ms"], 3)
     return out
@@ -752,16 +745,8 @@ def blas_threads_for_tune(n: int):
         return
     from threadpoolctl import threadpool_limits
 
-    old = os.environ.get("OPENBLAS_NUM_THREADS")
-    os.environ["OPENBLAS_NUM_THREADS"] = str(n)
-    try:
-        with threadpool_limits(limits=n, user_api="blas"):
-            yield
-    finally:
-        if old is None:
-            os.environ.pop("OPENBLAS_NUM_THREADS", None)
-        else:
-            os.environ["OPENBLAS_NUM_THREADS"] = old
+    with harness.env_var("OPENBLAS_NUM_THREADS", str(n)), threadpool_limits(limits=n, user_api="blas"):
+        yield
 
 
 # ---------------------------------------------------------------- main
@@ -1257,16 +1242,9 @@ def main(argv=None) -> int:
             cfg = build_config(**kw)
             concurrent = use_concurrent and method == "clip"
             log(f"tune {method}: budget {b} calls, variant {chosen} (cuda_graph {use_cg}, graphs at once {concurrent})")
-            old_cc = os.environ.get("CLIPTUNE_CONCURRENT_GRAPHS")
-            os.environ["CLIPTUNE_CONCURRENT_GRAPHS"] = "1" if concurrent else "0"
-            try:
-                with blas_threads_for_tune(blas):
-                    out = tune(cfg, run_dir, overwrite=True, progress=True, model_dir=tune_dir)
-            finally:
-                if old_cc is None:
-                    os.environ.pop("CLIPTUNE_CONCURRENT_GRAPHS", None)
-                else:
-                    os.environ["CLIPTUNE_CONCURRENT_GRAPHS"] = old_cc
+            with harness.env_var("CLIPTUNE_CONCURRENT_GRAPHS", "1" if concurrent else "0"), \
+                    blas_threads_for_tune(blas):
+                out = tune(cfg, run_dir, overwrite=True, progress=True, model_dir=tune_dir)
             keep = {k: out.get(k) for k in ("calls", "forward_passes", "generations", "wall_seconds", "timing_seconds",
                                             "provider", "cands_per_call", "train_padded_fraction", "n_buckets", "k",
                                             "train", "dev", "test", "stop_reason", "budget", "projection_on_device",

@@ -17,6 +17,7 @@ lengths.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -264,6 +265,20 @@ def write_markdown(path: Path, title: str, payload: dict, sections: list[tuple[s
 
 
 # ---------------------------------------------------------------- model folders
+
+
+@contextlib.contextmanager
+def env_var(name: str, value: str):
+    """The environment variable ``name`` set to ``value`` inside the block, restored (or removed) after."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def bench_cache() -> Path:

@@ -37,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from harness import env_var, machine_info
 
 
 def _spec(manifest, device: str, optimization: str, profile_prefix: str | None = None):
@@ -61,25 +62,16 @@ def _ort_init_events(path: str) -> dict[str, float]:
 
 def measure(model_dir: str | os.PathLike, device: str = "cpu", graphs: list[int] | None = None) -> dict:
     """The timings above for ``model_dir`` on ``device`` ('cpu' | 'cuda'); seconds unless named _ms."""
+    from cliptune_ort.errors import ModelDirError, ProviderError
     from cliptune_ort.manifest import load_manifest
     from cliptune_ort.sessions import SharedWeights, make_session
 
     out: dict = {"model_dir": str(model_dir), "device": device}
-    old = os.environ.get("CLIPTUNE_VERIFY")
-    try:
-        os.environ["CLIPTUNE_VERIFY"] = "full"
-        t = time.perf_counter()
-        man = load_manifest(model_dir)
-        out["verify_full_s"] = round(time.perf_counter() - t, 4)
-        os.environ["CLIPTUNE_VERIFY"] = "cached"
-        t = time.perf_counter()
-        load_manifest(model_dir)
-        out["verify_cached_s"] = round(time.perf_counter() - t, 4)
-    finally:
-        if old is None:
-            os.environ.pop("CLIPTUNE_VERIFY", None)
-        else:
-            os.environ["CLIPTUNE_VERIFY"] = old
+    for mode in ("full", "cached"):
+        with env_var("CLIPTUNE_VERIFY", mode):
+            t = time.perf_counter()
+            man = load_manifest(model_dir)
+            out[f"verify_{mode}_s"] = round(time.perf_counter() - t, 4)
     out["pinned_bytes"] = sum((Path(model_dir) / g["file"]).stat().st_size for g in man.data["graphs"]) + \
         man.weights_path.stat().st_size
     graphs = sorted(set(graphs if graphs is not None else [0, min(1, man.k)]))
@@ -113,8 +105,8 @@ def measure(model_dir: str | os.PathLike, device: str = "cpu", graphs: list[int]
             sess = make_session(man.graph_path(0), _spec(man, device, level), shared)
             levels[level] = round(time.perf_counter() - t, 4)
             del sess
-        except Exception as e:  # some layouts need the optimiser's fusions to have kernels at all
-            levels[level] = f"failed: {str(e).splitlines()[0][:160]}"
+        except (ModelDirError, ProviderError) as e:  # a layout may need the optimiser's fusions for kernels
+            levels[level] = f"failed: {str(e)[:160]}"
     out["graph0_by_optimization_s"] = levels
     out["provider"] = provider
     out["device_weights"] = compare_device_weights(model_dir, device)
@@ -126,7 +118,7 @@ def _gpu_memory_used_mib() -> float | None:
 
     try:
         r = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                           capture_output=True, text=True, timeout=20)
+                           capture_output=True, text=True, timeout=20, check=False)
         return float(r.stdout.strip().splitlines()[0])
     except (OSError, ValueError, IndexError, subprocess.SubprocessError):
         return None
@@ -146,29 +138,22 @@ def compare_device_weights(model_dir, device: str, k: int = 2, pop: int = 4) -> 
     k = min(k, load_manifest(model_dir).k)
     cfg = build_config(task="sst2", method="clip", k=k, device=device, plot=False)
     z = np.random.default_rng(0).standard_normal((pop, cfg.d))
-    old = os.environ.get("CLIPTUNE_DEVICE_WEIGHTS")
     runs: dict = {}
     losses = {}
-    try:
-        for flag in ("0", "1"):
-            os.environ["CLIPTUNE_DEVICE_WEIGHTS"] = flag
-            before = _gpu_memory_used_mib() if device == "cuda" else None
+    for flag in ("0", "1"):
+        before = _gpu_memory_used_mib() if device == "cuda" else None
+        with env_var("CLIPTUNE_DEVICE_WEIGHTS", flag):
             ws = prepare(cfg, Path(model_dir))
-            try:
-                losses[flag] = score(ws, ws.prompts(z))
-                after = _gpu_memory_used_mib() if device == "cuda" else None
-                runs["on" if flag == "1" else "off"] = {
-                    "sessions_s": ws.setup_seconds["sessions"], "session_open_s": ws.engine.open_seconds,
-                    "gpu_memory_mib": None if before is None or after is None else round(after - before, 1),
-                    "device_values": sum(1 for v in (ws.engine.shared.values.values() if ws.engine.shared else [])
-                                         if v.device_name().lower() != "cpu")}
-            finally:
-                ws.engine.close()
-    finally:
-        if old is None:
-            os.environ.pop("CLIPTUNE_DEVICE_WEIGHTS", None)
-        else:
-            os.environ["CLIPTUNE_DEVICE_WEIGHTS"] = old
+        try:
+            losses[flag] = score(ws, ws.prompts(z))
+            after = _gpu_memory_used_mib() if device == "cuda" else None
+            runs["on" if flag == "1" else "off"] = {
+                "sessions_s": ws.setup_seconds["sessions"], "session_open_s": ws.engine.open_seconds,
+                "gpu_memory_mib": None if before is None or after is None else round(after - before, 1),
+                "device_values": sum(1 for v in (ws.engine.shared.values.values() if ws.engine.shared else [])
+                                     if v.device_name().lower() != "cpu")}
+        finally:
+            ws.engine.close()
     runs["graphs"] = k + 1
     runs["max_abs_loss_diff"] = float(np.max(np.abs(losses["0"] - losses["1"])))
     return runs
@@ -185,8 +170,6 @@ def main(argv=None) -> int:
     graphs = [int(x) for x in a.graphs.split(",") if x.strip()] or None
     res = measure(a.model_dir, a.device, graphs)
     import onnxruntime
-
-    from harness import machine_info
 
     res.update({"benchmark": "session_open", "onnxruntime": onnxruntime.__version__, "machine": machine_info()})
     os.makedirs(a.out, exist_ok=True)
