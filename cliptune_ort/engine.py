@@ -30,7 +30,6 @@ from .sessions import (
     SessionSpec,
     SharedWeights,
     check_contract,
-    device_weights_enabled,
     env_flag,
     make_session,
     resolve_device,
@@ -165,8 +164,8 @@ class Engine:
         self._share = bool(share_weights)
         # several graphs of one job (clip's K thinned networks) run at once, one thread each (opt-in)
         self.concurrent_graphs = env_flag("CLIPTUNE_CONCURRENT_GRAPHS", concurrent_graphs)
-        self.device_weights = device_weights_enabled(device_weights)  # CUDA: shared tensors on the device
-        self.shared: SharedWeights | None = None
+        # CUDA: the shared tensors as device OrtValues, one copy for every session (opt-in until measured on a card)
+        self.device_weights = env_flag("CLIPTUNE_DEVICE_WEIGHTS", device_weights)
         self._threads, self._workers, self._optimization = threads, workers, optimization
         self.cuda_graph = bool(cuda_graph)
         device_asked = device
@@ -212,7 +211,7 @@ class Engine:
                            optimization=self._optimization, cuda_graph=self.cuda_graph,
                            disabled_optimizers=disabled_optimizers(self.manifest),
                            ops_library="cuda" if self.manifest.packed_ffn == "cublaslt" else None)
-        self.shared = None
+        self.shared: SharedWeights | None = None
         if self._share:
             on_device = self.device_weights and self.device == "cuda"
             self.shared = SharedWeights(self.manifest, device=self.device if on_device else "cpu",

@@ -109,6 +109,16 @@ def read_jsonl_lines(path: str | os.PathLike) -> list[Any]:
 RACY_NS = 100_000_000
 
 
+def file_stamp(path: str | os.PathLike) -> tuple[int, ...] | None:
+    """(device, inode, size, mtime, ctime) of ``path``, None when it cannot be stat'ed: equal stamps mean
+    the file was neither written nor replaced in between."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 def _file_id(st: os.stat_result) -> str:
     return f"{st.st_dev}:{st.st_ino}"
 

@@ -68,12 +68,6 @@ def env_flag(name: str, value: bool | None = None) -> bool:
     return env == "1"
 
 
-def device_weights_enabled(value: bool | None = None) -> bool:
-    """Whether CUDA sessions get the shared tensors as device OrtValues: ``value``, else
-    ``CLIPTUNE_DEVICE_WEIGHTS`` (off by default until measured on a card)."""
-    return env_flag("CLIPTUNE_DEVICE_WEIGHTS", value)
-
-
 class SharedWeights:
     """The model directory's ``weights.bin``, memory-mapped once and handed to every session.
 
@@ -92,7 +86,6 @@ class SharedWeights:
         table = manifest.data["weights"]["tensors"]
         path = manifest.weights_path
         size = path.stat().st_size
-        self.device = device
         self._map = np.memmap(path, dtype=np.uint8, mode="r")
         self.arrays: dict[str, np.ndarray] = {}
         self.values: dict[str, ort.OrtValue] = {}

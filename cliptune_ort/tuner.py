@@ -35,7 +35,7 @@ from .data import FewShot, load_fewshot
 from .encoding import Encoded, PromptTokenizer
 from .engine import DevicePrompts, Engine, FixedBatch
 from .errors import CheckpointError, ConfigError, NumericError, TaskError
-from .fileio import append_line, atomic_write_bytes, atomic_write_json, atomic_write_text
+from .fileio import append_line, atomic_write_bytes, atomic_write_json, atomic_write_text, file_stamp
 from .losses import loss_fn, metric_fn
 from .manifest import Manifest, load_manifest
 from .models import resolve_model_dir
@@ -223,14 +223,6 @@ def _checkpoint_text(state: dict) -> str:
     return head + (", " + canon[1:] if body else "}") + "\n"
 
 
-def _file_stamp(path: Path) -> tuple[int, ...] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
-
-
 def save_checkpoint(run_dir: Path, state: dict, written: tuple[int, ...] | None = None) -> tuple[int, ...] | None:
     """Write checkpoint.json atomically (temp file, fsync, rename, fsync dir); the previous *valid*
     checkpoint becomes checkpoint.prev.json. Returns the new file's stamp (device, inode, size, times).
@@ -245,11 +237,11 @@ def save_checkpoint(run_dir: Path, state: dict, written: tuple[int, ...] | None 
 
     text = _checkpoint_text(state)
     cur = run_dir / CKPT
-    if cur.exists() and ((written is not None and _file_stamp(cur) == written) or _read_checkpoint(cur) is not None):
+    if cur.exists() and ((written is not None and file_stamp(cur) == written) or _read_checkpoint(cur) is not None):
         cur.replace(run_dir / CKPT_PREV)
         fsync_dir(run_dir)
     atomic_write_text(cur, text)
-    return _file_stamp(cur)
+    return file_stamp(cur)
 
 
 #: history.jsonl's fields in the order they are written (a checkpoint stores them sorted)
@@ -295,7 +287,7 @@ class _RunWriter:
                     t0 = time.perf_counter()
                     job()
                     self.seconds += time.perf_counter() - t0
-            except BaseException as e:  # handed to the loop's thread
+            except BaseException as e:  # noqa: BLE001  (any failure is handed to the loop's thread)
                 self._error = e
             finally:
                 self._q.task_done()

@@ -59,7 +59,7 @@ def test_shared_tensors_per_graph_and_the_device_weights_switch(splade_dir, pack
     import json
 
     from cliptune_ort.manifest import load_manifest
-    from cliptune_ort.sessions import SharedWeights, device_weights_enabled, graph_weight_names
+    from cliptune_ort.sessions import SharedWeights, env_flag, graph_weight_names
 
     man = load_manifest(splade_dir, verify=False)
     table = {t["name"] for t in man.data["weights"]["tensors"]}
@@ -80,9 +80,9 @@ def test_shared_tensors_per_graph_and_the_device_weights_switch(splade_dir, pack
     assert set(SharedWeights(man).values) == table
 
     monkeypatch.delenv("CLIPTUNE_DEVICE_WEIGHTS", raising=False)
-    assert device_weights_enabled() is False and device_weights_enabled(True) is True
+    assert env_flag("CLIPTUNE_DEVICE_WEIGHTS") is False and env_flag("CLIPTUNE_DEVICE_WEIGHTS", True) is True
     monkeypatch.setenv("CLIPTUNE_DEVICE_WEIGHTS", "1")
-    assert device_weights_enabled() is True and device_weights_enabled(False) is False
+    assert env_flag("CLIPTUNE_DEVICE_WEIGHTS") is True and env_flag("CLIPTUNE_DEVICE_WEIGHTS", False) is False
     eng = Engine(man, [0, 1], device="cpu")  # CPU provider: host tensors whatever the switch says
     assert eng.device_weights is True and set(eng.shared.values) == table
     assert all(v.device_name().lower() == "cpu" for v in eng.shared.values.values())

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-import cliptune_ort.fileio as fileio
+from cliptune_ort import fileio
 from cliptune_ort.errors import ConfigError, IntegrityError
 from cliptune_ort.fileio import RACY_NS, sha256_files_cached
 from cliptune_ort.manifest import load_manifest

@@ -7,8 +7,14 @@ import json
 
 import pytest
 
-import cliptune_ort.tuner as tuner
-from cliptune_ort.tuner import CKPT_FORMAT, _checkpoint_text, _read_checkpoint, _RunWriter, load_checkpoint
+from cliptune_ort import tuner
+from cliptune_ort.tuner import (
+    CKPT_FORMAT,
+    _checkpoint_text,
+    _read_checkpoint,
+    _RunWriter,
+    load_checkpoint,
+)
 
 
 def _state(g: int) -> dict:
