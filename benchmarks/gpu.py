@@ -1255,7 +1255,8 @@ def main(argv=None) -> int:
             keep = {k: out.get(k) for k in ("calls", "forward_passes", "generations", "wall_seconds", "timing_seconds",
                                             "provider", "cands_per_call", "train_padded_fraction", "n_buckets", "k",
                                             "train", "dev", "test", "stop_reason", "budget", "projection_on_device",
-                                            "blas_threads", "setup_seconds", "session_open_seconds")}
+                                            "blas_threads", "setup_seconds", "session_open_seconds",
+                                            "session_open_wall_seconds")}
             keep["cuda_graph"] = use_cg
             keep["concurrent_graphs"] = concurrent
             keep["packed"] = use_packed

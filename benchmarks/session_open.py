@@ -148,7 +148,7 @@ def compare_device_weights(model_dir, device: str, k: int = 2, pop: int = 4) -> 
             losses[flag] = score(ws, ws.prompts(z))
             after = _gpu_memory_used_mib() if device == "cuda" else None
             runs["on" if flag == "1" else "off"] = {
-                "sessions_s": ws.setup_seconds["sessions"], "session_open_s": ws.engine.open_seconds,
+                "sessions_s": ws.engine.open_wall_seconds, "session_open_s": ws.engine.open_seconds,
                 "gpu_memory_mib": None if before is None or after is None else round(after - before, 1),
                 "device_values": sum(1 for v in (ws.engine.shared.values.values() if ws.engine.shared else [])
                                      if v.device_name().lower() != "cpu")}

@@ -23,6 +23,7 @@ import signal
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,14 @@ def task_for(cfg: TuneConfig) -> TaskSpec:
                           "--template with <P> first, {text} (and {text_b} for pair tasks) and one [MASK]") from None
 
 
+def _discard_engine(opening) -> None:
+    """Wait for an engine still opening on another thread and close it (set-up failed meanwhile)."""
+    try:
+        opening.result().close()
+    except Exception:  # noqa: BLE001 - the set-up's own error is the one to report
+        pass
+
+
 def prepare(cfg: TuneConfig, model_dir: Path | None = None) -> Workspace:
     """Everything a run needs, built once; ``Workspace.setup_seconds`` says where the time went (model dir
     resolved and verified, data read and tokenised, sessions made, projection drawn)."""
@@ -134,37 +143,52 @@ def prepare(cfg: TuneConfig, model_dir: Path | None = None) -> Workspace:
         graphs_train = list(range(1, cfg.k + 1))
     else:
         graphs_train = [0]
-    fewshot = load_fewshot(task, cfg.seed, data_dir=cfg.data_dir, per_class=cfg.per_class, source=cfg.data_source)
-    lap("data")
-    max_pos = int(manifest.data["model"]["max_positions"])
-    if cfg.max_len > max_pos:
-        raise ConfigError(f"max_len {cfg.max_len} is more than the model's {max_pos} positions: pass --max-len "
-                          f"{max_pos} or less (0 = the model's limit)")
-    max_len = cfg.max_len or max_pos
-    ptok = PromptTokenizer(manifest.tokenizer_path, manifest.data["tokenizer"], manifest.n_prompt,
-                           manifest.data["placeholder_ids"], max_len)
-    verb = ptok.verbalizer_ids(task.verbalizer, cfg.verbalizer_policy)
-    use_prompt = cfg.method != "manual"
-    lap("tokenizer")
-    engine = Engine(manifest, sorted(set(graphs_train) | {0}), device=cfg.device, cands_per_call=cfg.cands_per_call,
-                    threads=cfg.threads, workers=cfg.workers,
-                    iobinding={"auto": None, "on": True, "off": False}[cfg.iobinding], cuda_graph=cfg.cuda_graph)
-    lap("sessions")
-    enc_train = ptok.encode(task.template, fewshot.train, use_prompt)
-    enc_dev = ptok.encode(task.template, fewshot.dev, use_prompt)
-    # packed-attention graphs skip padding themselves: the whole train set in one call
-    train = engine.prepare(enc_train, 1 if manifest.packed else cfg.n_buckets)
-    dev = eval_batch(engine, enc_dev, cfg.eval_chunk)
-    test = None
-    if fewshot.test is not None:
-        enc_test = ptok.encode(task.template, fewshot.test, use_prompt)
-        test = eval_batch(engine, enc_test, cfg.eval_chunk)
-    lap("encode")
-    at = None
-    if use_prompt:
-        at = projection(cfg.seed, cfg.d, manifest.n_prompt, manifest.hidden, manifest.embedding_std, cfg.sigma0)
-        engine.enable_projection(at)
-    lap("projection")
+    # the sessions open on a thread of their own while this one reads and tokenises the data and draws the
+    # projection (ONNX Runtime builds a session with the GIL released; numpy's Generator draws without it)
+    opener = ThreadPoolExecutor(1, thread_name_prefix="cliptune-engine")
+    opening = opener.submit(
+        Engine, manifest, sorted(set(graphs_train) | {0}), device=cfg.device, cands_per_call=cfg.cands_per_call,
+        threads=cfg.threads, workers=cfg.workers, iobinding={"auto": None, "on": True, "off": False}[cfg.iobinding],
+        cuda_graph=cfg.cuda_graph)
+    opener.shutdown(wait=False)
+    try:
+        fewshot = load_fewshot(task, cfg.seed, data_dir=cfg.data_dir, per_class=cfg.per_class,
+                               source=cfg.data_source)
+        lap("data")
+        max_pos = int(manifest.data["model"]["max_positions"])
+        if cfg.max_len > max_pos:
+            raise ConfigError(f"max_len {cfg.max_len} is more than the model's {max_pos} positions: pass --max-len "
+                              f"{max_pos} or less (0 = the model's limit)")
+        max_len = cfg.max_len or max_pos
+        ptok = PromptTokenizer(manifest.tokenizer_path, manifest.data["tokenizer"], manifest.n_prompt,
+                               manifest.data["placeholder_ids"], max_len)
+        verb = ptok.verbalizer_ids(task.verbalizer, cfg.verbalizer_policy)
+        use_prompt = cfg.method != "manual"
+        lap("tokenizer")
+        enc_train = ptok.encode(task.template, fewshot.train, use_prompt)
+        enc_dev = ptok.encode(task.template, fewshot.dev, use_prompt)
+        enc_test = ptok.encode(task.template, fewshot.test, use_prompt) if fewshot.test is not None else None
+        lap("encode")
+        at = None
+        if use_prompt:
+            at = projection(cfg.seed, cfg.d, manifest.n_prompt, manifest.hidden, manifest.embedding_std, cfg.sigma0)
+        lap("projection")
+    except BaseException:
+        _discard_engine(opening)
+        raise
+    engine = opening.result()  # the sessions' own error (provider, damaged graph), if any
+    lap("sessions")  # what opening the sessions took beyond the work above (Engine.open_wall_seconds: all of it)
+    try:
+        # packed-attention graphs skip padding themselves: the whole train set in one call
+        train = engine.prepare(enc_train, 1 if manifest.packed else cfg.n_buckets)
+        dev = eval_batch(engine, enc_dev, cfg.eval_chunk)
+        test = eval_batch(engine, enc_test, cfg.eval_chunk) if enc_test is not None else None
+        if at is not None:
+            engine.enable_projection(at)
+    except BaseException:
+        engine.close()
+        raise
+    lap("batches")
     return Workspace(cfg, task, manifest, engine, ptok, verb, fewshot, train, dev, test, at,
                      cfg.loss or task.loss, graphs_train, phases)
 
@@ -768,6 +792,7 @@ def _finish(ws: Workspace, run_dir: Path, state: dict | None, stop_reason: str |
         "wall_seconds": round(wall, 3), "timing_seconds": {k: round(v, 4) for k, v in timing.items()},
         "setup_seconds": ws.setup_seconds,  # this process's prepare(), by phase (part of timing's setup)
         "session_open_seconds": {str(g): v for g, v in ws.engine.open_seconds.items()},
+        "session_open_wall_seconds": ws.engine.open_wall_seconds,  # all of them (opened at once, beside the data)
         "provider": ws.engine.provider, "cands_per_call": ws.engine.cands_per_call,
         # prompts made by the projection graph on the engine's device, bound to the graphs' input
         "projection_on_device": ws.at is not None and ws.engine.projects_on_device(cfg.popsize),

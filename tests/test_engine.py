@@ -129,3 +129,52 @@ def test_concurrent_graphs_give_the_same_losses(ws, iobinding, cpc):
         seq.close()
         con.close()
     assert con._graph_threads is None
+
+
+def test_setup_opens_sessions_beside_the_data(splade_dir, tmp_path):
+    """prepare() opens the K+1 sessions (at once) on a thread while it reads the data: the run's numbers are
+    those of an engine opened alone; a data error is reported as itself, and the engine that was opening is
+    closed, not left behind; a session's error is reported after the data work."""
+    import threading
+
+    from cliptune_ort.errors import DataError
+
+    cfg = build_config(task="sst2", method="clip", k=3, d=30, popsize=4)
+    ws = prepare(cfg, splade_dir)
+    try:
+        assert sorted(ws.engine.open_seconds) == [0, 1, 2, 3] and ws.engine.open_wall_seconds > 0
+        assert {"data", "tokenizer", "encode", "projection", "sessions", "batches"} <= set(ws.setup_seconds)
+        z = np.random.default_rng(1).standard_normal((4, 30))
+        alone = Engine(ws.manifest, [0, 1, 2, 3], device="cpu")
+        ref_engine, ws.engine = ws.engine, alone
+        alone.enable_projection(ws.at)
+        try:
+            ref = score(ws, ws.prompts(z))
+        finally:
+            ws.engine = ref_engine
+            alone.close()
+        np.testing.assert_array_equal(score(ws, ws.prompts(z)), ref)
+    finally:
+        ws.engine.close()
+
+    closed = []
+    real_close = Engine.close
+
+    def spy_close(self):
+        closed.append(self)
+        real_close(self)
+
+    Engine.close = spy_close
+    try:
+        with pytest.raises(DataError, match="not found"):
+            prepare(build_config(task="sst2", method="clip", k=2, data_dir=str(tmp_path / "nodata")), splade_dir)
+    finally:
+        Engine.close = real_close
+    assert len(closed) == 1 and closed[0].sessions == {}  # the engine opened beside the data was closed
+    assert not [t for t in threading.enumerate() if t.name.startswith(("cliptune-engine", "cliptune-open"))]
+
+    from cliptune_ort.sessions import available_providers
+
+    if "CUDAExecutionProvider" not in available_providers():  # the engine thread's own error reaches the caller
+        with pytest.raises(ProviderError, match="no CUDAExecutionProvider"):
+            prepare(build_config(task="sst2", method="clip", k=2, device="cuda"), splade_dir)
