@@ -115,10 +115,8 @@ def task_for(cfg: TuneConfig) -> TaskSpec:
 
 def _discard_engine(opening) -> None:
     """Wait for an engine still opening on another thread and close it (set-up failed meanwhile)."""
-    try:
+    with contextlib.suppress(Exception):  # the set-up's own error is the one to report
         opening.result().close()
-    except Exception:  # noqa: BLE001 - the set-up's own error is the one to report
-        pass
 
 
 def prepare(cfg: TuneConfig, model_dir: Path | None = None) -> Workspace:
