@@ -621,6 +621,15 @@ def markdown(data: dict) -> str:
                              f"background thread: {_fmt(t.get('checkpoint_background'))} s; dev evaluations "
                              f"{_fmt(t.get('eval'))} s; final evaluation {_fmt(t.get('final_eval'))} s")
         lines.append("")
+    if data.get("attention_kernels"):
+        ak = data["attention_kernels"]
+        rows = [f"{kern}: pop 1 {row['pop1']['p50_ms']} ms, pop 20 {row['pop20']['p50_ms']} ms"
+                + (f", attention {row['kernel_split']['ms_per_call_by_class'].get('attention')} ms of "
+                   f"{row['kernel_split']['gpu_ms_per_call']} ms GPU time" if row.get("kernel_split") else "")
+                + f", logits differ from the first by {row.get('max_abs_diff_vs_first', float('nan')):.3g}"
+                for kern, row in ak["kernels"].items()]
+        lines += [f"ONNX Runtime's attention kernels on {ak['mode']} (p50; `CLIPTUNE_ATTENTION`): " + "; ".join(rows)
+                  + f". The tunes used: {ak.get('used_for_tunes', 'auto')}.", ""]
     if data.get("concurrent_graphs"):
         cc = data["concurrent_graphs"]
         lines += [f"One clip generation (K = {cc['k']} graphs x {cc['pop']} candidates, scored): graphs in turn "
@@ -670,6 +679,48 @@ def markdown(data: dict) -> str:
     for e in data.get("errors", []):
         lines.append(f"- ERROR {e['section']}: {e['error'][:300]}")
     return "\n".join(lines) + "\n"
+
+
+def attention_kernels_cell(model_dir: Path, device: str, mode: str, kernels=("auto", "efficient"),
+                           prompts_path: str | None = None, iters: int = 20, warmup: int = 3,
+                           split: bool = True) -> dict:
+    """One export's calls (1 and 20 candidates x the SST-2 set, ``mode`` as in :func:`make_engine`) with each
+    of ONNX Runtime's attention kernels (``CLIPTUNE_ATTENTION``, the CUDA provider's ``sdpa_kernel``; the CPU
+    provider has one kernel): p50/p90/p99, the kernels' GPU time by class (``split``), the logits on the
+    parity prompts (``prompts_path``, .npy) and their largest difference from the first kernel's."""
+    import numpy as np
+
+    from cliptune_ort.manifest import load_manifest
+
+    model_dir = Path(model_dir)
+    man = load_manifest(model_dir)
+    enc, verb = fewshot(model_dir)
+    parity = np.load(prompts_path) if prompts_path else None
+    rng = np.random.default_rng(0)
+    timed = {pop: (rng.standard_normal((pop, man.n_prompt, man.hidden)) * man.embedding_std).astype(np.float32)
+             for pop in (1, 20)}
+    out: dict = {"mode": mode, "model_dir": model_dir.name, "kernels": {}}
+    first = None
+    for kern in kernels:
+        with harness.env_var("CLIPTUNE_ATTENTION", kern):
+            eng = make_engine(model_dir, device, mode)
+        try:
+            fb = eng.prepare(enc, 1 if man.packed else 4)
+            row: dict = {"provider": eng.provider, "attention": eng.attention}
+            for pop, pr in timed.items():
+                row[f"pop{pop}"] = summarize(time_iters(lambda pr=pr, eng=eng, fb=fb: eng.logits(0, pr, fb, verb),
+                                                        warmup, iters))
+            if split and device == "cuda":
+                row["kernel_split"] = kernel_split(lambda eng=eng, fb=fb: eng.logits(0, timed[20], fb, verb), 5, True)
+            if parity is not None:
+                logits = eng.logits(0, parity, fb, verb).copy()
+                first = logits if first is None else first
+                row["max_abs_diff_vs_first"] = float(np.max(np.abs(logits - first)))
+                row["logits"] = logits.tolist()
+            out["kernels"][kern] = row
+        finally:
+            eng.close()
+    return out
 
 
 # ---------------------------------------------------------------- CMA-ES on the host
@@ -759,7 +810,7 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true", help="5 timed calls per cell, 1,000-call tune runs")
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny random RoBERTa, CPU provider, 2 timed calls")
     ap.add_argument("--skip", default="",
-                    help="comma list: export,torch,ort,fp32,packed,flash,moe,kernels,profile,cma,concurrent,bbt,"
+                    help="comma list: export,torch,ort,fp32,packed,flash,moe,attention,kernels,profile,cma,concurrent,bbt,"
                          "clip,session_open")
     ap.add_argument("--layouts", default="",
                     help="comma list of packed layouts to copy and time (default: all but the moe one; "
@@ -1048,6 +1099,35 @@ def main(argv=None) -> int:
                 res.error(f"ort {precision} {mode}", e)
         res.data["sections_done"].append(f"ort_{precision}" + (f"_{mdir.name}" if man.packed else ""))
         res.save()
+    # ONNX Runtime's other attention kernel on the fastest packed layout: its memory-efficient (CUTLASS) kernel
+    # in place of FlashAttention (run 7: the flash kernel took 6.9 of the 53 ms of a stacked call)
+    attention_layout = next((n for n in ("packed_host_flash_lt", "packed_host_flash")
+                             if (packed_dirs[n] / "manifest.json").is_file()), None)
+    if "attention" not in skip and device == "cuda" and attention_layout and parity_prompts is not None:
+        try:
+            np.save(work / "parity_prompts.npy", parity_prompts)
+            cell_args = {"model_dir": str(packed_dirs[attention_layout]), "device": device,
+                         "mode": attention_layout + "_cg", "prompts_path": str(work / "parity_prompts.npy"),
+                         "iters": iters, "warmup": warmup}
+            code = ("import json, sys; sys.path.insert(0, sys.argv[2]); import gpu; gpu.load_cuda_libraries(); "
+                    "print(json.dumps(gpu.attention_kernels_cell(**json.loads(sys.argv[1]))))")
+            ak = harness.run_json_subprocess(["-c", code, json.dumps(cell_args), str(Path(__file__).resolve().parent)],
+                                             timeout_s=max(60.0, args.deadline - elapsed() - 200))
+            for kern, row in ak["kernels"].items():
+                mode = f"{ak['mode']}+{kern}"
+                parity_out[f"ort_fp16_{mode}"] = np.asarray(row.pop("logits"), dtype=np.float32)
+                for pop in (1, 20):
+                    cells.append({"engine": "ort", "precision": "fp16", "mode": mode, "pop": pop, "n_buckets": 1,
+                                  "provider": row["provider"], "attention_kernel": kern, "padded_fraction": 0.0,
+                                  "concurrent_export": False, **row[f"pop{pop}"]})
+                log(f"ORT fp16 {mode}: pop 1 {row['pop1']['p50_ms']} ms, pop 20 {row['pop20']['p50_ms']} ms, logits "
+                    f"vs {next(iter(ak['kernels']))} {row.get('max_abs_diff_vs_first', float('nan')):.3g}"
+                    + (f", kernels {row['kernel_split']['ms_per_call_by_class']}" if "kernel_split" in row else ""))
+            res.data["attention_kernels"] = ak
+            res.data["sections_done"].append("attention")
+        except Exception as e:
+            res.error("attention", e)
+        res.save()
     res.data["providers_that_ran"] = sorted({c["provider"] for c in cells if c.get("provider")})
 
     # where the GPU time of one stacked call (pop 20) goes, by kernel class
@@ -1195,6 +1275,17 @@ def main(argv=None) -> int:
     use_packed = chosen.startswith("packed")
     res.data["tune_variant"] = {"asked": args.tune_variant, "used": chosen,
                                 "candidates": {k: {"pop20_ms": v[2], "usable": v[3]} for k, v in variants.items()}}
+    # ONNX Runtime's attention kernel for the tunes: the measured one that is at least 2% faster at pop 20 on
+    # the chosen variant and as close to PyTorch fp32 as the padded graph (else ORT's own choice)
+    attention = "auto"
+    ak = res.data.get("attention_kernels")
+    if ak and ak["mode"] == chosen and "auto" in ak["kernels"]:
+        base = ak["kernels"]["auto"]["pop20"]["p50_ms"]
+        fast = {kern: row["pop20"]["p50_ms"] for kern, row in ak["kernels"].items()
+                if kern != "auto" and row["pop20"]["p50_ms"] <= 0.98 * base and sound(f"ort_fp16_{chosen}+{kern}")}
+        attention = min(fast, key=fast.get) if fast else "auto"
+        ak["used_for_tunes"] = attention
+    res.data["tune_variant"]["attention"] = attention
     # clip's K graph calls in turn or at once (measured here; the clip tune takes the faster if exact)
     use_concurrent = False
     if "concurrent" not in skip and "clip" not in skip and (tune_dir / "manifest.json").is_file() \
@@ -1207,8 +1298,10 @@ def main(argv=None) -> int:
             code = ("import json, sys; sys.path.insert(0, sys.argv[2]); import gpu; "
                     "gpu.load_cuda_libraries() if sys.argv[3] == 'cuda' else None; "
                     "print(json.dumps(gpu.concurrent_graphs_cell(**json.loads(sys.argv[1]))))")
-            cc = harness.run_json_subprocess(["-c", code, json.dumps(cell_args), str(Path(__file__).resolve().parent),
-                                              device], timeout_s=max(60.0, args.deadline - elapsed() - 120))
+            with harness.env_var("CLIPTUNE_ATTENTION", attention):
+                cc = harness.run_json_subprocess(["-c", code, json.dumps(cell_args),
+                                                  str(Path(__file__).resolve().parent), device],
+                                                 timeout_s=max(60.0, args.deadline - elapsed() - 120))
             use_concurrent = device == "cuda" and cc["max_abs_loss_diff"] == 0.0 and cc["speedup"] >= 1.02
             cc["used_for_clip"] = use_concurrent
             res.data["concurrent_graphs"] = cc
@@ -1248,9 +1341,10 @@ def main(argv=None) -> int:
                 kw["cuda_graph"] = True
             cfg = build_config(**kw)
             concurrent = use_concurrent and method == "clip"
-            log(f"tune {method}: budget {b} calls, variant {chosen} (cuda_graph {use_cg}, graphs at once {concurrent})")
+            log(f"tune {method}: budget {b} calls, variant {chosen} (cuda_graph {use_cg}, graphs at once {concurrent}, "
+                f"attention kernel {attention})")
             with harness.env_var("CLIPTUNE_CONCURRENT_GRAPHS", "1" if concurrent else "0"), \
-                    blas_threads_for_tune(blas):
+                    harness.env_var("CLIPTUNE_ATTENTION", attention), blas_threads_for_tune(blas):
                 out = tune(cfg, run_dir, overwrite=True, progress=True, model_dir=tune_dir)
             keep = {k: out.get(k) for k in ("calls", "forward_passes", "generations", "wall_seconds", "timing_seconds",
                                             "provider", "cands_per_call", "train_padded_fraction", "n_buckets", "k",
@@ -1259,6 +1353,7 @@ def main(argv=None) -> int:
                                             "session_open_wall_seconds")}
             keep["cuda_graph"] = use_cg
             keep["concurrent_graphs"] = concurrent
+            keep["attention_kernel"] = attention
             keep["packed"] = use_packed
             keep["variant"] = chosen
             keep["budget_note"] = note

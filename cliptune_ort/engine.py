@@ -29,6 +29,7 @@ from .manifest import Manifest
 from .sessions import (
     SessionSpec,
     SharedWeights,
+    attention_kernel,
     check_contract,
     env_flag,
     make_session,
@@ -150,7 +151,7 @@ class Engine:
     def __init__(self, manifest: Manifest, graphs: list[int], device: str = "auto", cands_per_call: int = 0,
                  threads: int = 0, workers: int = 0, optimization: str = "all", share_weights: bool | None = None,
                  iobinding: bool | None = None, cuda_graph: bool = False, device_weights: bool | None = None,
-                 concurrent_graphs: bool | None = None):
+                 concurrent_graphs: bool | None = None, attention: str | None = None):
         self.manifest = manifest
         self.graphs = sorted(set(graphs))
         for g in self.graphs:
@@ -166,6 +167,8 @@ class Engine:
         self.concurrent_graphs = env_flag("CLIPTUNE_CONCURRENT_GRAPHS", concurrent_graphs)
         # CUDA: the shared tensors as device OrtValues, one copy for every session (opt-in until measured on a card)
         self.device_weights = env_flag("CLIPTUNE_DEVICE_WEIGHTS", device_weights)
+        # CUDA: which of ORT's attention kernels the graphs' attention nodes run ('auto': ORT's choice)
+        self.attention = attention_kernel(attention)
         self._threads, self._workers, self._optimization = threads, workers, optimization
         self.cuda_graph = bool(cuda_graph)
         device_asked = device
@@ -208,7 +211,7 @@ class Engine:
         self.workers = 1 if self.device == "cuda" else (self._workers or (1 if self._threads else cores))
         threads = self._threads or (1 if self.workers > 1 else cores)
         spec = SessionSpec(device=self.device, threads=threads, n_live=max(len(self.graphs), self.workers),
-                           optimization=self._optimization, cuda_graph=self.cuda_graph,
+                           optimization=self._optimization, cuda_graph=self.cuda_graph, attention=self.attention,
                            disabled_optimizers=disabled_optimizers(self.manifest),
                            ops_library="cuda" if self.manifest.packed_ffn == "cublaslt" else None)
         self.shared: SharedWeights | None = None

@@ -104,6 +104,22 @@ class SharedWeights:
                 self.values[t["name"]] = ort.OrtValue.ortvalue_from_numpy(arr, device, 0)
 
 
+#: ONNX Runtime's attention kernels on CUDA (the CUDA provider's ``sdpa_kernel`` bit mask, AttentionBackend in
+#: its attention_common.h); 16 (MATH, the unfused kernel) is kept as the fallback for nodes the kernel cannot run
+ATTENTION_KERNELS = {"auto": 0, "flash": 1, "efficient": 2, "cudnn": 8}
+
+
+def attention_kernel(value: str | None = None) -> str:
+    """``value`` when given, else ``CLIPTUNE_ATTENTION`` (unset: 'auto', ONNX Runtime's own choice), checked."""
+    name = (value if value is not None else os.environ.get("CLIPTUNE_ATTENTION", "")).strip() or "auto"
+    if name not in ATTENTION_KERNELS:
+        from .errors import ConfigError
+
+        raise ConfigError(f"attention kernel {name!r} (CLIPTUNE_ATTENTION) is not one of "
+                          f"{', '.join(ATTENTION_KERNELS)}: pick one, or unset it for ONNX Runtime's choice")
+    return name
+
+
 @dataclass
 class SessionSpec:
     """How to make sessions: every runtime knob in one place."""
@@ -118,6 +134,7 @@ class SessionSpec:
     disabled_optimizers: tuple[str, ...] = ()  # ORT graph optimizers to skip (see engine.disabled_optimizers)
     ops_library: str | None = None  # custom-op library variant the graphs need ('cuda' | 'cpu'; cliptune_ort.native)
     profile_prefix: str | None = None  # ORT's profiler on, files named after this (benchmarks/session_open.py)
+    attention: str = "auto"  # CUDA attention kernel (ATTENTION_KERNELS); 'auto' leaves the choice to ORT
 
 
 _LEVELS = {
@@ -126,6 +143,19 @@ _LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
+
+
+def provider_list(spec: SessionSpec) -> list:
+    """The ``providers`` argument of a session made after ``spec`` (CUDA with its options, then the CPU)."""
+    if spec.device != "cuda":
+        return [CPU]
+    opts = {"device_id": 0, **spec.cuda_options}
+    if spec.cuda_graph:
+        opts["enable_cuda_graph"] = "1"
+    bits = ATTENTION_KERNELS[attention_kernel(spec.attention)]
+    if bits:  # the unfused kernel stays as the fallback for a node the chosen kernel cannot run
+        opts["sdpa_kernel"] = str(bits | 16)
+    return [(CUDA, opts), CPU]
 
 
 def make_session(path: str | Path, spec: SessionSpec, shared: SharedWeights | None = None) -> ort.InferenceSession:
@@ -154,13 +184,7 @@ def make_session(path: str | Path, spec: SessionSpec, shared: SharedWeights | No
         from . import native
 
         native.register(so, spec.ops_library)
-    if spec.device == "cuda":
-        opts = {"device_id": 0, **spec.cuda_options}
-        if spec.cuda_graph:
-            opts["enable_cuda_graph"] = "1"
-        providers = [(CUDA, opts), CPU]
-    else:
-        providers = [CPU]
+    providers = provider_list(spec)
     try:
         kw = {"disabled_optimizers": list(spec.disabled_optimizers)} if spec.disabled_optimizers else {}
         sess = ort.InferenceSession(str(path), so, providers=providers, **kw)

@@ -799,6 +799,7 @@ def _finish(ws: Workspace, run_dir: Path, state: dict | None, stop_reason: str |
         "train_padded_fraction": 0.0 if ws.manifest.packed else round(ws.train.padded_fraction, 4),
         "n_buckets": 1 if ws.manifest.packed else cfg.n_buckets, "train_parts": len(ws.train.parts),
         "attention": ws.manifest.data.get("attention", "padded"),
+        "attention_kernel": ws.engine.attention,  # ONNX Runtime's attention kernel on CUDA ('auto': its choice)
         "model_dir": str(ws.manifest.root.resolve()), "model_source": ws.manifest.data["model"]["source"],
         "export_id": ws.manifest.data["export_id"], "fewshot": ws.fewshot.info,
         "versions": versions(),

@@ -178,3 +178,29 @@ def test_setup_opens_sessions_beside_the_data(splade_dir, tmp_path):
     if "CUDAExecutionProvider" not in available_providers():  # the engine thread's own error reaches the caller
         with pytest.raises(ProviderError, match="no CUDAExecutionProvider"):
             prepare(build_config(task="sst2", method="clip", k=2, device="cuda"), splade_dir)
+
+
+def test_attention_kernel_choice(splade_dir, monkeypatch):
+    """CLIPTUNE_ATTENTION / Engine(attention=...) picks ONNX Runtime's attention kernel on CUDA (the provider's
+    sdpa_kernel bit mask, with the unfused kernel as fallback); 'auto' leaves ORT's choice; a wrong name is
+    a one-line error."""
+    from cliptune_ort.manifest import load_manifest
+    from cliptune_ort.sessions import SessionSpec, provider_list
+
+    def cuda_opts(**kw):
+        return provider_list(SessionSpec(device="cuda", **kw))[0][1]
+
+    assert "sdpa_kernel" not in cuda_opts()
+    assert cuda_opts(attention="efficient")["sdpa_kernel"] == "18"
+    assert cuda_opts(attention="flash", cuda_graph=True) == {"device_id": 0, "enable_cuda_graph": "1",
+                                                              "sdpa_kernel": "17"}
+    assert provider_list(SessionSpec(device="cpu", attention="efficient")) == ["CPUExecutionProvider"]
+    man = load_manifest(splade_dir, verify=False)
+    monkeypatch.setenv("CLIPTUNE_ATTENTION", "efficient")
+    eng = Engine(man, [0], device="cpu")
+    assert eng.attention == "efficient"
+    eng.close()
+    assert Engine(man, [0], device="cpu", attention="auto").attention == "auto"  # the argument wins
+    monkeypatch.setenv("CLIPTUNE_ATTENTION", "fast")
+    with pytest.raises(ConfigError, match="attention kernel 'fast' .* is not one of auto, flash, efficient, cudnn"):
+        Engine(man, [0], device="cpu")

@@ -45,6 +45,8 @@ def test_gpu_script_cpu_dry_run(tmp_path):
     assert "CUDA provider" in data["packed_note"]
     assert not any(c["mode"].startswith("packed") for c in data["cells"])
     assert data["tune_variant"]["used"] == "padded"
+    assert data["tune_variant"]["attention"] == "auto" and "attention_kernels" not in data  # a CUDA-only cell
+    assert data["tune"]["bbt"]["attention_kernel"] == "auto"
     assert data["tune"]["bbt"]["calls"] == 40 and data["tune"]["bbt"]["variant"] == "padded"
     assert "K=2 < 4" in data["tune"]["clip"]["skipped"]  # clip needs K=4 graphs
     cc = data["concurrent_graphs"]  # clip's graph calls in turn and at once: timed, same losses, not used on a CPU
@@ -85,6 +87,9 @@ def test_gpu_script_cpu_dry_run(tmp_path):
     # the rest of a layer
     ("void onnxruntime::contrib::cuda::AddBiasTransposeQKV<__half>(...)", "qkv_bias_transpose"),
     ("flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128> >", "attention"),
+    # ORT's memory-efficient attention (CUTLASS FMHA, CLIPTUNE_ATTENTION=efficient)
+    ("void attention_kernel_batched_impl<AttentionKernel<cutlass::half_t, cutlass::arch::Sm80, true, 64, 64, 64>>(...)",
+     "attention"),
     ("void cunn_SoftMaxForward<4, c10::Half>(...)", "attention"),
     ("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64", "gemm"),
     ("void onnxruntime::contrib::cuda::SkipLayerNormKernelSmall<__half, 256>(...)", "layer_norm"),
@@ -99,3 +104,22 @@ def test_kernel_classes(name, cls):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     gpu = pytest.importorskip("gpu")
     assert gpu.kernel_class(name) == cls
+
+
+def test_attention_kernels_cell_on_the_cpu(splade_dir, tmp_path):
+    """The attention-kernel cell times each kernel and returns comparable logits (the CPU provider has one
+    attention kernel, so they are equal here; on CUDA the gpu.py run compares FlashAttention with ORT's
+    memory-efficient kernel and tunes with the faster sound one)."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    gpu = pytest.importorskip("gpu")
+    prompts = (np.random.default_rng(2).standard_normal((3, 50, 128)) * 0.05).astype(np.float32)
+    np.save(tmp_path / "p.npy", prompts)
+    out = gpu.attention_kernels_cell(splade_dir, "cpu", "iobinding", prompts_path=str(tmp_path / "p.npy"), iters=2,
+                                     warmup=1, split=False)
+    assert list(out["kernels"]) == ["auto", "efficient"]
+    for kern, row in out["kernels"].items():
+        assert row["attention"] == kern and row["provider"] == "CPUExecutionProvider"
+        assert row["pop1"]["p50_ms"] > 0 and row["pop20"]["p50_ms"] > 0
+        assert np.asarray(row["logits"]).shape == (3, 32, 2) and row["max_abs_diff_vs_first"] == 0.0
