@@ -226,6 +226,9 @@ def evaluate(ws: Workspace, prompt: np.ndarray | None, batch: FixedBatch) -> dic
 # ---------------------------------------------------------------- checkpoints
 
 
+#: the next generation's ask runs on its own thread during the dev evaluation and checkpoint hand-over (_loop)
+ASK_AHEAD = True
+
 CKPT_FORMAT = "cliptune-checkpoint"
 CKPT_VERSION = 1
 
@@ -675,10 +678,28 @@ def _loop(cfg: TuneConfig, ws: Workspace, opt, state: dict, run_dir: Path, finge
     ``stop_after_generations`` summary; raises RunInterrupted after a SIGINT checkpoint."""
     stop_reason = None
     gens_this_process = 0
-    with _Interrupt() as intr:
+    # the next generation's ask runs on a thread of its own while this one evaluates on dev and hands over the
+    # checkpoint: pycma's eigendecomposition (most of its ask/tell) falls due every 5 generations at d = 500 and
+    # pop 20, the same generations as the dev evaluation at the default eval_every of 100 calls
+    asker = ThreadPoolExecutor(1, thread_name_prefix="cliptune-ask")
+    timing.setdefault("ask_background", 0.0)
+
+    def timed_ask():
+        ta = time.perf_counter()
+        out = opt.ask()
+        return out, time.perf_counter() - ta
+
+    ahead = None  # the next generation's ask, running
+    with _Interrupt() as intr, contextlib.ExitStack() as stack:
+        stack.callback(asker.shutdown, wait=True)
         while used() < cfg.budget:
             t0 = time.perf_counter()
-            z = opt.ask()
+            if ahead is not None:
+                z, ta = ahead.result()
+                timing["ask_background"] += ta
+                ahead = None
+            else:
+                z = opt.ask()
             t1 = time.perf_counter()
             prompts = ws.prompts(z)
             t2 = time.perf_counter()
@@ -708,6 +729,12 @@ def _loop(cfg: TuneConfig, ws: Workspace, opt, state: dict, run_dir: Path, finge
             if state["best_fit"] is None or fit[i] < state["best_fit"]:
                 state["best_fit"] = float(fit[i])
                 state["best_z"] = [float(v) for v in z[i]]
+            gens_this_process += 1
+            reason = opt.stop_reason()  # before the next ask starts: both read the optimiser's state
+            last = used() >= cfg.budget or reason is not None
+            stop_early = stop_after_generations is not None and gens_this_process >= stop_after_generations
+            if ASK_AHEAD and not (last or stop_early or intr.hit):
+                ahead = asker.submit(timed_ask)  # only the optimiser's thread touches it until result()
             while state["calls"] >= state["next_eval"] or used() >= cfg.budget:
                 te = time.perf_counter()
                 _dev_eval(ws, state, writer, memo)
@@ -716,11 +743,7 @@ def _loop(cfg: TuneConfig, ws: Workspace, opt, state: dict, run_dir: Path, finge
                 if used() >= cfg.budget:
                     break
             bar.update(used(), state)
-            gens_this_process += 1
-            reason = opt.stop_reason()
-            last = used() >= cfg.budget or reason is not None
-            if last or state["generation"] % cfg.checkpoint_every == 0 or intr.hit or (
-                    stop_after_generations is not None and gens_this_process >= stop_after_generations):
+            if last or state["generation"] % cfg.checkpoint_every == 0 or intr.hit or stop_early:
                 tc = time.perf_counter()
                 state["elapsed"] = elapsed0 + tc - t_loop
                 writer.checkpoint(state)
@@ -734,7 +757,7 @@ def _loop(cfg: TuneConfig, ws: Workspace, opt, state: dict, run_dir: Path, finge
                 raise RunInterrupted(f"interrupted at generation {state['generation']} ({state['calls']} calls); "
                                      f"checkpoint written. Resume with: cliptune tune --resume --out {run_dir} "
                                      "(same settings)")
-            if stop_after_generations is not None and gens_this_process >= stop_after_generations:
+            if stop_early:
                 bar.close()
                 return {"stopped_after_generations": gens_this_process, "generation": state["generation"]}
     return stop_reason

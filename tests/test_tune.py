@@ -225,3 +225,34 @@ def test_dev_evaluations_of_an_unchanged_best_are_reused_exactly(splade_dir, tmp
     assert n_reused == distinct + 1 < n_fresh
     assert (tmp_path / "reused" / "history.jsonl").read_text() == (tmp_path / "fresh" / "history.jsonl").read_text()
     assert reused["dev"] == fresh["dev"] and reused["test"] == fresh["test"]
+
+
+def test_the_next_ask_runs_ahead_without_changing_the_run(splade_dir, tmp_path, monkeypatch):
+    """The next generation's ask runs on its own thread while the dev evaluation runs (pycma's
+    eigendecomposition falls due on those generations): the run is the same, bit for bit, as with every
+    ask in turn, and result.json says how long the asks ran ahead."""
+    import threading
+
+    import cliptune_ort.tuner as tuner
+    from cliptune_ort.optim import CMAES
+
+    threads = []
+    real_ask = CMAES.ask
+
+    def ask(self):
+        threads.append(threading.current_thread().name)
+        return real_ask(self)
+
+    monkeypatch.setattr(CMAES, "ask", ask)
+    cfg = _cfg(method="bbt", budget=72, eval_every=12)  # 12 generations, an evaluation every other one
+    ahead = tune(cfg, tmp_path / "ahead", model_dir=splade_dir, progress=False)
+    assert threads[0] == "MainThread" and all(t.startswith("cliptune-ask") for t in threads[1:])
+    assert len(threads) == 12 and ahead["timing_seconds"]["ask_background"] > 0
+    monkeypatch.setattr(tuner, "ASK_AHEAD", False)
+    threads.clear()
+    in_turn = tune(cfg, tmp_path / "in_turn", model_dir=splade_dir, progress=False)
+    assert threads == ["MainThread"] * 12 and in_turn["timing_seconds"]["ask_background"] == 0
+    for f in ("history.jsonl", "best_z.npy", "best_prompt.npy"):
+        assert (tmp_path / "ahead" / f).read_bytes() == (tmp_path / "in_turn" / f).read_bytes(), f
+    ck = [json.loads((tmp_path / r / "checkpoint.json").read_text()) for r in ("ahead", "in_turn")]
+    assert ck[0]["digests"] == ck[1]["digests"] and ck[0]["fitness"] == ck[1]["fitness"]
