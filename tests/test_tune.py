@@ -201,7 +201,7 @@ def test_blas_on_one_thread_during_a_run(splade_dir, tmp_path, monkeypatch):
 
 
 def test_dev_evaluations_of_an_unchanged_best_are_reused_exactly(splade_dir, tmp_path, monkeypatch):
-    import cliptune_ort.tuner as tuner
+    from cliptune_ort import tuner
 
     cfg = _cfg(method="bbt", eval_every=6, budget=96)  # one evaluation a generation: the best often stays
     calls = []
@@ -233,7 +233,7 @@ def test_the_next_ask_runs_ahead_without_changing_the_run(splade_dir, tmp_path, 
     ask in turn, and result.json says how long the asks ran ahead."""
     import threading
 
-    import cliptune_ort.tuner as tuner
+    from cliptune_ort import tuner
     from cliptune_ort.optim import CMAES
 
     threads = []
