@@ -22,8 +22,11 @@ One run on one machine (the lent H100/H200; see benchmarks/gpu_run.sh for the de
            single-expert ``MoE`` node (slower on an H100: ORT 1.31.1 runs its GELU as a kernel of its
            own, after CUTLASS grouped GEMMs); ``packed_host_flash_lt``: packed_host_flash with
            cliptune's FusedDense op (cuBLASLt bias + GELU epilogue, tanh GELU; the query bias too), which
-           needs the CUDA build of the custom-op library (``cliptune build-ops``; $CLIPTUNE_OPS_DIR).
-           ``--layouts`` picks the packed layouts, ``--padded-modes`` the padded fp16 graph's modes.
+           needs the CUDA build of the custom-op library (``cliptune build-ops``; $CLIPTUNE_OPS_DIR);
+           ``packed_host_flash_ltres``: the last with each output projection's bias and residual in the
+           FusedDense epilogue and LayerNormalization for SkipLayerNormalization. ONNX Runtime's
+           memory-efficient attention kernel is timed against FlashAttention on the _lt layout (a child
+           process; ``--skip attention``). ``--layouts`` picks the packed layouts, ``--padded-modes`` the padded fp16 graph's modes.
            Every cell: population 1 and 20 (20 candidates stacked in one call per length bucket) x
            {1 bucket (padded to the longest), 4 length buckets}, on the real SST-2 16-shot train
            set of seed 13 (32 examples); median/p90 of >= 15 calls after warm-up. One "call" scores
@@ -406,7 +409,8 @@ def make_engine(model_dir: Path, device: str, mode: str):
 PACKED_LAYOUTS = {"packed": (False, "fused", "matmul"), "packed_host": (True, "fused", "matmul"),
                   "packed_flash": (False, "flash", "matmul"), "packed_host_flash": (True, "flash", "matmul"),
                   "packed_host_flash_moe": (True, "flash", "moe"),
-                  "packed_host_flash_lt": (True, "flash", "cublaslt")}
+                  "packed_host_flash_lt": (True, "flash", "cublaslt"),
+                  "packed_host_flash_ltres": (True, "flash", "cublaslt_res")}
 #: tune variants: name -> (packed layout or None for the padded export, CUDA graphs)
 TUNE_VARIANTS = {"padded": (None, False), "padded_cg": (None, True), "packed": ("packed", False),
                  "packed_host": ("packed_host", False), "packed_host_cg": ("packed_host", True),
@@ -415,7 +419,9 @@ TUNE_VARIANTS = {"padded": (None, False), "padded_cg": (None, True), "packed": (
                  "packed_host_flash_moe": ("packed_host_flash_moe", False),
                  "packed_host_flash_moe_cg": ("packed_host_flash_moe", True),
                  "packed_host_flash_lt": ("packed_host_flash_lt", False),
-                 "packed_host_flash_lt_cg": ("packed_host_flash_lt", True)}
+                 "packed_host_flash_lt_cg": ("packed_host_flash_lt", True),
+                 "packed_host_flash_ltres": ("packed_host_flash_ltres", False),
+                 "packed_host_flash_ltres_cg": ("packed_host_flash_ltres", True)}
 
 
 def profile_placement(model_dir: Path, device: str, enc, verb, work: Path, n_buckets: int = 4,
@@ -889,7 +895,10 @@ def main(argv=None) -> int:
                                       "GEMMs and a separate activation kernel; pack_export(ffn='moe'); --moe); "
                                       "*_lt = the same with cliptune's FusedDense op for the feed-forward bias + "
                                       "GELU and the query bias (cuBLASLt epilogues, tanh GELU; export --packed-ffn "
-                                      "cublaslt; the CUDA build of the custom-op library)",
+                                      "cublaslt; the CUDA build of the custom-op library); *_ltres = *_lt with "
+                                      "each output projection's bias and residual in the FusedDense epilogue, then "
+                                      "LayerNormalization in place of SkipLayerNormalization (--packed-ffn "
+                                      "cublaslt_res)",
                          "torch": "ContractModel(hf_layers=True): the HF layers' own attention (eager or SDPA), "
                                   "the same gather-at-mask head and last layer at the mask as the export; "
                                   "torch.backends.cuda.matmul.allow_tf32 left at its default (see versions)",
@@ -1143,7 +1152,9 @@ def main(argv=None) -> int:
                                       ("ort_fp16_packed_host_flash_moe_cg", packed_dirs["packed_host_flash_moe"],
                                        "packed_host_flash_moe_cg", 1),
                                       ("ort_fp16_packed_host_flash_lt_cg", packed_dirs["packed_host_flash_lt"],
-                                       "packed_host_flash_lt_cg", 1)):
+                                       "packed_host_flash_lt_cg", 1),
+                                      ("ort_fp16_packed_host_flash_ltres_cg", packed_dirs["packed_host_flash_ltres"],
+                                       "packed_host_flash_ltres_cg", 1)):
             if "ort" in skip or not (mdir / "manifest.json").is_file():
                 continue
             man = load_manifest(mdir)

@@ -46,7 +46,7 @@ def _spec(manifest, device: str, optimization: str, profile_prefix: str | None =
 
     return SessionSpec(device=device, threads=1 if device == "cpu" else 0, n_live=2, optimization=optimization,
                        disabled_optimizers=disabled_optimizers(manifest),
-                       ops_library=("cuda" if device == "cuda" else "cpu") if manifest.packed_ffn == "cublaslt" else None,
+                       ops_library=("cuda" if device == "cuda" else "cpu") if manifest.needs_ops_library else None,
                        profile_prefix=profile_prefix)
 
 

@@ -97,10 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --packed: 'fused' = ORT's PackedAttention (QKV projection inside the op), 'flash' = "
                         "Q/K/V projections + PackedMultiHeadAttention without biases (FlashAttention varlen on "
                         "sm80+; the key bias dropped and the value bias folded, both exact) (default: flash)")
-    e.add_argument("--packed-ffn", choices=("matmul", "cublaslt"), default="matmul",
+    e.add_argument("--packed-ffn", choices=("matmul", "cublaslt", "cublaslt_res"), default="matmul",
                    help="with --packed: 'cublaslt' = the feed-forward bias + GELU (and the flash kernel's query "
-                        "bias) inside the GEMM, cliptune's FusedDense op (cuBLASLt epilogue; tanh GELU); the "
-                        "sessions need `cliptune build-ops` (default: matmul, ORT's own ops)")
+                        "bias) inside the GEMM, cliptune's FusedDense op (cuBLASLt epilogue; tanh GELU); "
+                        "'cublaslt_res' also adds each residual in the output projections' epilogue (then a plain "
+                        "LayerNorm); the sessions need `cliptune build-ops` (default: matmul, ORT's own ops)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
     t = sub.add_parser("tune", help="tune a soft prompt (default: SST-2 on the embedded model)")

@@ -213,7 +213,7 @@ class Engine:
         spec = SessionSpec(device=self.device, threads=threads, n_live=max(len(self.graphs), self.workers),
                            optimization=self._optimization, cuda_graph=self.cuda_graph, attention=self.attention,
                            disabled_optimizers=disabled_optimizers(self.manifest),
-                           ops_library="cuda" if self.manifest.packed_ffn == "cublaslt" else None)
+                           ops_library="cuda" if self.manifest.needs_ops_library else None)
         self.shared: SharedWeights | None = None
         if self._share:
             on_device = self.device_weights and self.device == "cuda"

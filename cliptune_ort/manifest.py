@@ -65,6 +65,10 @@ def seal_manifest(data: dict[str, Any]) -> dict[str, Any]:
     return {**{k: v for k, v in data.items() if k != CHECKSUM_FIELD}, CHECKSUM_FIELD: manifest_checksum(data)}
 
 
+#: packed feed-forward blocks whose graphs use cliptune's custom-op library (export/packing.py LT_FFNS)
+LIBRARY_FFNS = ("cublaslt", "cublaslt_res")
+
+
 @dataclass
 class Manifest:
     """A checked manifest and the folder it lives in."""
@@ -110,10 +114,15 @@ class Manifest:
 
     @property
     def packed_ffn(self) -> str | None:
-        """The packed graphs' feed-forward block ('matmul' | 'moe' | 'cublaslt', the last needing the custom-op
-        library, cliptune_ort.native; packed exports before it was recorded:
+        """The packed graphs' feed-forward block ('matmul' | 'moe' | 'cublaslt' | 'cublaslt_res', the last two
+        needing the custom-op library, cliptune_ort.native; packed exports before it was recorded:
         'matmul'); None for padded graphs."""
         return self.data.get("packed_ffn", "matmul") if self.packed else None
+
+    @property
+    def needs_ops_library(self) -> bool:
+        """Whether the graphs use cliptune's custom-op library (FusedDense)."""
+        return self.packed_ffn in LIBRARY_FFNS
 
     @property
     def host_packing(self) -> bool:
@@ -177,8 +186,8 @@ def _check_structure(mpath: Path, data: dict[str, Any]) -> None:
         raise bad("attention", "'padded', 'packed' or 'packed_host'")
     if data.get("packed_kernel", "fused") not in ("fused", "flash"):
         raise bad("packed_kernel", "'fused' or 'flash'")
-    if data.get("packed_ffn", "matmul") not in ("matmul", "moe", "cublaslt"):
-        raise bad("packed_ffn", "'matmul', 'moe' or 'cublaslt'")
+    if data.get("packed_ffn", "matmul") not in ("matmul", "moe", *LIBRARY_FFNS):
+        raise bad("packed_ffn", "'matmul', 'moe', 'cublaslt' or 'cublaslt_res'")
     sp = data.get("shared_prefix", 0)
     if not is_int(sp) or sp > data["n_prompt"] + 1:
         raise bad("shared_prefix", f"an integer in 0..{data['n_prompt'] + 1} (n_prompt + 1)")

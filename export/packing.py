@@ -87,7 +87,11 @@ DEFAULT_KERNEL = "flash"  # measured faster on an H100 (README, GPU section)
 #: the packed layers' feed-forward block: "matmul" = MatMul -> BiasGelu -> MatMul (ORT's fusions),
 #: "moe" = one single-expert com.microsoft.MoE node (experimental; 26 % slower on an H100, see above)
 #: "cublaslt" = MatMul -> BiasGelu as one ai.cliptune.FusedDense (cuBLASLt epilogue; custom-op library)
-FFNS = ("matmul", "moe", "cublaslt")
+#: "cublaslt_res" = "cublaslt", and each MatMul -> SkipLayerNormalization (the attention output and the second
+#: feed-forward projections) as FusedDense with the bias and the residual in the epilogue -> LayerNormalization
+FFNS = ("matmul", "moe", "cublaslt", "cublaslt_res")
+#: the feed-forward blocks that use the custom-op library
+LT_FFNS = ("cublaslt", "cublaslt_res")
 LT_DOMAIN = NATIVE_DOMAIN  # the custom-op library's domain (the export needs only the name, not the library)
 DEFAULT_FFN = "matmul"
 ROUTER = "cliptune_moe_router"  # the "moe" block's router, zeros [tokens, 1]: softmax over one expert is 1
@@ -231,8 +235,8 @@ def pack_graph(model, host_offsets: bool = False, kernel: str = DEFAULT_KERNEL,
     if ffn == "moe" and len(moe) != len(atts):
         raise PackingError(f"found {len(moe)} MatMul -> BiasGelu -> MatMul -> SkipLayerNormalization feed-forward "
                            f"blocks in the {len(atts)} packed layers: the moe block needs one per layer")
-    lt = _plan_lt(g, region, consumers) if ffn == "cublaslt" else {}
-    if ffn == "cublaslt" and len(lt) != len(atts):
+    lt = _plan_lt(g, region, consumers) if ffn in LT_FFNS else {}
+    if ffn in LT_FFNS and len(lt) != len(atts):
         raise PackingError(f"found {len(lt)} MatMul -> BiasGelu feed-forward projections in the {len(atts)} packed "
                            "layers: the cublaslt block needs one per layer")
 
@@ -256,6 +260,12 @@ def pack_graph(model, host_offsets: bool = False, kernel: str = DEFAULT_KERNEL,
     new_nodes = []
     folded = {id(b[part]) for b in moe.values() for part in ("gelu", "fc2")}  # inside the MoE nodes
     folded |= {id(gelu) for gelu in lt.values()}  # inside the FusedDense nodes
+    res = _plan_res(g, region, consumers) if ffn == "cublaslt_res" else {}
+    if ffn == "cublaslt_res" and len(res) != 2 * len(atts):
+        raise PackingError(f"found {len(res)} MatMul -> SkipLayerNormalization projections in the {len(atts)} packed "
+                           "layers: the cublaslt_res block needs two per layer")
+    folded |= {id(mm) for mm, _ in res.values()}  # inside the FusedDense nodes (emitted at their SkipLN)
+    res_bias = {id(p["sln"]): f"{name}__b_out" for name, p in flash.items()}  # the value bias folded in
     for n in nodes:
         if n is atts[0] and host_offsets:
             new_nodes.append(helper.make_node("Flatten", [x0], [x_flat], name="cliptune_PackFlatten", axis=2))
@@ -274,8 +284,10 @@ def pack_graph(model, host_offsets: bool = False, kernel: str = DEFAULT_KERNEL,
                                               name=n.name + "_fused_gelu", domain=LT_DOMAIN, activation="gelu_tanh"))
         elif id(n) in folded:
             continue
+        elif id(n) in res:
+            new_nodes.extend(_res_nodes(g, n, *res[id(n)], res_bias.get(id(n))))
         elif n.op_type == "Attention" and n.domain == MS and kernel == "flash":
-            new_nodes.extend(_flash_nodes(n, flash[n.name], offset, cum, epilogue=ffn == "cublaslt"))
+            new_nodes.extend(_flash_nodes(n, flash[n.name], offset, cum, epilogue=ffn in LT_FFNS))
         elif n.op_type == "Attention" and n.domain == MS:
             keep = [a for a in n.attribute if a.name in ("num_heads", "qkv_hidden_sizes", "scale")]
             p = helper.make_node("PackedAttention", [n.input[0], n.input[1], n.input[2], offset, cum], list(n.output),
@@ -299,7 +311,7 @@ def pack_graph(model, host_offsets: bool = False, kernel: str = DEFAULT_KERNEL,
     del g.value_info[:]
     g.value_info.extend(keep_vi)
     ensure_ms_opset(model)
-    if ffn == "cublaslt" and not any(o.domain == LT_DOMAIN for o in model.opset_import):
+    if ffn in LT_FFNS and not any(o.domain == LT_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(LT_DOMAIN, 1))
     return len(atts)
 
@@ -427,6 +439,47 @@ def _plan_lt(g, region, consumers) -> dict:
         if len(cs) == 1 and cs[0].op_type == "BiasGelu" and cs[0].input[0] == n.output[0] and cs[0].input[1] in inits:
             found[id(n)] = cs[0]
     return found
+
+
+def _plan_res(g, region, consumers) -> dict:
+    """The packed layers' projections that end in a residual: id(SkipLayerNormalization) -> (its MatMul, the
+    index of the MatMul's output among the SkipLN's first two inputs), where the MatMul reads a weight
+    initializer, the SkipLN is its only reader, and nothing reads the SkipLN's other outputs."""
+    inits = {t.name for t in g.initializer}
+    found = {}
+    for n in region:
+        if n.op_type != "SkipLayerNormalization":
+            continue
+        if any(o and consumers.get(o) for o in n.output[1:]):
+            continue
+        for k in (0, 1):
+            mm = next((m for m in region if m.op_type == "MatMul" and m.output[0] == n.input[k]), None)
+            if mm is not None and mm.input[1] in inits and len(consumers.get(mm.output[0], [])) == 1:
+                found[id(n)] = (mm, k)
+                break
+    return found
+
+
+def _res_nodes(g, sln, mm, k: int, folded_bias: str | None) -> list:
+    """MatMul -> SkipLayerNormalization(input, skip, gamma, beta, bias) as FusedDense(x, W, bias, residual) ->
+    LayerNormalization(gamma, beta): the sum x @ W + bias + residual is made in the GEMM's epilogue (float32,
+    rounded once to the graph's type) and the normalisation reads one tensor instead of two."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    bias = folded_bias or (sln.input[4] if len(sln.input) > 4 else "")
+    if not bias:  # no bias anywhere: zeros of the weight's type and width
+        w = next(t for t in g.initializer if t.name == mm.input[1])
+        bias = f"cliptune_zero_bias_{w.dims[1]}_{w.data_type}"
+        if not any(t.name == bias for t in g.initializer):
+            dtype = helper.tensor_dtype_to_np_dtype(w.data_type)
+            g.initializer.append(numpy_helper.from_array(np.zeros(w.dims[1], dtype), bias))
+    eps = next((helper.get_attribute_value(a) for a in sln.attribute if a.name == "epsilon"), 1e-12)
+    summed = sln.name + "__residual_sum"
+    return [helper.make_node("FusedDense", [mm.input[0], mm.input[1], bias, sln.input[1 - k]], [summed],
+                             name=sln.name + "_dense_residual", domain=LT_DOMAIN, activation="none"),
+            helper.make_node("LayerNormalization", [summed, sln.input[2], sln.input[3]], [sln.output[0]],
+                             name=sln.name + "_layer_norm", axis=-1, epsilon=float(eps))]
 
 
 def _moe_dtype(g, moe: dict) -> int:

@@ -42,6 +42,8 @@ def test_gpu_script_cpu_dry_run(tmp_path):
     assert data["export"]["packed_host"]["packed_attention_nodes"] == [2, 2, 2]
     moe = data["export"]["packed_host_flash_moe"]  # the MoE feed-forward copy is made (and timed on a GPU)
     assert moe["ffn"] == "moe" and moe["kernel"] == "flash" and moe["packed_attention_nodes"] == [2, 2, 2]
+    res = data["export"]["packed_host_flash_ltres"]  # residuals in the FusedDense epilogue (timed on a GPU)
+    assert res["ffn"] == "cublaslt_res" and res["packed_attention_nodes"] == [2, 2, 2]
     assert "CUDA provider" in data["packed_note"]
     assert not any(c["mode"].startswith("packed") for c in data["cells"])
     assert data["tune_variant"]["used"] == "padded"

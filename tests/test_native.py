@@ -44,12 +44,15 @@ def cpu_ops(tmp_path_factory):
     return native.build("cpu", tmp_path_factory.mktemp("ops"))
 
 
-def _dense_model(k: int, n: int, w, b, activation: str, x_shape=None):
+def _dense_model(k: int, n: int, w, b, activation: str, x_shape=None, residual: bool = False):
     from onnx import TensorProto, helper, numpy_helper
 
-    node = helper.make_node("FusedDense", ["x", "w", "b"], ["y"], domain="ai.cliptune", activation=activation)
-    g = helper.make_graph([node], "dense", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
-                                                                          x_shape or ["a", "b", k])],
+    node = helper.make_node("FusedDense", ["x", "w", "b", *(["r"] if residual else [])], ["y"], domain="ai.cliptune",
+                            activation=activation)
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape or ["a", "b", k])]
+    if residual:
+        inputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, ["a", "b", n]))
+    g = helper.make_graph([node], "dense", inputs,
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                           [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.cliptune", 1)])
@@ -81,6 +84,28 @@ def test_library_op_is_the_numpy_op(cpu_ops):
     erf_gelu = 0.5 * pre * (1 + np.vectorize(math.erf)(pre / math.sqrt(2.0)))
     assert float(np.abs(erf_gelu - got).max()) > 10 * 2e-5
     assert float(np.abs(pre - got).max()) > 0.1  # the activation was applied
+
+
+def test_library_residual_input(cpu_ops):
+    """The optional 4th input R is added before the activation: act(X @ W + B + R), the numpy op's semantics
+    (cuBLASLt's beta * C on the GPU); R of another shape is a one-line error."""
+    dense = next(op for op in _reference_ops() if op.__name__ == "FusedDense")
+    rng = np.random.default_rng(3)
+    k, n = 16, 24
+    w = (rng.standard_normal((k, n)) * 0.4).astype(np.float32)
+    b = (rng.standard_normal(n) * 0.4).astype(np.float32)
+    x = rng.standard_normal((3, 5, k)).astype(np.float32)
+    r = rng.standard_normal((3, 5, n)).astype(np.float32)
+    for act in ("none", "gelu_tanh"):
+        sess = _session(_dense_model(k, n, w, b, act, residual=True), cpu_ops)
+        got = sess.run(None, {"x": x, "r": r})[0]
+        np.testing.assert_allclose(got, dense._run(None, x, w, b, r, activation=act)[0], atol=2e-5)
+        without = _session(_dense_model(k, n, w, b, act), cpu_ops).run(None, {"x": x})[0]
+        assert float(np.abs(got - without).max()) > 0.5  # the residual was added
+    plain = _session(_dense_model(k, n, w, b, "none", residual=True), cpu_ops).run(None, {"x": x, "r": r})[0]
+    np.testing.assert_allclose(plain, x @ w + b + r, atol=2e-5)
+    with pytest.raises(Exception, match=r"residual R must have the output's shape"):
+        sess.run(None, {"x": x, "r": r[:, :4]})
 
 
 def test_library_errors_are_one_line(cpu_ops):
@@ -184,6 +209,56 @@ def test_cublaslt_ffn_matches_unpacked(packed_pair, tmp_path):
         pack_graph(broken, ffn="cublaslt")
     pman = pack_export(src, tmp_path / "lt", host_offsets=True, ffn="cublaslt")
     assert pman["packed_ffn"] == "cublaslt" and load_manifest(tmp_path / "lt").packed_ffn == "cublaslt"
+
+
+@needs_export
+def test_cublaslt_res_matches_unpacked(packed_pair, tmp_path):
+    """ffn="cublaslt_res": on top of "cublaslt", each packed layer's two MatMul -> SkipLayerNormalization
+    (attention output, second feed-forward projection) become FusedDense with the bias and the residual in the
+    epilogue -> LayerNormalization, with the same weights, biases (the flash kernel's folded value bias
+    included), gamma, beta and epsilon; the logits are the unpacked graph's, and a lost residual or bias shows."""
+    import collections
+    import copy
+
+    from cliptune_export.packing import pack_export, pack_graph
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    src = packed_pair[0]
+    _, layers, feeds, host, ops, m = _ffn_case(src, seed=11)
+    gelus = [n for n in m.graph.node if n.op_type == "BiasGelu"]
+    atts = [n for n in m.graph.node if n.op_type == "Attention"]
+    _randomize(m, {n.input[1] for n in gelus} | {n.input[2] for n in atts} | _skip_ln_biases(m),
+               np.random.default_rng(5))
+    ref = ReferenceEvaluator(m, new_ops=ops).run(None, feeds)[0]
+    n_ln = collections.Counter(n.op_type for n in m.graph.node)["LayerNormalization"]
+    for host_offsets, kernel in ((True, "flash"), (False, "fused")):
+        res = copy.deepcopy(m)
+        assert pack_graph(res, host_offsets=host_offsets, kernel=kernel, ffn="cublaslt_res") == layers - 1
+        count = collections.Counter(n.op_type for n in res.graph.node)
+        dense = [n for n in res.graph.node if n.op_type == "FusedDense"]
+        assert sum(len(n.input) == 4 for n in dense) == 2 * (layers - 1)  # two residual GEMMs a packed layer
+        assert count["FusedDense"] == (4 if kernel == "flash" else 3) * (layers - 1)
+        assert count["SkipLayerNormalization"] == 2  # the single-query last layer's stay ORT's
+        assert count["LayerNormalization"] == n_ln + 2 * (layers - 1)
+        got = ReferenceEvaluator(res, new_ops=ops).run(None, host if host_offsets else feeds)[0]
+        np.testing.assert_allclose(got, ref, atol=1e-3)  # fp16 rounding and the tanh GELU
+    # the residual and the (folded) bias are read: drop one residual, or shift the biases, and the logits move
+    for what in ("residual", "bias"):
+        broken, rng = copy.deepcopy(res), np.random.default_rng(6)
+        inits = {t.name: t for t in broken.graph.initializer}
+        for n in [n for n in broken.graph.node if n.op_type == "FusedDense" and len(n.input) == 4]:
+            if what == "residual":
+                del n.input[3]
+                break
+            v = numpy_helper.to_array(inits[n.input[2]])
+            inits[n.input[2]].CopyFrom(numpy_helper.from_array((v + rng.standard_normal(v.shape)).astype(v.dtype),
+                                                               n.input[2]))
+        wrong = ReferenceEvaluator(broken, new_ops=ops).run(None, feeds)[0]
+        assert float(np.abs(wrong - ref).max()) > 10 * 1e-3, what
+    pman = pack_export(src, tmp_path / "res", host_offsets=True, ffn="cublaslt_res")
+    man = load_manifest(tmp_path / "res")
+    assert pman["packed_ffn"] == "cublaslt_res" and man.packed_ffn == "cublaslt_res" and man.needs_ops_library
 
 
 def _packed_flash(m):

@@ -113,11 +113,14 @@ def _reference_ops():
             y = h.astype(np.float32) @ w2[0].astype(np.float32).T
             return ((y + (b2[0].astype(np.float32) if b2 is not None else 0.0)).astype(x.dtype),)
 
-    class FusedDense(OpRun):  # cliptune's custom op (cliptune_ort/native): act(x @ w + b), fp32 accumulation
+    class FusedDense(OpRun):  # cliptune's custom op (cliptune_ort/native): act(x @ w + b [+ r]), fp32 accumulation
         op_domain = "ai.cliptune"
 
-        def _run(self, x, w, b, activation=None):
+        def _run(self, x, w, b, r=None, activation=None):
             y = x.astype(np.float32) @ w.astype(np.float32) + b.astype(np.float32)
+            if r is not None:  # the residual, added in the epilogue before the activation
+                assert r.shape == y.shape, (r.shape, y.shape)
+                y = y + r.astype(np.float32)
             if activation == "gelu_tanh":
                 y = 0.5 * y * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (y + 0.044715 * y ** 3)))
             else:
@@ -404,7 +407,7 @@ def test_moe_ffn_matches_unpacked(packed_pair, tmp_path):
 
     data = json.loads((tmp_path / "moe" / "manifest.json").read_text())
     (tmp_path / "moe" / "manifest.json").write_text(json.dumps(seal_manifest({**data, "packed_ffn": "gemm"})))
-    with pytest.raises(ModelDirError, match="packed_ffn.*'matmul', 'moe' or 'cublaslt'"):
+    with pytest.raises(ModelDirError, match="packed_ffn.*'matmul', 'moe', 'cublaslt' or 'cublaslt_res'"):
         load_manifest(tmp_path / "moe")
 
 

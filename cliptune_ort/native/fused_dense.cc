@@ -1,8 +1,11 @@
 // cliptune_ort's custom-op library: ai.cliptune.FusedDense, a dense layer whose bias and activation
 // run in the GEMM's epilogue.
 //
-//   Y = act(X @ W + B)     X [..., K], W [K, N], B [N]  ->  Y [..., N]
+//   Y = act(X @ W + B [+ R])     X [..., K], W [K, N], B [N], optional R [..., N]  ->  Y [..., N]
 //   activation (string attribute): "none" | "gelu_tanh"
+//   R (optional 4th input): a residual added inside the epilogue, before the activation (cuBLASLt's
+//   D = act(A B + beta C + bias) with C = R, beta = 1), so a post-LN transformer's "projection + residual"
+//   is one GEMM and the LayerNormalization after it reads one tensor instead of two.
 //     gelu_tanh(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))  (cuBLASLt's GELU epilogue)
 //
 // Why: on a CUDA fp16 graph, ONNX Runtime runs MatMul and then BiasGelu (or Add) as separate kernels,
@@ -62,7 +65,8 @@ struct Dims {
   std::vector<int64_t> y_shape;
 };
 
-Dims CheckDims(const Ort::ConstValue& x, const Ort::ConstValue& w, const Ort::ConstValue& b) {
+Dims CheckDims(const Ort::ConstValue& x, const Ort::ConstValue& w, const Ort::ConstValue& b,
+               const std::vector<int64_t>* r_shape) {
   auto xs = x.GetTensorTypeAndShapeInfo().GetShape();
   auto ws = w.GetTensorTypeAndShapeInfo().GetShape();
   auto bs = b.GetTensorTypeAndShapeInfo().GetShape();
@@ -82,7 +86,16 @@ Dims CheckDims(const Ort::ConstValue& x, const Ort::ConstValue& w, const Ort::Co
   d.n = ws[1];
   d.y_shape = xs;
   d.y_shape.back() = d.n;
+  if (r_shape != nullptr && *r_shape != d.y_shape) {
+    ORT_CXX_API_THROW("FusedDense: the residual R must have the output's shape [..., N]", ORT_INVALID_ARGUMENT);
+  }
   return d;
+}
+
+// The optional residual input (4th), or nullptr where the node has none.
+bool HasResidual(Ort::KernelContext& ctx) {
+  if (ctx.GetInputCount() < 4) return false;
+  return static_cast<const OrtValue*>(ctx.GetInput(3)) != nullptr;
 }
 
 // Runs ``f``; an exception becomes the OrtStatus ONNX Runtime reports (nothing may cross the C API).
@@ -98,15 +111,24 @@ OrtStatusPtr AsStatus(F&& f) {
   }
 }
 
-// One call: inputs checked, the output allocated, then ``f(ctx, x, w, b, y, d)``; errors as an OrtStatus.
+// One call: inputs checked, the output allocated, then ``f(ctx, x, w, b, r, y, d)`` (r: the residual's data or
+// nullptr); errors as an OrtStatus.
 template <typename F>
 OrtStatusPtr RunDense(OrtKernelContext* context, F&& f) {
   return AsStatus([&] {
     Ort::KernelContext ctx(context);
     auto x = ctx.GetInput(0), w = ctx.GetInput(1), b = ctx.GetInput(2);
-    Dims d = CheckDims(x, w, b);
+    const bool has_r = HasResidual(ctx);
+    const void* r_data = nullptr;
+    std::vector<int64_t> r_shape;
+    if (has_r) {
+      auto r = ctx.GetInput(3);
+      r_shape = r.GetTensorTypeAndShapeInfo().GetShape();
+      r_data = r.GetTensorRawData();
+    }
+    Dims d = CheckDims(x, w, b, has_r ? &r_shape : nullptr);
     auto y = ctx.GetOutput(0, d.y_shape);
-    f(ctx, x, w, b, y, d);
+    f(ctx, x, w, b, r_data, y, d);
   });
 }
 
@@ -119,8 +141,11 @@ struct DenseOp : Ort::CustomOpBase<DenseOp<Kernel, kType>, Kernel, true> {
   }
   const char* GetName() const { return kOpName; }
   const char* GetExecutionProviderType() const { return provider_; }  // nullptr: the CPU provider
-  size_t GetInputTypeCount() const { return 3; }
+  size_t GetInputTypeCount() const { return 4; }
   ONNXTensorElementDataType GetInputType(size_t) const { return kType; }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return index == 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;  // the residual
+  }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return kType; }
 
@@ -139,14 +164,15 @@ struct DenseCpuKernel {
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return RunDense(context, [&](Ort::KernelContext&, const Ort::ConstValue& x, const Ort::ConstValue& w,
-                                 const Ort::ConstValue& b, Ort::UnownedValue& y, const Dims& d) {
+                                 const Ort::ConstValue& b, const void* r, Ort::UnownedValue& y, const Dims& d) {
       const float* X = x.GetTensorData<float>();
       const float* W = w.GetTensorData<float>();
       const float* B = b.GetTensorData<float>();
+      const float* R = static_cast<const float*>(r);
       float* Y = y.GetTensorMutableData<float>();
       std::vector<float> row(static_cast<size_t>(d.n));
       for (int64_t m = 0; m < d.m; ++m) {
-        for (int64_t n = 0; n < d.n; ++n) row[n] = B[n];
+        for (int64_t n = 0; n < d.n; ++n) row[n] = B[n] + (R ? R[m * d.n + n] : 0.0f);
         for (int64_t k = 0; k < d.k; ++k) {
           const float xv = X[m * d.k + k];
           const float* wr = W + k * d.n;
@@ -350,7 +376,7 @@ struct DenseCudaKernel {
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return RunDense(context, [&](Ort::KernelContext& ctx, const Ort::ConstValue& x, const Ort::ConstValue& w,
-                                 const Ort::ConstValue& b, Ort::UnownedValue& y, const Dims& d) {
+                                 const Ort::ConstValue& b, const void* r, Ort::UnownedValue& y, const Dims& d) {
       if (d.m == 0 || d.n == 0) return;
       auto stream = static_cast<cudaStream_t>(ctx.GetGPUComputeStream());
       std::lock_guard<std::mutex> lock(mu);
@@ -359,8 +385,10 @@ struct DenseCudaKernel {
       Operands io{x.GetTensorRawData(), w.GetTensorRawData(), bias, out, WorkspaceFor(stream), stream};
       Plan& p = PlanFor(d, io);
       LT_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
-      const float alpha = 1.0f, beta = 0.0f;
-      LT_CHECK(cublasLtMatmul(LtHandle(), p.op, &alpha, io.w, p.w, io.x, p.x, &beta, out, p.y, out, p.y, &p.algo,
+      // with a residual: C = R (the output's layout), beta = 1, added before the epilogue's bias/activation
+      const float alpha = 1.0f, beta = r ? 1.0f : 0.0f;
+      const void* c = r ? r : out;
+      LT_CHECK(cublasLtMatmul(LtHandle(), p.op, &alpha, io.w, p.w, io.x, p.x, &beta, c, p.y, out, p.y, &p.algo,
                               io.ws.ptr, io.ws.bytes, stream));
     });
   }
