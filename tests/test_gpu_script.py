@@ -125,3 +125,20 @@ def test_attention_kernels_cell_on_the_cpu(splade_dir, tmp_path):
         assert row["attention"] == kern and row["provider"] == "CPUExecutionProvider"
         assert row["pop1"]["p50_ms"] > 0 and row["pop20"]["p50_ms"] > 0
         assert np.asarray(row["logits"]).shape == (3, 32, 2) and row["max_abs_diff_vs_first"] == 0.0
+
+
+def test_attention_section_in_a_child_process(splade_dir, tmp_path):
+    """gpu.py's attention section: the cell runs in a child process and comes back as cells named
+    ``<mode>+<kernel>`` and parity logits; here on the CPU provider with the padded export."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    gpu = pytest.importorskip("gpu")
+    prompts = (np.random.default_rng(4).standard_normal((2, 50, 128)) * 0.05).astype(np.float32)
+    ak, cells, logits = gpu.attention_section(splade_dir, "iobinding", "cpu", prompts, tmp_path, iters=2, warmup=1,
+                                              timeout_s=300)
+    assert [c["mode"] for c in cells] == ["iobinding+auto"] * 2 + ["iobinding+efficient"] * 2
+    assert [c["pop"] for c in cells] == [1, 20, 1, 20] and all(c["p50_ms"] > 0 for c in cells)
+    assert set(logits) == {"ort_fp16_iobinding+auto", "ort_fp16_iobinding+efficient"}
+    assert logits["ort_fp16_iobinding+auto"].shape == (2, 32, 2)
+    assert all("logits" not in row for row in ak["kernels"].values())
