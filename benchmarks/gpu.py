@@ -410,7 +410,8 @@ PACKED_LAYOUTS = {"packed": (False, "fused", "matmul"), "packed_host": (True, "f
                   "packed_flash": (False, "flash", "matmul"), "packed_host_flash": (True, "flash", "matmul"),
                   "packed_host_flash_moe": (True, "flash", "moe"),
                   "packed_host_flash_lt": (True, "flash", "cublaslt"),
-                  "packed_host_flash_ltres": (True, "flash", "cublaslt_res")}
+                  "packed_host_flash_ltres": (True, "flash", "cublaslt_res"),
+                  "packed_host_cudnn_ltres": (True, "cudnn", "cublaslt_res")}
 #: tune variants: name -> (packed layout or None for the padded export, CUDA graphs)
 TUNE_VARIANTS = {"padded": (None, False), "padded_cg": (None, True), "packed": ("packed", False),
                  "packed_host": ("packed_host", False), "packed_host_cg": ("packed_host", True),
@@ -421,7 +422,9 @@ TUNE_VARIANTS = {"padded": (None, False), "padded_cg": (None, True), "packed": (
                  "packed_host_flash_lt": ("packed_host_flash_lt", False),
                  "packed_host_flash_lt_cg": ("packed_host_flash_lt", True),
                  "packed_host_flash_ltres": ("packed_host_flash_ltres", False),
-                 "packed_host_flash_ltres_cg": ("packed_host_flash_ltres", True)}
+                 "packed_host_flash_ltres_cg": ("packed_host_flash_ltres", True),
+                 "packed_host_cudnn_ltres": ("packed_host_cudnn_ltres", False),
+                 "packed_host_cudnn_ltres_cg": ("packed_host_cudnn_ltres", True)}
 
 
 def profile_placement(model_dir: Path, device: str, enc, verb, work: Path, n_buckets: int = 4,
@@ -753,6 +756,43 @@ def attention_section(model_dir: Path, mode: str, device: str, parity_prompts, w
                               "provider": row["provider"], "attention_kernel": kern, "padded_fraction": 0.0,
                               "concurrent_export": False, **row[f"pop{pop}"]})
     return ak, new_cells, logits
+
+
+def smoke_cell(model_dir, device: str, mode: str) -> dict:
+    """One call of 20 and one of 1 candidate through a fresh engine (``mode`` as in :func:`make_engine`): the
+    layout loads and runs, and its logits are finite."""
+    import numpy as np
+
+    from cliptune_ort.manifest import load_manifest
+
+    man = load_manifest(model_dir)
+    enc, verb = fewshot(Path(model_dir))
+    eng = make_engine(Path(model_dir), device, mode)
+    try:
+        fb = eng.prepare(enc, 1 if man.packed else 4)
+        out = {}
+        for pop in (20, 1):
+            pr = (np.random.default_rng(pop).standard_normal((pop, man.n_prompt, man.hidden))
+                  * man.embedding_std).astype(np.float32)
+            t = time.perf_counter()
+            lg = eng.logits(0, pr, fb, verb)
+            out[f"pop{pop}_first_call_s"] = round(time.perf_counter() - t, 3)
+            out[f"pop{pop}_finite"] = bool(np.isfinite(lg).all())
+        return out
+    finally:
+        eng.close()
+
+
+def smoke_in_child(model_dir, device: str, mode: str, timeout_s: float) -> dict:
+    """:func:`smoke_cell` in a child process; raises where the child fails or the logits are not finite."""
+    code = ("import json, sys; sys.path.insert(0, sys.argv[2]); import gpu; "
+            "gpu.load_cuda_libraries() if sys.argv[3] == 'cuda' else None; "
+            "print(json.dumps(gpu.smoke_cell(sys.argv[1], sys.argv[3], sys.argv[4])))")
+    out = harness.run_json_subprocess(["-c", code, str(model_dir), str(Path(__file__).resolve().parent), device, mode],
+                                      timeout_s=timeout_s)
+    if not (out.get("pop20_finite") and out.get("pop1_finite")):
+        raise RuntimeError(f"{mode} gave non-finite logits: {out}")
+    return out
 
 
 # ---------------------------------------------------------------- CMA-ES on the host
@@ -1107,6 +1147,14 @@ def main(argv=None) -> int:
                 continue
             layout = next(n for n, d in packed_dirs.items() if d == mdir)
             modes = [layout, layout + "_cg"] if man.host_packing else [layout]
+            if man.packed_kernel == "cudnn":  # new native code: a crash must not end the run
+                try:
+                    smoke = smoke_in_child(mdir, device, modes[-1], timeout_s=120)
+                    res.data.setdefault("smoke", {})[layout] = smoke
+                    log(f"{layout}: smoke test in a child process {smoke}")
+                except Exception as e:
+                    res.error(f"smoke {layout}", e)
+                    continue
         for mode in modes:
             try:
                 t = time.perf_counter()
@@ -1174,7 +1222,9 @@ def main(argv=None) -> int:
                                       ("ort_fp16_packed_host_flash_lt_cg", packed_dirs["packed_host_flash_lt"],
                                        "packed_host_flash_lt_cg", 1),
                                       ("ort_fp16_packed_host_flash_ltres_cg", packed_dirs["packed_host_flash_ltres"],
-                                       "packed_host_flash_ltres_cg", 1)):
+                                       "packed_host_flash_ltres_cg", 1),
+                                      ("ort_fp16_packed_host_cudnn_ltres_cg", packed_dirs["packed_host_cudnn_ltres"],
+                                       "packed_host_cudnn_ltres_cg", 1)):
             if "ort" in skip or not (mdir / "manifest.json").is_file():
                 continue
             man = load_manifest(mdir)

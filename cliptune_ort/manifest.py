@@ -121,8 +121,8 @@ class Manifest:
 
     @property
     def needs_ops_library(self) -> bool:
-        """Whether the graphs use cliptune's custom-op library (FusedDense)."""
-        return self.packed_ffn in LIBRARY_FFNS
+        """Whether the graphs use cliptune's custom-op library (FusedDense, RaggedAttention)."""
+        return self.packed_ffn in LIBRARY_FFNS or self.packed_kernel == "cudnn"
 
     @property
     def host_packing(self) -> bool:
@@ -184,8 +184,8 @@ def _check_structure(mpath: Path, data: dict[str, Any]) -> None:
                                      f"{model['vocab']}")
     if data.get("attention", "padded") not in ("padded", "packed", "packed_host"):
         raise bad("attention", "'padded', 'packed' or 'packed_host'")
-    if data.get("packed_kernel", "fused") not in ("fused", "flash"):
-        raise bad("packed_kernel", "'fused' or 'flash'")
+    if data.get("packed_kernel", "fused") not in ("fused", "flash", "cudnn"):
+        raise bad("packed_kernel", "'fused', 'flash' or 'cudnn'")
     if data.get("packed_ffn", "matmul") not in ("matmul", "moe", *LIBRARY_FFNS):
         raise bad("packed_ffn", "'matmul', 'moe', 'cublaslt' or 'cublaslt_res'")
     sp = data.get("shared_prefix", 0)

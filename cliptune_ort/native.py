@@ -176,6 +176,22 @@ def cuda_dirs(include_dirs=(), lib_dirs=()) -> tuple[list[Path], dict[str, Path]
     return list(dict.fromkeys(inc)), libs
 
 
+def cudnn_dirs(include_dirs=()) -> list[Path] | None:
+    """Include folders of cuDNN's ``cudnn.h`` and cudnn-frontend's header-only ``cudnn_frontend.h`` (the
+    ``nvidia-cudnn-cu13`` and ``nvidia-cudnn-frontend`` wheels; frontend 1.14 needs no NVRTC headers) for
+    RaggedAttention in the cuda variant, or None where one is missing: the library is then built without that
+    op (``cliptune_ops_list``)."""
+    roots = _nvidia_roots()
+    inc = []
+    for header in ("cudnn.h", "cudnn_frontend.h"):
+        found = next((Path(d) for d in include_dirs if (Path(d) / header).is_file()), None) or _find(
+            roots, ("include",), header)
+        if found is None:
+            return None
+        inc.append(found)
+    return inc
+
+
 def _soname(lib_dir: Path, stem: str) -> str:
     """``-l:libX.so.N`` for the versioned file in ``lib_dir`` (pip wheels ship no unversioned link)."""
     names = sorted(glob.glob(str(lib_dir / f"{stem}.so.*")), key=len)
@@ -202,6 +218,10 @@ def build(variant: str = "cpu", out_dir: str | os.PathLike | None = None, includ
         # PyTorch load them) or the loader path: no rpath into a build machine's folders
         libs = [*(f"-L{d}" for d in dict.fromkeys(lib_of.values())),
                 *(_soname(d, stem) for stem, d in lib_of.items())]
+        dnn = cudnn_dirs(include_dirs)
+        if dnn is not None:  # RaggedAttention (cuDNN's fused attention on packed rows) too; cuDNN is opened at run
+            cmd += ["-DCLIPTUNE_CUDNN", *(f"-I{d}" for d in dnn)]  # time (dlopen), not linked
+            libs.append("-ldl")
     tmp = out / f".{name}.{os.getpid()}.tmp"
     proc = subprocess.run([*cmd, str(SOURCE), "-o", str(tmp), *libs], capture_output=True, text=True, check=False)
     if proc.returncode != 0:

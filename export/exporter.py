@@ -87,7 +87,7 @@ class ExportOptions:
         from .packing import KERNELS
 
         if self.packed_kernel not in KERNELS:
-            raise ConfigError(f"--packed-kernel must be {' or '.join(map(repr, KERNELS))}, got {self.packed_kernel!r}")
+            raise ConfigError(f"--packed-kernel must be one of {', '.join(KERNELS)}, got {self.packed_kernel!r}")
         from .packing import FFNS
 
         if self.packed_ffn not in FFNS:

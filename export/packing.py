@@ -82,7 +82,11 @@ ROW_WISE = {"MatMul", "SkipLayerNormalization", "BiasGelu", "Gelu", "FastGelu", 
             "PackedAttention", "Attention"}
 #: the packed attention kernels: "fused" = PackedAttention (QKV projection inside the op),
 #: "flash" = Q/K/V projections + PackedMultiHeadAttention without bias (FlashAttention varlen on sm80+)
-KERNELS = ("fused", "flash")
+#: "cudnn" = the flash layout's projections + cliptune's RaggedAttention (cuDNN's fused attention on the packed
+#: rows; custom-op library built with cuDNN's headers; sm90)
+KERNELS = ("fused", "flash", "cudnn")
+#: the kernels with separate Q/K/V projections (key bias dropped, value bias folded into the output bias)
+SPLIT_KERNELS = ("flash", "cudnn")
 DEFAULT_KERNEL = "flash"  # measured faster on an H100 (README, GPU section)
 #: the packed layers' feed-forward block: "matmul" = MatMul -> BiasGelu -> MatMul (ORT's fusions),
 #: "moe" = one single-expert com.microsoft.MoE node (experimental; 26 % slower on an H100, see above)
@@ -230,7 +234,7 @@ def pack_graph(model, host_offsets: bool = False, kernel: str = DEFAULT_KERNEL,
     if any(o.name == t_last for o in g.output):
         raise PackingError("the last full layer's output is a graph output")
 
-    flash = _plan_flash(g, atts, only, base_dir) if kernel == "flash" else {}
+    flash = _plan_flash(g, atts, only, base_dir) if kernel in SPLIT_KERNELS else {}
     moe = _plan_moe(g, region, consumers) if ffn == "moe" else {}
     if ffn == "moe" and len(moe) != len(atts):
         raise PackingError(f"found {len(moe)} MatMul -> BiasGelu -> MatMul -> SkipLayerNormalization feed-forward "
@@ -286,8 +290,11 @@ def pack_graph(model, host_offsets: bool = False, kernel: str = DEFAULT_KERNEL,
             continue
         elif id(n) in res:
             new_nodes.extend(_res_nodes(g, n, *res[id(n)], res_bias.get(id(n))))
-        elif n.op_type == "Attention" and n.domain == MS and kernel == "flash":
-            new_nodes.extend(_flash_nodes(n, flash[n.name], offset, cum, epilogue=ffn in LT_FFNS))
+        elif n.op_type == "Attention" and n.domain == MS and kernel in SPLIT_KERNELS:
+            if kernel == "cudnn" and n is atts[0]:
+                new_nodes.extend(_ragged_index_nodes(cum, flash[n.name]["hid"]))
+            new_nodes.extend(_flash_nodes(n, flash[n.name], offset, cum, epilogue=ffn in LT_FFNS,
+                                          ragged=kernel == "cudnn"))
         elif n.op_type == "Attention" and n.domain == MS:
             keep = [a for a in n.attribute if a.name in ("num_heads", "qkv_hidden_sizes", "scale")]
             p = helper.make_node("PackedAttention", [n.input[0], n.input[1], n.input[2], offset, cum], list(n.output),
@@ -311,7 +318,7 @@ def pack_graph(model, host_offsets: bool = False, kernel: str = DEFAULT_KERNEL,
     del g.value_info[:]
     g.value_info.extend(keep_vi)
     ensure_ms_opset(model)
-    if ffn in LT_FFNS and not any(o.domain == LT_DOMAIN for o in model.opset_import):
+    if (ffn in LT_FFNS or kernel == "cudnn") and not any(o.domain == LT_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(LT_DOMAIN, 1))
     return len(atts)
 
@@ -354,9 +361,34 @@ def _plan_flash(g, atts, only, base_dir) -> dict:
     return plan
 
 
-def _flash_nodes(att, p: dict, offset: str, cum: str, epilogue: bool = False) -> list:
-    """Q/K/V projections (slices of the fused weight; no key or value bias) + PackedMultiHeadAttention;
-    ``epilogue``: the query projection and its bias as one FusedDense (cuBLASLt's BIAS epilogue)."""
+#: RaggedAttention's row lengths and element offsets, made once per graph from the packing's cu_seqlens
+RAGGED_LEN, RAGGED_OFFSET = "cliptune_ragged_seq_len", "cliptune_ragged_offset"
+
+
+def _ragged_index_nodes(cum: str, hidden: int) -> list:
+    """seq_len = cu[1:] - cu[:-1] and offset = cu * hidden (int32, on the device): RaggedAttention's inputs."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    def const(name, value, dtype):
+        return helper.make_node("Constant", [], [name], name=name + "_const",
+                                value=numpy_helper.from_array(np.array(value, dtype), name))
+
+    return [const("cliptune_ragged_one", [1], np.int64), const("cliptune_ragged_zero", [0], np.int64),
+            const("cliptune_ragged_end", [2**62], np.int64), const("cliptune_ragged_last", [-1], np.int64),
+            const("cliptune_ragged_hidden", [hidden], np.int32),
+            helper.make_node("Slice", [cum, "cliptune_ragged_one", "cliptune_ragged_end"], ["cliptune_ragged_hi"],
+                             name="cliptune_ragged_hi"),
+            helper.make_node("Slice", [cum, "cliptune_ragged_zero", "cliptune_ragged_last"], ["cliptune_ragged_lo"],
+                             name="cliptune_ragged_lo"),
+            helper.make_node("Sub", ["cliptune_ragged_hi", "cliptune_ragged_lo"], [RAGGED_LEN], name=RAGGED_LEN),
+            helper.make_node("Mul", [cum, "cliptune_ragged_hidden"], [RAGGED_OFFSET], name=RAGGED_OFFSET)]
+
+
+def _flash_nodes(att, p: dict, offset: str, cum: str, epilogue: bool = False, ragged: bool = False) -> list:
+    """Q/K/V projections (slices of the fused weight; no key or value bias) + PackedMultiHeadAttention
+    (``ragged``: cliptune's RaggedAttention, cuDNN); ``epilogue``: the query projection and its bias as one
+    FusedDense (cuBLASLt's BIAS epilogue)."""
     from onnx import helper
 
     x, w, name, h = att.input[0], att.input[1], att.name, p["hid"]
@@ -373,6 +405,12 @@ def _flash_nodes(att, p: dict, offset: str, cum: str, epilogue: bool = False) ->
     if not epilogue:
         out.append(helper.make_node("Add", [f"{name}__q_nobias", f"{name}__b_q"], [f"{name}__q"],
                                     name=f"{name}_bias_q"))
+    if ragged:
+        out.append(helper.make_node("RaggedAttention", [f"{name}__q", f"{name}__k", f"{name}__v", RAGGED_LEN,
+                                                        RAGGED_OFFSET, offset], list(att.output),
+                                    name=name + "_ragged_attention", domain=LT_DOMAIN, num_heads=p["num_heads"],
+                                    scale=float(p["scale"] or 0.0)))
+        return out
     mha = helper.make_node("PackedMultiHeadAttention", [f"{name}__q", f"{name}__k", f"{name}__v", "", offset, cum],
                            list(att.output), name=name + "_packed_mha", domain=MS, num_heads=p["num_heads"])
     if p["scale"]:

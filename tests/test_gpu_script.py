@@ -44,6 +44,8 @@ def test_gpu_script_cpu_dry_run(tmp_path):
     assert moe["ffn"] == "moe" and moe["kernel"] == "flash" and moe["packed_attention_nodes"] == [2, 2, 2]
     res = data["export"]["packed_host_flash_ltres"]  # residuals in the FusedDense epilogue (timed on a GPU)
     assert res["ffn"] == "cublaslt_res" and res["packed_attention_nodes"] == [2, 2, 2]
+    dnn = data["export"]["packed_host_cudnn_ltres"]  # cuDNN's ragged attention (smoke-tested, then timed on a GPU)
+    assert dnn["kernel"] == "cudnn" and dnn["ffn"] == "cublaslt_res" and dnn["packed_attention_nodes"] == [2, 2, 2]
     assert "CUDA provider" in data["packed_note"]
     assert not any(c["mode"].startswith("packed") for c in data["cells"])
     assert data["tune_variant"]["used"] == "padded"
@@ -142,3 +144,12 @@ def test_attention_section_in_a_child_process(splade_dir, tmp_path):
     assert set(logits) == {"ort_fp16_iobinding+auto", "ort_fp16_iobinding+efficient"}
     assert logits["ort_fp16_iobinding+auto"].shape == (2, 32, 2)
     assert all("logits" not in row for row in ak["kernels"].values())
+
+
+def test_smoke_test_in_a_child_process(splade_dir):
+    """gpu.py's smoke test of a new layout (one call of 20 and of 1 candidate in a child process, finite
+    logits), here on the CPU provider with the padded export."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    gpu = pytest.importorskip("gpu")
+    out = gpu.smoke_in_child(splade_dir, "cpu", "iobinding", timeout_s=300)
+    assert out["pop20_finite"] and out["pop1_finite"] and out["pop20_first_call_s"] > 0

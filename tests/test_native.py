@@ -261,6 +261,67 @@ def test_cublaslt_res_matches_unpacked(packed_pair, tmp_path):
     assert pman["packed_ffn"] == "cublaslt_res" and man.packed_ffn == "cublaslt_res" and man.needs_ops_library
 
 
+def test_library_ragged_attention_is_the_numpy_op(cpu_ops):
+    """The CPU build's RaggedAttention = the numpy op of the rewrite tests (attention within each packed row,
+    rows located by their element offsets), with and without an explicit scale."""
+    from onnx import TensorProto, helper
+
+    op = next(o for o in _reference_ops() if o.__name__ == "RaggedAttention")
+    rng = np.random.default_rng(8)
+    lens = np.array([3, 7, 1, 5], np.int32)
+    heads, hidden = 2, 8
+    tokens = int(lens.sum())
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    q, k, v = (rng.standard_normal((tokens, hidden)).astype(np.float32) for _ in range(3))
+    feeds = {"q": q, "k": k, "v": v, "len": lens, "rag": cu * hidden, "off": np.zeros((4, 7), np.int32)}
+    for scale in (0.0, 0.3):
+        node = helper.make_node("RaggedAttention", ["q", "k", "v", "len", "rag", "off"], ["o"], domain="ai.cliptune",
+                                num_heads=heads, scale=scale)
+        ins = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["tokens", hidden]) for n in "qkv"]
+        ins += [helper.make_tensor_value_info("len", TensorProto.INT32, ["rows"]),
+                helper.make_tensor_value_info("rag", TensorProto.INT32, ["rows_plus_1"]),
+                helper.make_tensor_value_info("off", TensorProto.INT32, ["rows", "seq"])]
+        g = helper.make_graph([node], "attn", ins, [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)])
+        model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.cliptune", 1)])
+        got = _session(model, cpu_ops).run(None, feeds)[0]
+        want = op._run(None, q, k, v, lens, cu * hidden, feeds["off"], num_heads=heads, scale=scale)[0]
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        # row 2 (one token) attends only to itself: its output is its own value
+        np.testing.assert_allclose(got[cu[2]], v[cu[2]], atol=1e-6)
+    with pytest.raises(Exception, match="RaggedAttention: expected Q, K, V"):
+        _session(model, cpu_ops).run(None, {**feeds, "rag": feeds["rag"][:4]})
+
+
+@needs_export
+def test_cudnn_kernel_matches_unpacked(packed_pair, tmp_path):
+    """kernel="cudnn": the flash layout's projections with cliptune's RaggedAttention in place of
+    PackedMultiHeadAttention (row lengths and element offsets made once in the graph from the packing's
+    cu_seqlens); the logits are the unpacked graph's, with either packing and either feed-forward block."""
+    import collections
+    import copy
+
+    from cliptune_export.packing import pack_export, pack_graph
+    from onnx.reference import ReferenceEvaluator
+
+    src = packed_pair[0]
+    _, layers, feeds, host, ops, m = _ffn_case(src, seed=13)
+    atts = [n for n in m.graph.node if n.op_type == "Attention"]
+    _randomize(m, {n.input[2] for n in atts} | _skip_ln_biases(m), np.random.default_rng(9))
+    ref = ReferenceEvaluator(m, new_ops=ops).run(None, feeds)[0]
+    for host_offsets, ffn in ((True, "cublaslt_res"), (False, "matmul")):
+        g = copy.deepcopy(m)
+        assert pack_graph(g, host_offsets=host_offsets, kernel="cudnn", ffn=ffn) == layers - 1
+        count = collections.Counter(n.op_type for n in g.graph.node)
+        assert count["RaggedAttention"] == layers - 1 and count["PackedMultiHeadAttention"] == 0
+        assert [n.op_type for n in g.graph.node if n.name.startswith("cliptune_ragged_")].count("Slice") == 2
+        assert any(o.domain == "ai.cliptune" for o in g.opset_import)
+        got = ReferenceEvaluator(g, new_ops=ops).run(None, host if host_offsets else feeds)[0]
+        np.testing.assert_allclose(got, ref, atol=1e-3)
+    pman = pack_export(src, tmp_path / "dnn", host_offsets=True, kernel="cudnn", ffn="cublaslt_res")
+    man = load_manifest(tmp_path / "dnn")
+    assert pman["packed_kernel"] == "cudnn" and man.packed_kernel == "cudnn" and man.needs_ops_library
+
+
 def _packed_flash(m):
     import copy
 

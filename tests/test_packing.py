@@ -127,6 +127,16 @@ def _reference_ops():
                 assert activation == "none", activation
             return (y.astype(x.dtype),)
 
+    class RaggedAttention(OpRun):  # cliptune's custom op: attention within packed rows (cuDNN on the GPU)
+        op_domain = "ai.cliptune"
+
+        def _run(self, q, k, v, seq_len, ragged, token_offset, num_heads=None, scale=None):
+            assert len(ragged) == len(seq_len) + 1 == token_offset.shape[0] + 1
+            hidden = q.shape[1]
+            assert np.array_equal(ragged[:-1] // hidden + seq_len, ragged[1:] // hidden)  # rows back to back
+            cu = (ragged // hidden).astype(np.int64)
+            return (attend_packed(q, k, v, cu, num_heads, scale or None),)
+
     class RemovePadding(OpRun):
         op_domain = "com.microsoft"
 
@@ -154,7 +164,7 @@ def _reference_ops():
             return (np.take_along_axis(data, indices.astype(np.int64), axis=axis),)
 
     return [GatherElements, Attention, PackedAttention, PackedMultiHeadAttention, SkipLayerNormalization, BiasGelu,
-            MoE, FusedDense, RemovePadding, RestorePadding]
+            MoE, FusedDense, RaggedAttention, RemovePadding, RestorePadding]
 
 
 def _with_weights(path):
@@ -504,7 +514,7 @@ def test_export_option_packed(tiny_roberta_src, tmp_path):
     assert not (tmp_path / "bad").exists()
     with pytest.raises(ConfigError, match="must be 'device' or 'host'"):
         export_model(str(tiny_roberta_src), tmp_path / "bad", ExportOptions(k=1, precision="fp16", packed="gpu"))
-    with pytest.raises(ConfigError, match="--packed-kernel must be 'fused' or 'flash'"):
+    with pytest.raises(ConfigError, match="--packed-kernel must be one of fused, flash, cudnn"):
         export_model(str(tiny_roberta_src), tmp_path / "bad", ExportOptions(k=1, precision="fp16", packed="host",
                                                                             packed_kernel="cutlass"))
     man_d = export_model(str(tiny_roberta_src), tmp_path / "p",  # the default kernel: flash
