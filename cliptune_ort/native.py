@@ -1,9 +1,12 @@
 """cliptune_ort's custom-op library (``native/fused_dense.cc``): build it, find it, register it.
 
-The library holds one op, ``ai.cliptune.FusedDense`` (``Y = act(X @ W + B)`` with the bias and the
-activation in cuBLASLt's GEMM epilogue); the packed fp16 export uses it with
-``--packed-ffn cublaslt`` (export/packing.py) to drop the separate bias + GELU and query-bias passes. It
-is compiled on the user's machine, once, by ``cliptune build-ops`` (or ``python -m cliptune_ort.native``):
+The library holds ``ai.cliptune.FusedDense`` (``Y = act(X @ W + B [+ R])`` with the bias, the activation
+and an optional residual in cuBLASLt's GEMM epilogue); the packed fp16 export uses it with
+``--packed-ffn cublaslt`` / ``cublaslt_res`` (export/packing.py) to drop the separate bias + GELU, query-bias
+and residual passes. Where cuDNN's and cudnn-frontend's headers are found it also holds
+``ai.cliptune.RaggedAttention`` (cuDNN's fused attention on the packed rows, ``--packed-kernel cudnn``;
+cuDNN is opened at run time, not linked). It is compiled on the user's machine, once, by ``cliptune
+build-ops`` (or ``python -m cliptune_ort.native``):
 
 - ``cuda``: the op on ONNX Runtime's CUDA provider (float16). Needs a C++ compiler, the CUDA runtime and
   cuBLAS headers and libraries (a CUDA toolkit, or the ``nvidia-cuda-runtime`` / ``nvidia-cublas`` wheels
@@ -17,8 +20,8 @@ folder with ``onnxruntime_cxx_api.h``), else downloads Debian's ``libonnxruntime
 ONNX Runtime 1.21, MIT, pinned by sha256) into the cache; any runtime as new or newer accepts a library
 built with them. Nothing of ONNX Runtime's is kept in this repository.
 
-The library is loaded only by a session whose manifest asks for it (``packed_ffn: cublaslt``); the
-runtime imports no compiler and no CUDA Python package.
+The library is loaded only by a session whose manifest asks for it (``packed_ffn: cublaslt`` or
+``cublaslt_res``, ``packed_kernel: cudnn``); the runtime imports no compiler and no CUDA Python package.
 """
 
 from __future__ import annotations
