@@ -226,9 +226,6 @@ def evaluate(ws: Workspace, prompt: np.ndarray | None, batch: FixedBatch) -> dic
 # ---------------------------------------------------------------- checkpoints
 
 
-#: the next generation's ask runs on its own thread during the dev evaluation and checkpoint hand-over (_loop)
-ASK_AHEAD = True
-
 CKPT_FORMAT = "cliptune-checkpoint"
 CKPT_VERSION = 1
 
@@ -669,6 +666,10 @@ def _tune(cfg: TuneConfig, run_dir: str | Path, resume: bool, overwrite: bool, f
     state["elapsed"] = elapsed0 + time.perf_counter() - t_loop
     return _finish(ws, run_dir, state, early, state["evals"], state["calls"], state["forward_passes"],
                    timing, t_start, elapsed0)
+
+
+#: the next generation's ask runs on its own thread during the dev evaluation and checkpoint hand-over (_loop)
+ASK_AHEAD = True
 
 
 def _loop(cfg: TuneConfig, ws: Workspace, opt, state: dict, run_dir: Path, fingerprint: dict, timing: dict, bar,

@@ -149,6 +149,20 @@ def test_make_session_registers_the_library(cpu_ops, monkeypatch, tmp_path):
         native.library_path("cpu")
 
 
+def _biased_case(src, seed: int, bias_seed: int):
+    """:func:`_ffn_case` with random biases (random-init biases are zero: a lost bias would not show) in the
+    BiasGelu, Attention and SkipLayerNormalization nodes: (layers, feeds, host feeds, numpy ops, graph 0,
+    its logits through onnx.reference)."""
+    from onnx.reference import ReferenceEvaluator
+
+    _, layers, feeds, host, ops, m = _ffn_case(src, seed=seed)
+    gelus = [n for n in m.graph.node if n.op_type == "BiasGelu"]
+    atts = [n for n in m.graph.node if n.op_type == "Attention"]
+    _randomize(m, {n.input[1] for n in gelus} | {n.input[2] for n in atts} | _skip_ln_biases(m),
+               np.random.default_rng(bias_seed))
+    return layers, feeds, host, ops, m, ReferenceEvaluator(m, new_ops=ops).run(None, feeds)[0]
+
+
 @needs_export
 def test_cublaslt_ffn_matches_unpacked(packed_pair, tmp_path):
     """ffn="cublaslt": every packed layer's MatMul -> BiasGelu and (flash kernel) the query projection's MatMul
@@ -163,12 +177,8 @@ def test_cublaslt_ffn_matches_unpacked(packed_pair, tmp_path):
     from onnx.reference import ReferenceEvaluator
 
     src = packed_pair[0]
-    _, layers, feeds, host, ops, m = _ffn_case(src, seed=7)
-    gelus = [n for n in m.graph.node if n.op_type == "BiasGelu"]
+    layers, feeds, host, ops, m, ref = _biased_case(src, seed=7, bias_seed=3)
     atts = [n for n in m.graph.node if n.op_type == "Attention"]
-    _randomize(m, {n.input[1] for n in gelus} | {n.input[2] for n in atts} | _skip_ln_biases(m),
-               np.random.default_rng(3))
-    ref = ReferenceEvaluator(m, new_ops=ops).run(None, feeds)[0]
     assert float(np.abs(ref).max()) > 0.05
     for host_offsets, kernel, dense in ((True, "flash", 2), (False, "fused", 1)):
         lt = copy.deepcopy(m)
@@ -225,12 +235,7 @@ def test_cublaslt_res_matches_unpacked(packed_pair, tmp_path):
     from onnx.reference import ReferenceEvaluator
 
     src = packed_pair[0]
-    _, layers, feeds, host, ops, m = _ffn_case(src, seed=11)
-    gelus = [n for n in m.graph.node if n.op_type == "BiasGelu"]
-    atts = [n for n in m.graph.node if n.op_type == "Attention"]
-    _randomize(m, {n.input[1] for n in gelus} | {n.input[2] for n in atts} | _skip_ln_biases(m),
-               np.random.default_rng(5))
-    ref = ReferenceEvaluator(m, new_ops=ops).run(None, feeds)[0]
+    layers, feeds, host, ops, m, ref = _biased_case(src, seed=11, bias_seed=5)
     n_ln = collections.Counter(n.op_type for n in m.graph.node)["LayerNormalization"]
     for host_offsets, kernel in ((True, "flash"), (False, "fused")):
         res = copy.deepcopy(m)
@@ -304,10 +309,7 @@ def test_cudnn_kernel_matches_unpacked(packed_pair, tmp_path):
     from onnx.reference import ReferenceEvaluator
 
     src = packed_pair[0]
-    _, layers, feeds, host, ops, m = _ffn_case(src, seed=13)
-    atts = [n for n in m.graph.node if n.op_type == "Attention"]
-    _randomize(m, {n.input[2] for n in atts} | _skip_ln_biases(m), np.random.default_rng(9))
-    ref = ReferenceEvaluator(m, new_ops=ops).run(None, feeds)[0]
+    layers, feeds, host, ops, m, ref = _biased_case(src, seed=13, bias_seed=9)
     for host_offsets, ffn in ((True, "cublaslt_res"), (False, "matmul")):
         g = copy.deepcopy(m)
         assert pack_graph(g, host_offsets=host_offsets, kernel="cudnn", ffn=ffn) == layers - 1
