@@ -24,8 +24,9 @@ def cache_dir() -> Path:
 
 
 #: version of the exporter's graphs in the cache tag: a newer package re-exports the embedded model once
-#: instead of reusing an older cached export (2: single-query last layer, shared-prefix first layer)
-EXPORT_FORMAT = 2
+#: instead of reusing an older cached export (2: single-query last layer, shared-prefix first layer; 3: the last
+#: layer's attention-weighted sum as one product per row)
+EXPORT_FORMAT = 3
 
 
 def embedded_export_dir(k: int, p: float, seed: int = 0, precision: str = "fp32") -> Path:

@@ -162,9 +162,12 @@ def last_layer_at_mask(layer: nn.Module, h: torch.Tensor, hm: torch.Tensor, bias
     wv = att.value.weight.reshape(heads, dh, hidden).to(h.dtype)
     bv = att.value.bias.reshape(heads, 1, dh).to(h.dtype)
     qk = torch.matmul(q, wk).transpose(0, 1)  # [rows, heads, hidden] = Wk_h^T q_h
-    scores = torch.matmul(qk, h.transpose(1, 2)).unsqueeze(2) / math.sqrt(dh) + bias  # [rows, heads, 1, seq]
-    # sum_j p_j h_j; reshape, not squeeze (no If node for a dynamic dim)
-    u = torch.matmul(torch.softmax(scores, dim=-1), h.unsqueeze(1)).reshape(rows, heads, hidden)
+    # [rows, heads, seq]; the bias [rows, 1, 1, seq] reshaped, not squeezed (no If node for a dynamic dim)
+    scores = torch.matmul(qk, h.transpose(1, 2)) / math.sqrt(dh) + bias.reshape(rows, 1, -1)
+    # sum_j p_j h_j for all heads of a row in one [heads, seq] x [seq, hidden] product: h is read once per row.
+    # (One [1, seq] x [seq, hidden] product per head and row, with h broadcast over the heads, ran as cuBLAS
+    # gemv reading h once per head: about 0.7 ms of a stacked roberta-large call on an H100, run 7.)
+    u = torch.matmul(torch.softmax(scores, dim=-1), h)  # [rows, heads, hidden]
     ctx = torch.matmul(u.transpose(0, 1), wv.transpose(1, 2)) + bv  # [heads, rows, dh]
     ctx = ctx.transpose(0, 1).reshape(rows, 1, hidden)
     a = layer.attention.output(ctx, hm)  # dense -> (mask) -> LayerNorm(x + hm)
