@@ -758,9 +758,10 @@ def attention_section(model_dir: Path, mode: str, device: str, parity_prompts, w
     return ak, new_cells, logits
 
 
-def smoke_cell(model_dir, device: str, mode: str) -> dict:
+def smoke_cell(model_dir, device: str, mode: str, eval_sets: bool = True) -> dict:
     """One call of 20 and one of 1 candidate through a fresh engine (``mode`` as in :func:`make_engine`): the
-    layout loads and runs, and its logits are finite."""
+    layout loads and runs, and its logits are finite; ``eval_sets``: then the dev and test sets once, as a
+    tune's evaluations run them (their metrics with no prompt)."""
     import numpy as np
 
     from cliptune_ort.manifest import load_manifest
@@ -778,9 +779,24 @@ def smoke_cell(model_dir, device: str, mode: str) -> dict:
             lg = eng.logits(0, pr, fb, verb)
             out[f"pop{pop}_first_call_s"] = round(time.perf_counter() - t, 3)
             out[f"pop{pop}_finite"] = bool(np.isfinite(lg).all())
-        return out
     finally:
         eng.close()
+    if eval_sets:  # the shapes a tune's dev and final evaluations run (the SST-2 dev and test sets, chunked)
+        from cliptune_ort.config import build_config
+        from cliptune_ort.tuner import evaluate, prepare
+
+        kw = {"task": TASK, "method": "bbt", "device": device, "plot": False}
+        if mode.endswith("_cg"):
+            kw["cuda_graph"] = True
+        ws = prepare(build_config(**kw), Path(model_dir))
+        try:
+            t = time.perf_counter()
+            for name, batch in (("dev", ws.dev), ("test", ws.test)):
+                out[f"{name}_metric"] = evaluate(ws, None, batch)["metric"] if batch is not None else None
+            out["eval_sets_s"] = round(time.perf_counter() - t, 3)
+        finally:
+            ws.engine.close()
+    return out
 
 
 def smoke_in_child(model_dir, device: str, mode: str, timeout_s: float) -> dict:

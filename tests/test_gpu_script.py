@@ -153,3 +153,4 @@ def test_smoke_test_in_a_child_process(splade_dir):
     gpu = pytest.importorskip("gpu")
     out = gpu.smoke_in_child(splade_dir, "cpu", "iobinding", timeout_s=300)
     assert out["pop20_finite"] and out["pop1_finite"] and out["pop20_first_call_s"] > 0
+    assert 0.0 <= out["dev_metric"] <= 1.0 and 0.0 <= out["test_metric"] <= 1.0  # a tune's evaluation shapes ran
