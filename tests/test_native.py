@@ -66,15 +66,20 @@ def _session(model, lib):
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
+def _dense_case(seed: int, k: int, n: int, lead: tuple):
+    """(the numpy FusedDense, W [k, n], B [n], X [*lead, k]): random, scaled so the GELU's curve shows."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((k, n)) * 0.4).astype(np.float32)
+    b = (rng.standard_normal(n) * 0.4).astype(np.float32)
+    x = rng.standard_normal((*lead, k)).astype(np.float32)
+    return next(op for op in _reference_ops() if op.__name__ == "FusedDense"), w, b, x
+
+
 def test_library_op_is_the_numpy_op(cpu_ops):
     """ORT running the library's FusedDense = the numpy op the rewrite tests use, for both activations and
     3-D inputs; the tanh GELU is told apart from BERT's erf GELU at this tolerance."""
-    dense = next(op for op in _reference_ops() if op.__name__ == "FusedDense")
-    rng = np.random.default_rng(0)
     k, n = 24, 40
-    w = (rng.standard_normal((k, n)) * 0.4).astype(np.float32)
-    b = (rng.standard_normal(n) * 0.4).astype(np.float32)
-    x = rng.standard_normal((2, 7, k)).astype(np.float32)
+    dense, w, b, x = _dense_case(0, k, n, (2, 7))
     for act in ("none", "gelu_tanh"):
         got = _session(_dense_model(k, n, w, b, act), cpu_ops).run(None, {"x": x})[0]
         want = dense._run(None, x, w, b, activation=act)[0]
@@ -89,13 +94,9 @@ def test_library_op_is_the_numpy_op(cpu_ops):
 def test_library_residual_input(cpu_ops):
     """The optional 4th input R is added before the activation: act(X @ W + B + R), the numpy op's semantics
     (cuBLASLt's beta * C on the GPU); R of another shape is a one-line error."""
-    dense = next(op for op in _reference_ops() if op.__name__ == "FusedDense")
-    rng = np.random.default_rng(3)
     k, n = 16, 24
-    w = (rng.standard_normal((k, n)) * 0.4).astype(np.float32)
-    b = (rng.standard_normal(n) * 0.4).astype(np.float32)
-    x = rng.standard_normal((3, 5, k)).astype(np.float32)
-    r = rng.standard_normal((3, 5, n)).astype(np.float32)
+    dense, w, b, x = _dense_case(3, k, n, (3, 5))
+    r = np.random.default_rng(4).standard_normal((3, 5, n)).astype(np.float32)
     for act in ("none", "gelu_tanh"):
         sess = _session(_dense_model(k, n, w, b, act, residual=True), cpu_ops)
         got = sess.run(None, {"x": x, "r": r})[0]

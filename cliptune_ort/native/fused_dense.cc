@@ -149,25 +149,32 @@ OrtStatusPtr RunDense(OrtKernelContext* context, F&& f) {
   });
 }
 
-// The op, for one kernel type (the CPU or the CUDA implementation), element type and provider.
-template <typename Kernel, ONNXTensorElementDataType kType>
-struct DenseOp : Ort::CustomOpBase<DenseOp<Kernel, kType>, Kernel, true> {
-  explicit DenseOp(const char* provider) : provider_(provider) {}
+// What the library's ops share: the kernel made from the node's attributes, the provider (nullptr: the CPU
+// provider), one output of the element type. ``Op`` is the op itself (CustomOpBase finds its methods there).
+template <typename Op, typename Kernel, ONNXTensorElementDataType kType>
+struct OpCommon : Ort::CustomOpBase<Op, Kernel, true> {
+  explicit OpCommon(const char* provider) : provider_(provider) {}
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
     return AsStatus([&] { *kernel = new Kernel(info); });
   }
-  const char* GetName() const { return kOpName; }
-  const char* GetExecutionProviderType() const { return provider_; }  // nullptr: the CPU provider
-  size_t GetInputTypeCount() const { return 4; }
-  ONNXTensorElementDataType GetInputType(size_t) const { return kType; }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
-    return index == 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;  // the residual
-  }
+  const char* GetExecutionProviderType() const { return provider_; }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return kType; }
 
  private:
   const char* provider_;
+};
+
+// The op, for one kernel type (the CPU or the CUDA implementation), element type and provider.
+template <typename Kernel, ONNXTensorElementDataType kType>
+struct DenseOp : OpCommon<DenseOp<Kernel, kType>, Kernel, kType> {
+  explicit DenseOp(const char* provider) : OpCommon<DenseOp<Kernel, kType>, Kernel, kType>(provider) {}
+  const char* GetName() const { return kOpName; }
+  size_t GetInputTypeCount() const { return 4; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return kType; }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return index == 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;  // the residual
+  }
 };
 
 inline float GeluTanh(float x) {
@@ -461,22 +468,13 @@ AttnDims CheckAttn(Ort::KernelContext& ctx, int64_t heads, float scale) {
 }
 
 template <typename Kernel, ONNXTensorElementDataType kType>
-struct AttnOp : Ort::CustomOpBase<AttnOp<Kernel, kType>, Kernel, true> {
-  explicit AttnOp(const char* provider) : provider_(provider) {}
-  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
-    return AsStatus([&] { *kernel = new Kernel(info); });
-  }
+struct AttnOp : OpCommon<AttnOp<Kernel, kType>, Kernel, kType> {
+  explicit AttnOp(const char* provider) : OpCommon<AttnOp<Kernel, kType>, Kernel, kType>(provider) {}
   const char* GetName() const { return kAttnName; }
-  const char* GetExecutionProviderType() const { return provider_; }
   size_t GetInputTypeCount() const { return 6; }
-  ONNXTensorElementDataType GetInputType(size_t i) const {
+  ONNXTensorElementDataType GetInputType(size_t i) const {  // Q, K, V; seq_len, ragged, token_offset
     return i < 3 ? kType : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
   }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return kType; }
-
- private:
-  const char* provider_;
 };
 
 struct AttnAttrs {
