@@ -587,15 +587,16 @@ struct AttnCudaKernel : AttnAttrs {
                            .set_stride({1, 1, 1, 1})
                            .set_data_type(fe::DataType_t::INT32));
     };
-    auto packed = [&](int64_t uid, const char* name, int64_t rag_uid) {
+    auto packed = [&](int64_t uid, const char* name, int64_t rag_uid, const char* rag_name) {
       return g->tensor(fe::graph::Tensor_attributes()
                            .set_name(name)
                            .set_uid(uid)
                            .set_dim(dim)
                            .set_stride(stride)
-                           .set_ragged_offset(index(rag_uid, "ragged", d.rows + 1)));
+                           .set_ragged_offset(index(rag_uid, rag_name, d.rows + 1)));
     };
-    auto q = packed(kUQ, "Q", kURagQ), k = packed(kUK, "K", kURagK), v = packed(kUV, "V", kURagV);
+    auto q = packed(kUQ, "Q", kURagQ, "ragged_q"), k = packed(kUK, "K", kURagK, "ragged_k");
+    auto v = packed(kUV, "V", kURagV, "ragged_v");
     auto opts = fe::graph::SDPA_attributes()
                     .set_name("ragged_sdpa")
                     .set_generate_stats(false)
@@ -624,19 +625,29 @@ struct AttnCudaKernel : AttnAttrs {
       auto out = ctx.GetOutput(0, {d.tokens, d.hidden});
       if (d.tokens == 0 || d.rows == 0) return;
       auto stream = static_cast<cudaStream_t>(ctx.GetGPUComputeStream());
-      std::lock_guard<std::mutex> lock(mu);
       cudnnHandle_t handle = CudnnFor(stream);
-      auto key = std::make_pair(d.rows, d.seq);
-      auto it = graphs.find(key);
-      if (it == graphs.end()) {
-        if (Capturing(stream)) {
-          ORT_CXX_API_THROW("RaggedAttention: a new shape while a CUDA graph is being captured", ORT_RUNTIME_EXCEPTION);
+      std::shared_ptr<fe::graph::Graph> graph;
+      {
+        // one graph per (stream, shape) for the process: a session's 23 attention nodes share it (a cuDNN
+        // build per node and shape would cost seconds at every new shape)
+        static std::mutex cache_mu;
+        static std::map<std::tuple<cudnnHandle_t, int64_t, int64_t, int64_t, int64_t, float>,
+                        std::shared_ptr<fe::graph::Graph>> cache;
+        std::lock_guard<std::mutex> lock(cache_mu);
+        auto key = std::make_tuple(handle, d.rows, d.seq, d.heads, d.head, d.scale);
+        auto it = cache.find(key);
+        if (it == cache.end()) {
+          if (Capturing(stream)) {
+            ORT_CXX_API_THROW("RaggedAttention: a new shape while a CUDA graph is being captured",
+                              ORT_RUNTIME_EXCEPTION);
+          }
+          it = cache.emplace(key, Build(d, handle)).first;
         }
-        it = graphs.emplace(key, Build(d, handle)).first;
+        graph = it->second;
       }
       Workspace ws = WorkspaceFor(stream);  // FusedDense's per-stream workspace (ops on a stream run in turn)
       int64_t need = 0;
-      if (it->second->get_workspace_size(need).is_bad() || need > static_cast<int64_t>(ws.bytes)) {
+      if (graph->get_workspace_size(need).is_bad() || need > static_cast<int64_t>(ws.bytes)) {
         ORT_CXX_API_THROW("RaggedAttention: cuDNN asks for " + std::to_string(need) + " bytes of workspace, more "
                               "than the " + std::to_string(ws.bytes) + " kept per stream",
                           ORT_RUNTIME_EXCEPTION);
@@ -649,15 +660,13 @@ struct AttnCudaKernel : AttnAttrs {
           {kUV, const_cast<void*>(ctx.GetInput(2).GetTensorRawData())},
           {kUO, out.GetTensorMutableRawData()},
           {kULenQ, len}, {kULenKV, len}, {kURagQ, rag}, {kURagK, rag}, {kURagV, rag}, {kURagO, rag}};
-      auto st = it->second->execute(handle, pack, ws.ptr);
+      auto st = graph->execute(handle, pack, ws.ptr);
       if (st.is_bad()) {
         ORT_CXX_API_THROW("RaggedAttention: cuDNN execute failed: " + st.get_message(), ORT_RUNTIME_EXCEPTION);
       }
     });
   }
 
-  std::mutex mu;
-  std::map<std::pair<int64_t, int64_t>, std::shared_ptr<fe::graph::Graph>> graphs;
 };
 
 using AttnCudaOp = AttnOp<AttnCudaKernel, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>;
