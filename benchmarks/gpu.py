@@ -732,6 +732,16 @@ def attention_kernels_cell(model_dir: Path, device: str, mode: str, kernels=("au
     return out
 
 
+def cell_in_child(func: str, kwargs: dict, device: str, timeout_s: float) -> dict:
+    """``gpu.<func>(**kwargs)`` in a fresh process (CUDA libraries loaded first on a GPU): new native code or
+    an experimental mode that breaks the CUDA context must not end the run. Returns its JSON result."""
+    code = ("import json, sys; sys.path.insert(0, sys.argv[2]); import gpu; "
+            "gpu.load_cuda_libraries() if sys.argv[3] == 'cuda' else None; "
+            f"print(json.dumps(gpu.{func}(**json.loads(sys.argv[1]))))")
+    return harness.run_json_subprocess(["-c", code, json.dumps(kwargs), str(Path(__file__).resolve().parent), device],
+                                       timeout_s=timeout_s)
+
+
 def attention_section(model_dir: Path, mode: str, device: str, parity_prompts, work: Path, iters: int, warmup: int,
                       timeout_s: float, kernels=("auto", "efficient")):
     """:func:`attention_kernels_cell` in a child process (a kernel that broke the CUDA context must not end the
@@ -742,11 +752,7 @@ def attention_section(model_dir: Path, mode: str, device: str, parity_prompts, w
     np.save(work / "parity_prompts.npy", parity_prompts)
     cell_args = {"model_dir": str(model_dir), "device": device, "mode": mode, "kernels": list(kernels),
                  "prompts_path": str(work / "parity_prompts.npy"), "iters": iters, "warmup": warmup}
-    code = ("import json, sys; sys.path.insert(0, sys.argv[2]); import gpu; "
-            "gpu.load_cuda_libraries() if sys.argv[3] == 'cuda' else None; "
-            "print(json.dumps(gpu.attention_kernels_cell(**json.loads(sys.argv[1]))))")
-    ak = harness.run_json_subprocess(["-c", code, json.dumps(cell_args), str(Path(__file__).resolve().parent), device],
-                                     timeout_s=timeout_s)
+    ak = cell_in_child("attention_kernels_cell", cell_args, device, timeout_s)
     new_cells, logits = [], {}
     for kern, row in ak["kernels"].items():
         name = f"{ak['mode']}+{kern}"
@@ -801,11 +807,8 @@ def smoke_cell(model_dir, device: str, mode: str, eval_sets: bool = True) -> dic
 
 def smoke_in_child(model_dir, device: str, mode: str, timeout_s: float) -> dict:
     """:func:`smoke_cell` in a child process; raises where the child fails or the logits are not finite."""
-    code = ("import json, sys; sys.path.insert(0, sys.argv[2]); import gpu; "
-            "gpu.load_cuda_libraries() if sys.argv[3] == 'cuda' else None; "
-            "print(json.dumps(gpu.smoke_cell(sys.argv[1], sys.argv[3], sys.argv[4])))")
-    out = harness.run_json_subprocess(["-c", code, str(model_dir), str(Path(__file__).resolve().parent), device, mode],
-                                      timeout_s=timeout_s)
+    out = cell_in_child("smoke_cell", {"model_dir": str(model_dir), "device": device, "mode": mode}, device,
+                        timeout_s)
     if not (out.get("pop20_finite") and out.get("pop1_finite")):
         raise RuntimeError(f"{mode} gave non-finite logits: {out}")
     return out
@@ -1392,13 +1395,9 @@ def main(argv=None) -> int:
             # the tune runs down with it
             cell_args = {"model_dir": str(tune_dir), "device": device, "cuda_graph": use_cg,
                          "k": min(4, load_manifest(tune_dir).k), "iters": 3 if cpu else 20, "workers": 1 if cpu else 0}
-            code = ("import json, sys; sys.path.insert(0, sys.argv[2]); import gpu; "
-                    "gpu.load_cuda_libraries() if sys.argv[3] == 'cuda' else None; "
-                    "print(json.dumps(gpu.concurrent_graphs_cell(**json.loads(sys.argv[1]))))")
             with harness.env_var("CLIPTUNE_ATTENTION", attention):
-                cc = harness.run_json_subprocess(["-c", code, json.dumps(cell_args),
-                                                  str(Path(__file__).resolve().parent), device],
-                                                 timeout_s=max(60.0, args.deadline - elapsed() - 120))
+                cc = cell_in_child("concurrent_graphs_cell", cell_args, device,
+                                   max(60.0, args.deadline - elapsed() - 120))
             use_concurrent = device == "cuda" and cc["max_abs_loss_diff"] == 0.0 and cc["speedup"] >= 1.02
             cc["used_for_clip"] = use_concurrent
             res.data["concurrent_graphs"] = cc
