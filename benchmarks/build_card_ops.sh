@@ -6,7 +6,8 @@
 # for RaggedAttention (--packed-kernel cudnn), cuDNN's and cudnn-frontend's headers (cuDNN is opened at run
 # time, not linked). They come from NVIDIA's pip wheels, downloaded once into $DL (about 1.2 GB; a wheel
 # already there is not fetched again); crt/host_defines.h from a local CUDA toolkit, else the nvcc wheel.
-# The library links libcublasLt.so.13 and libcudart.so.13 by name: PyTorch's copies on the card.
+# The library links libcublasLt.so.13 and libcudart.so.13 by name: PyTorch's copies on the card. nvcc (a local
+# CUDA toolkit: $NVCC, PATH or $CUDA_HOME) compiles RaggedAttention's short-row kernel (--packed-kernel short).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-.ops}
@@ -38,8 +39,7 @@ for l in libcublasLt.so.13 libcudart.so.13; do
 done
 "$PY" -m cliptune_ort.native --variant cuda --out "$OUT_DIR" "${args[@]}"
 lib="$OUT_DIR/libcliptune_ops_cuda.so"
-if grep -q RaggedAttention "$lib"; then
-  echo "[build_card_ops] $lib holds FusedDense and RaggedAttention"
-else
-  echo "[build_card_ops] WARNING: $lib holds FusedDense only (cuDNN's or cudnn-frontend's headers not found)" >&2
-fi
+ops=$(grep -ao 'FusedDense RaggedAttention\[[a-z,]*\]' "$lib" || echo FusedDense)
+echo "[build_card_ops] $lib holds: $ops"
+case "$ops" in *cudnn*) ;; *) echo "[build_card_ops] WARNING: no cuDNN attention (cuDNN's or cudnn-frontend's headers not found)" >&2;; esac
+case "$ops" in *short*) ;; *) echo "[build_card_ops] WARNING: no short-row attention kernel (nvcc not found)" >&2;; esac

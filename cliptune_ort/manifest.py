@@ -67,6 +67,9 @@ def seal_manifest(data: dict[str, Any]) -> dict[str, Any]:
 
 #: packed feed-forward blocks whose graphs use cliptune's custom-op library (export/packing.py LT_FFNS)
 LIBRARY_FFNS = ("cublaslt", "cublaslt_res")
+#: packed attention kernels (export/packing.py KERNELS); those run by the custom-op library's RaggedAttention
+PACKED_KERNELS = ("fused", "flash", "cudnn", "short")
+LIBRARY_KERNELS = ("cudnn", "short")
 
 
 @dataclass
@@ -122,7 +125,7 @@ class Manifest:
     @property
     def needs_ops_library(self) -> bool:
         """Whether the graphs use cliptune's custom-op library (FusedDense, RaggedAttention)."""
-        return self.packed_ffn in LIBRARY_FFNS or self.packed_kernel == "cudnn"
+        return self.packed_ffn in LIBRARY_FFNS or self.packed_kernel in LIBRARY_KERNELS
 
     @property
     def host_packing(self) -> bool:
@@ -184,8 +187,8 @@ def _check_structure(mpath: Path, data: dict[str, Any]) -> None:
                                      f"{model['vocab']}")
     if data.get("attention", "padded") not in ("padded", "packed", "packed_host"):
         raise bad("attention", "'padded', 'packed' or 'packed_host'")
-    if data.get("packed_kernel", "fused") not in ("fused", "flash", "cudnn"):
-        raise bad("packed_kernel", "'fused', 'flash' or 'cudnn'")
+    if data.get("packed_kernel", "fused") not in PACKED_KERNELS:
+        raise bad("packed_kernel", "one of " + ", ".join(f"'{k}'" for k in PACKED_KERNELS))
     if data.get("packed_ffn", "matmul") not in ("matmul", "moe", *LIBRARY_FFNS):
         raise bad("packed_ffn", "'matmul', 'moe', 'cublaslt' or 'cublaslt_res'")
     sp = data.get("shared_prefix", 0)

@@ -5,8 +5,9 @@ and an optional residual in cuBLASLt's GEMM epilogue); the packed fp16 export us
 ``--packed-ffn cublaslt`` / ``cublaslt_res`` (export/packing.py) to drop the separate bias + GELU, query-bias
 and residual passes. Where cuDNN's and cudnn-frontend's headers are found it also holds
 ``ai.cliptune.RaggedAttention`` (cuDNN's fused attention on the packed rows, ``--packed-kernel cudnn``;
-cuDNN is opened at run time, not linked). It is compiled on the user's machine, once, by ``cliptune
-build-ops`` (or ``python -m cliptune_ort.native``):
+cuDNN is opened at run time, not linked); where nvcc is found, RaggedAttention's ``impl = 1`` runs cliptune's
+own kernel for rows of at most 128 tokens (``native/short_attention.cu``, ``--packed-kernel short``). It is
+compiled on the user's machine, once, by ``cliptune build-ops`` (or ``python -m cliptune_ort.native``):
 
 - ``cuda``: the op on ONNX Runtime's CUDA provider (float16). Needs a C++ compiler, the CUDA runtime and
   cuBLAS headers and libraries (a CUDA toolkit, or the ``nvidia-cuda-runtime`` / ``nvidia-cublas`` wheels
@@ -36,6 +37,11 @@ from pathlib import Path
 from .errors import ConfigError, ProviderError
 
 SOURCE = Path(__file__).resolve().parent / "native" / "fused_dense.cc"
+#: RaggedAttention's short-row kernel (impl 1), compiled by nvcc into the cuda variant where nvcc is found
+SHORT_ATTENTION = SOURCE.parent / "short_attention.cu"
+#: GPU architectures of the short-row kernel: mma.sync and cp.async need sm80; PTX of sm90 for newer cards
+NVCC_ARCH = ("-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
+             "-gencode", "arch=compute_90,code=compute_90")
 DOMAIN = "ai.cliptune"
 OP = "FusedDense"
 VARIANTS = ("cpu", "cuda")
@@ -204,8 +210,6 @@ def _soname(lib_dir: Path, stem: str) -> str:
 def build(variant: str = "cpu", out_dir: str | os.PathLike | None = None, include_dirs=(), lib_dirs=(),
           cxx: str | None = None) -> Path:
     """Compile the library for ``variant``; returns its path (written atomically)."""
-    import subprocess
-
     name = lib_name(variant)
     cxx = cxx or os.environ.get("CXX") or "g++"
     if shutil.which(cxx) is None:
@@ -226,13 +230,46 @@ def build(variant: str = "cpu", out_dir: str | os.PathLike | None = None, includ
             cmd += ["-DCLIPTUNE_CUDNN", *(f"-I{d}" for d in dnn)]  # time (dlopen), not linked
             libs.append("-ldl")
     tmp = out / f".{name}.{os.getpid()}.tmp"
-    proc = subprocess.run([*cmd, str(SOURCE), "-o", str(tmp), *libs], capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
+    objs: list[str] = []
+    try:
+        nvcc = find_nvcc() if variant == "cuda" else None
+        if nvcc is not None:  # RaggedAttention's short-row kernel (impl 1)
+            obj = out / f".short_attention.{os.getpid()}.o"
+            objs.append(str(obj))
+            ncmd = [nvcc, "-std=c++17", "-O3", "-Xcompiler", "-fPIC", *NVCC_ARCH, *(f"-I{d}" for d in inc), "-c",
+                    str(SHORT_ATTENTION), "-o", str(obj)]
+            _compile(ncmd, name)
+            cmd.append("-DCLIPTUNE_SHORT_ATTN")
+        _compile([*cmd, str(SOURCE), *objs, "-o", str(tmp), *libs], name)
+        os.replace(tmp, out / name)
+    finally:
         tmp.unlink(missing_ok=True)
+        for o in objs:
+            Path(o).unlink(missing_ok=True)
+    return out / name
+
+
+def find_nvcc() -> str | None:
+    """nvcc for the short-row attention kernel: ``$NVCC``, else on PATH, else ``<CUDA_HOME>/bin/nvcc``."""
+    env = os.environ.get("NVCC")
+    if env:
+        return env if shutil.which(env) else None
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if root and os.access(Path(root) / "bin" / "nvcc", os.X_OK):
+            return str(Path(root) / "bin" / "nvcc")
+    return None
+
+
+def _compile(cmd: list[str], name: str) -> None:
+    import subprocess
+
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
         err = next((ln for ln in proc.stderr.splitlines() if "error" in ln), proc.stderr.strip()[-300:])
         raise NativeOpsError(f"building {name} failed ({err.strip()[:300]}); command: {' '.join(cmd)}")
-    os.replace(tmp, out / name)
-    return out / name
 
 
 def library_path(variant: str) -> Path:
@@ -276,6 +313,9 @@ def add_build_args(ap: argparse.ArgumentParser) -> None:
 def run_build(a) -> int:
     path = build(a.variant, a.out, a.include, a.lib)
     print(f"built {path}")
+    if a.variant == "cuda":
+        nvcc = find_nvcc()
+        print(f"RaggedAttention's short-row kernel (--packed-kernel short): {'built with ' + nvcc if nvcc else 'not built (no nvcc: set NVCC or CUDA_HOME)'}")
     return 0
 
 

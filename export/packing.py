@@ -74,6 +74,7 @@ from pathlib import Path
 from cliptune_ort.engine import (
     PACKING_INPUTS as HOST_INPUTS,  # the extra inputs of "packed_host" graphs
 )
+from cliptune_ort.manifest import LIBRARY_KERNELS, PACKED_KERNELS
 from cliptune_ort.native import DOMAIN as NATIVE_DOMAIN
 
 MS = "com.microsoft"
@@ -84,9 +85,14 @@ ROW_WISE = {"MatMul", "SkipLayerNormalization", "BiasGelu", "Gelu", "FastGelu", 
 #: "flash" = Q/K/V projections + PackedMultiHeadAttention without bias (FlashAttention varlen on sm80+)
 #: "cudnn" = the flash layout's projections + cliptune's RaggedAttention (cuDNN's fused attention on the packed
 #: rows; custom-op library built with cuDNN's headers; sm90)
-KERNELS = ("fused", "flash", "cudnn")
+#: "short" = the same with RaggedAttention's impl 1: cliptune's kernel for rows of at most 128 tokens and head
+#: size 64 (native/short_attention.cu; one block per row and head, tiles rounded up to 16 tokens; sm80+), cuDNN
+#: beyond those limits
+KERNELS = PACKED_KERNELS
 #: the kernels with separate Q/K/V projections (key bias dropped, value bias folded into the output bias)
-SPLIT_KERNELS = ("flash", "cudnn")
+SPLIT_KERNELS = ("flash", "cudnn", "short")
+#: RaggedAttention's impl attribute per kernel (custom-op library)
+RAGGED_IMPL = {"cudnn": 0, "short": 1}
 DEFAULT_KERNEL = "flash"  # measured faster on an H100 (README, GPU section)
 #: the packed layers' feed-forward block: "matmul" = MatMul -> BiasGelu -> MatMul (ORT's fusions),
 #: "moe" = one single-expert com.microsoft.MoE node (experimental; 26 % slower on an H100, see above)
@@ -291,10 +297,10 @@ def pack_graph(model, host_offsets: bool = False, kernel: str = DEFAULT_KERNEL,
         elif id(n) in res:
             new_nodes.extend(_res_nodes(g, n, *res[id(n)], res_bias.get(id(n))))
         elif n.op_type == "Attention" and n.domain == MS and kernel in SPLIT_KERNELS:
-            if kernel == "cudnn" and n is atts[0]:
+            if kernel in RAGGED_IMPL and n is atts[0]:
                 new_nodes.extend(_ragged_index_nodes(cum, flash[n.name]["hid"]))
             new_nodes.extend(_flash_nodes(n, flash[n.name], offset, cum, epilogue=ffn in LT_FFNS,
-                                          ragged=kernel == "cudnn"))
+                                          ragged=RAGGED_IMPL.get(kernel)))
         elif n.op_type == "Attention" and n.domain == MS:
             keep = [a for a in n.attribute if a.name in ("num_heads", "qkv_hidden_sizes", "scale")]
             p = helper.make_node("PackedAttention", [n.input[0], n.input[1], n.input[2], offset, cum], list(n.output),
@@ -318,7 +324,7 @@ def pack_graph(model, host_offsets: bool = False, kernel: str = DEFAULT_KERNEL,
     del g.value_info[:]
     g.value_info.extend(keep_vi)
     ensure_ms_opset(model)
-    if (ffn in LT_FFNS or kernel == "cudnn") and not any(o.domain == LT_DOMAIN for o in model.opset_import):
+    if (ffn in LT_FFNS or kernel in LIBRARY_KERNELS) and not any(o.domain == LT_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(LT_DOMAIN, 1))
     return len(atts)
 
@@ -385,10 +391,10 @@ def _ragged_index_nodes(cum: str, hidden: int) -> list:
             helper.make_node("Mul", [cum, "cliptune_ragged_hidden"], [RAGGED_OFFSET], name=RAGGED_OFFSET)]
 
 
-def _flash_nodes(att, p: dict, offset: str, cum: str, epilogue: bool = False, ragged: bool = False) -> list:
+def _flash_nodes(att, p: dict, offset: str, cum: str, epilogue: bool = False, ragged: int | None = None) -> list:
     """Q/K/V projections (slices of the fused weight; no key or value bias) + PackedMultiHeadAttention
-    (``ragged``: cliptune's RaggedAttention, cuDNN); ``epilogue``: the query projection and its bias as one
-    FusedDense (cuBLASLt's BIAS epilogue)."""
+    (``ragged``: cliptune's RaggedAttention with that impl, :data:`RAGGED_IMPL`); ``epilogue``: the query
+    projection and its bias as one FusedDense (cuBLASLt's BIAS epilogue)."""
     from onnx import helper
 
     x, w, name, h = att.input[0], att.input[1], att.name, p["hid"]
@@ -405,11 +411,14 @@ def _flash_nodes(att, p: dict, offset: str, cum: str, epilogue: bool = False, ra
     if not epilogue:
         out.append(helper.make_node("Add", [f"{name}__q_nobias", f"{name}__b_q"], [f"{name}__q"],
                                     name=f"{name}_bias_q"))
-    if ragged:
-        out.append(helper.make_node("RaggedAttention", [f"{name}__q", f"{name}__k", f"{name}__v", RAGGED_LEN,
-                                                        RAGGED_OFFSET, offset], list(att.output),
-                                    name=name + "_ragged_attention", domain=LT_DOMAIN, num_heads=p["num_heads"],
-                                    scale=float(p["scale"] or 0.0)))
+    if ragged is not None:
+        node = helper.make_node("RaggedAttention", [f"{name}__q", f"{name}__k", f"{name}__v", RAGGED_LEN,
+                                                    RAGGED_OFFSET, offset], list(att.output),
+                                name=name + "_ragged_attention", domain=LT_DOMAIN, num_heads=p["num_heads"],
+                                scale=float(p["scale"] or 0.0))
+        if ragged:  # impl 0 (cuDNN) is the op's default: format-3 graphs carry no impl
+            node.attribute.append(helper.make_attribute("impl", ragged))
+        out.append(node)
         return out
     mha = helper.make_node("PackedMultiHeadAttention", [f"{name}__q", f"{name}__k", f"{name}__v", "", offset, cum],
                            list(att.output), name=name + "_packed_mha", domain=MS, num_heads=p["num_heads"])

@@ -46,6 +46,8 @@ def test_gpu_script_cpu_dry_run(tmp_path):
     assert res["ffn"] == "cublaslt_res" and res["packed_attention_nodes"] == [2, 2, 2]
     dnn = data["export"]["packed_host_cudnn_ltres"]  # cuDNN's ragged attention (smoke-tested, then timed on a GPU)
     assert dnn["kernel"] == "cudnn" and dnn["ffn"] == "cublaslt_res" and dnn["packed_attention_nodes"] == [2, 2, 2]
+    short = data["export"]["packed_host_short_lt"]  # cliptune's short-row attention kernel (smoke-tested on a GPU)
+    assert short["kernel"] == "short" and short["ffn"] == "cublaslt" and short["packed_attention_nodes"] == [2, 2, 2]
     assert "CUDA provider" in data["packed_note"]
     assert not any(c["mode"].startswith("packed") for c in data["cells"])
     assert data["tune_variant"]["used"] == "padded"

@@ -296,33 +296,49 @@ def test_library_ragged_attention_is_the_numpy_op(cpu_ops):
         np.testing.assert_allclose(got[cu[2]], v[cu[2]], atol=1e-6)
     with pytest.raises(Exception, match="RaggedAttention: expected Q, K, V"):
         _session(model, cpu_ops).run(None, {**feeds, "rag": feeds["rag"][:4]})
+    # impl (the GPU kernel: 0 cuDNN, 1 the short-row kernel) does not change the CPU build's loop; others are refused
+    for impl, ok in ((1, True), (0, True), (2, False)):
+        g.node[0].attribute.append(helper.make_attribute("impl", impl))
+        model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.cliptune", 1)])
+        if ok:
+            np.testing.assert_allclose(_session(model, cpu_ops).run(None, feeds)[0], want, atol=1e-5)
+        else:
+            with pytest.raises(Exception, match="RaggedAttention: impl must be 0 .* got 2"):
+                _session(model, cpu_ops).run(None, feeds)
+        del g.node[0].attribute[-1]
 
 
 @needs_export
-def test_cudnn_kernel_matches_unpacked(packed_pair, tmp_path):
-    """kernel="cudnn": the flash layout's projections with cliptune's RaggedAttention in place of
+@pytest.mark.parametrize("kernel", ["cudnn", "short"])
+def test_ragged_kernels_match_unpacked(packed_pair, tmp_path, kernel):
+    """kernel="cudnn" / "short": the flash layout's projections with cliptune's RaggedAttention in place of
     PackedMultiHeadAttention (row lengths and element offsets made once in the graph from the packing's
-    cu_seqlens); the logits are the unpacked graph's, with either packing and either feed-forward block."""
+    cu_seqlens; impl 0 = cuDNN, left out of the node, 1 = the short-row kernel); the logits are the unpacked
+    graph's, with either packing and either feed-forward block."""
     import collections
     import copy
 
     from cliptune_export.packing import pack_export, pack_graph
+    from onnx import helper
     from onnx.reference import ReferenceEvaluator
 
     src = packed_pair[0]
     layers, feeds, host, ops, m, ref = _biased_case(src, seed=13, bias_seed=9)
     for host_offsets, ffn in ((True, "cublaslt_res"), (False, "matmul")):
         g = copy.deepcopy(m)
-        assert pack_graph(g, host_offsets=host_offsets, kernel="cudnn", ffn=ffn) == layers - 1
+        assert pack_graph(g, host_offsets=host_offsets, kernel=kernel, ffn=ffn) == layers - 1
         count = collections.Counter(n.op_type for n in g.graph.node)
         assert count["RaggedAttention"] == layers - 1 and count["PackedMultiHeadAttention"] == 0
+        impls = {next((helper.get_attribute_value(a) for a in n.attribute if a.name == "impl"), 0)
+                 for n in g.graph.node if n.op_type == "RaggedAttention"}
+        assert impls == {1 if kernel == "short" else 0}
         assert [n.op_type for n in g.graph.node if n.name.startswith("cliptune_ragged_")].count("Slice") == 2
         assert any(o.domain == "ai.cliptune" for o in g.opset_import)
         got = ReferenceEvaluator(g, new_ops=ops).run(None, host if host_offsets else feeds)[0]
         np.testing.assert_allclose(got, ref, atol=1e-3)
-    pman = pack_export(src, tmp_path / "dnn", host_offsets=True, kernel="cudnn", ffn="cublaslt_res")
+    pman = pack_export(src, tmp_path / "dnn", host_offsets=True, kernel=kernel, ffn="cublaslt_res")
     man = load_manifest(tmp_path / "dnn")
-    assert pman["packed_kernel"] == "cudnn" and man.packed_kernel == "cudnn" and man.needs_ops_library
+    assert pman["packed_kernel"] == kernel and man.packed_kernel == kernel and man.needs_ops_library
 
 
 def _packed_flash(m):

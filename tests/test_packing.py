@@ -127,10 +127,11 @@ def _reference_ops():
                 assert activation == "none", activation
             return (y.astype(x.dtype),)
 
-    class RaggedAttention(OpRun):  # cliptune's custom op: attention within packed rows (cuDNN on the GPU)
+    class RaggedAttention(OpRun):  # cliptune's custom op: attention within packed rows (cuDNN or its own kernel)
         op_domain = "ai.cliptune"
 
-        def _run(self, q, k, v, seq_len, ragged, token_offset, num_heads=None, scale=None):
+        def _run(self, q, k, v, seq_len, ragged, token_offset, num_heads=None, scale=None, impl=None):
+            assert impl in (None, 0, 1), impl
             assert len(ragged) == len(seq_len) + 1 == token_offset.shape[0] + 1
             hidden = q.shape[1]
             assert np.array_equal(ragged[:-1] // hidden + seq_len, ragged[1:] // hidden)  # rows back to back

@@ -1,6 +1,6 @@
 // cliptune_ort's custom-op library: ai.cliptune.FusedDense, a dense layer whose bias and activation
 // run in the GEMM's epilogue, and ai.cliptune.RaggedAttention, cuDNN's fused attention on packed rows
-// (further down).
+// (further down), with cliptune's own kernel for short rows as its impl = 1 (short_attention.cu).
 //
 //   Y = act(X @ W + B [+ R])     X [..., K], W [K, N], B [N], optional R [..., N]  ->  Y [..., N]
 //   activation (string attribute): "none" | "gelu_tanh"
@@ -57,6 +57,15 @@
 namespace cudnn_frontend {
 void* cudnn_dlhandle = nullptr;  // the frontend's handle on libcudnn (its dynamic-loading mode)
 }  // namespace cudnn_frontend
+#endif
+#ifdef CLIPTUNE_SHORT_ATTN
+// short_attention.cu (compiled by nvcc, linked in): 0 launched, 1 a shape it does not handle, 2 launch failed
+extern "C" int cliptune_short_attention(const void* q, const void* k, const void* v, void* o, const int32_t* seq_len,
+                                        const int32_t* ragged, int rows, int heads, int hidden, int max_seq,
+                                        float scale, cudaStream_t stream);
+#endif
+#if defined(CLIPTUNE_CUDNN) || defined(CLIPTUNE_SHORT_ATTN)
+#define CLIPTUNE_ATTN_CUDA  // the CUDA RaggedAttention: cuDNN's kernel (impl 0), cliptune's short-row one (impl 1)
 #endif
 #endif
 
@@ -430,7 +439,9 @@ using DenseCudaOp = DenseOp<DenseCudaKernel, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
 //   O = softmax(Q K^T * scale) V within each packed row:   Q, K, V, O [tokens, heads * head]
 //   seq_len int32 [rows]: each row's tokens; ragged int32 [rows + 1]: where each row starts, in elements
 //   (token offset * heads * head); token_offset int32 [rows, seq]: only its shape is read (rows, the longest
-//   row). Attributes: num_heads, scale (0: 1 / sqrt(head)).
+//   row). Attributes: num_heads, scale (0: 1 / sqrt(head)), impl (optional; 0 = cuDNN's fused attention,
+//   1 = cliptune's kernel for rows of at most 128 tokens and head size 64, short_attention.cu, which falls back
+//   to cuDNN outside those limits where the build has cuDNN). The CPU build ignores impl.
 //
 // Why: ONNX Runtime's PackedMultiHeadAttention runs FlashAttention's 128 x 128 tiles on rows of about 70
 // tokens (6.9 of 53 ms of a stacked call on an H100, run 7); cuDNN's fused attention for Hopper takes the
@@ -480,10 +491,21 @@ struct AttnOp : OpCommon<AttnOp<Kernel, kType>, Kernel, kType> {
 struct AttnAttrs {
   int64_t heads;
   float scale;
+  int64_t impl = 0;
   explicit AttnAttrs(const OrtKernelInfo* info) {
     Ort::ConstKernelInfo ki(info);
     heads = ki.GetAttribute<int64_t>("num_heads");
     scale = ki.GetAttribute<float>("scale");
+    try {  // optional (graphs of export format 3 have none: cuDNN)
+      impl = ki.GetAttribute<int64_t>("impl");
+    } catch (const Ort::Exception&) {
+      impl = 0;
+    }
+    if (impl != 0 && impl != 1) {
+      ORT_CXX_API_THROW("RaggedAttention: impl must be 0 (cuDNN) or 1 (cliptune's short-row kernel), got " +
+                            std::to_string(impl),
+                        ORT_INVALID_ARGUMENT);
+    }
   }
 };
 
@@ -566,9 +588,13 @@ cudnnHandle_t CudnnFor(cudaStream_t stream) {
 }
 
 enum AttnUid : int64_t { kUQ = 1, kUK, kUV, kUO, kULenQ, kULenKV, kURagQ, kURagK, kURagV, kURagO };
+#endif  // CLIPTUNE_CUDA && CLIPTUNE_CUDNN
 
+#ifdef CLIPTUNE_ATTN_CUDA
 struct AttnCudaKernel : AttnAttrs {
   explicit AttnCudaKernel(const OrtKernelInfo* info) : AttnAttrs(info) {}
+
+#ifdef CLIPTUNE_CUDNN
 
   // The cuDNN graph of one (rows, seq) shape: BHSD dims over the packed THD tensors (stride of a token
   // heads * head, of a head `head`), one ragged offset per tensor, the padding mask from seq_len.
@@ -618,6 +644,49 @@ struct AttnCudaKernel : AttnAttrs {
     return g;
   }
 
+  void RunCudnn(Ort::KernelContext& ctx, const AttnDims& d, Ort::UnownedValue& out, cudaStream_t stream) {
+    cudnnHandle_t handle = CudnnFor(stream);
+    std::shared_ptr<fe::graph::Graph> graph;
+    {
+      // one graph per (stream, shape) for the process: a session's 23 attention nodes share it (a cuDNN
+      // build per node and shape would cost seconds at every new shape)
+      static std::mutex cache_mu;
+      static std::map<std::tuple<cudnnHandle_t, int64_t, int64_t, int64_t, int64_t, float>,
+                      std::shared_ptr<fe::graph::Graph>> cache;
+      std::lock_guard<std::mutex> lock(cache_mu);
+      auto key = std::make_tuple(handle, d.rows, d.seq, d.heads, d.head, d.scale);
+      auto it = cache.find(key);
+      if (it == cache.end()) {
+        if (Capturing(stream)) {
+          ORT_CXX_API_THROW("RaggedAttention: a new shape while a CUDA graph is being captured",
+                            ORT_RUNTIME_EXCEPTION);
+        }
+        it = cache.emplace(key, Build(d, handle)).first;
+      }
+      graph = it->second;
+    }
+    Workspace ws = WorkspaceFor(stream);  // FusedDense's per-stream workspace (ops on a stream run in turn)
+    int64_t need = 0;
+    if (graph->get_workspace_size(need).is_bad() || need > static_cast<int64_t>(ws.bytes)) {
+      ORT_CXX_API_THROW("RaggedAttention: cuDNN asks for " + std::to_string(need) + " bytes of workspace, more "
+                            "than the " + std::to_string(ws.bytes) + " kept per stream",
+                        ORT_RUNTIME_EXCEPTION);
+    }
+    void* len = const_cast<void*>(ctx.GetInput(3).GetTensorRawData());
+    void* rag = const_cast<void*>(ctx.GetInput(4).GetTensorRawData());
+    std::unordered_map<int64_t, void*> pack{
+        {kUQ, const_cast<void*>(ctx.GetInput(0).GetTensorRawData())},
+        {kUK, const_cast<void*>(ctx.GetInput(1).GetTensorRawData())},
+        {kUV, const_cast<void*>(ctx.GetInput(2).GetTensorRawData())},
+        {kUO, out.GetTensorMutableRawData()},
+        {kULenQ, len}, {kULenKV, len}, {kURagQ, rag}, {kURagK, rag}, {kURagV, rag}, {kURagO, rag}};
+    auto st = graph->execute(handle, pack, ws.ptr);
+    if (st.is_bad()) {
+      ORT_CXX_API_THROW("RaggedAttention: cuDNN execute failed: " + st.get_message(), ORT_RUNTIME_EXCEPTION);
+    }
+  }
+#endif  // CLIPTUNE_CUDNN
+
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return AsStatus([&] {
       Ort::KernelContext ctx(context);
@@ -625,52 +694,46 @@ struct AttnCudaKernel : AttnAttrs {
       auto out = ctx.GetOutput(0, {d.tokens, d.hidden});
       if (d.tokens == 0 || d.rows == 0) return;
       auto stream = static_cast<cudaStream_t>(ctx.GetGPUComputeStream());
-      cudnnHandle_t handle = CudnnFor(stream);
-      std::shared_ptr<fe::graph::Graph> graph;
-      {
-        // one graph per (stream, shape) for the process: a session's 23 attention nodes share it (a cuDNN
-        // build per node and shape would cost seconds at every new shape)
-        static std::mutex cache_mu;
-        static std::map<std::tuple<cudnnHandle_t, int64_t, int64_t, int64_t, int64_t, float>,
-                        std::shared_ptr<fe::graph::Graph>> cache;
-        std::lock_guard<std::mutex> lock(cache_mu);
-        auto key = std::make_tuple(handle, d.rows, d.seq, d.heads, d.head, d.scale);
-        auto it = cache.find(key);
-        if (it == cache.end()) {
-          if (Capturing(stream)) {
-            ORT_CXX_API_THROW("RaggedAttention: a new shape while a CUDA graph is being captured",
-                              ORT_RUNTIME_EXCEPTION);
-          }
-          it = cache.emplace(key, Build(d, handle)).first;
+      if (impl == 1) {
+#ifdef CLIPTUNE_SHORT_ATTN
+        const int rc = cliptune_short_attention(
+            ctx.GetInput(0).GetTensorRawData(), ctx.GetInput(1).GetTensorRawData(), ctx.GetInput(2).GetTensorRawData(),
+            out.GetTensorMutableRawData(), ctx.GetInput(3).GetTensorData<int32_t>(),
+            ctx.GetInput(4).GetTensorData<int32_t>(), static_cast<int>(d.rows), static_cast<int>(d.heads),
+            static_cast<int>(d.hidden), static_cast<int>(std::min<int64_t>(d.seq, INT32_MAX)), d.scale, stream);
+        if (rc == 0) return;
+        if (rc == 2) {
+          ORT_CXX_API_THROW("RaggedAttention: the short-row kernel did not launch: " +
+                                std::string(cudaGetErrorString(cudaGetLastError())),
+                            ORT_RUNTIME_EXCEPTION);
         }
-        graph = it->second;
-      }
-      Workspace ws = WorkspaceFor(stream);  // FusedDense's per-stream workspace (ops on a stream run in turn)
-      int64_t need = 0;
-      if (graph->get_workspace_size(need).is_bad() || need > static_cast<int64_t>(ws.bytes)) {
-        ORT_CXX_API_THROW("RaggedAttention: cuDNN asks for " + std::to_string(need) + " bytes of workspace, more "
-                              "than the " + std::to_string(ws.bytes) + " kept per stream",
+#endif
+#ifndef CLIPTUNE_CUDNN
+        ORT_CXX_API_THROW("RaggedAttention: impl 1 runs rows of at most 128 tokens with head size 64 (got rows of up "
+                              "to " + std::to_string(d.seq) + " tokens, head size " + std::to_string(d.head) +
+                              ") in a build with the short-row kernel; this build " +
+#ifdef CLIPTUNE_SHORT_ATTN
+                              "has no cuDNN to fall back on: rebuild with cuDNN's headers (cliptune build-ops)",
+#else
+                              "has no short-row kernel (no nvcc at build time): rebuild with `cliptune build-ops "
+                              "--variant cuda` where nvcc is found",
+#endif
                           ORT_RUNTIME_EXCEPTION);
+#endif
       }
-      void* len = const_cast<void*>(ctx.GetInput(3).GetTensorRawData());
-      void* rag = const_cast<void*>(ctx.GetInput(4).GetTensorRawData());
-      std::unordered_map<int64_t, void*> pack{
-          {kUQ, const_cast<void*>(ctx.GetInput(0).GetTensorRawData())},
-          {kUK, const_cast<void*>(ctx.GetInput(1).GetTensorRawData())},
-          {kUV, const_cast<void*>(ctx.GetInput(2).GetTensorRawData())},
-          {kUO, out.GetTensorMutableRawData()},
-          {kULenQ, len}, {kULenKV, len}, {kURagQ, rag}, {kURagK, rag}, {kURagV, rag}, {kURagO, rag}};
-      auto st = graph->execute(handle, pack, ws.ptr);
-      if (st.is_bad()) {
-        ORT_CXX_API_THROW("RaggedAttention: cuDNN execute failed: " + st.get_message(), ORT_RUNTIME_EXCEPTION);
-      }
+#ifdef CLIPTUNE_CUDNN
+      RunCudnn(ctx, d, out, stream);  // impl 0, or impl 1 outside the short-row kernel's limits
+#else
+      ORT_CXX_API_THROW("RaggedAttention: impl 0 (cuDNN) needs a build with cuDNN's headers: rebuild with "
+                        "`cliptune build-ops --variant cuda` where cudnn.h and cudnn_frontend.h are found",
+                        ORT_RUNTIME_EXCEPTION);
+#endif
     });
   }
-
 };
 
 using AttnCudaOp = AttnOp<AttnCudaKernel, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>;
-#endif  // CLIPTUNE_CUDA && CLIPTUNE_CUDNN
+#endif  // CLIPTUNE_ATTN_CUDA
 
 // The domains handed to sessions must outlive them: kept here until the library is unloaded.
 std::mutex g_domains_mu;
@@ -692,12 +755,19 @@ const char* cliptune_ops_variant() {
 #endif
 }
 
-// The ops this build holds (a cuda build without cuDNN's headers has no RaggedAttention).
+// The ops this build holds (a cuda build with neither cuDNN's headers nor nvcc has no RaggedAttention).
+// "RaggedAttention" carries the impls the build runs on the GPU: "RaggedAttention[cudnn,short]".
 const char* cliptune_ops_list() {
-#if defined(CLIPTUNE_CUDA) && !defined(CLIPTUNE_CUDNN)
-  return "FusedDense";
-#else
+#ifndef CLIPTUNE_CUDA
   return "FusedDense RaggedAttention";
+#elif defined(CLIPTUNE_CUDNN) && defined(CLIPTUNE_SHORT_ATTN)
+  return "FusedDense RaggedAttention[cudnn,short]";
+#elif defined(CLIPTUNE_CUDNN)
+  return "FusedDense RaggedAttention[cudnn]";
+#elif defined(CLIPTUNE_SHORT_ATTN)
+  return "FusedDense RaggedAttention[short]";
+#else
+  return "FusedDense";
 #endif
 }
 
@@ -711,7 +781,7 @@ OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtA
   try {
 #ifdef CLIPTUNE_CUDA
     static const DenseCudaOp op("CUDAExecutionProvider");
-#ifdef CLIPTUNE_CUDNN
+#ifdef CLIPTUNE_ATTN_CUDA
     static const AttnCudaOp attn("CUDAExecutionProvider");
 #endif
 #else
@@ -720,7 +790,7 @@ OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtA
 #endif
     Ort::CustomOpDomain domain{kDomain};
     domain.Add(&op);
-#if !defined(CLIPTUNE_CUDA) || defined(CLIPTUNE_CUDNN)
+#if !defined(CLIPTUNE_CUDA) || defined(CLIPTUNE_ATTN_CUDA)
     domain.Add(&attn);
 #endif
     Ort::UnownedSessionOptions(options).Add(domain);

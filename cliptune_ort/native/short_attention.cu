@@ -1,0 +1,211 @@
+// cliptune's attention kernel for short packed rows: RaggedAttention's impl = 1 (fused_dense.cc calls it).
+//
+//   O = softmax(Q K^T * scale) V within each packed row      Q, K, V, O fp16 [tokens, heads * 64]
+//   seq_len int32 [rows]; ragged int32 [rows + 1]: where each row starts, in elements (token * hidden)
+//
+// Why: a stacked call of the tune holds 640 rows of 59 to 106 tokens. FlashAttention's varlen kernel in
+// ONNX Runtime runs one 128 x 128 tile per (row, head), and cuDNN's ragged kernel two 64 x 128 tiles; both
+// took about 6.8 ms of a 53 ms call on an H100, while reading Q, K, V and writing O once is about 2.6 ms
+// at the card's memory bandwidth. Here one block of 4 warps owns one (row, head): it copies the row's Q, K
+// and V (at most 128 x 64 each) into shared memory with cp.async (rows past the row's end zero-filled, so
+// the tiles are rounded up to 16 tokens, not 128), and each warp takes 16-query tiles: S = Q K^T, the
+// softmax and O = P V with mma.sync m16n8k16 (fp16 in, fp32 accumulation, P rounded to fp16 as
+// FlashAttention does), all in registers; O goes out through shared memory in 16-byte stores.
+//
+// Limits (the caller falls back to cuDNN, or fails in one line, outside them): head size 64, rows of at most
+// 128 tokens, sm80 or newer (mma.sync, cp.async).
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <mutex>
+
+namespace {
+
+constexpr int kHead = 64;          // the head size this kernel handles
+constexpr int kMaxSeq = 128;       // the longest row
+constexpr int kWarps = 4;          // per block; a warp takes 16-query tiles w, w + 4, ...
+constexpr int kPitch = kHead + 8;  // shared row pitch in halves: 144 bytes, 16-byte aligned; the fragment
+                                   // reads of 8 rows x 4 threads then hit 32 different banks
+
+__device__ __forceinline__ uint32_t Ld32(const __half* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+__device__ __forceinline__ uint32_t Pack(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+__device__ __forceinline__ uint32_t PackH(__half lo, __half hi) {
+  __half2 h = __halves2half2(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+// c += a (16 x 16, row major) * b (16 x 8, column major); fp16 in, fp32 accumulation
+__device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// 16 bytes global -> shared, asynchronously; bytes = 0 writes 16 zero bytes and reads nothing
+__device__ __forceinline__ void CopyAsync16(__half* smem, const __half* gmem, int bytes) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
+}
+
+__global__ void __launch_bounds__(kWarps * 32)
+    ShortAttentionKernel(const __half* __restrict__ q, const __half* __restrict__ k, const __half* __restrict__ v,
+                         __half* __restrict__ o, const int32_t* __restrict__ seq_len,
+                         const int32_t* __restrict__ ragged, int hidden, int cap, float scale_log2) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __half* qs = reinterpret_cast<__half*>(smem_raw);  // [cap][kPitch] each; cap = longest row rounded up to 16
+  __half* ks = qs + cap * kPitch;
+  __half* vs = ks + cap * kPitch;
+  const int row = blockIdx.x;
+  const int64_t base = static_cast<int64_t>(ragged[row]) + static_cast<int64_t>(blockIdx.y) * kHead;
+  const int n = seq_len[row];
+  const int tid = threadIdx.x;
+  if (n <= 0) return;
+  if (n > cap) {  // the caller's longest row was wrong: NaN, which the tuner refuses, not a silent wrong value
+    for (int i = tid; i < n * kHead; i += kWarps * 32) {
+      o[base + static_cast<int64_t>(i / kHead) * hidden + i % kHead] = __float2half(NAN);
+    }
+    return;
+  }
+  const int npad = (n + 15) & ~15;
+  for (int i = tid; i < npad * 8; i += kWarps * 32) {  // 8 chunks of 16 bytes per token and tensor
+    const int r = i >> 3, c = (i & 7) * 8;
+    const int64_t at = base + static_cast<int64_t>(r < n ? r : 0) * hidden + c;
+    const int bytes = r < n ? 16 : 0;
+    CopyAsync16(qs + r * kPitch + c, q + at, bytes);
+    CopyAsync16(ks + r * kPitch + c, k + at, bytes);
+    CopyAsync16(vs + r * kPitch + c, v + at, bytes);
+  }
+  asm volatile("cp.async.commit_group;\n" ::);
+  asm volatile("cp.async.wait_group 0;\n" ::);
+  __syncthreads();
+
+  // mma fragments: g = lane / 4 (a row of A and C, a column of B), t = lane % 4 (a pair of columns of A and C,
+  // a pair of rows of B); A regs {(g, 2t), (g + 8, 2t), (g, 2t + 8), (g + 8, 2t + 8)}, B regs {(2t, g),
+  // (2t + 8, g)}, C {(g, 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1)}; lower index in the lower half
+  const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int tiles = npad >> 4;
+  for (int qt = warp; qt < tiles; qt += kWarps) {
+    const __half* qrow = qs + (qt * 16 + g) * kPitch;
+    uint32_t qa[4][4];
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      qa[kk][0] = Ld32(qrow + kk * 16 + 2 * t);
+      qa[kk][1] = Ld32(qrow + 8 * kPitch + kk * 16 + 2 * t);
+      qa[kk][2] = Ld32(qrow + kk * 16 + 8 + 2 * t);
+      qa[kk][3] = Ld32(qrow + 8 * kPitch + kk * 16 + 8 + 2 * t);
+    }
+    float s[16][4];  // S for this tile's 16 queries x up to 128 keys, 8 keys per block
+#pragma unroll
+    for (int nb = 0; nb < 16; ++nb) {
+      s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.0f;
+      if (nb * 8 < npad) {
+        const __half* krow = ks + (nb * 8 + g) * kPitch;
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          Mma(s[nb], qa[kk], Ld32(krow + kk * 16 + 2 * t), Ld32(krow + kk * 16 + 8 + 2 * t));
+        }
+      }
+    }
+    // softmax of rows g (s[.][0..1]) and g + 8 (s[.][2..3]); a row's columns are spread over a quad's 4 lanes
+    float m0 = -INFINITY, m1 = -INFINITY;
+#pragma unroll
+    for (int nb = 0; nb < 16; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const bool key = nb * 8 + 2 * t + e < n;
+        s[nb][e] = key ? s[nb][e] * scale_log2 : -INFINITY;
+        s[nb][2 + e] = key ? s[nb][2 + e] * scale_log2 : -INFINITY;
+        m0 = fmaxf(m0, s[nb][e]);
+        m1 = fmaxf(m1, s[nb][2 + e]);
+      }
+    }
+#pragma unroll
+    for (int x = 1; x <= 2; x <<= 1) {
+      m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, x));
+      m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, x));
+    }
+    float l0 = 0.0f, l1 = 0.0f;
+#pragma unroll
+    for (int nb = 0; nb < 16; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        s[nb][e] = exp2f(s[nb][e] - m0);
+        s[nb][2 + e] = exp2f(s[nb][2 + e] - m1);
+        l0 += s[nb][e];
+        l1 += s[nb][2 + e];
+      }
+    }
+#pragma unroll
+    for (int x = 1; x <= 2; x <<= 1) {
+      l0 += __shfl_xor_sync(0xffffffffu, l0, x);
+      l1 += __shfl_xor_sync(0xffffffffu, l1, x);
+    }
+    // O = P V: P's C fragments of key blocks 2j and 2j + 1 are the A fragment of keys 16j .. 16j + 15
+    float acc[8][4];
+#pragma unroll
+    for (int db = 0; db < 8; ++db) acc[db][0] = acc[db][1] = acc[db][2] = acc[db][3] = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      if (j * 16 < npad) {
+        const uint32_t pa[4] = {Pack(s[2 * j][0], s[2 * j][1]), Pack(s[2 * j][2], s[2 * j][3]),
+                                Pack(s[2 * j + 1][0], s[2 * j + 1][1]), Pack(s[2 * j + 1][2], s[2 * j + 1][3])};
+        const __half* vrow = vs + (j * 16 + 2 * t) * kPitch;  // keys 16j + 2t, + 1, + 8, + 9
+#pragma unroll
+        for (int db = 0; db < 8; ++db) {
+          const int d = db * 8 + g;
+          Mma(acc[db], pa, PackH(vrow[d], vrow[kPitch + d]), PackH(vrow[8 * kPitch + d], vrow[9 * kPitch + d]));
+        }
+      }
+    }
+    // out through this tile's own rows of qs (only this warp read them), then 16-byte stores of whole rows
+    const float r0 = 1.0f / l0, r1 = 1.0f / l1;
+    __half* orow = qs + (qt * 16 + g) * kPitch;
+#pragma unroll
+    for (int db = 0; db < 8; ++db) {
+      *reinterpret_cast<uint32_t*>(orow + db * 8 + 2 * t) = Pack(acc[db][0] * r0, acc[db][1] * r0);
+      *reinterpret_cast<uint32_t*>(orow + 8 * kPitch + db * 8 + 2 * t) = Pack(acc[db][2] * r1, acc[db][3] * r1);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int i = lane; i < 16 * 8; i += 32) {
+      const int r = qt * 16 + (i >> 3), c = (i & 7) * 8;
+      if (r < n) {
+        *reinterpret_cast<uint4*>(o + base + static_cast<int64_t>(r) * hidden + c) =
+            *reinterpret_cast<const uint4*>(qs + r * kPitch + c);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// 0: launched; 1: a shape this kernel does not handle (head size other than 64, a row over 128 tokens, a
+// hidden size that is not heads * 64); 2: the launch failed (cudaGetLastError).
+extern "C" int cliptune_short_attention(const void* q, const void* k, const void* v, void* o, const int32_t* seq_len,
+                                        const int32_t* ragged, int rows, int heads, int hidden, int max_seq,
+                                        float scale, cudaStream_t stream) {
+  if (heads <= 0 || hidden != heads * kHead || max_seq < 1 || max_seq > kMaxSeq || heads > 65535) return 1;
+  if (rows <= 0) return 0;
+  const int cap = (max_seq + 15) & ~15;
+  const size_t bytes = 3 * static_cast<size_t>(cap) * kPitch * sizeof(__half);
+  static std::once_flag big;  // over 48 KB of shared memory (rows over 112 tokens) needs the opt-in, once
+  std::call_once(big, [] {
+    cudaFuncSetAttribute(ShortAttentionKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         3 * kMaxSeq * kPitch * static_cast<int>(sizeof(__half)));
+  });
+  const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(heads));
+  ShortAttentionKernel<<<grid, kWarps * 32, bytes, stream>>>(
+      static_cast<const __half*>(q), static_cast<const __half*>(k), static_cast<const __half*>(v),
+      static_cast<__half*>(o), seq_len, ragged, hidden, cap, scale * 1.4426950408889634f);
+  return cudaGetLastError() == cudaSuccess ? 0 : 2;
+}

@@ -1,0 +1,165 @@
+"""RaggedAttention's short-row CUDA kernel (cliptune_ort/native/short_attention.cu), checked without a GPU.
+
+The kernel's correctness rests on index algebra: which lane holds which element of each mma.sync m16n8k16
+fragment, the reuse of S's accumulator fragments as P's A fragments, the shared-memory pitch, the masking of
+keys past a row's end and the quad reductions of the softmax. This file replays the kernel warp by warp in
+numpy, line for line (same names, same loops), with ``mma`` implementing the fragment layouts of the PTX ISA
+("Matrix Fragments for mma.m16n8k16 with floating point type"), and compares the result with plain attention
+for rows of 1 to 128 tokens. A change to the kernel's indexing must be mirrored here; the GPU benchmark
+(benchmarks/gpu.py) then checks the compiled kernel against PyTorch on the card.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+KERNEL = Path(__file__).resolve().parents[1] / "cliptune_ort" / "native" / "short_attention.cu"
+HEAD, MAX_SEQ, WARPS = 64, 128, 4
+PITCH = HEAD + 8
+LANES = np.arange(32)
+G, T = LANES >> 2, LANES & 3  # mma fragment coordinates of each lane
+
+
+def test_constants_match_the_kernel():
+    src = KERNEL.read_text()
+    got = {name: int(v) for name, v in re.findall(r"constexpr int (k\w+) = (\d+);", src)}
+    assert got == {"kHead": HEAD, "kMaxSeq": MAX_SEQ, "kWarps": WARPS}
+    assert "constexpr int kPitch = kHead + 8;" in src
+
+
+def ld32(smem, row, col):
+    """Ld32(smem + row * kPitch + col) per lane: two consecutive halves (lower index in the lower half)."""
+    return np.stack([smem[row, col], smem[row, col + 1]], axis=-1)
+
+
+def pack(lo, hi):
+    return np.stack([lo.astype(np.float16), hi.astype(np.float16)], axis=-1)
+
+
+def mma(c, a, b0, b1):
+    """c[32, 4] += A (16 x 16) B (16 x 8) from the lanes' registers, fp32 accumulation (PTX m16n8k16 layouts):
+    A regs {(g, 2t), (g + 8, 2t), (g, 2t + 8), (g + 8, 2t + 8)}, B regs {(2t, g), (2t + 8, g)},
+    C {(g, 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1)}; each register two halves (columns or rows e = 0, 1)."""
+    A = np.zeros((16, 16), np.float32)
+    B = np.zeros((16, 8), np.float32)
+    C = np.zeros((16, 8), np.float32)
+    for e in range(2):
+        A[G, 2 * T + e] = a[0][:, e]
+        A[G + 8, 2 * T + e] = a[1][:, e]
+        A[G, 2 * T + 8 + e] = a[2][:, e]
+        A[G + 8, 2 * T + 8 + e] = a[3][:, e]
+        B[2 * T + e, G] = b0[:, e]
+        B[2 * T + 8 + e, G] = b1[:, e]
+        C[G, 2 * T + e] = c[:, e]
+        C[G + 8, 2 * T + e] = c[:, 2 + e]
+    D = A @ B + C
+    out = np.empty_like(c)
+    for e in range(2):
+        out[:, e] = D[G, 2 * T + e]
+        out[:, 2 + e] = D[G + 8, 2 * T + e]
+    return out
+
+
+def quad_reduce(x, op):
+    """__shfl_xor_sync over lane masks 1 and 2: each lane ends with op over its quad (the 4 lanes of a g)."""
+    for m in (1, 2):
+        x = op(x, x[LANES ^ m])
+    return x
+
+
+def kernel_block(q, k, v, base_tokens, n, hidden, head, cap, scale):
+    """One block (row, head) of ShortAttentionKernel; returns O rows [n, 64] as the kernel stores them."""
+    scale_log2 = np.float32(scale * 1.4426950408889634)
+    npad = (n + 15) & ~15
+    assert n <= cap
+    qs, ks, vs = (np.full((cap, PITCH), np.nan, np.float16) for _ in range(3))  # unwritten smem: NaN
+    for i in range(npad * 8):  # the cp.async loop (each 16-byte chunk; rows n..npad-1 zero-filled)
+        r, c = i >> 3, (i & 7) * 8
+        for dst, src in ((qs, q), (ks, k), (vs, v)):
+            dst[r, c:c + 8] = src[base_tokens + r, head * HEAD + c:head * HEAD + c + 8] if r < n else 0
+    out = np.full((npad, HEAD), np.nan, np.float16)
+    tiles = npad >> 4
+    for warp in range(WARPS):
+        for qt in range(warp, tiles, WARPS):
+            qrow = qt * 16 + G
+            qa = [[ld32(qs, qrow, kk * 16 + 2 * T), ld32(qs, qrow + 8, kk * 16 + 2 * T),
+                   ld32(qs, qrow, kk * 16 + 8 + 2 * T), ld32(qs, qrow + 8, kk * 16 + 8 + 2 * T)] for kk in range(4)]
+            s = [np.zeros((32, 4), np.float32) for _ in range(16)]
+            for nb in range(16):
+                if nb * 8 < npad:
+                    krow = nb * 8 + G
+                    for kk in range(4):
+                        s[nb] = mma(s[nb], qa[kk], ld32(ks, krow, kk * 16 + 2 * T), ld32(ks, krow, kk * 16 + 8 + 2 * T))
+            m0 = np.full(32, -np.inf, np.float32)
+            m1 = np.full(32, -np.inf, np.float32)
+            for nb in range(16):
+                for e in range(2):
+                    key = nb * 8 + 2 * T + e < n
+                    s[nb][:, e] = np.where(key, s[nb][:, e] * scale_log2, -np.inf)
+                    s[nb][:, 2 + e] = np.where(key, s[nb][:, 2 + e] * scale_log2, -np.inf)
+                    m0 = np.fmax(m0, s[nb][:, e])
+                    m1 = np.fmax(m1, s[nb][:, 2 + e])
+            m0, m1 = quad_reduce(m0, np.fmax), quad_reduce(m1, np.fmax)
+            l0 = np.zeros(32, np.float32)
+            l1 = np.zeros(32, np.float32)
+            for nb in range(16):
+                for e in range(2):
+                    s[nb][:, e] = np.exp2(s[nb][:, e] - m0)
+                    s[nb][:, 2 + e] = np.exp2(s[nb][:, 2 + e] - m1)
+                    l0 += s[nb][:, e]
+                    l1 += s[nb][:, 2 + e]
+            l0, l1 = quad_reduce(l0, np.add), quad_reduce(l1, np.add)
+            acc = [np.zeros((32, 4), np.float32) for _ in range(8)]
+            for j in range(8):
+                if j * 16 < npad:
+                    pa = [pack(s[2 * j][:, 0], s[2 * j][:, 1]), pack(s[2 * j][:, 2], s[2 * j][:, 3]),
+                          pack(s[2 * j + 1][:, 0], s[2 * j + 1][:, 1]), pack(s[2 * j + 1][:, 2], s[2 * j + 1][:, 3])]
+                    vrow = j * 16 + 2 * T
+                    for db in range(8):
+                        d = db * 8 + G
+                        acc[db] = mma(acc[db], pa, pack(vs[vrow, d], vs[vrow + 1, d]),
+                                      pack(vs[vrow + 8, d], vs[vrow + 9, d]))
+            r0, r1 = 1.0 / l0, 1.0 / l1
+            orow = qt * 16 + G
+            for db in range(8):  # through this tile's rows of qs, then whole rows out (rows < n)
+                qs[orow, db * 8 + 2 * T] = (acc[db][:, 0] * r0).astype(np.float16)
+                qs[orow, db * 8 + 2 * T + 1] = (acc[db][:, 1] * r0).astype(np.float16)
+                qs[orow + 8, db * 8 + 2 * T] = (acc[db][:, 2] * r1).astype(np.float16)
+                qs[orow + 8, db * 8 + 2 * T + 1] = (acc[db][:, 3] * r1).astype(np.float16)
+            for i in range(16 * 8):
+                r, c = qt * 16 + (i >> 3), (i & 7) * 8
+                if r < n:
+                    out[r, c:c + 8] = qs[r, c:c + 8]
+    return out[:n]
+
+
+def attention(q, k, v, scale):
+    s = (q.astype(np.float32) @ k.astype(np.float32).T) * scale
+    p = np.exp(s - s.max(axis=1, keepdims=True))
+    return (p / p.sum(axis=1, keepdims=True)) @ v.astype(np.float32)
+
+
+@pytest.mark.parametrize("lens", [[1, 16, 17, 71], [106, 59, 128], [33, 2, 64, 65, 112]])
+def test_kernel_replay_matches_attention(lens):
+    """Each (row, head) block of the kernel, replayed, equals softmax(Q K^T scale) V of that row within fp16
+    rounding, for rows of 1 to 128 tokens (tile edges 16/17, 64/65, the 112-token smem bound, the maximum)."""
+    rng = np.random.default_rng(sum(lens))
+    heads = 2
+    hidden = heads * HEAD
+    tokens = sum(lens)
+    q, k, v = (rng.standard_normal((tokens, hidden)).astype(np.float16) for _ in range(3))
+    scale = 1.0 / np.sqrt(HEAD)
+    cap = (max(lens) + 15) & ~15  # the launcher's: the call's longest row rounded up to 16
+    start = np.concatenate([[0], np.cumsum(lens)])
+    for r, n in enumerate(lens):
+        for h in range(heads):
+            got = kernel_block(q, k, v, start[r], n, hidden, h, cap, scale)
+            cols = slice(h * HEAD, (h + 1) * HEAD)
+            want = attention(q[start[r]:start[r] + n, cols], k[start[r]:start[r] + n, cols],
+                             v[start[r]:start[r] + n, cols], scale)
+            assert np.isfinite(got).all(), (n, h)
+            np.testing.assert_allclose(got.astype(np.float32), want, atol=4e-3, rtol=0)
