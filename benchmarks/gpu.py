@@ -27,7 +27,9 @@ One run on one machine (the lent H100/H200; see benchmarks/gpu_run.sh for the de
            FusedDense epilogue and LayerNormalization for SkipLayerNormalization; ``packed_host_cudnn_ltres``
            (cuDNN's attention on the packed rows, RaggedAttention impl 0) and ``packed_host_short_lt`` (the _lt
            layout with cliptune's own attention kernel for rows of up to 128 tokens, RaggedAttention impl 1,
-           native/short_attention.cu), both smoke-tested in a child process first. ONNX Runtime's
+           native/short_attention.cu) and ``packed_host_shortqkv_lt`` (the same kernel reading one QKV
+           projection in place: one GEMM per layer instead of three), all smoke-tested in a child process first.
+           ONNX Runtime's
            memory-efficient attention kernel is timed against FlashAttention on the _lt layout (a child
            process; ``--skip attention``). ``--layouts`` picks the packed layouts, ``--padded-modes`` the padded fp16 graph's modes.
            Every cell: population 1 and 20 (20 candidates stacked in one call per length bucket) x
@@ -415,7 +417,8 @@ PACKED_LAYOUTS = {"packed": (False, "fused", "matmul"), "packed_host": (True, "f
                   "packed_host_flash_lt": (True, "flash", "cublaslt"),
                   "packed_host_flash_ltres": (True, "flash", "cublaslt_res"),
                   "packed_host_cudnn_ltres": (True, "cudnn", "cublaslt_res"),
-                  "packed_host_short_lt": (True, "short", "cublaslt")}
+                  "packed_host_short_lt": (True, "short", "cublaslt"),
+                  "packed_host_shortqkv_lt": (True, "short_qkv", "cublaslt")}
 #: tune variants: name -> (packed layout or None for the padded export, CUDA graphs)
 TUNE_VARIANTS = {"padded": (None, False), "padded_cg": (None, True), "packed": ("packed", False),
                  "packed_host": ("packed_host", False), "packed_host_cg": ("packed_host", True),
@@ -430,7 +433,9 @@ TUNE_VARIANTS = {"padded": (None, False), "padded_cg": (None, True), "packed": (
                  "packed_host_cudnn_ltres": ("packed_host_cudnn_ltres", False),
                  "packed_host_cudnn_ltres_cg": ("packed_host_cudnn_ltres", True),
                  "packed_host_short_lt": ("packed_host_short_lt", False),
-                 "packed_host_short_lt_cg": ("packed_host_short_lt", True)}
+                 "packed_host_short_lt_cg": ("packed_host_short_lt", True),
+                 "packed_host_shortqkv_lt": ("packed_host_shortqkv_lt", False),
+                 "packed_host_shortqkv_lt_cg": ("packed_host_shortqkv_lt", True)}
 
 
 def profile_placement(model_dir: Path, device: str, enc, verb, work: Path, n_buckets: int = 4,
@@ -1175,7 +1180,7 @@ def main(argv=None) -> int:
                 continue
             layout = next(n for n, d in packed_dirs.items() if d == mdir)
             modes = [layout, layout + "_cg"] if man.host_packing else [layout]
-            if man.packed_kernel in ("cudnn", "short"):  # new native code: a crash must not end the run
+            if man.packed_kernel in ("cudnn", "short", "short_qkv"):  # new native code: a crash must not end the run
                 try:
                     smoke = smoke_in_child(mdir, device, modes[-1], timeout_s=120)
                     res.data.setdefault("smoke", {})[layout] = smoke
@@ -1254,7 +1259,9 @@ def main(argv=None) -> int:
                                       ("ort_fp16_packed_host_cudnn_ltres_cg", packed_dirs["packed_host_cudnn_ltres"],
                                        "packed_host_cudnn_ltres_cg", 1),
                                       ("ort_fp16_packed_host_short_lt_cg", packed_dirs["packed_host_short_lt"],
-                                       "packed_host_short_lt_cg", 1)):
+                                       "packed_host_short_lt_cg", 1),
+                                      ("ort_fp16_packed_host_shortqkv_lt_cg", packed_dirs["packed_host_shortqkv_lt"],
+                                       "packed_host_shortqkv_lt_cg", 1)):
             if "ort" in skip or not (mdir / "manifest.json").is_file():
                 continue
             man = load_manifest(mdir)

@@ -93,14 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--packed", nargs="?", const="device", choices=("device", "host"), default=False,
                    help="fp16 only: packed (padding-free) attention, CUDA provider only (one call, no padded "
                         "tokens); 'host': the runtime feeds the packing offsets, so CUDA graphs can capture it")
-    e.add_argument("--packed-kernel", choices=("fused", "flash", "cudnn", "short"), default=None,
+    e.add_argument("--packed-kernel", choices=("fused", "flash", "cudnn", "short", "short_qkv"), default=None,
                    help="with --packed: 'fused' = ORT's PackedAttention (QKV projection inside the op), 'flash' = "
                         "Q/K/V projections + PackedMultiHeadAttention without biases (FlashAttention varlen on "
                         "sm80+; the key bias dropped and the value bias folded, both exact), 'cudnn' = the same "
                         "projections + cliptune's RaggedAttention (cuDNN's fused attention on the packed rows, sm90; "
                         "`cliptune build-ops` with cuDNN's headers), 'short' = RaggedAttention with cliptune's own "
-                        "kernel for rows of up to 128 tokens (sm80+; built where nvcc is found; cuDNN beyond 128) "
-                        "(default: flash)")
+                        "kernel for rows of up to 128 tokens (sm80+; built where nvcc is found; a plain kernel beyond 128), "
+                        "'short_qkv' = 'short' with one QKV projection read in place (default: flash)")
     e.add_argument("--packed-ffn", choices=("matmul", "cublaslt", "cublaslt_res"), default="matmul",
                    help="with --packed: 'cublaslt' = the feed-forward bias + GELU (and the flash kernel's query "
                         "bias) inside the GEMM, cliptune's FusedDense op (cuBLASLt epilogue; tanh GELU); "

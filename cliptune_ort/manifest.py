@@ -68,8 +68,8 @@ def seal_manifest(data: dict[str, Any]) -> dict[str, Any]:
 #: packed feed-forward blocks whose graphs use cliptune's custom-op library (export/packing.py LT_FFNS)
 LIBRARY_FFNS = ("cublaslt", "cublaslt_res")
 #: packed attention kernels (export/packing.py KERNELS); those run by the custom-op library's RaggedAttention
-PACKED_KERNELS = ("fused", "flash", "cudnn", "short")
-LIBRARY_KERNELS = ("cudnn", "short")
+PACKED_KERNELS = ("fused", "flash", "cudnn", "short", "short_qkv")
+LIBRARY_KERNELS = ("cudnn", "short", "short_qkv")
 
 
 @dataclass

@@ -86,13 +86,15 @@ ROW_WISE = {"MatMul", "SkipLayerNormalization", "BiasGelu", "Gelu", "FastGelu", 
 #: "cudnn" = the flash layout's projections + cliptune's RaggedAttention (cuDNN's fused attention on the packed
 #: rows; custom-op library built with cuDNN's headers; sm90)
 #: "short" = the same with RaggedAttention's impl 1: cliptune's kernel for rows of at most 128 tokens and head
-#: size 64 (native/short_attention.cu; one block per row and head, tiles rounded up to 16 tokens; sm80+), cuDNN
-#: beyond those limits
+#: size 64 (native/short_attention.cu; one block per row and head, tiles rounded up to 16 tokens; sm80+; a plain
+#: fallback kernel for longer rows)
+#: "short_qkv" = "short" with one QKV projection (the fused weight as exported; bias [query bias, 0, 0]) that
+#: RaggedAttention reads in place (qkv = 1): one GEMM instead of three per layer
 KERNELS = PACKED_KERNELS
-#: the kernels with separate Q/K/V projections (key bias dropped, value bias folded into the output bias)
-SPLIT_KERNELS = ("flash", "cudnn", "short")
+#: the kernels that drop the key bias and fold the value bias into the output bias
+SPLIT_KERNELS = ("flash", "cudnn", "short", "short_qkv")
 #: RaggedAttention's impl attribute per kernel (custom-op library)
-RAGGED_IMPL = {"cudnn": 0, "short": 1}
+RAGGED_IMPL = {"cudnn": 0, "short": 1, "short_qkv": 1}
 DEFAULT_KERNEL = "flash"  # measured faster on an H100 (README, GPU section)
 #: the packed layers' feed-forward block: "matmul" = MatMul -> BiasGelu -> MatMul (ORT's fusions),
 #: "moe" = one single-expert com.microsoft.MoE node (experimental; 26 % slower on an H100, see above)
@@ -300,7 +302,7 @@ def pack_graph(model, host_offsets: bool = False, kernel: str = DEFAULT_KERNEL,
             if kernel in RAGGED_IMPL and n is atts[0]:
                 new_nodes.extend(_ragged_index_nodes(cum, flash[n.name]["hid"]))
             new_nodes.extend(_flash_nodes(n, flash[n.name], offset, cum, epilogue=ffn in LT_FFNS,
-                                          ragged=RAGGED_IMPL.get(kernel)))
+                                          ragged=RAGGED_IMPL.get(kernel), qkv=kernel == "short_qkv"))
         elif n.op_type == "Attention" and n.domain == MS:
             keep = [a for a in n.attribute if a.name in ("num_heads", "qkv_hidden_sizes", "scale")]
             p = helper.make_node("PackedAttention", [n.input[0], n.input[1], n.input[2], offset, cum], list(n.output),
@@ -313,7 +315,7 @@ def pack_graph(model, host_offsets: bool = False, kernel: str = DEFAULT_KERNEL,
             new_nodes.append(helper.make_node("RestorePadding", [t_packed, offset], [t_last],
                                               name="cliptune_RestorePadding", domain=MS))
     if flash:  # before the node list is rebuilt: extend() copies the nodes
-        _apply_flash(g, flash)
+        _apply_flash(g, flash, qkv=kernel == "short_qkv")
     if moe:
         _apply_moe(g, moe)
     del g.node[:]
@@ -391,14 +393,29 @@ def _ragged_index_nodes(cum: str, hidden: int) -> list:
             helper.make_node("Mul", [cum, "cliptune_ragged_hidden"], [RAGGED_OFFSET], name=RAGGED_OFFSET)]
 
 
-def _flash_nodes(att, p: dict, offset: str, cum: str, epilogue: bool = False, ragged: int | None = None) -> list:
+def _flash_nodes(att, p: dict, offset: str, cum: str, epilogue: bool = False, ragged: int | None = None,
+                 qkv: bool = False) -> list:
     """Q/K/V projections (slices of the fused weight; no key or value bias) + PackedMultiHeadAttention
     (``ragged``: cliptune's RaggedAttention with that impl, :data:`RAGGED_IMPL`); ``epilogue``: the query
-    projection and its bias as one FusedDense (cuBLASLt's BIAS epilogue)."""
+    projection and its bias as one FusedDense (cuBLASLt's BIAS epilogue); ``qkv``: one projection with the
+    fused weight and the bias [query bias, 0, 0], read in place by RaggedAttention (qkv = 1)."""
     from onnx import helper
 
     x, w, name, h = att.input[0], att.input[1], att.name, p["hid"]
     out = []
+    if qkv:
+        if epilogue:
+            out.append(helper.make_node("FusedDense", [x, w, f"{name}__b_qkv"], [f"{name}__qkv"],
+                                        name=f"{name}_dense_qkv", domain=LT_DOMAIN, activation="none"))
+        else:
+            out += [helper.make_node("MatMul", [x, w], [f"{name}__qkv_nobias"], name=f"{name}_matmul_qkv"),
+                    helper.make_node("Add", [f"{name}__qkv_nobias", f"{name}__b_qkv"], [f"{name}__qkv"],
+                                     name=f"{name}_bias_qkv")]
+        qkv_in = [f"{name}__qkv"] * 3
+        out.append(helper.make_node("RaggedAttention", [*qkv_in, RAGGED_LEN, RAGGED_OFFSET, offset],
+                                    list(att.output), name=name + "_ragged_attention", domain=LT_DOMAIN,
+                                    num_heads=p["num_heads"], scale=float(p["scale"] or 0.0), impl=ragged, qkv=1))
+        return out
     for i, part in enumerate("qkv"):
         out.append(helper.make_node("Slice", [w, f"cliptune_qkv_at_{i * h}", f"cliptune_qkv_at_{(i + 1) * h}",
                                               "cliptune_qkv_axis"], [f"{name}__w{part}"], name=f"{name}_slice_{part}"))
@@ -428,8 +445,9 @@ def _flash_nodes(att, p: dict, offset: str, cum: str, epilogue: bool = False, ra
     return out
 
 
-def _apply_flash(g, plan: dict) -> None:
-    """The new initializers (query biases, output biases with the value bias folded in, slice bounds)."""
+def _apply_flash(g, plan: dict, qkv: bool = False) -> None:
+    """The new initializers (query biases, output biases with the value bias folded in, slice bounds; ``qkv``:
+    the one projection's bias [query bias, 0, 0] in place of the query bias)."""
     import numpy as np
     from onnx import numpy_helper
 
@@ -437,8 +455,12 @@ def _apply_flash(g, plan: dict) -> None:
     bounds = {0}
     for name, p in plan.items():
         h = p["hid"]
-        bounds |= {h, 2 * h, 3 * h}
-        g.initializer.append(numpy_helper.from_array(p["b_q"], f"{name}__b_q"))
+        if qkv:
+            b = np.concatenate([p["b_q"], np.zeros(2 * h, p["b_q"].dtype)])
+            g.initializer.append(numpy_helper.from_array(b, f"{name}__b_qkv"))
+        else:
+            bounds |= {h, 2 * h, 3 * h}
+            g.initializer.append(numpy_helper.from_array(p["b_q"], f"{name}__b_q"))
         g.initializer.append(numpy_helper.from_array(p["b_out"], f"{name}__b_out"))
         sln = p["sln"]
         while len(sln.input) < 5:

@@ -48,6 +48,8 @@ def test_gpu_script_cpu_dry_run(tmp_path):
     assert dnn["kernel"] == "cudnn" and dnn["ffn"] == "cublaslt_res" and dnn["packed_attention_nodes"] == [2, 2, 2]
     short = data["export"]["packed_host_short_lt"]  # cliptune's short-row attention kernel (smoke-tested on a GPU)
     assert short["kernel"] == "short" and short["ffn"] == "cublaslt" and short["packed_attention_nodes"] == [2, 2, 2]
+    sqkv = data["export"]["packed_host_shortqkv_lt"]  # the same kernel on one QKV projection read in place
+    assert sqkv["kernel"] == "short_qkv" and sqkv["packed_attention_nodes"] == [2, 2, 2]
     assert "CUDA provider" in data["packed_note"]
     assert not any(c["mode"].startswith("packed") for c in data["cells"])
     assert data["tune_variant"]["used"] == "padded"

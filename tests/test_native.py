@@ -296,6 +296,19 @@ def test_library_ragged_attention_is_the_numpy_op(cpu_ops):
         np.testing.assert_allclose(got[cu[2]], v[cu[2]], atol=1e-6)
     with pytest.raises(Exception, match="RaggedAttention: expected Q, K, V"):
         _session(model, cpu_ops).run(None, {**feeds, "rag": feeds["rag"][:4]})
+    # qkv = 1: one [tokens, 3 * hidden] tensor, Q, K and V read in place (impl 1 only)
+    qkv = np.concatenate([q, k, v], axis=1)
+    node3 = helper.make_node("RaggedAttention", ["qkv", "qkv", "qkv", "len", "rag", "off"], ["o"],
+                             domain="ai.cliptune", num_heads=heads, scale=0.3, impl=1, qkv=1)
+    ins3 = [helper.make_tensor_value_info("qkv", TensorProto.FLOAT, ["tokens", 3 * hidden]), *ins[3:]]
+    g3 = helper.make_graph([node3], "attn3", ins3, [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)])
+    m3 = helper.make_model(g3, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.cliptune", 1)])
+    feeds3 = {"qkv": qkv, "len": lens, "rag": feeds["rag"], "off": feeds["off"]}
+    np.testing.assert_allclose(_session(m3, cpu_ops).run(None, feeds3)[0], want, atol=1e-5)
+    next(a for a in g3.node[0].attribute if a.name == "impl").i = 0  # qkv = 1 with impl 0 (cuDNN): refused
+    m3 = helper.make_model(g3, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.cliptune", 1)])
+    with pytest.raises(Exception, match="qkv must be 0 or 1, and 1 .* needs impl 1"):
+        _session(m3, cpu_ops).run(None, feeds3)
     # impl (the GPU kernel: 0 cuDNN, 1 the short-row kernel) does not change the CPU build's loop; others are refused
     for impl, ok in ((1, True), (0, True), (2, False)):
         g.node[0].attribute.append(helper.make_attribute("impl", impl))
@@ -309,12 +322,12 @@ def test_library_ragged_attention_is_the_numpy_op(cpu_ops):
 
 
 @needs_export
-@pytest.mark.parametrize("kernel", ["cudnn", "short"])
+@pytest.mark.parametrize("kernel", ["cudnn", "short", "short_qkv"])
 def test_ragged_kernels_match_unpacked(packed_pair, tmp_path, kernel):
-    """kernel="cudnn" / "short": the flash layout's projections with cliptune's RaggedAttention in place of
-    PackedMultiHeadAttention (row lengths and element offsets made once in the graph from the packing's
-    cu_seqlens; impl 0 = cuDNN, left out of the node, 1 = the short-row kernel); the logits are the unpacked
-    graph's, with either packing and either feed-forward block."""
+    """kernel="cudnn" / "short" / "short_qkv": the flash layout's projections with cliptune's RaggedAttention in
+    place of PackedMultiHeadAttention (row lengths and element offsets made once in the graph from the packing's
+    cu_seqlens; impl 0 = cuDNN, left out of the node, 1 = the short-row kernel; short_qkv: one QKV projection
+    read in place); the logits are the unpacked graph's, with either packing and either feed-forward block."""
     import collections
     import copy
 
@@ -329,9 +342,13 @@ def test_ragged_kernels_match_unpacked(packed_pair, tmp_path, kernel):
         assert pack_graph(g, host_offsets=host_offsets, kernel=kernel, ffn=ffn) == layers - 1
         count = collections.Counter(n.op_type for n in g.graph.node)
         assert count["RaggedAttention"] == layers - 1 and count["PackedMultiHeadAttention"] == 0
-        impls = {next((helper.get_attribute_value(a) for a in n.attribute if a.name == "impl"), 0)
-                 for n in g.graph.node if n.op_type == "RaggedAttention"}
-        assert impls == {1 if kernel == "short" else 0}
+        attrs = [{a.name: helper.get_attribute_value(a) for a in n.attribute}
+                 for n in g.graph.node if n.op_type == "RaggedAttention"]
+        assert {a.get("impl", 0) for a in attrs} == {0 if kernel == "cudnn" else 1}
+        assert {a.get("qkv", 0) for a in attrs} == {int(kernel == "short_qkv")}
+        if kernel == "short_qkv":  # one projection per layer (FusedDense with the LT feed-forward), no slices
+            assert not [n for n in g.graph.node if n.name.endswith(("_slice_q", "_slice_k", "_slice_v"))]
+            assert count["FusedDense" if ffn != "matmul" else "Add"] >= layers - 1
         assert [n.op_type for n in g.graph.node if n.name.startswith("cliptune_ragged_")].count("Slice") == 2
         assert any(o.domain == "ai.cliptune" for o in g.opset_import)
         got = ReferenceEvaluator(g, new_ops=ops).run(None, host if host_offsets else feeds)[0]

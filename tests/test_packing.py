@@ -130,9 +130,12 @@ def _reference_ops():
     class RaggedAttention(OpRun):  # cliptune's custom op: attention within packed rows (cuDNN or its own kernel)
         op_domain = "ai.cliptune"
 
-        def _run(self, q, k, v, seq_len, ragged, token_offset, num_heads=None, scale=None, impl=None):
-            assert impl in (None, 0, 1), impl
+        def _run(self, q, k, v, seq_len, ragged, token_offset, num_heads=None, scale=None, impl=None, qkv=None):
+            assert impl in (None, 0, 1) and qkv in (None, 0, 1) and (not qkv or impl == 1), (impl, qkv)
             assert len(ragged) == len(seq_len) + 1 == token_offset.shape[0] + 1
+            if qkv:  # one [tokens, 3 * hidden] tensor read in place
+                assert q is k is v or (np.array_equal(q, k) and np.array_equal(q, v))
+                q, k, v = np.split(q, 3, axis=1)
             hidden = q.shape[1]
             assert np.array_equal(ragged[:-1] // hidden + seq_len, ragged[1:] // hidden)  # rows back to back
             cu = (ragged // hidden).astype(np.int64)

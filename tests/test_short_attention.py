@@ -72,7 +72,9 @@ def quad_reduce(x, op):
 
 
 def kernel_block(q, k, v, base_tokens, n, hidden, head, cap, scale):
-    """One block (row, head) of ShortAttentionKernel; returns O rows [n, 64] as the kernel stores them."""
+    """One block (row, head) of ShortAttentionKernel; returns O rows [n, 64] as the kernel stores them. q, k, v:
+    [tokens, in_ld] views whose column 0 is the kernel's q, k, v pointer (in_ld = hidden, or 3 hidden for one QKV
+    tensor); base_tokens = ragged[row] / hidden."""
     scale_log2 = np.float32(scale * 1.4426950408889634)
     npad = (n + 15) & ~15
     assert n <= cap
@@ -143,18 +145,49 @@ def attention(q, k, v, scale):
     return (p / p.sum(axis=1, keepdims=True)) @ v.astype(np.float32)
 
 
-@pytest.mark.parametrize("lens", [[1, 16, 17, 71], [106, 59, 128], [33, 2, 64, 65, 112]])
-def test_kernel_replay_matches_attention(lens):
-    """Each (row, head) block of the kernel, replayed, equals softmax(Q K^T scale) V of that row within fp16
-    rounding, for rows of 1 to 128 tokens (tile edges 16/17, 64/65, the 112-token smem bound, the maximum)."""
+def long_kernel_thread(q, k, v, base_tokens, n, head, i, scale):
+    """One thread (query i of a row, one head) of LongAttentionKernel: online softmax over the row's keys."""
+    scale_log2 = np.float32(scale * 1.4426950408889634)
+    cols = slice(head * HEAD, (head + 1) * HEAD)
+    qv = q[base_tokens + i, cols].astype(np.float32) * scale_log2
+    acc = np.zeros(HEAD, np.float32)
+    m, l_sum = np.float32(-np.inf), np.float32(0)
+    for j in range(n):
+        sc = np.float32(qv @ k[base_tokens + j, cols].astype(np.float32))
+        if sc > m:  # a new maximum: rescale what was summed
+            r = np.exp2(m - sc)
+            l_sum *= r
+            acc *= r
+            m = sc
+        p_j = np.exp2(sc - m)
+        l_sum += p_j
+        acc += p_j * v[base_tokens + j, cols].astype(np.float32)
+    return (acc / l_sum).astype(np.float16)
+
+
+def _case(lens, qkv):
+    """q, k, v views ([tokens, in_ld], column 0 at each part) of random fp16 data, as the launcher passes them."""
     rng = np.random.default_rng(sum(lens))
     heads = 2
     hidden = heads * HEAD
     tokens = sum(lens)
-    q, k, v = (rng.standard_normal((tokens, hidden)).astype(np.float16) for _ in range(3))
+    if qkv:  # one [tokens, 3 hidden] tensor: views at columns 0, hidden and 2 hidden
+        packed = rng.standard_normal((tokens, 3 * hidden)).astype(np.float16)
+        q, k, v = packed[:, :hidden], packed[:, hidden:2 * hidden], packed[:, 2 * hidden:]
+    else:
+        q, k, v = (rng.standard_normal((tokens, hidden)).astype(np.float16) for _ in range(3))
+    return heads, hidden, q, k, v, np.concatenate([[0], np.cumsum(lens)])
+
+
+@pytest.mark.parametrize("qkv", [False, True])
+@pytest.mark.parametrize("lens", [[1, 16, 17, 71], [106, 59, 128], [33, 2, 64, 65, 112]])
+def test_kernel_replay_matches_attention(lens, qkv):
+    """Each (row, head) block of the kernel, replayed, equals softmax(Q K^T scale) V of that row within fp16
+    rounding, for rows of 1 to 128 tokens (tile edges 16/17, 64/65, the 112-token smem bound, the maximum),
+    with separate Q, K, V and with one QKV tensor."""
+    heads, hidden, q, k, v, start = _case(lens, qkv)
     scale = 1.0 / np.sqrt(HEAD)
     cap = (max(lens) + 15) & ~15  # the launcher's: the call's longest row rounded up to 16
-    start = np.concatenate([[0], np.cumsum(lens)])
     for r, n in enumerate(lens):
         for h in range(heads):
             got = kernel_block(q, k, v, start[r], n, hidden, h, cap, scale)
@@ -163,3 +196,20 @@ def test_kernel_replay_matches_attention(lens):
                              v[start[r]:start[r] + n, cols], scale)
             assert np.isfinite(got).all(), (n, h)
             np.testing.assert_allclose(got.astype(np.float32), want, atol=4e-3, rtol=0)
+
+
+@pytest.mark.parametrize("qkv", [False, True])
+def test_long_row_kernel_replay_matches_attention(qkv):
+    """Rows over 128 tokens (a call whose longest row is longer runs LongAttentionKernel): each thread's online
+    softmax, replayed, equals plain attention; a short row in the same call too."""
+    lens = [150, 3]
+    heads, _hidden, q, k, v, start = _case(lens, qkv)
+    scale = 1.0 / np.sqrt(HEAD)
+    for r, n in enumerate(lens):
+        for h in (0, heads - 1):
+            cols = slice(h * HEAD, (h + 1) * HEAD)
+            want = attention(q[start[r]:start[r] + n, cols], k[start[r]:start[r] + n, cols],
+                             v[start[r]:start[r] + n, cols], scale)
+            for i in sorted({0, 1, n // 2, n - 1}):
+                got = long_kernel_thread(q, k, v, start[r], n, h, i, scale)
+                np.testing.assert_allclose(got.astype(np.float32), want[i], atol=2e-3, rtol=0)

@@ -60,9 +60,9 @@ void* cudnn_dlhandle = nullptr;  // the frontend's handle on libcudnn (its dynam
 #endif
 #ifdef CLIPTUNE_SHORT_ATTN
 // short_attention.cu (compiled by nvcc, linked in): 0 launched, 1 a shape it does not handle, 2 launch failed
-extern "C" int cliptune_short_attention(const void* q, const void* k, const void* v, void* o, const int32_t* seq_len,
-                                        const int32_t* ragged, int rows, int heads, int hidden, int max_seq,
-                                        float scale, cudaStream_t stream);
+extern "C" int cliptune_short_attention(const void* q, const void* k, const void* v, int64_t in_ld, void* o,
+                                        const int32_t* seq_len, const int32_t* ragged, int rows, int heads,
+                                        int hidden, int max_seq, float scale, cudaStream_t stream);
 #endif
 #if defined(CLIPTUNE_CUDNN) || defined(CLIPTUNE_SHORT_ATTN)
 #define CLIPTUNE_ATTN_CUDA  // the CUDA RaggedAttention: cuDNN's kernel (impl 0), cliptune's short-row one (impl 1)
@@ -440,8 +440,10 @@ using DenseCudaOp = DenseOp<DenseCudaKernel, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
 //   seq_len int32 [rows]: each row's tokens; ragged int32 [rows + 1]: where each row starts, in elements
 //   (token offset * heads * head); token_offset int32 [rows, seq]: only its shape is read (rows, the longest
 //   row). Attributes: num_heads, scale (0: 1 / sqrt(head)), impl (optional; 0 = cuDNN's fused attention,
-//   1 = cliptune's kernel for rows of at most 128 tokens and head size 64, short_attention.cu, which falls back
-//   to cuDNN outside those limits where the build has cuDNN). The CPU build ignores impl.
+//   1 = cliptune's kernels for head size 64, short_attention.cu: rows of at most 128 tokens in shared memory,
+//   longer ones on a plain fallback; other head sizes go to cuDNN where the build has it), qkv (optional; 1:
+//   inputs 0, 1 and 2 are one [tokens, 3 * heads * head] tensor, a single QKV projection, read in place; impl 1
+//   only). The CPU build ignores impl.
 //
 // Why: ONNX Runtime's PackedMultiHeadAttention runs FlashAttention's 128 x 128 tiles on rows of about 70
 // tokens (6.9 of 53 ms of a stacked call on an H100, run 7); cuDNN's fused attention for Hopper takes the
@@ -452,25 +454,30 @@ constexpr const char* kAttnName = "RaggedAttention";
 
 struct AttnDims {
   int64_t tokens = 0, hidden = 0, rows = 0, seq = 0, heads = 0, head = 0;
+  int64_t in_ld = 0;  // row stride of Q, K and V: hidden, or 3 * hidden for one QKV tensor (qkv = 1)
   float scale = 0.0f;
 };
 
-AttnDims CheckAttn(Ort::KernelContext& ctx, int64_t heads, float scale) {
+AttnDims CheckAttn(Ort::KernelContext& ctx, int64_t heads, float scale, bool qkv) {
   auto shape = [&](size_t i) { return ctx.GetInput(i).GetTensorTypeAndShapeInfo().GetShape(); };
   auto q = shape(0), k = shape(1), v = shape(2), len = shape(3), rag = shape(4), off = shape(5);
+  const int64_t parts = qkv ? 3 : 1;
   if (q.size() != 2 || k != q || v != q || len.size() != 1 || rag.size() != 1 || off.size() != 2 ||
-      rag[0] != len[0] + 1 || off[0] != len[0] || heads <= 0 || q[1] % heads != 0) {
-    ORT_CXX_API_THROW("RaggedAttention: expected Q, K, V [tokens, heads * head], seq_len [rows], ragged [rows + 1], "
-                      "token_offset [rows, seq] and num_heads dividing the hidden size",
+      rag[0] != len[0] + 1 || off[0] != len[0] || heads <= 0 || q[1] % (heads * parts) != 0) {
+    ORT_CXX_API_THROW(std::string("RaggedAttention: expected Q, K, V [tokens, ") + (qkv ? "3 * " : "") +
+                          "heads * head]" + (qkv ? " (one QKV tensor, qkv = 1)" : "") +
+                          ", seq_len [rows], ragged [rows + 1], token_offset [rows, seq] and num_heads dividing the "
+                          "hidden size",
                       ORT_INVALID_ARGUMENT);
   }
   AttnDims d;
   d.tokens = q[0];
-  d.hidden = q[1];
+  d.in_ld = q[1];
+  d.hidden = q[1] / parts;
   d.rows = len[0];
   d.seq = off[1];
   d.heads = heads;
-  d.head = q[1] / heads;
+  d.head = d.hidden / heads;
   d.scale = scale > 0.0f ? scale : 1.0f / std::sqrt(static_cast<float>(d.head));
   if (d.tokens * d.hidden > INT32_MAX) {
     ORT_CXX_API_THROW("RaggedAttention: more than 2^31 elements (int32 ragged offsets)", ORT_INVALID_ARGUMENT);
@@ -492,6 +499,7 @@ struct AttnAttrs {
   int64_t heads;
   float scale;
   int64_t impl = 0;
+  bool qkv = false;
   explicit AttnAttrs(const OrtKernelInfo* info) {
     Ort::ConstKernelInfo ki(info);
     heads = ki.GetAttribute<int64_t>("num_heads");
@@ -506,6 +514,18 @@ struct AttnAttrs {
                             std::to_string(impl),
                         ORT_INVALID_ARGUMENT);
     }
+    int64_t packed = 0;
+    try {  // optional: Q, K and V as one [tokens, 3 * hidden] tensor
+      packed = ki.GetAttribute<int64_t>("qkv");
+    } catch (const Ort::Exception&) {
+      packed = 0;
+    }
+    if ((packed != 0 && packed != 1) || (packed == 1 && impl != 1)) {
+      ORT_CXX_API_THROW("RaggedAttention: qkv must be 0 or 1, and 1 (one QKV tensor) needs impl 1, got qkv " +
+                            std::to_string(packed) + " with impl " + std::to_string(impl),
+                        ORT_INVALID_ARGUMENT);
+    }
+    qkv = packed == 1;
   }
 };
 
@@ -515,10 +535,10 @@ struct AttnCpuKernel : AttnAttrs {
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return AsStatus([&] {
       Ort::KernelContext ctx(context);
-      AttnDims d = CheckAttn(ctx, heads, scale);
+      AttnDims d = CheckAttn(ctx, heads, scale, qkv);
       const float* Q = ctx.GetInput(0).GetTensorData<float>();
-      const float* K = ctx.GetInput(1).GetTensorData<float>();
-      const float* V = ctx.GetInput(2).GetTensorData<float>();
+      const float* K = ctx.GetInput(1).GetTensorData<float>() + (qkv ? d.hidden : 0);
+      const float* V = ctx.GetInput(2).GetTensorData<float>() + (qkv ? 2 * d.hidden : 0);
       const int32_t* len = ctx.GetInput(3).GetTensorData<int32_t>();
       const int32_t* rag = ctx.GetInput(4).GetTensorData<int32_t>();
       float* O = ctx.GetOutput(0, {d.tokens, d.hidden}).GetTensorMutableData<float>();
@@ -531,10 +551,10 @@ struct AttnCpuKernel : AttnAttrs {
         p.resize(static_cast<size_t>(n));
         for (int64_t h = 0; h < d.heads; ++h) {
           for (int64_t i = 0; i < n; ++i) {
-            const float* q = Q + (start + i) * d.hidden + h * d.head;
+            const float* q = Q + (start + i) * d.in_ld + h * d.head;
             float mx = -INFINITY, sum = 0.0f;
             for (int64_t j = 0; j < n; ++j) {
-              const float* kr = K + (start + j) * d.hidden + h * d.head;
+              const float* kr = K + (start + j) * d.in_ld + h * d.head;
               float s = 0.0f;
               for (int64_t c = 0; c < d.head; ++c) s += q[c] * kr[c];
               p[j] = s * d.scale;
@@ -544,7 +564,7 @@ struct AttnCpuKernel : AttnAttrs {
             float* o = O + (start + i) * d.hidden + h * d.head;
             for (int64_t c = 0; c < d.head; ++c) o[c] = 0.0f;
             for (int64_t j = 0; j < n; ++j) {
-              const float* vr = V + (start + j) * d.hidden + h * d.head;
+              const float* vr = V + (start + j) * d.in_ld + h * d.head;
               for (int64_t c = 0; c < d.head; ++c) o[c] += p[j] / sum * vr[c];
             }
           }
@@ -690,17 +710,19 @@ struct AttnCudaKernel : AttnAttrs {
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return AsStatus([&] {
       Ort::KernelContext ctx(context);
-      AttnDims d = CheckAttn(ctx, heads, scale);
+      AttnDims d = CheckAttn(ctx, heads, scale, qkv);
       auto out = ctx.GetOutput(0, {d.tokens, d.hidden});
       if (d.tokens == 0 || d.rows == 0) return;
       auto stream = static_cast<cudaStream_t>(ctx.GetGPUComputeStream());
       if (impl == 1) {
 #ifdef CLIPTUNE_SHORT_ATTN
+        const auto* base = static_cast<const uint16_t*>(ctx.GetInput(0).GetTensorRawData());  // fp16 elements
         const int rc = cliptune_short_attention(
-            ctx.GetInput(0).GetTensorRawData(), ctx.GetInput(1).GetTensorRawData(), ctx.GetInput(2).GetTensorRawData(),
-            out.GetTensorMutableRawData(), ctx.GetInput(3).GetTensorData<int32_t>(),
-            ctx.GetInput(4).GetTensorData<int32_t>(), static_cast<int>(d.rows), static_cast<int>(d.heads),
-            static_cast<int>(d.hidden), static_cast<int>(std::min<int64_t>(d.seq, INT32_MAX)), d.scale, stream);
+            base, qkv ? base + d.hidden : ctx.GetInput(1).GetTensorRawData(),
+            qkv ? base + 2 * d.hidden : ctx.GetInput(2).GetTensorRawData(), d.in_ld, out.GetTensorMutableRawData(),
+            ctx.GetInput(3).GetTensorData<int32_t>(), ctx.GetInput(4).GetTensorData<int32_t>(),
+            static_cast<int>(d.rows), static_cast<int>(d.heads), static_cast<int>(d.hidden),
+            static_cast<int>(std::min<int64_t>(d.seq, INT32_MAX)), d.scale, stream);
         if (rc == 0) return;
         if (rc == 2) {
           ORT_CXX_API_THROW("RaggedAttention: the short-row kernel did not launch: " +
@@ -708,17 +730,22 @@ struct AttnCudaKernel : AttnAttrs {
                             ORT_RUNTIME_EXCEPTION);
         }
 #endif
-#ifndef CLIPTUNE_CUDNN
-        ORT_CXX_API_THROW("RaggedAttention: impl 1 runs rows of at most 128 tokens with head size 64 (got rows of up "
-                              "to " + std::to_string(d.seq) + " tokens, head size " + std::to_string(d.head) +
-                              ") in a build with the short-row kernel; this build " +
-#ifdef CLIPTUNE_SHORT_ATTN
-                              "has no cuDNN to fall back on: rebuild with cuDNN's headers (cliptune build-ops)",
-#else
-                              "has no short-row kernel (no nvcc at build time): rebuild with `cliptune build-ops "
-                              "--variant cuda` where nvcc is found",
+#ifdef CLIPTUNE_CUDNN
+        if (qkv) {
 #endif
-                          ORT_RUNTIME_EXCEPTION);
+          ORT_CXX_API_THROW("RaggedAttention: impl 1 runs head size 64 (got " + std::to_string(d.head) + ")" +
+#ifdef CLIPTUNE_SHORT_ATTN
+                                std::string(qkv ? "; cuDNN's kernel takes separate Q, K and V: export with "
+                                                  "--packed-kernel cudnn"
+                                                : "; this build has no cuDNN to fall back on: rebuild with "
+                                                  "cuDNN's headers (cliptune build-ops)"),
+#else
+                                std::string(" and this build has no short-row kernel (no nvcc at build time): "
+                                            "rebuild with `cliptune build-ops --variant cuda` where nvcc is found"),
+#endif
+                            ORT_RUNTIME_EXCEPTION);
+#ifdef CLIPTUNE_CUDNN
+        }
 #endif
       }
 #ifdef CLIPTUNE_CUDNN

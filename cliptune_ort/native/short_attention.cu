@@ -1,7 +1,9 @@
 // cliptune's attention kernel for short packed rows: RaggedAttention's impl = 1 (fused_dense.cc calls it).
 //
-//   O = softmax(Q K^T * scale) V within each packed row      Q, K, V, O fp16 [tokens, heads * 64]
-//   seq_len int32 [rows]; ragged int32 [rows + 1]: where each row starts, in elements (token * hidden)
+//   O = softmax(Q K^T * scale) V within each packed row      O fp16 [tokens, heads * 64]
+//   Q, K, V fp16: [tokens, heads * 64] each, or one [tokens, 3 * heads * 64] tensor (RaggedAttention qkv = 1:
+//   one QKV projection; the caller passes its column 0, hidden and 2 hidden as q, k, v and in_ld = 3 hidden)
+//   seq_len int32 [rows]; ragged int32 [rows + 1]: where each row starts in O, in elements (token * hidden)
 //
 // Why: a stacked call of the tune holds 640 rows of 59 to 106 tokens. FlashAttention's varlen kernel in
 // ONNX Runtime runs one 128 x 128 tile per (row, head), and cuDNN's ragged kernel two 64 x 128 tiles; both
@@ -12,8 +14,12 @@
 // softmax and O = P V with mma.sync m16n8k16 (fp16 in, fp32 accumulation, P rounded to fp16 as
 // FlashAttention does), all in registers; O goes out through shared memory in 16-byte stores.
 //
-// Limits (the caller falls back to cuDNN, or fails in one line, outside them): head size 64, rows of at most
-// 128 tokens, sm80 or newer (mma.sync, cp.async).
+// A call whose longest row is over 128 tokens runs LongAttentionKernel instead: one thread per query, an
+// online softmax over the row's keys read from global memory (L2), fp32 throughout. It is there so that
+// any row length works (other tasks' rows, a dev set's longest sentence), not to be fast.
+//
+// Limits (the caller falls back to cuDNN, or fails in one line, outside them): head size 64, sm80 or newer
+// (mma.sync, cp.async).
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -59,14 +65,15 @@ __device__ __forceinline__ void CopyAsync16(__half* smem, const __half* gmem, in
 
 __global__ void __launch_bounds__(kWarps * 32)
     ShortAttentionKernel(const __half* __restrict__ q, const __half* __restrict__ k, const __half* __restrict__ v,
-                         __half* __restrict__ o, const int32_t* __restrict__ seq_len,
+                         int64_t in_ld, __half* __restrict__ o, const int32_t* __restrict__ seq_len,
                          const int32_t* __restrict__ ragged, int hidden, int cap, float scale_log2) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __half* qs = reinterpret_cast<__half*>(smem_raw);  // [cap][kPitch] each; cap = longest row rounded up to 16
   __half* ks = qs + cap * kPitch;
   __half* vs = ks + cap * kPitch;
   const int row = blockIdx.x;
-  const int64_t base = static_cast<int64_t>(ragged[row]) + static_cast<int64_t>(blockIdx.y) * kHead;
+  const int64_t base = static_cast<int64_t>(ragged[row]) + static_cast<int64_t>(blockIdx.y) * kHead;  // in O
+  const int64_t in_base = static_cast<int64_t>(ragged[row] / hidden) * in_ld + static_cast<int64_t>(blockIdx.y) * kHead;
   const int n = seq_len[row];
   const int tid = threadIdx.x;
   if (n <= 0) return;
@@ -79,7 +86,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int npad = (n + 15) & ~15;
   for (int i = tid; i < npad * 8; i += kWarps * 32) {  // 8 chunks of 16 bytes per token and tensor
     const int r = i >> 3, c = (i & 7) * 8;
-    const int64_t at = base + static_cast<int64_t>(r < n ? r : 0) * hidden + c;
+    const int64_t at = in_base + static_cast<int64_t>(r < n ? r : 0) * in_ld + c;
     const int bytes = r < n ? 16 : 0;
     CopyAsync16(qs + r * kPitch + c, q + at, bytes);
     CopyAsync16(ks + r * kPitch + c, k + at, bytes);
@@ -187,15 +194,67 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
+// Rows over 128 tokens: one thread per query (blockIdx.z * 128 + threadIdx.x), keys in turn with an online
+// softmax (running maximum m, sum l and output acc, rescaled when m grows), fp32.
+__global__ void __launch_bounds__(128)
+    LongAttentionKernel(const __half* __restrict__ q, const __half* __restrict__ k, const __half* __restrict__ v,
+                        int64_t in_ld, __half* __restrict__ o, const int32_t* __restrict__ seq_len,
+                        const int32_t* __restrict__ ragged, int hidden, float scale_log2) {
+  const int row = blockIdx.x, i = blockIdx.z * 128 + threadIdx.x;
+  const int n = seq_len[row];
+  if (i >= n) return;
+  const int64_t in_base = static_cast<int64_t>(ragged[row] / hidden) * in_ld + static_cast<int64_t>(blockIdx.y) * kHead;
+  const int64_t base = static_cast<int64_t>(ragged[row]) + static_cast<int64_t>(blockIdx.y) * kHead;
+  float qv[kHead], acc[kHead];
+  const __half* qi = q + in_base + static_cast<int64_t>(i) * in_ld;
+#pragma unroll
+  for (int c = 0; c < kHead; ++c) {
+    qv[c] = __half2float(qi[c]) * scale_log2;
+    acc[c] = 0.0f;
+  }
+  float m = -INFINITY, l = 0.0f;
+  for (int j = 0; j < n; ++j) {
+    const __half* kj = k + in_base + static_cast<int64_t>(j) * in_ld;
+    const __half* vj = v + in_base + static_cast<int64_t>(j) * in_ld;
+    float sc = 0.0f;
+#pragma unroll
+    for (int c = 0; c < kHead; ++c) sc += qv[c] * __half2float(kj[c]);
+    if (sc > m) {  // a new maximum: rescale what was summed
+      const float r = exp2f(m - sc);
+      l *= r;
+#pragma unroll
+      for (int c = 0; c < kHead; ++c) acc[c] *= r;
+      m = sc;
+    }
+    const float p = exp2f(sc - m);
+    l += p;
+#pragma unroll
+    for (int c = 0; c < kHead; ++c) acc[c] += p * __half2float(vj[c]);
+  }
+  __half* oi = o + base + static_cast<int64_t>(i) * hidden;
+#pragma unroll
+  for (int c = 0; c < kHead; ++c) oi[c] = __float2half(acc[c] / l);
+}
+
 }  // namespace
 
-// 0: launched; 1: a shape this kernel does not handle (head size other than 64, a row over 128 tokens, a
-// hidden size that is not heads * 64); 2: the launch failed (cudaGetLastError).
-extern "C" int cliptune_short_attention(const void* q, const void* k, const void* v, void* o, const int32_t* seq_len,
-                                        const int32_t* ragged, int rows, int heads, int hidden, int max_seq,
-                                        float scale, cudaStream_t stream) {
-  if (heads <= 0 || hidden != heads * kHead || max_seq < 1 || max_seq > kMaxSeq || heads > 65535) return 1;
-  if (rows <= 0) return 0;
+// 0: launched; 1: a shape these kernels do not handle (head size other than 64: hidden not heads * 64);
+// 2: the launch failed (cudaGetLastError). in_ld: the row stride of Q, K and V in elements (hidden, or
+// 3 hidden for one QKV tensor); O's is hidden.
+extern "C" int cliptune_short_attention(const void* q, const void* k, const void* v, int64_t in_ld, void* o,
+                                        const int32_t* seq_len, const int32_t* ragged, int rows, int heads,
+                                        int hidden, int max_seq, float scale, cudaStream_t stream) {
+  if (heads <= 0 || hidden != heads * kHead || heads > 65535 || in_ld < hidden) return 1;
+  if (rows <= 0 || max_seq < 1) return 0;
+  const float scale_log2 = scale * 1.4426950408889634f;
+  if (max_seq > kMaxSeq) {
+    const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(heads),
+                    static_cast<unsigned>((max_seq + 127) / 128));
+    LongAttentionKernel<<<grid, 128, 0, stream>>>(
+        static_cast<const __half*>(q), static_cast<const __half*>(k), static_cast<const __half*>(v), in_ld,
+        static_cast<__half*>(o), seq_len, ragged, hidden, scale_log2);
+    return cudaGetLastError() == cudaSuccess ? 0 : 2;
+  }
   const int cap = (max_seq + 15) & ~15;
   const size_t bytes = 3 * static_cast<size_t>(cap) * kPitch * sizeof(__half);
   static std::once_flag big;  // over 48 KB of shared memory (rows over 112 tokens) needs the opt-in, once
@@ -205,7 +264,7 @@ extern "C" int cliptune_short_attention(const void* q, const void* k, const void
   });
   const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(heads));
   ShortAttentionKernel<<<grid, kWarps * 32, bytes, stream>>>(
-      static_cast<const __half*>(q), static_cast<const __half*>(k), static_cast<const __half*>(v),
-      static_cast<__half*>(o), seq_len, ragged, hidden, cap, scale * 1.4426950408889634f);
+      static_cast<const __half*>(q), static_cast<const __half*>(k), static_cast<const __half*>(v), in_ld,
+      static_cast<__half*>(o), seq_len, ragged, hidden, cap, scale_log2);
   return cudaGetLastError() == cudaSuccess ? 0 : 2;
 }
