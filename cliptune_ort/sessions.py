@@ -78,8 +78,10 @@ class SharedWeights:
 
     ``device='cuda'``: the tensors that ``graphs`` use are copied to the GPU once, as device OrtValues,
     which every CUDA session then uses in place (one device copy for the K+1 sessions, no upload per
-    session). Opt-in (``Engine(device_weights=True)`` or ``CLIPTUNE_DEVICE_WEIGHTS=1``) until a card run
-    has measured it (benchmarks/session_open.py checks the losses are the same).
+    session). Opt-in (``Engine(device_weights=True)`` or ``CLIPTUNE_DEVICE_WEIGHTS=1``): card run 8 found that
+    onnxruntime 1.31.1's ``add_initializer`` refuses device OrtValues it allocated itself, which
+    :func:`make_session` turns into a one-line ConfigError (benchmarks/session_open.py measures it where a
+    runtime takes them, and checks the losses are the same).
     """
 
     def __init__(self, manifest: Manifest, device: str = "cpu", graphs: list[int] | None = None):
@@ -179,7 +181,19 @@ def make_session(path: str | Path, spec: SessionSpec, shared: SharedWeights | No
         # otherwise each session keeps its own prepacked copy of every weight (~330 MB for base)
         so.add_session_config_entry("session.disable_prepacking", "1")
         for name, value in shared.values.items():
-            so.add_initializer(name, value)
+            try:
+                so.add_initializer(name, value)
+            except RuntimeError as e:
+                if value.device_name().lower() == "cpu":
+                    raise
+                # onnxruntime 1.31.1 refuses device OrtValues it allocated itself (card run 8: "Buffer containing
+                # the initializer must be owned by the user")
+                from .errors import ConfigError
+
+                msg = str(e).strip().splitlines()[-1].split(" : ")[-1][:200]
+                raise ConfigError(f"CLIPTUNE_DEVICE_WEIGHTS=1: this onnxruntime {ort.__version__} does not take "
+                                  f"weights in device memory as initializers ({msg}); unset CLIPTUNE_DEVICE_WEIGHTS "
+                                  "(the default: host weights)") from None
     if spec.ops_library:
         from . import native
 

@@ -87,6 +87,30 @@ def test_shared_tensors_per_graph_and_the_device_weights_switch(splade_dir, pack
     assert eng.device_weights is True and set(eng.shared.values) == table
     assert all(v.device_name().lower() == "cpu" for v in eng.shared.values.values())
     eng.close()
+    # a runtime that refuses a device tensor as an initializer (onnxruntime 1.31.1 on a card, run 8): one line
+    from cliptune_ort import sessions
+
+    class Refusing(sessions.ort.SessionOptions):
+        def add_initializer(self, name, value):
+            raise RuntimeError("pybind_state.cc:2810 [ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Buffer containing "
+                               "the initializer must be owned by the user.\n")
+
+    class OnDevice:  # what SharedWeights(device="cuda") holds: OrtValues on the GPU
+        def device_name(self):
+            return "Cuda"
+
+    shared = SharedWeights(man, graphs=[0])
+    shared.values = {n: OnDevice() for n in shared.values}
+    monkeypatch.setattr(sessions.ort, "SessionOptions", Refusing)
+    spec = sessions.SessionSpec(device="cpu")
+    with pytest.raises(ConfigError, match=r"CLIPTUNE_DEVICE_WEIGHTS=1: this onnxruntime .* does not take weights in "
+                                          r"device memory as initializers \(Buffer containing the initializer must be "
+                                          r"owned by the user.\); unset CLIPTUNE_DEVICE_WEIGHTS"):
+        sessions.make_session(man.graph_path(0), spec, shared)
+    shared.values = {n: sessions.ort.OrtValue.ortvalue_from_numpy(a) for n, a in shared.arrays.items()}
+    with pytest.raises(RuntimeError, match="owned by the user"):  # host tensors: the runtime's own error
+        sessions.make_session(man.graph_path(0), spec, shared)
+    monkeypatch.undo()
     monkeypatch.setenv("CLIPTUNE_DEVICE_WEIGHTS", "yes")
     with pytest.raises(ConfigError, match="CLIPTUNE_DEVICE_WEIGHTS='yes': expected 1 .on. or 0 .off."):
         Engine(man, [0], device="cpu")
