@@ -495,6 +495,15 @@ struct AttnOp : OpCommon<AttnOp<Kernel, kType>, Kernel, kType> {
   }
 };
 
+// An optional int attribute: its value, 0 where the node has none
+int64_t OptionalInt(const Ort::ConstKernelInfo& ki, const char* name) {
+  try {
+    return ki.GetAttribute<int64_t>(name);
+  } catch (const Ort::Exception&) {
+    return 0;
+  }
+}
+
 struct AttnAttrs {
   int64_t heads;
   float scale;
@@ -504,22 +513,13 @@ struct AttnAttrs {
     Ort::ConstKernelInfo ki(info);
     heads = ki.GetAttribute<int64_t>("num_heads");
     scale = ki.GetAttribute<float>("scale");
-    try {  // optional (graphs of export format 3 have none: cuDNN)
-      impl = ki.GetAttribute<int64_t>("impl");
-    } catch (const Ort::Exception&) {
-      impl = 0;
-    }
+    impl = OptionalInt(ki, "impl");  // graphs of export format 3 have none: cuDNN
     if (impl != 0 && impl != 1) {
       ORT_CXX_API_THROW("RaggedAttention: impl must be 0 (cuDNN) or 1 (cliptune's short-row kernel), got " +
                             std::to_string(impl),
                         ORT_INVALID_ARGUMENT);
     }
-    int64_t packed = 0;
-    try {  // optional: Q, K and V as one [tokens, 3 * hidden] tensor
-      packed = ki.GetAttribute<int64_t>("qkv");
-    } catch (const Ort::Exception&) {
-      packed = 0;
-    }
+    const int64_t packed = OptionalInt(ki, "qkv");  // Q, K and V as one [tokens, 3 * hidden] tensor
     if ((packed != 0 && packed != 1) || (packed == 1 && impl != 1)) {
       ORT_CXX_API_THROW("RaggedAttention: qkv must be 0 or 1, and 1 (one QKV tensor) needs impl 1, got qkv " +
                             std::to_string(packed) + " with impl " + std::to_string(impl),
