@@ -1158,7 +1158,7 @@ def main(argv=None) -> int:
             res.error("torch fp16", e)
 
     # ------------------------------------------------ 3. ORT through the package's Engine
-    from cliptune_ort.manifest import load_manifest
+    from cliptune_ort.manifest import LIBRARY_KERNELS, load_manifest
 
     engine_ok: dict = {}
     parity_prompts = None
@@ -1180,7 +1180,7 @@ def main(argv=None) -> int:
                 continue
             layout = next(n for n, d in packed_dirs.items() if d == mdir)
             modes = [layout, layout + "_cg"] if man.host_packing else [layout]
-            if man.packed_kernel in ("cudnn", "short", "short_qkv"):  # new native code: a crash must not end the run
+            if man.packed_kernel in LIBRARY_KERNELS:  # new native code: a crash must not end the run
                 try:
                     smoke = smoke_in_child(mdir, device, modes[-1], timeout_s=120)
                     res.data.setdefault("smoke", {})[layout] = smoke

@@ -71,9 +71,10 @@ _TUNE_KEYS = ("task", "method", "optimizer", "seed", "model_dir", "data_dir", "d
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .manifest import PACKED_KERNELS
+
     ap = _Parser(prog="cliptune", description="Clip-Tuning on ONNX Runtime: derivative-free prompt learning")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
-
     e = sub.add_parser("export", help="export a HF masked LM into K+1 ONNX graphs (needs the export extra)")
     e.add_argument("model", help="local Hugging Face masked-LM folder or hub id")
     e.add_argument("--out", required=True, help="output model dir")
@@ -93,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--packed", nargs="?", const="device", choices=("device", "host"), default=False,
                    help="fp16 only: packed (padding-free) attention, CUDA provider only (one call, no padded "
                         "tokens); 'host': the runtime feeds the packing offsets, so CUDA graphs can capture it")
-    e.add_argument("--packed-kernel", choices=("fused", "flash", "cudnn", "short", "short_qkv"), default=None,
+    e.add_argument("--packed-kernel", choices=PACKED_KERNELS, default=None,
                    help="with --packed: 'fused' = ORT's PackedAttention (QKV projection inside the op), 'flash' = "
                         "Q/K/V projections + PackedMultiHeadAttention without biases (FlashAttention varlen on "
                         "sm80+; the key bias dropped and the value bias folded, both exact), 'cudnn' = the same "

@@ -25,7 +25,7 @@ import numpy as np
 
 from .encoding import Encoded, buckets, padded_fraction
 from .errors import ConfigError, IntegrityError, ModelDirError, ProviderError
-from .manifest import Manifest
+from .manifest import SPLIT_KERNELS, Manifest
 from .sessions import (
     SessionSpec,
     SharedWeights,
@@ -49,7 +49,7 @@ def disabled_optimizers(manifest) -> tuple[str, ...]:
     MatMulAddFusion makes it a Gemm, which ORT's CUDA provider runs as a bias broadcast into the output
     plus a GEMM with beta = 1 (measured on an H100, roberta-large shape, 20 stacked candidates: 2.6 ms of
     BroadcastBiasKernel and 0.5 ms of slower GEMM per call; the Add alone reads and writes the query once)."""
-    return ("MatMulAddFusion",) if manifest.packed_kernel in ("flash", "cudnn", "short", "short_qkv") else ()
+    return ("MatMulAddFusion",) if manifest.packed_kernel in SPLIT_KERNELS else ()
 
 
 def packing_feeds(attention_mask: np.ndarray, pop: int) -> dict[str, np.ndarray]:

@@ -70,6 +70,9 @@ LIBRARY_FFNS = ("cublaslt", "cublaslt_res")
 #: packed attention kernels (export/packing.py KERNELS); those run by the custom-op library's RaggedAttention
 PACKED_KERNELS = ("fused", "flash", "cudnn", "short", "short_qkv")
 LIBRARY_KERNELS = ("cudnn", "short", "short_qkv")
+#: the kernels that project Q, K and V apart from the attention op (the key bias dropped, the value bias folded
+#: into the output bias; their query projection keeps its bias as MatMul + Add or FusedDense)
+SPLIT_KERNELS = ("flash", *LIBRARY_KERNELS)
 
 
 @dataclass

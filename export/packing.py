@@ -74,7 +74,7 @@ from pathlib import Path
 from cliptune_ort.engine import (
     PACKING_INPUTS as HOST_INPUTS,  # the extra inputs of "packed_host" graphs
 )
-from cliptune_ort.manifest import LIBRARY_KERNELS, PACKED_KERNELS
+from cliptune_ort.manifest import LIBRARY_KERNELS, PACKED_KERNELS, SPLIT_KERNELS
 from cliptune_ort.native import DOMAIN as NATIVE_DOMAIN
 
 MS = "com.microsoft"
@@ -91,8 +91,6 @@ ROW_WISE = {"MatMul", "SkipLayerNormalization", "BiasGelu", "Gelu", "FastGelu", 
 #: "short_qkv" = "short" with one QKV projection (the fused weight as exported; bias [query bias, 0, 0]) that
 #: RaggedAttention reads in place (qkv = 1): one GEMM instead of three per layer
 KERNELS = PACKED_KERNELS
-#: the kernels that drop the key bias and fold the value bias into the output bias
-SPLIT_KERNELS = ("flash", "cudnn", "short", "short_qkv")
 #: RaggedAttention's impl attribute per kernel (custom-op library)
 RAGGED_IMPL = {"cudnn": 0, "short": 1, "short_qkv": 1}
 DEFAULT_KERNEL = "flash"  # measured faster on an H100 (README, GPU section)
@@ -403,41 +401,40 @@ def _flash_nodes(att, p: dict, offset: str, cum: str, epilogue: bool = False, ra
 
     x, w, name, h = att.input[0], att.input[1], att.name, p["hid"]
     out = []
-    if qkv:
+
+    def biased(weight: str, bias: str, y: str, tag: str) -> None:  # y = x @ weight + bias
         if epilogue:
-            out.append(helper.make_node("FusedDense", [x, w, f"{name}__b_qkv"], [f"{name}__qkv"],
-                                        name=f"{name}_dense_qkv", domain=LT_DOMAIN, activation="none"))
+            out.append(helper.make_node("FusedDense", [x, weight, bias], [y], name=f"{name}_dense_{tag}",
+                                        domain=LT_DOMAIN, activation="none"))
         else:
-            out += [helper.make_node("MatMul", [x, w], [f"{name}__qkv_nobias"], name=f"{name}_matmul_qkv"),
-                    helper.make_node("Add", [f"{name}__qkv_nobias", f"{name}__b_qkv"], [f"{name}__qkv"],
-                                     name=f"{name}_bias_qkv")]
-        qkv_in = [f"{name}__qkv"] * 3
-        out.append(helper.make_node("RaggedAttention", [*qkv_in, RAGGED_LEN, RAGGED_OFFSET, offset],
-                                    list(att.output), name=name + "_ragged_attention", domain=LT_DOMAIN,
-                                    num_heads=p["num_heads"], scale=float(p["scale"] or 0.0), impl=ragged, qkv=1))
-        return out
-    for i, part in enumerate("qkv"):
-        out.append(helper.make_node("Slice", [w, f"cliptune_qkv_at_{i * h}", f"cliptune_qkv_at_{(i + 1) * h}",
-                                              "cliptune_qkv_axis"], [f"{name}__w{part}"], name=f"{name}_slice_{part}"))
-        if part == "q" and epilogue:
-            out.append(helper.make_node("FusedDense", [x, f"{name}__wq", f"{name}__b_q"], [f"{name}__q"],
-                                        name=f"{name}_dense_q", domain=LT_DOMAIN, activation="none"))
-            continue
-        mm_out = f"{name}__{part}" if part != "q" else f"{name}__q_nobias"
-        out.append(helper.make_node("MatMul", [x, f"{name}__w{part}"], [mm_out], name=f"{name}_matmul_{part}"))
-    if not epilogue:
-        out.append(helper.make_node("Add", [f"{name}__q_nobias", f"{name}__b_q"], [f"{name}__q"],
-                                    name=f"{name}_bias_q"))
+            out.extend([helper.make_node("MatMul", [x, weight], [y + "_nobias"], name=f"{name}_matmul_{tag}"),
+                        helper.make_node("Add", [y + "_nobias", bias], [y], name=f"{name}_bias_{tag}")])
+
+    if qkv:  # one projection, read in place
+        biased(w, f"{name}__b_qkv", f"{name}__qkv", "qkv")
+        ins = [f"{name}__qkv"] * 3
+    else:
+        for i, part in enumerate("qkv"):
+            out.append(helper.make_node("Slice", [w, f"cliptune_qkv_at_{i * h}", f"cliptune_qkv_at_{(i + 1) * h}",
+                                                  "cliptune_qkv_axis"], [f"{name}__w{part}"],
+                                        name=f"{name}_slice_{part}"))
+            if part == "q":
+                biased(f"{name}__wq", f"{name}__b_q", f"{name}__q", "q")
+            else:
+                out.append(helper.make_node("MatMul", [x, f"{name}__w{part}"], [f"{name}__{part}"],
+                                            name=f"{name}_matmul_{part}"))
+        ins = [f"{name}__q", f"{name}__k", f"{name}__v"]
     if ragged is not None:
-        node = helper.make_node("RaggedAttention", [f"{name}__q", f"{name}__k", f"{name}__v", RAGGED_LEN,
-                                                    RAGGED_OFFSET, offset], list(att.output),
+        node = helper.make_node("RaggedAttention", [*ins, RAGGED_LEN, RAGGED_OFFSET, offset], list(att.output),
                                 name=name + "_ragged_attention", domain=LT_DOMAIN, num_heads=p["num_heads"],
                                 scale=float(p["scale"] or 0.0))
         if ragged:  # impl 0 (cuDNN) is the op's default: format-3 graphs carry no impl
             node.attribute.append(helper.make_attribute("impl", ragged))
+        if qkv:
+            node.attribute.append(helper.make_attribute("qkv", 1))
         out.append(node)
         return out
-    mha = helper.make_node("PackedMultiHeadAttention", [f"{name}__q", f"{name}__k", f"{name}__v", "", offset, cum],
+    mha = helper.make_node("PackedMultiHeadAttention", [*ins, "", offset, cum],
                            list(att.output), name=name + "_packed_mha", domain=MS, num_heads=p["num_heads"])
     if p["scale"]:
         mha.attribute.append(helper.make_attribute("scale", p["scale"]))
