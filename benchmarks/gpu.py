@@ -620,7 +620,7 @@ def markdown(data: dict) -> str:
     if data.get("tune"):
         cols = ("tune run", "calls", "wall s", "setup s", "ask/tell s", "projection s", "scoring s", "session-run s",
                 "checkpoint s", "test acc", "dev acc", "provider", "cuda graph", "prompts on device", "blas threads",
-                "variant")
+                "cma eigen", "variant")
         lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for name, r in data["tune"].items():
             if not isinstance(r, dict) or "wall_seconds" not in r:
@@ -631,7 +631,8 @@ def markdown(data: dict) -> str:
             lines.append(f"| {name} | {r.get('calls')} | {' | '.join(cols)} | "
                          f"{_fmt((r.get('test') or {}).get('metric'), 3)} | {_fmt((r.get('dev') or {}).get('metric'), 3)} | "
                          f"{r.get('provider')} | {r.get('cuda_graph')} | {r.get('projection_on_device', '-')} | "
-                         f"{r.get('blas_threads', '-')} | {r.get('variant', 'packed' if r.get('packed') else '-')} |")
+                         f"{r.get('blas_threads', '-')} | {r.get('cma_eigen', '-')} | "
+                         f"{r.get('variant', 'packed' if r.get('packed') else '-')} |")
         lines.append("")
         for name, r in data["tune"].items():
             if isinstance(r, dict) and r.get("setup_seconds"):
@@ -926,6 +927,12 @@ def parse_args(argv=None):
     ap.add_argument("--iters", type=int, default=0, help="timed calls per cell (default 15; quick 5; dry run 2)")
     ap.add_argument("--budget", type=int, default=0, help="tune budget in calls (default 8000; quick 1000; dry 100)")
     ap.add_argument("--tune-seed", type=int, default=42, help="seed of the tune runs (few-shot sample, A, CMA-ES)")
+    ap.add_argument("--cma-eigen", default="auto", choices=("auto", "sync", "ahead"),
+                    help="CMA-ES's eigendecomposition schedule of the tune runs (TuneConfig.cma_eigen; auto: ahead "
+                         "on CUDA)")
+    ap.add_argument("--eigen-ab", action="store_true",
+                    help="after the tunes, the bbt tune again with cma_eigen sync (tune 'bbt_sync'): both schedules "
+                         "on the same host")
     ap.add_argument("--tune-variant", default="auto", choices=("auto", *TUNE_VARIANTS),
                     help="fp16 variant of the tune runs; auto: the fastest at pop 20 whose parity was sound")
     ap.add_argument("--deadline", type=float, default=345.0,
@@ -1426,12 +1433,15 @@ def main(argv=None) -> int:
         except Exception as e:
             res.error("concurrent", e)
         res.save()
-    for method in ("bbt", "clip"):
+    runs = [("bbt", "bbt", args.cma_eigen), ("clip", "clip", args.cma_eigen)]
+    if args.eigen_ab:  # the same bbt run with pycma's own schedule, for the comparison on this host
+        runs.append(("bbt_sync", "bbt", "sync"))
+    for name, method, eigen in runs:
         if method in skip or not (tune_dir / "manifest.json").is_file():
             continue
         nets = 4 if method == "clip" else 1
         if load_manifest(tune_dir).k < nets:
-            res.data["tune"][method] = {"skipped": f"the fp16 export has K={load_manifest(tune_dir).k} < {nets}"}
+            res.data["tune"][name] = {"skipped": f"the fp16 export has K={load_manifest(tune_dir).k} < {nets}"}
             continue
         b = budget
         note = None
@@ -1441,29 +1451,30 @@ def main(argv=None) -> int:
             fixed = 8.0 + 3.0 * (nets + (1 if method == "clip" else 0))
             est = fixed + gens * (nets * per_gen / 1e3 + 0.02)
             left = args.deadline - elapsed()
-            res.data["tune"].setdefault("estimates_s", {})[method] = round(est, 1)
+            res.data["tune"].setdefault("estimates_s", {})[name] = round(est, 1)
             if est > left:
                 b = max(400, int(max(0.0, left - fixed) / (nets * per_gen / 1e3 + 0.02)) * 20)
                 note = f"budget cut from {budget} to {b} calls to fit --deadline {args.deadline} s (estimate {est:.0f} s)"
                 log(note)
-        run_dir = work / f"run_{method}"
+        run_dir = work / f"run_{name}"
         try:
-            kw = dict(task=TASK, method=method, device=device, seed=args.tune_seed, budget=b, plot=False)
+            kw = dict(task=TASK, method=method, device=device, seed=args.tune_seed, budget=b, plot=False,
+                      cma_eigen=eigen)
             if method == "clip":
                 kw["k"] = 4
             if use_cg:
                 kw["cuda_graph"] = True
             cfg = build_config(**kw)
             concurrent = use_concurrent and method == "clip"
-            log(f"tune {method}: budget {b} calls, variant {chosen} (cuda_graph {use_cg}, graphs at once {concurrent}, "
-                f"attention kernel {attention})")
+            log(f"tune {name}: budget {b} calls, variant {chosen} (cuda_graph {use_cg}, graphs at once {concurrent}, "
+                f"attention kernel {attention}, cma_eigen {eigen})")
             with harness.env_var("CLIPTUNE_CONCURRENT_GRAPHS", "1" if concurrent else "0"), \
                     harness.env_var("CLIPTUNE_ATTENTION", attention), blas_threads_for_tune(blas):
                 out = tune(cfg, run_dir, overwrite=True, progress=True, model_dir=tune_dir)
             keep = {k: out.get(k) for k in ("calls", "forward_passes", "generations", "wall_seconds", "timing_seconds",
                                             "provider", "cands_per_call", "train_padded_fraction", "n_buckets", "k",
                                             "train", "dev", "test", "stop_reason", "budget", "projection_on_device",
-                                            "blas_threads", "setup_seconds", "session_open_seconds",
+                                            "blas_threads", "cma_eigen", "setup_seconds", "session_open_seconds",
                                             "session_open_wall_seconds")}
             keep["cuda_graph"] = use_cg
             keep["concurrent_graphs"] = concurrent
@@ -1472,12 +1483,12 @@ def main(argv=None) -> int:
             keep["variant"] = chosen
             keep["budget_note"] = note
             keep["seed"] = args.tune_seed
-            res.data["tune"][method] = keep
-            shutil.copy(run_dir / "result.json", Path(args.out) / f"gpu_tune_{method}_result.json")
-            log(f"tune {method}: {out['wall_seconds']} s wall, {out['calls']} calls, test {out.get('test')}")
-            res.data["sections_done"].append(f"tune_{method}")
+            res.data["tune"][name] = keep
+            shutil.copy(run_dir / "result.json", Path(args.out) / f"gpu_tune_{name}_result.json")
+            log(f"tune {name}: {out['wall_seconds']} s wall, {out['calls']} calls, test {out.get('test')}")
+            res.data["sections_done"].append(f"tune_{name}")
         except Exception as e:
-            res.error(f"tune {method}", e)
+            res.error(f"tune {name}", e)
         res.save()
 
     # ------------------------------------------------ targets

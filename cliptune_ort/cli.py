@@ -29,11 +29,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_tune_args(p: argparse.ArgumentParser) -> None:
-    from .config import BUDGET_UNITS, METHODS, MIXTURES, OPTIMIZERS
+    from .config import BUDGET_UNITS, CMA_EIGEN, METHODS, MIXTURES, OPTIMIZERS
 
     p.add_argument("--task", help="task name (default sst2): sst2, yelp_polarity, ag_news, dbpedia, mrpc, rte, snli")
     p.add_argument("--method", choices=METHODS, help="clip (default) | bbt | manual")
     p.add_argument("--optimizer", choices=OPTIMIZERS, help="cma (default) | random")
+    p.add_argument("--cma-eigen", choices=CMA_EIGEN, help="when CMA-ES's eigendecomposition runs: sync (pycma's "
+                   "schedule) | ahead (on a worker thread while a generation is scored, one generation behind) | "
+                   "auto (default: ahead on CUDA, sync on CPU)")
     p.add_argument("--seed", type=int, help="seed of the few-shot split, projection and optimiser (default 42)")
     p.add_argument("--model-dir", help="exported model dir (default: the embedded splade-tiny, exported on demand)")
     p.add_argument("--data-dir", help="data folder (default: the vendored data)")
@@ -65,7 +68,7 @@ def _add_tune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="JSON file of settings (CLI flags override it)")
 
 
-_TUNE_KEYS = ("task", "method", "optimizer", "seed", "model_dir", "data_dir", "data_source", "k", "p", "precision", "mixture",
+_TUNE_KEYS = ("task", "method", "optimizer", "cma_eigen", "seed", "model_dir", "data_dir", "data_source", "k", "p", "precision", "mixture",
               "loss", "d", "popsize", "sigma0", "budget", "budget_unit", "eval_every", "checkpoint_every", "device",
               "cands_per_call", "iobinding", "cuda_graph", "n_buckets", "threads", "workers", "max_len", "template", "verbalizer", "verbalizer_policy")
 

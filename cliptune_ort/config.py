@@ -16,6 +16,7 @@ from .errors import ConfigError
 
 METHODS = ("clip", "bbt", "manual")
 OPTIMIZERS = ("cma", "random")
+CMA_EIGEN = ("auto", "sync", "ahead")  # TuneConfig.cma_eigen
 MIXTURES = ("mean_loss", "mean_logits", "assign")
 BUDGET_UNITS = ("calls", "forward")
 DEVICES = ("auto", "cpu", "cuda")
@@ -26,6 +27,10 @@ class TuneConfig:
     task: str = "sst2"  # task name from the task table (cliptune_ort.tasks)
     method: str = "clip"  # clip: K thinned nets | bbt: full network only | manual: no soft prompt
     optimizer: str = "cma"  # cma (CMA-ES, the `cma` package) | random (Gaussian local random search)
+    # when CMA-ES's eigendecomposition runs: sync (pycma's schedule, in the ask where it falls due) | ahead (on a
+    # worker thread while the generation is scored, in use one generation later) | auto (ahead on CUDA, where the
+    # host's cores wait on the GPU; sync on the CPU provider). Measured: benchmarks/results/cma_eigen.json
+    cma_eigen: str = "auto"
     seed: int = 42  # few-shot sample, projection A, optimiser
     model_dir: str | None = None  # exported model dir; None = the embedded splade-tiny (exported on demand)
     data_dir: str | None = None  # data folder; None = the vendored data
@@ -75,8 +80,9 @@ class TuneConfig:
         another machine); a resume compares the export's fingerprint (export id and sha256s) instead.
         """
         d = self.to_dict()
+        # cma_eigen is left out too: a resume continues with the schedule its checkpoint records (tuner.eigen_mode)
         for k in ("device", "threads", "workers", "checkpoint_every", "plot", "eval_chunk", "iobinding",
-                  "cuda_graph", "model_dir"):
+                  "cuda_graph", "model_dir", "cma_eigen"):
             d.pop(k)
         return d
 
@@ -183,6 +189,7 @@ def validate(cfg: TuneConfig) -> None:
         raise ConfigError(str(e)) from None
     _choice("method", cfg.method, METHODS)
     _choice("optimizer", cfg.optimizer, OPTIMIZERS)
+    _choice("cma_eigen", cfg.cma_eigen, CMA_EIGEN)
     _choice("mixture", cfg.mixture, MIXTURES)
     _choice("budget_unit", cfg.budget_unit, BUDGET_UNITS)
     _choice("device", cfg.device, DEVICES)

@@ -497,11 +497,14 @@ def tune(cfg: TuneConfig, run_dir: str | Path, resume: bool = False, overwrite: 
     """
     locks: list[int] = []
     engines: list[Engine] = []
+    optimizers: list = []
     try:
         with blas_threads():
             return _tune(cfg, run_dir, resume, overwrite, force_resume, progress, model_dir, stop_after_generations,
-                         locks, engines)
+                         locks, engines, optimizers)
     finally:
+        for opt in optimizers:
+            opt.close()
         for eng in engines:
             eng.close()
         for fd in locks:
@@ -537,9 +540,25 @@ def blas_thread_count() -> int | None:
     return max(counts) if counts else None
 
 
+def eigen_mode(cfg: TuneConfig, provider: str, state: dict | None) -> str:
+    """CMA-ES's eigendecomposition schedule for this run (cfg.cma_eigen): a resume keeps the one its
+    checkpoint records (``sync`` for checkpoints written before the setting existed), since the
+    optimiser's replay must make the same candidates; a new run resolves ``auto`` by provider."""
+    if state is not None:
+        kept = state.get("cma_eigen", "sync")
+        if kept is not None and cfg.cma_eigen not in ("auto", kept):
+            warnings.warn(f"cma_eigen {cfg.cma_eigen} asked for, but the run resumed here was started with "
+                          f"{kept}: it continues with {kept} (a resume replays the optimiser as it ran)",
+                          RuntimeWarning, stacklevel=3)
+        return kept
+    if cfg.cma_eigen != "auto":
+        return cfg.cma_eigen
+    return "ahead" if provider == "CUDAExecutionProvider" else "sync"
+
+
 def _tune(cfg: TuneConfig, run_dir: str | Path, resume: bool, overwrite: bool, force_resume: bool, progress: bool,
           model_dir: Path | None, stop_after_generations: int | None, locks: list[int],
-          engines: list[Engine]) -> dict[str, Any]:
+          engines: list[Engine], optimizers: list) -> dict[str, Any]:
     """Run (or resume) one tuning run in ``run_dir``; returns the result dict (also result.json).
 
     Every input is checked before anything is written; a run dir this call creates is removed again if
@@ -624,7 +643,9 @@ def _tune(cfg: TuneConfig, run_dir: str | Path, resume: bool, overwrite: bool, f
             return result
 
         t_opt = time.perf_counter()
-        opt = make_optimizer(cfg.optimizer, cfg.d, cfg.popsize, cfg.sigma0, cfg.seed)
+        eigen = eigen_mode(cfg, ws.engine.provider, state)
+        opt = make_optimizer(cfg.optimizer, cfg.d, cfg.popsize, cfg.sigma0, cfg.seed, eigen)
+        optimizers.append(opt)
         if state is None:
             state = {"format": CKPT_FORMAT, "version": CKPT_VERSION, "run_key": new_key, "model": fingerprint,
                      "generation": 0, "calls": 0, "forward_passes": 0, "elapsed": 0.0, "fitness": [], "digests": [],
@@ -636,6 +657,7 @@ def _tune(cfg: TuneConfig, run_dir: str | Path, resume: bool, overwrite: bool, f
             atomic_write_text(run_dir / "history.jsonl", "".join(_history_line(e) + "\n" for e in state["evals"]))
             print(f"[cliptune] resumed {run_dir} at generation {state['generation']} ({state['calls']} calls)",
                   file=sys.stderr, flush=True)
+        state.setdefault("cma_eigen", opt.eigen)  # what runs (sync where the sampler cannot run ahead)
         ws.setup_seconds["optimizer"] = round(time.perf_counter() - t_opt, 4)  # made (and a resume's replay)
     except BaseException:
         if created:  # nothing of a run was made: leave no half-made run dir behind
@@ -819,6 +841,7 @@ def _finish(ws: Workspace, run_dir: Path, state: dict | None, stop_reason: str |
         # prompts made by the projection graph on the engine's device, bound to the graphs' input
         "projection_on_device": ws.at is not None and ws.engine.projects_on_device(cfg.popsize),
         "blas_threads": blas_thread_count(),
+        "cma_eigen": state.get("cma_eigen") if state else None,  # CMA-ES's eigendecomposition schedule (cfg.cma_eigen)
         # packed-attention graphs compute no padded token (up to the last layer) and take one bucket
         "train_padded_fraction": 0.0 if ws.manifest.packed else round(ws.train.padded_fraction, 4),
         "n_buckets": 1 if ws.manifest.packed else cfg.n_buckets, "train_parts": len(ws.train.parts),

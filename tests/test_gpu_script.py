@@ -28,7 +28,8 @@ def test_gpu_script_cpu_dry_run(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--cpu-dry-run", "--out", str(out),
-                        "--work", str(work), "--skip", "fp32,profile", "--moe", "--fp16-k", "2", "--budget", "40"],
+                        "--work", str(work), "--skip", "fp32,profile", "--moe", "--fp16-k", "2", "--budget", "40",
+                        "--cma-eigen", "ahead", "--eigen-ab"],
                        check=False, capture_output=True, text=True, timeout=600, env=env, cwd=str(ROOT))
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     data = json.loads((out / "gpu_cpu-dry-run.json").read_text())
@@ -56,6 +57,10 @@ def test_gpu_script_cpu_dry_run(tmp_path):
     assert data["tune_variant"]["attention"] == "auto" and "attention_kernels" not in data  # a CUDA-only cell
     assert data["tune"]["bbt"]["attention_kernel"] == "auto"
     assert data["tune"]["bbt"]["calls"] == 40 and data["tune"]["bbt"]["variant"] == "padded"
+    # --cma-eigen ahead for the tunes, then --eigen-ab: the bbt run again with pycma's own schedule
+    assert data["tune"]["bbt"]["cma_eigen"] == "ahead" and data["tune"]["bbt_sync"]["cma_eigen"] == "sync"
+    assert data["tune"]["bbt_sync"]["calls"] == 40 and "tune_bbt_sync" in data["sections_done"]
+    assert "| bbt_sync | 40 |" in (out / "gpu_cpu-dry-run.md").read_text()
     assert "K=2 < 4" in data["tune"]["clip"]["skipped"]  # clip needs K=4 graphs
     cc = data["concurrent_graphs"]  # clip's graph calls in turn and at once: timed, same losses, not used on a CPU
     assert cc["k"] == 2 and cc["max_abs_loss_diff"] == 0.0 and cc["used_for_clip"] is False

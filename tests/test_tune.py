@@ -60,6 +60,25 @@ def test_resume_matches_uninterrupted(splade_dir, tmp_path, optimizer):
     assert h1 == h2
 
 
+def test_resume_with_the_eigendecomposition_ahead(splade_dir, tmp_path):
+    """cma_eigen=ahead (d 120, pop 10: a decomposition every 2-3 generations) resumes bit for bit; a
+    resume keeps the checkpoint's schedule whatever auto resolves to; CPU runs default to sync."""
+    cfg = _cfg(method="bbt", d=120, popsize=10, budget=200, eval_every=50, cma_eigen="ahead")
+    full = tune(cfg, tmp_path / "full", model_dir=splade_dir, progress=False)
+    assert full["cma_eigen"] == "ahead"
+    tune(cfg, tmp_path / "part", model_dir=splade_dir, progress=False, stop_after_generations=7)
+    assert json.loads((tmp_path / "part" / "checkpoint.json").read_text())["cma_eigen"] == "ahead"
+    resumed = tune(_cfg(method="bbt", d=120, popsize=10, budget=200, eval_every=50), tmp_path / "part",
+                   model_dir=splade_dir, progress=False, resume=True)  # auto: sync on the CPU, ahead kept
+    assert resumed["cma_eigen"] == "ahead"
+    assert np.array_equal(np.load(tmp_path / "full" / "best_z.npy"), np.load(tmp_path / "part" / "best_z.npy"))
+    for key in ("train", "dev", "test", "best_train_fitness"):
+        assert resumed[key] == full[key], key
+    sync = tune(_cfg(method="bbt", d=120, popsize=10, budget=200, eval_every=50), tmp_path / "sync",
+                model_dir=splade_dir, progress=False)
+    assert sync["cma_eigen"] == "sync" and sync["best_train_fitness"] != full["best_train_fitness"]
+
+
 def test_mixtures_and_budget_units(splade_dir):
     ws = prepare(_cfg(method="clip", k=3), splade_dir)
     z = np.random.default_rng(1).standard_normal((6, 50))
