@@ -1,10 +1,11 @@
 """RaggedAttention's short-row CUDA kernel (cliptune_ort/native/short_attention.cu), checked without a GPU.
 
 The kernel's correctness rests on index algebra: which lane holds which element of each mma.sync m16n8k16
-fragment, the reuse of S's accumulator fragments as P's A fragments, the shared-memory pitch, the masking of
-keys past a row's end and the quad reductions of the softmax. This file replays the kernel warp by warp in
-numpy, line for line (same names, same loops), with ``mma`` implementing the fragment layouts of the PTX ISA
-("Matrix Fragments for mma.m16n8k16 with floating point type"), and compares the result with plain attention
+fragment, which shared-memory rows each lane hands ldmatrix (plain for Q and K, transposed for V), the reuse
+of S's accumulator fragments as P's A fragments, the shared-memory pitch, the masking of keys past a row's end
+and the quad reductions of the softmax. This file replays the kernel warp by warp in numpy, line for line (same
+names, same loops), with ``mma`` and ``ldmatrix`` implementing the PTX ISA's layouts ("Matrix Fragments for
+mma.m16n8k16 with floating point type", "ldmatrix"), and compares the result with plain attention
 for rows of 1 to 128 tokens. A change to the kernel's indexing must be mirrored here; the GPU benchmark
 (benchmarks/gpu.py) then checks the compiled kernel against PyTorch on the card.
 """
@@ -22,6 +23,7 @@ HEAD, MAX_SEQ, WARPS = 64, 128, 4
 PITCH = HEAD + 8
 LANES = np.arange(32)
 G, T = LANES >> 2, LANES & 3  # mma fragment coordinates of each lane
+LR, LM = LANES & 7, LANES >> 3  # ldmatrix: lane l addresses row l % 8 of matrix l / 8
 
 
 def test_constants_match_the_kernel():
@@ -31,9 +33,19 @@ def test_constants_match_the_kernel():
     assert "constexpr int kPitch = kHead + 8;" in src
 
 
-def ld32(smem, row, col):
-    """Ld32(smem + row * kPitch + col) per lane: two consecutive halves (lower index in the lower half)."""
-    return np.stack([smem[row, col], smem[row, col + 1]], axis=-1)
+def ldmatrix(smem, row, col, trans=False):
+    """ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16 with lane l addressing smem[row[l], col[l]:col[l] + 8]
+    (PTX ISA, "Warp-level matrix load instruction: ldmatrix"): matrix i is the 8 rows addressed by lanes 8i ..
+    8i + 7; register i of lane l holds row l / 4, columns 2 (l % 4) and + 1 of matrix i, or with .trans rows
+    2 (l % 4) and + 1 of column l / 4 (lower index in the lower half). Addresses must be 16-byte aligned."""
+    assert np.all((row * PITCH + col) % 8 == 0)
+    regs = []
+    for i in range(4):
+        m = np.stack([smem[row[8 * i + r], col[8 * i + r]:col[8 * i + r] + 8] for r in range(8)])
+        if trans:
+            m = m.T
+        regs.append(np.stack([m[G, 2 * T], m[G, 2 * T + 1]], axis=-1))
+    return regs
 
 
 def pack(lo, hi):
@@ -71,10 +83,10 @@ def quad_reduce(x, op):
     return x
 
 
-def kernel_block(q, k, v, base_tokens, n, hidden, head, cap, scale):
+def kernel_block(q, k, v, base_tokens, n, hidden, head, cap, scale, mutant=None):
     """One block (row, head) of ShortAttentionKernel; returns O rows [n, 64] as the kernel stores them. q, k, v:
     [tokens, in_ld] views whose column 0 is the kernel's q, k, v pointer (in_ld = hidden, or 3 hidden for one QKV
-    tensor); base_tokens = ragged[row] / hidden."""
+    tensor); base_tokens = ragged[row] / hidden. ``mutant`` replays one deliberate indexing error instead."""
     scale_log2 = np.float32(scale * 1.4426950408889634)
     npad = (n + 15) & ~15
     assert n <= cap
@@ -85,17 +97,19 @@ def kernel_block(q, k, v, base_tokens, n, hidden, head, cap, scale):
             dst[r, c:c + 8] = src[base_tokens + r, head * HEAD + c:head * HEAD + c + 8] if r < n else 0
     out = np.full((npad, HEAD), np.nan, np.float16)
     tiles = npad >> 4
+    qr, qc = (LM >> 1, LM & 1) if mutant == "q_matrix_order" else (LM & 1, LM >> 1)
     for warp in range(WARPS):
-        for qt in range(warp, tiles, WARPS):
-            qrow = qt * 16 + G
-            qa = [[ld32(qs, qrow, kk * 16 + 2 * T), ld32(qs, qrow + 8, kk * 16 + 2 * T),
-                   ld32(qs, qrow, kk * 16 + 8 + 2 * T), ld32(qs, qrow + 8, kk * 16 + 8 + 2 * T)] for kk in range(4)]
+        for qt in range(warp, tiles, WARPS):  # the kernel's passes: qt = warp + pass * kWarps while qt < tiles
+            qa = [ldmatrix(qs, qt * 16 + LR + 8 * qr, kk * 16 + 8 * qc) for kk in range(4)]
             s = [np.zeros((32, 4), np.float32) for _ in range(16)]
             for nb in range(16):
                 if nb * 8 < npad:
-                    krow = nb * 8 + G
-                    for kk in range(4):
-                        s[nb] = mma(s[nb], qa[kk], ld32(ks, krow, kk * 16 + 2 * T), ld32(ks, krow, kk * 16 + 8 + 2 * T))
+                    for kp in range(2):
+                        kb = ldmatrix(ks, nb * 8 + LR, kp * 32 + 8 * LM)
+                        if mutant == "k_register_order":
+                            kb = [kb[0], kb[2], kb[1], kb[3]]
+                        s[nb] = mma(s[nb], qa[2 * kp], kb[0], kb[1])
+                        s[nb] = mma(s[nb], qa[2 * kp + 1], kb[2], kb[3])
             m0 = np.full(32, -np.inf, np.float32)
             m1 = np.full(32, -np.inf, np.float32)
             for nb in range(16):
@@ -120,11 +134,11 @@ def kernel_block(q, k, v, base_tokens, n, hidden, head, cap, scale):
                 if j * 16 < npad:
                     pa = [pack(s[2 * j][:, 0], s[2 * j][:, 1]), pack(s[2 * j][:, 2], s[2 * j][:, 3]),
                           pack(s[2 * j + 1][:, 0], s[2 * j + 1][:, 1]), pack(s[2 * j + 1][:, 2], s[2 * j + 1][:, 3])]
-                    vrow = j * 16 + 2 * T
-                    for db in range(8):
-                        d = db * 8 + G
-                        acc[db] = mma(acc[db], pa, pack(vs[vrow, d], vs[vrow + 1, d]),
-                                      pack(vs[vrow + 8, d], vs[vrow + 9, d]))
+                    for dp in range(4):
+                        vb = ldmatrix(vs, j * 16 + LR + 8 * (LM & 1), dp * 16 + 8 * (LM >> 1),
+                                      trans=mutant != "v_not_transposed")
+                        acc[2 * dp] = mma(acc[2 * dp], pa, vb[0], vb[1])
+                        acc[2 * dp + 1] = mma(acc[2 * dp + 1], pa, vb[2], vb[3])
             r0, r1 = 1.0 / l0, 1.0 / l1
             orow = qt * 16 + G
             for db in range(8):  # through this tile's rows of qs, then whole rows out (rows < n)
@@ -196,6 +210,31 @@ def test_kernel_replay_matches_attention(lens, qkv):
                              v[start[r]:start[r] + n, cols], scale)
             assert np.isfinite(got).all(), (n, h)
             np.testing.assert_allclose(got.astype(np.float32), want, atol=4e-3, rtol=0)
+
+
+@pytest.mark.parametrize("mutant", ["q_matrix_order", "k_register_order", "v_not_transposed"])
+def test_replay_catches_fragment_layout_errors(mutant):
+    """The replay is sensitive to the ldmatrix layouts: each of three plausible indexing slips (Q's matrices
+    in the wrong order, K's registers paired wrongly, V loaded without .trans) gives wrong attention."""
+    lens = [71, 33]
+    _heads, hidden, q, k, v, start = _case(lens, False)
+    scale = 1.0 / np.sqrt(HEAD)
+    got = kernel_block(q, k, v, start[0], lens[0], hidden, 1, 80, scale, mutant=mutant)
+    cols = slice(HEAD, 2 * HEAD)
+    want = attention(q[:lens[0], cols], k[:lens[0], cols], v[:lens[0], cols], scale)
+    assert np.max(np.abs(got.astype(np.float32) - want)) > 0.05
+
+
+def test_block_order_covers_every_row_and_head():
+    """The launch is one-dimensional, heads fastest (row = block / heads, head = block % heads): every
+    (row, head) exactly once, and neighbouring blocks share a row."""
+    src = KERNEL.read_text()
+    assert "const int row = static_cast<int>(blockIdx.x / heads), head = static_cast<int>(blockIdx.x % heads);" in src
+    assert "ShortAttentionKernel<<<static_cast<unsigned>(rows * heads)," in src
+    rows, heads = 7, 16
+    pairs = [(b // heads, b % heads) for b in range(rows * heads)]
+    assert sorted(pairs) == [(r, h) for r in range(rows) for h in range(heads)]
+    assert all(pairs[b][0] == pairs[b + 1][0] for b in range(heads - 1))
 
 
 @pytest.mark.parametrize("qkv", [False, True])

@@ -14,6 +14,12 @@
 // softmax and O = P V with mma.sync m16n8k16 (fp16 in, fp32 accumulation, P rounded to fp16 as
 // FlashAttention does), all in registers; O goes out through shared memory in 16-byte stores.
 //
+// Run 9 timed the first version (fragments read with 32-bit and 16-bit shared loads, one copy group, a 2-D
+// grid with rows fastest) at 5.38 ms a stacked call, about half the card's bandwidth. This one, not yet timed
+// on a card: the fragments come through ldmatrix (one instruction where there were 4 to 12 loads and packs,
+// V transposed on the way), V is a second copy group that arrives while the warps compute their first S and
+// softmax, and blocks run heads fastest, so the blocks in flight read neighbouring pieces of the same tokens.
+//
 // A call whose longest row is over 128 tokens runs LongAttentionKernel instead: one thread per query, an
 // online softmax over the row's keys read from global memory (L2), fp32 throughout. It is there so that
 // any row length works (other tasks' rows, a dev set's longest sentence), not to be fast.
@@ -36,15 +42,8 @@ constexpr int kWarps = 4;          // per block; a warp takes 16-query tiles w, 
 constexpr int kPitch = kHead + 8;  // shared row pitch in halves: 144 bytes, 16-byte aligned; the fragment
                                    // reads of 8 rows x 4 threads then hit 32 different banks
 
-__device__ __forceinline__ uint32_t Ld32(const __half* p) { return *reinterpret_cast<const uint32_t*>(p); }
-
 __device__ __forceinline__ uint32_t Pack(float lo, float hi) {
   __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&h);
-}
-
-__device__ __forceinline__ uint32_t PackH(__half lo, __half hi) {
-  __half2 h = __halves2half2(lo, hi);
   return *reinterpret_cast<uint32_t*>(&h);
 }
 
@@ -55,6 +54,23 @@ __device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint3
       "{%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// four 8 x 8 matrices of 16-bit elements from shared memory: lane l gives the address of row l % 8 of matrix
+// l / 8 (16-byte aligned); register i of lane l gets row l / 4, columns 2 (l % 4) and + 1 of matrix i, or with
+// .trans rows 2 (l % 4) and + 1 of column l / 4 (the lower index in the lower half)
+__device__ __forceinline__ void LdMatrix(uint32_t (&r)[4], const __half* p) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+}
+
+__device__ __forceinline__ void LdMatrixT(uint32_t (&r)[4], const __half* p) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
 }
 
 // 16 bytes global -> shared, asynchronously; bytes = 0 writes 16 zero bytes and reads nothing
@@ -71,9 +87,11 @@ __global__ void __launch_bounds__(kWarps * 32)
   __half* qs = reinterpret_cast<__half*>(smem_raw);  // [cap][kPitch] each; cap = longest row rounded up to 16
   __half* ks = qs + cap * kPitch;
   __half* vs = ks + cap * kPitch;
-  const int row = blockIdx.x;
-  const int64_t base = static_cast<int64_t>(ragged[row]) + static_cast<int64_t>(blockIdx.y) * kHead;  // in O
-  const int64_t in_base = static_cast<int64_t>(ragged[row] / hidden) * in_ld + static_cast<int64_t>(blockIdx.y) * kHead;
+  // heads fastest: the blocks that run side by side read neighbouring 128-byte pieces of the same tokens
+  const int heads = hidden / kHead;
+  const int row = static_cast<int>(blockIdx.x / heads), head = static_cast<int>(blockIdx.x % heads);
+  const int64_t base = static_cast<int64_t>(ragged[row]) + static_cast<int64_t>(head) * kHead;  // in O
+  const int64_t in_base = static_cast<int64_t>(ragged[row] / hidden) * in_ld + static_cast<int64_t>(head) * kHead;
   const int n = seq_len[row];
   const int tid = threadIdx.x;
   if (n <= 0) return;
@@ -84,79 +102,98 @@ __global__ void __launch_bounds__(kWarps * 32)
     return;
   }
   const int npad = (n + 15) & ~15;
+  // two copy groups: Q and K, then V, which is still arriving while the warps compute their first S and softmax
   for (int i = tid; i < npad * 8; i += kWarps * 32) {  // 8 chunks of 16 bytes per token and tensor
     const int r = i >> 3, c = (i & 7) * 8;
     const int64_t at = in_base + static_cast<int64_t>(r < n ? r : 0) * in_ld + c;
     const int bytes = r < n ? 16 : 0;
     CopyAsync16(qs + r * kPitch + c, q + at, bytes);
     CopyAsync16(ks + r * kPitch + c, k + at, bytes);
-    CopyAsync16(vs + r * kPitch + c, v + at, bytes);
   }
   asm volatile("cp.async.commit_group;\n" ::);
-  asm volatile("cp.async.wait_group 0;\n" ::);
+  for (int i = tid; i < npad * 8; i += kWarps * 32) {
+    const int r = i >> 3, c = (i & 7) * 8;
+    CopyAsync16(vs + r * kPitch + c, v + in_base + static_cast<int64_t>(r < n ? r : 0) * in_ld + c, r < n ? 16 : 0);
+  }
+  asm volatile("cp.async.commit_group;\n" ::);
+  asm volatile("cp.async.wait_group 1;\n" ::);
   __syncthreads();
 
   // mma fragments: g = lane / 4 (a row of A and C, a column of B), t = lane % 4 (a pair of columns of A and C,
   // a pair of rows of B); A regs {(g, 2t), (g + 8, 2t), (g, 2t + 8), (g + 8, 2t + 8)}, B regs {(2t, g),
   // (2t + 8, g)}, C {(g, 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1)}; lower index in the lower half
-  const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  // fragments through ldmatrix: lane l addresses row l % 8 (lr) of matrix l / 8 (lm)
+  const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3, lr = lane & 7, lm = lane >> 3;
   const int tiles = npad >> 4;
-  for (int qt = warp; qt < tiles; qt += kWarps) {
-    const __half* qrow = qs + (qt * 16 + g) * kPitch;
-    uint32_t qa[4][4];
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      qa[kk][0] = Ld32(qrow + kk * 16 + 2 * t);
-      qa[kk][1] = Ld32(qrow + 8 * kPitch + kk * 16 + 2 * t);
-      qa[kk][2] = Ld32(qrow + kk * 16 + 8 + 2 * t);
-      qa[kk][3] = Ld32(qrow + 8 * kPitch + kk * 16 + 8 + 2 * t);
-    }
+  // a fixed trip count (kMaxSeq / 16 / kWarps tiles per warp at most), so that every warp reaches the barrier
+  // for V in the first pass, whether or not it has a tile there
+#pragma unroll 1
+  for (int pass = 0; pass < kMaxSeq / 16 / kWarps; ++pass) {
+    const int qt = warp + pass * kWarps;
+    const bool busy = qt < tiles;
     float s[16][4];  // S for this tile's 16 queries x up to 128 keys, 8 keys per block
+    float l0 = 0.0f, l1 = 0.0f;
+    if (busy) {
+      // A of Q rows 16qt.., columns 16kk..: matrices (rows +0, +8) x (columns +0, +8) -> registers a0 .. a3
+      uint32_t qa[4][4];
 #pragma unroll
-    for (int nb = 0; nb < 16; ++nb) {
-      s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.0f;
-      if (nb * 8 < npad) {
-        const __half* krow = ks + (nb * 8 + g) * kPitch;
+      for (int kk = 0; kk < 4; ++kk) {
+        LdMatrix(qa[kk], qs + (qt * 16 + lr + 8 * (lm & 1)) * kPitch + kk * 16 + 8 * (lm >> 1));
+      }
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-          Mma(s[nb], qa[kk], Ld32(krow + kk * 16 + 2 * t), Ld32(krow + kk * 16 + 8 + 2 * t));
+      for (int nb = 0; nb < 16; ++nb) {
+        s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.0f;
+        if (nb * 8 < npad) {
+          // B = K^T of keys 8nb..8nb+7: K's rows hold B's columns, so no transpose; matrices at columns 0, 8,
+          // 16, 24 (then 32 ..) are b0, b1 of kk and b0, b1 of kk + 1
+#pragma unroll
+          for (int kp = 0; kp < 2; ++kp) {
+            uint32_t kb[4];
+            LdMatrix(kb, ks + (nb * 8 + lr) * kPitch + kp * 32 + 8 * lm);
+            Mma(s[nb], qa[2 * kp], kb[0], kb[1]);
+            Mma(s[nb], qa[2 * kp + 1], kb[2], kb[3]);
+          }
         }
       }
-    }
-    // softmax of rows g (s[.][0..1]) and g + 8 (s[.][2..3]); a row's columns are spread over a quad's 4 lanes
-    float m0 = -INFINITY, m1 = -INFINITY;
+      // softmax of rows g (s[.][0..1]) and g + 8 (s[.][2..3]); a row's columns are spread over a quad's 4 lanes
+      float m0 = -INFINITY, m1 = -INFINITY;
 #pragma unroll
-    for (int nb = 0; nb < 16; ++nb) {
+      for (int nb = 0; nb < 16; ++nb) {
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const bool key = nb * 8 + 2 * t + e < n;
-        s[nb][e] = key ? s[nb][e] * scale_log2 : -INFINITY;
-        s[nb][2 + e] = key ? s[nb][2 + e] * scale_log2 : -INFINITY;
-        m0 = fmaxf(m0, s[nb][e]);
-        m1 = fmaxf(m1, s[nb][2 + e]);
+        for (int e = 0; e < 2; ++e) {
+          const bool key = nb * 8 + 2 * t + e < n;
+          s[nb][e] = key ? s[nb][e] * scale_log2 : -INFINITY;
+          s[nb][2 + e] = key ? s[nb][2 + e] * scale_log2 : -INFINITY;
+          m0 = fmaxf(m0, s[nb][e]);
+          m1 = fmaxf(m1, s[nb][2 + e]);
+        }
       }
-    }
 #pragma unroll
-    for (int x = 1; x <= 2; x <<= 1) {
-      m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, x));
-      m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, x));
-    }
-    float l0 = 0.0f, l1 = 0.0f;
-#pragma unroll
-    for (int nb = 0; nb < 16; ++nb) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        s[nb][e] = exp2f(s[nb][e] - m0);
-        s[nb][2 + e] = exp2f(s[nb][2 + e] - m1);
-        l0 += s[nb][e];
-        l1 += s[nb][2 + e];
+      for (int x = 1; x <= 2; x <<= 1) {
+        m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, x));
+        m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, x));
       }
-    }
 #pragma unroll
-    for (int x = 1; x <= 2; x <<= 1) {
-      l0 += __shfl_xor_sync(0xffffffffu, l0, x);
-      l1 += __shfl_xor_sync(0xffffffffu, l1, x);
+      for (int nb = 0; nb < 16; ++nb) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          s[nb][e] = exp2f(s[nb][e] - m0);
+          s[nb][2 + e] = exp2f(s[nb][2 + e] - m1);
+          l0 += s[nb][e];
+          l1 += s[nb][2 + e];
+        }
+      }
+#pragma unroll
+      for (int x = 1; x <= 2; x <<= 1) {
+        l0 += __shfl_xor_sync(0xffffffffu, l0, x);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, x);
+      }
+    }  // busy
+    if (pass == 0) {  // V has arrived (every thread's copies, hence the barrier)
+      asm volatile("cp.async.wait_group 0;\n" ::);
+      __syncthreads();
     }
+    if (!busy) continue;
     // O = P V: P's C fragments of key blocks 2j and 2j + 1 are the A fragment of keys 16j .. 16j + 15
     float acc[8][4];
 #pragma unroll
@@ -166,11 +203,14 @@ __global__ void __launch_bounds__(kWarps * 32)
       if (j * 16 < npad) {
         const uint32_t pa[4] = {Pack(s[2 * j][0], s[2 * j][1]), Pack(s[2 * j][2], s[2 * j][3]),
                                 Pack(s[2 * j + 1][0], s[2 * j + 1][1]), Pack(s[2 * j + 1][2], s[2 * j + 1][3])};
-        const __half* vrow = vs + (j * 16 + 2 * t) * kPitch;  // keys 16j + 2t, + 1, + 8, + 9
+        // B = V of keys 16j..: transposed loads of (keys +0, +8) x (columns 16dp, 16dp + 8) are b0, b1 of
+        // columns 16dp.. and b0, b1 of columns 16dp + 8..
 #pragma unroll
-        for (int db = 0; db < 8; ++db) {
-          const int d = db * 8 + g;
-          Mma(acc[db], pa, PackH(vrow[d], vrow[kPitch + d]), PackH(vrow[8 * kPitch + d], vrow[9 * kPitch + d]));
+        for (int dp = 0; dp < 4; ++dp) {
+          uint32_t vb[4];
+          LdMatrixT(vb, vs + (j * 16 + lr + 8 * (lm & 1)) * kPitch + dp * 16 + 8 * (lm >> 1));
+          Mma(acc[2 * dp], pa, vb[0], vb[1]);
+          Mma(acc[2 * dp + 1], pa, vb[2], vb[3]);
         }
       }
     }
@@ -262,8 +302,8 @@ extern "C" int cliptune_short_attention(const void* q, const void* k, const void
     cudaFuncSetAttribute(ShortAttentionKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                          3 * kMaxSeq * kPitch * static_cast<int>(sizeof(__half)));
   });
-  const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(heads));
-  ShortAttentionKernel<<<grid, kWarps * 32, bytes, stream>>>(
+  if (static_cast<int64_t>(rows) * heads > 0x7fffffff) return 1;
+  ShortAttentionKernel<<<static_cast<unsigned>(rows * heads), kWarps * 32, bytes, stream>>>(
       static_cast<const __half*>(q), static_cast<const __half*>(k), static_cast<const __half*>(v), in_ld,
       static_cast<__half*>(o), seq_len, ragged, hidden, cap, scale_log2);
   return cudaGetLastError() == cudaSuccess ? 0 : 2;
