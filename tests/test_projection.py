@@ -189,3 +189,41 @@ def test_a_projection_graph_that_does_not_load_falls_back_to_the_host(ws, tmp_pa
     assert isinstance(p, np.ndarray) and not eng.projects_on_device(5)
     np.testing.assert_allclose(p, ws.prompts(z, host=True), rtol=0, atol=0)
     eng.close()
+
+
+@needs_export
+def test_dev_evaluations_use_the_device_projection(splade_dir, monkeypatch):
+    """A bound run's dev evaluation projects the best candidate on the device (no 100 MB host z @ A on a
+    roberta-large run) and gets the host path's numbers; an unbound run keeps the host projection."""
+    from cliptune_ort.tuner import _dev_eval, evaluate
+
+    host_calls = []
+    real = Engine.host_projection
+
+    def spy(self, z):
+        host_calls.append(np.asarray(z).shape)
+        return real(self, z)
+
+    monkeypatch.setattr(Engine, "host_projection", spy)
+    z = list(np.random.default_rng(3).standard_normal(D))
+    for bound, want_host in ((True, []), (False, [(1, D)])):
+        cfg = build_config(task="sst2", method="bbt", d=D, popsize=5, **({"iobinding": "on", "cands_per_call": 5}
+                                                                          if bound else {}))
+        wsb = prepare(cfg, splade_dir)
+        try:
+            state = {"best_z": z, "best_dev": None, "calls": 5, "forward_passes": 5, "generation": 1,
+                     "best_fit": 0.5, "evals": []}
+
+            class Writer:
+                def history(self, entry):
+                    pass
+
+            host_calls.clear()
+            _dev_eval(wsb, state, Writer(), {})
+            assert host_calls == want_host
+            r = state["evals"][0]
+            ref = evaluate(wsb, real(wsb.engine, np.asarray(z))[0], wsb.dev)
+            assert r["dev_metric"] == ref["metric"]
+            np.testing.assert_allclose(r["dev_loss"], ref["loss"], atol=1e-5, rtol=0)
+        finally:
+            wsb.engine.close()
