@@ -188,7 +188,7 @@ class _DecomposeAhead:
 def _sequential_norm(sm) -> None:
     """pycma's Mahalanobis norm, ``sum((B^T x / D)**2)**0.5``, sums with Python's ``sum`` over a numpy
     vector: one float64 object per element, 40 us at d = 500, called 13 times a generation. The same
-    left-to-right float64 sum as ``np.add.accumulate`` gives the same bits (tests/test_optim_import.py
+    left-to-right float64 sum as ``np.add.accumulate`` gives the same bits (tests/test_cma_eigen.py
     compares whole runs' candidates) for a tenth of the time. Installed on the full-covariance sampler only."""
     if type(sm).__name__ != "GaussFullSampler" or not all(hasattr(sm, a) for a in ("B", "D", "norm")):
         return
