@@ -817,6 +817,71 @@ def smoke_cell(model_dir, device: str, mode: str, eval_sets: bool = True) -> dic
     return out
 
 
+#: row lengths for ragged_kernel_check: the short-row kernel's tile edges (16 / 17, 64 / 65), SST-2's longest
+#: row and the 128 maximum in one call; then a call with rows over 128 tokens (the long-row kernel)
+RAGGED_CHECK_LENS = ((1, 15, 16, 17, 63, 64, 65, 106, 112, 127, 128), (150, 3, 129))
+
+
+def ragged_kernel_check(device: str, work: str, heads: int = 4, lens_sets=RAGGED_CHECK_LENS) -> dict:
+    """RaggedAttention with impl 1 (cliptune's short-row kernel, its long-row one past 128 tokens) on rows of
+    edge lengths, with separate Q, K, V and with one QKV tensor (qkv = 1), against numpy attention per row and
+    head. CUDA: fp16 through the custom-op library (``CLIPTUNE_OPS_DIR``); CPU: the library's fp32 loop."""
+    import numpy as np
+    from onnx import TensorProto, helper, save
+
+    from cliptune_ort.sessions import SessionSpec, make_session
+
+    dt, et = (np.float16, TensorProto.FLOAT16) if device == "cuda" else (np.float32, TensorProto.FLOAT)
+    head = 64
+    hidden = heads * head
+    scale = 1.0 / np.sqrt(head)
+    rng = np.random.default_rng(11)
+    out: dict = {"device": device, "heads": heads, "cases": []}
+    for lens in lens_sets:
+        lens_a = np.asarray(lens, np.int32)
+        tokens = int(lens_a.sum())
+        cu = np.concatenate([[0], np.cumsum(lens_a)]).astype(np.int32)
+        for qkv in (0, 1):
+            packed = rng.standard_normal((tokens, 3 * hidden)).astype(dt)
+            q, k, v = packed[:, :hidden], packed[:, hidden:2 * hidden], packed[:, 2 * hidden:]
+            names = ["qkv"] * 3 if qkv else ["q", "k", "v"]
+            node = helper.make_node("RaggedAttention", [*names, "len", "rag", "off"], ["o"], domain="ai.cliptune",
+                                    num_heads=heads, scale=float(scale), impl=1, qkv=qkv)
+            width = 3 * hidden if qkv else hidden
+            ins = [helper.make_tensor_value_info(n, et, ["tokens", width]) for n in dict.fromkeys(names)]
+            ins += [helper.make_tensor_value_info("len", TensorProto.INT32, ["rows"]),
+                    helper.make_tensor_value_info("rag", TensorProto.INT32, ["rows_plus_1"]),
+                    helper.make_tensor_value_info("off", TensorProto.INT32, ["rows", "seq"])]
+            graph = helper.make_graph([node], "ragged_check", ins, [helper.make_tensor_value_info("o", et, None)])
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                             helper.make_opsetid("ai.cliptune", 1)])
+            path = Path(work) / f"ragged_check_{len(lens)}_{qkv}.onnx"
+            save(model, str(path))
+            sess = make_session(path, SessionSpec(device=device, threads=1, ops_library=device))
+            feeds = {"len": lens_a, "rag": cu * hidden, "off": np.zeros((len(lens), max(lens)), np.int32)}
+            feeds.update({"qkv": packed} if qkv else {"q": np.ascontiguousarray(q), "k": np.ascontiguousarray(k),
+                                                      "v": np.ascontiguousarray(v)})
+            got = sess.run(None, feeds)[0].astype(np.float32)
+            err = 0.0
+            for r, n in enumerate(lens):
+                rows = slice(cu[r], cu[r] + n)
+                for h in range(heads):
+                    cols = slice(h * head, (h + 1) * head)
+                    qs, ks, vs = (x[rows, cols].astype(np.float32) for x in (q, k, v))
+                    sc = qs @ ks.T * scale
+                    p = np.exp(sc - sc.max(axis=1, keepdims=True))
+                    want = (p / p.sum(axis=1, keepdims=True)) @ vs
+                    err = max(err, float(np.nanmax(np.abs(got[rows, cols] - want))) if np.isfinite(got[rows, cols]).all()
+                              else float("inf"))
+            out["cases"].append({"lens": list(lens), "qkv": qkv, "provider": sess.get_providers()[0],
+                                 "max_abs_err": err})
+            del sess
+    out["max_abs_err"] = max(c["max_abs_err"] for c in out["cases"])
+    out["tolerance"] = 4e-3 if device == "cuda" else 1e-4
+    out["ok"] = out["max_abs_err"] <= out["tolerance"]
+    return out
+
+
 def smoke_in_child(model_dir, device: str, mode: str, timeout_s: float) -> dict:
     """:func:`smoke_cell` in a child process; raises where the child fails or the logits are not finite."""
     out = cell_in_child("smoke_cell", {"model_dir": str(model_dir), "device": device, "mode": mode}, device,
@@ -1170,6 +1235,21 @@ def main(argv=None) -> int:
     engine_ok: dict = {}
     parity_prompts = None
     parity_out: dict = {}
+    # cliptune's attention kernels on rows of edge lengths against numpy, before any layout uses them (a child
+    # process: new native code must not end the run)
+    if device == "cuda" and any(load_manifest(d).packed_kernel in ("short", "short_qkv") for d in packed_dirs.values()
+                                if (d / "manifest.json").is_file()):
+        try:
+            rk = cell_in_child("ragged_kernel_check", {"device": device, "work": str(work)}, device, 120)
+            res.data["ragged_kernel_check"] = rk
+            log(f"RaggedAttention impl 1 on edge row lengths: max abs error {rk['max_abs_err']:.3g} "
+                f"(tolerance {rk['tolerance']}): {'ok' if rk['ok'] else 'WRONG'}")
+            if not rk["ok"]:
+                res.error("ragged kernel check", RuntimeError(f"max abs error {rk['max_abs_err']} over "
+                                                             f"{rk['tolerance']}: {rk['cases']}"))
+        except Exception as e:  # noqa: BLE001 - recorded; the layouts' own smoke tests still run
+            res.error("ragged kernel check", e)
+        res.save()
     for precision, mdir in (("fp16", fp16_dir), ("fp32", fp32_dir), *(("fp16", d) for d in packed_dirs.values())):
         if "ort" in skip or (precision == "fp32" and "fp32" in skip) or not (mdir / "manifest.json").is_file():
             continue

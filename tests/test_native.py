@@ -12,6 +12,7 @@ The op's CUDA build runs on a GPU only (benchmarks/gpu.py checks its logits agai
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -446,3 +447,22 @@ def test_fused_dense_benchmark_dry_run(cpu_ops, tmp_path):
     assert par["query_lt_bias"]["max_abs_vs_float64_first_rows"] < 1e-4
     assert par["ffn_down_lt_plain"]["max_abs_vs_float64_first_rows"] < 1e-4 and par["ffn_down_lt_vs_ort_max_abs"] < 1e-4
     assert 1e-4 < par["ffn_up_lt_vs_ort_max_abs"] < 2e-3  # tanh vs erf GELU: seen, and small
+
+
+def test_gpu_ragged_kernel_check_on_the_cpu_build(cpu_ops, tmp_path, monkeypatch):
+    """benchmarks/gpu.py's check of cliptune's attention kernels (edge row lengths, both Q/K/V layouts, against
+    numpy per row and head) runs through the library; on the CPU build it checks the op's fp32 loop."""
+    pytest.importorskip("onnx")
+    import sys
+
+    monkeypatch.setenv("CLIPTUNE_OPS_DIR", str(cpu_ops.parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import gpu
+    finally:
+        sys.path.pop(0)
+    out = gpu.ragged_kernel_check("cpu", str(tmp_path), heads=2)
+    assert [(c["lens"], c["qkv"]) for c in out["cases"]] == [(list(lens), q) for lens in gpu.RAGGED_CHECK_LENS
+                                                            for q in (0, 1)]
+    assert all(c["provider"] == "CPUExecutionProvider" for c in out["cases"])
+    assert out["ok"] and out["max_abs_err"] < 1e-5
