@@ -39,6 +39,7 @@ VALID = {
     "task": st.sampled_from(sorted(TASKS)),
     "method": st.sampled_from(["clip", "bbt", "manual"]),
     "optimizer": st.sampled_from(["cma", "random"]),
+    "cma_eigen": st.sampled_from(["auto", "sync", "ahead"]),
     "seed": st.integers(0, 2**31 - 1),
     "model_dir": st.none() | _path_text,
     "data_dir": st.none() | _path_text,
