@@ -466,3 +466,22 @@ def test_gpu_ragged_kernel_check_on_the_cpu_build(cpu_ops, tmp_path, monkeypatch
                                                             for q in (0, 1)]
     assert all(c["provider"] == "CPUExecutionProvider" for c in out["cases"])
     assert out["ok"] and out["max_abs_err"] < 1e-5
+
+    import cliptune_ort.sessions as sessions_mod
+
+    real = sessions_mod.make_session
+
+    class OffByOneRow:  # a kernel that writes each row's output one token late
+        def __init__(self, sess):
+            self.sess = sess
+
+        def get_providers(self):
+            return self.sess.get_providers()
+
+        def run(self, names, feeds):
+            o = self.sess.run(names, feeds)[0]
+            return [np.roll(o, 1, axis=0)]
+
+    monkeypatch.setattr(sessions_mod, "make_session", lambda *a, **kw: OffByOneRow(real(*a, **kw)))
+    bad = gpu.ragged_kernel_check("cpu", str(tmp_path), heads=2, lens_sets=((5, 17),))
+    assert not bad["ok"] and bad["max_abs_err"] > 0.1
