@@ -59,6 +59,9 @@ RUNS = {
     "clip_k4_int8fix": dict(method="clip", k=4, precision="int8fix"),
     "clip_k4_int8fix_blas1": dict(method="clip", k=4, precision="int8fix", env={"OPENBLAS_NUM_THREADS": "1"}),
     "bbt_blas1": dict(method="bbt", env={"OPENBLAS_NUM_THREADS": "1"}),
+    # CMA-ES's eigendecomposition on a worker thread (the CPU default is pycma's schedule: results/cma_eigen_cpu.md)
+    "bbt_ahead": {"method": "bbt", "cma_eigen": "ahead"},
+    "clip_k4_ahead": {"method": "clip", "k": 4, "cma_eigen": "ahead"},
 }
 DEFAULT_RUNS = ["bbt", "clip_k4"]
 
@@ -78,6 +81,8 @@ def run_one(spec: dict) -> dict:
         ws = orig_prepare(*a, **k)
         acc["setup"] += time.perf_counter() - t0
         state["ws"] = ws
+        # read now: tune() closes the engine's sessions when it returns
+        state["threads"] = ws.engine.sessions[next(iter(ws.engine.sessions))].get_session_options().intra_op_num_threads
         return ws
 
     def score(ws, prompts):
@@ -133,11 +138,12 @@ def run_one(spec: dict) -> dict:
         "calls_per_s_loop": round(res["calls"] / loop, 1), "forward_per_s_loop": round(res["forward_passes"] / loop, 1),
         "calls_per_s_wall": round(res["calls"] / wall, 1),
         "cpu_utilisation": round(((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)) / wall, 3),
-        "workers": workers, "threads": eng.sessions[next(iter(eng.sessions))].get_session_options().intra_op_num_threads,
+        "workers": workers, "threads": state["threads"],
         "cands_per_call": res["cands_per_call"], "n_buckets": res["n_buckets"],
         "train_padded_fraction": res["train_padded_fraction"], "provider": res["provider"],
         "precision": state["ws"].manifest.precision, "dev_metric": res["dev"]["metric"],
         "test_metric": res["test"]["metric"] if res["test"] else None, "best_train_fitness": res["best_train_fitness"],
+        "cma_eigen": res.get("cma_eigen"),
         "peak_rss_mb": harness.peak_rss_mb(),
         "timing_seconds": ts, "load_average_end": harness.load_average(),
     }
