@@ -419,23 +419,11 @@ PACKED_LAYOUTS = {"packed": (False, "fused", "matmul"), "packed_host": (True, "f
                   "packed_host_cudnn_ltres": (True, "cudnn", "cublaslt_res"),
                   "packed_host_short_lt": (True, "short", "cublaslt"),
                   "packed_host_shortqkv_lt": (True, "short_qkv", "cublaslt")}
-#: tune variants: name -> (packed layout or None for the padded export, CUDA graphs)
-TUNE_VARIANTS = {"padded": (None, False), "padded_cg": (None, True), "packed": ("packed", False),
-                 "packed_host": ("packed_host", False), "packed_host_cg": ("packed_host", True),
-                 "packed_flash": ("packed_flash", False), "packed_host_flash": ("packed_host_flash", False),
-                 "packed_host_flash_cg": ("packed_host_flash", True),
-                 "packed_host_flash_moe": ("packed_host_flash_moe", False),
-                 "packed_host_flash_moe_cg": ("packed_host_flash_moe", True),
-                 "packed_host_flash_lt": ("packed_host_flash_lt", False),
-                 "packed_host_flash_lt_cg": ("packed_host_flash_lt", True),
-                 "packed_host_flash_ltres": ("packed_host_flash_ltres", False),
-                 "packed_host_flash_ltres_cg": ("packed_host_flash_ltres", True),
-                 "packed_host_cudnn_ltres": ("packed_host_cudnn_ltres", False),
-                 "packed_host_cudnn_ltres_cg": ("packed_host_cudnn_ltres", True),
-                 "packed_host_short_lt": ("packed_host_short_lt", False),
-                 "packed_host_short_lt_cg": ("packed_host_short_lt", True),
-                 "packed_host_shortqkv_lt": ("packed_host_shortqkv_lt", False),
-                 "packed_host_shortqkv_lt_cg": ("packed_host_shortqkv_lt", True)}
+#: tune variants: name -> (packed layout or None for the padded export, CUDA graphs): each layout as it is, and
+#: the host-packed ones also under CUDA graphs ("<layout>_cg")
+TUNE_VARIANTS = {"padded": (None, False), "padded_cg": (None, True),
+                 **{v: (name, v != name) for name, (host, _, _) in PACKED_LAYOUTS.items()
+                    for v in ((name, name + "_cg") if host else (name,))}}
 
 
 def profile_placement(model_dir: Path, device: str, enc, verb, work: Path, n_buckets: int = 4,
@@ -1331,24 +1319,12 @@ def main(argv=None) -> int:
     if "kernels" not in skip:
         splits = res.data.setdefault("kernel_split", {})
         pr20 = None
-        for label, mdir, mode, nb in (("ort_fp16_iobinding_4buckets", fp16_dir, "iobinding", 4),
-                                      ("ort_fp16_packed", packed_dir, "packed", 1),
-                                      ("ort_fp16_packed_host_cg", packed_dirs["packed_host"], "packed_host_cg", 1),
-                                      ("ort_fp16_packed_flash", packed_dirs["packed_flash"], "packed_flash", 1),
-                                      ("ort_fp16_packed_host_flash_cg", packed_dirs["packed_host_flash"],
-                                       "packed_host_flash_cg", 1),
-                                      ("ort_fp16_packed_host_flash_moe_cg", packed_dirs["packed_host_flash_moe"],
-                                       "packed_host_flash_moe_cg", 1),
-                                      ("ort_fp16_packed_host_flash_lt_cg", packed_dirs["packed_host_flash_lt"],
-                                       "packed_host_flash_lt_cg", 1),
-                                      ("ort_fp16_packed_host_flash_ltres_cg", packed_dirs["packed_host_flash_ltres"],
-                                       "packed_host_flash_ltres_cg", 1),
-                                      ("ort_fp16_packed_host_cudnn_ltres_cg", packed_dirs["packed_host_cudnn_ltres"],
-                                       "packed_host_cudnn_ltres_cg", 1),
-                                      ("ort_fp16_packed_host_short_lt_cg", packed_dirs["packed_host_short_lt"],
-                                       "packed_host_short_lt_cg", 1),
-                                      ("ort_fp16_packed_host_shortqkv_lt_cg", packed_dirs["packed_host_shortqkv_lt"],
-                                       "packed_host_shortqkv_lt_cg", 1)):
+        # the padded graph in 4 buckets, then every packed layout (host-packed ones under CUDA graphs)
+        split_cells = [("ort_fp16_iobinding_4buckets", fp16_dir, "iobinding", 4)]
+        for name, (host, _, _) in PACKED_LAYOUTS.items():
+            mode = name + "_cg" if host else name
+            split_cells.append((f"ort_fp16_{mode}", packed_dirs[name], mode, 1))
+        for label, mdir, mode, nb in split_cells:
             if "ort" in skip or not (mdir / "manifest.json").is_file():
                 continue
             man = load_manifest(mdir)
