@@ -6,8 +6,10 @@ digest of every generation's candidates; :meth:`replay` rebuilds the optimiser b
 telling again without running the model, and checks each digest, so a resumed run continues
 bit-for-bit (and a changed `cma` version is detected instead of silently diverging).
 
-`cma` draws from numpy's *global* random state; each call is wrapped so that it uses a private
-state, untouched by anything else in the process.
+`cma` draws its normal deviates through its ``randn`` option (numpy's *global* ``np.random.randn`` by
+default); here that option is a private ``RandomState``'s, seeded as pycma would seed the global state, and
+pycma's one direct draw (``np.random.randint`` in a step-size check) comes from it too, so a run neither
+reads nor moves the process's global random state and draws the same numbers as pycma with ``seed``.
 
 ``eigen="ahead"`` moves pycma's O(d^3) eigendecomposition of the covariance off the critical path:
 see :class:`_DecomposeAhead`.
@@ -52,25 +54,6 @@ def import_cma():
         if hide and "matplotlib" in sys.modules and sys.modules["matplotlib"] is None:
             del sys.modules["matplotlib"]
     return cma
-
-
-class _PrivateGlobalRNG:
-    """Run a block with numpy's global RandomState swapped for a private one."""
-
-    def __init__(self, seed: int):
-        saved = np.random.get_state()
-        np.random.seed(seed % (2**32))
-        self.state = np.random.get_state()
-        np.random.set_state(saved)
-
-    def __enter__(self):
-        self._saved = np.random.get_state()
-        np.random.set_state(self.state)
-
-    def __exit__(self, *exc):
-        self.state = np.random.get_state()
-        np.random.set_state(self._saved)
-        return False
 
 
 class Optimizer:
@@ -200,6 +183,34 @@ def _sequential_norm(sm) -> None:
     sm.norm = norm
 
 
+def _private_direct_draws(es, randint) -> None:
+    """Point pycma's one direct draw from numpy's global state onto the run's private stream.
+
+    Besides ``randn``, pycma's tell draws twice with ``np.random.randint`` (which coordinates its step-size
+    adaptation's ``check_consistency`` checks; it only ever warns). When the global state was swapped for
+    the private one around each call, those draws came from the private stream, between the normal
+    deviates; so they still do: for the duration of that check ``np.random.randint`` is the private
+    state's (two attribute swaps, where the state copies took about 0.7 ms a generation). Candidates are
+    pycma's own bits (tests/test_cma_eigen.py); a pycma that draws elsewhere fails the test that the
+    global state stays untouched. As with the state swap before, another thread drawing with
+    ``np.random.randint`` during the check would draw from this stream.
+    """
+    sigma = getattr(es, "adapt_sigma", None)
+    own = getattr(sigma, "check_consistency", None)
+    if own is None:
+        return
+
+    def check_consistency(*args, **kwargs):
+        saved = np.random.randint
+        np.random.randint = randint
+        try:
+            return own(*args, **kwargs)
+        finally:
+            np.random.randint = saved
+
+    sigma.check_consistency = check_consistency
+
+
 class CMAES(Optimizer):
     """CMA-ES through ``cma.CMAEvolutionStrategy`` (x0 = 0, sigma0, popsize, seed); ``eigen``: "sync"
     (pycma's schedule) or "ahead" (:class:`_DecomposeAhead`). :meth:`close` stops the worker thread."""
@@ -210,13 +221,19 @@ class CMAES(Optimizer):
         if eigen not in ("sync", "ahead"):
             raise ValueError(f"eigen must be sync or ahead, got {eigen!r}")
         cma = import_cma()
-        self._rng = _PrivateGlobalRNG(seed)
-        opts = {"seed": seed if seed > 0 else 2**32 - 1,  # cma treats 0 as "seed from the clock"
+        # pycma seeds the global state with its ``seed`` option (0 meaning "from the clock", hence 2**32 - 1
+        # for seed 0) and then draws with np.random.randn; a RandomState seeded the same way draws the same
+        # numbers. Swapping the global state in and out around every ask and tell instead cost about 0.7 ms a
+        # generation (four 2.5 kB state copies, cold after each scoring call) on the optimiser's critical path.
+        self._rs = np.random.RandomState(seed if seed > 0 else 2**32 - 1)
+        opts = {"seed": float("nan"),  # no seeding of the global state: the draws go through ``randn``
+                "randn": self._rs.randn,
                 "popsize": popsize, "verbose": -9, "maxiter": 10**9, "maxfevals": 10**12,
                 "verb_disp": 0, "verb_log": 0}
-        with self._rng, warnings.catch_warnings():
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.es = cma.CMAEvolutionStrategy(np.zeros(d), sigma0, opts)
+        _private_direct_draws(self.es, self._rs.randint)
         _sequential_norm(self.es.sm)
         self._pool = None
         self._ahead = None
@@ -230,11 +247,10 @@ class CMAES(Optimizer):
         self.eigen = "ahead" if self._ahead is not None else "sync"
 
     def ask(self) -> np.ndarray:
-        with self._rng:
-            return np.asarray(self.es.ask(), dtype=np.float64)
+        return np.asarray(self.es.ask(), dtype=np.float64)
 
     def tell(self, z: np.ndarray, fitness: np.ndarray) -> None:
-        with self._rng, warnings.catch_warnings():
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.es.tell(list(z), [float(f) for f in fitness])
         if self._ahead is not None:

@@ -169,3 +169,45 @@ def test_config_and_resolution():
     assert eigen_mode(cfg, "CPUExecutionProvider", {"cma_eigen": "ahead"}) == "ahead"
     with pytest.warns(RuntimeWarning, match="continues with ahead"):
         assert eigen_mode(build_config(cma_eigen="sync"), "CPUExecutionProvider", {"cma_eigen": "ahead"}) == "ahead"
+
+
+def _pycma_on_the_global_state(d: int, pop: int, seed: int, gens: int) -> list[str]:
+    """pycma as documented: seeds numpy's global state with ``seed`` and draws from it (restored after)."""
+    cma = optim.import_cma()
+    saved = np.random.get_state()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            es = cma.CMAEvolutionStrategy(np.zeros(d), 1.0, {"seed": seed, "popsize": pop, "verbose": -9,
+                                                             "verb_disp": 0, "verb_log": 0})
+            out = []
+            for _ in range(gens):
+                z = np.asarray(es.ask(), dtype=np.float64)
+                es.tell(list(z), [float(f) for f in _ellipsoid(z)])
+                out.append(digest(z))
+    finally:
+        np.random.set_state(saved)
+    return out
+
+
+@pytest.mark.parametrize("seed", [5, 0])
+def test_private_stream_draws_what_pycma_seeded_globally_draws(seed):
+    """CMAES hands pycma a private RandomState's randn and points pycma's direct ``np.random.randint``
+    draws (its step-size check, from the 4th tell on) at the same stream: the candidates are pycma's own,
+    bit for bit, past several decompositions; seed 0 is pycma's 2**32 - 1 (pycma reads 0 as the clock).
+    d 320: pycma adapts the step size by TPA from d 300 on (the runs' d is 500), whose check draws."""
+    own = _pycma_on_the_global_state(320, 10, seed or 2**32 - 1, 40)
+    ours = _run("sync", 40, d=320, seed=seed)[1]
+    assert ours == own
+    assert _run("sync", 40, d=320, seed=seed)[1] == ours
+
+
+@pytest.mark.parametrize("eigen", ["sync", "ahead"])
+def test_runs_leave_numpys_global_random_state_alone(eigen):
+    np.random.seed(1234)
+    before = np.random.get_state()
+    opt = _run(eigen, 30, d=320)[0]
+    assert type(opt.es.adapt_sigma).__name__ == "CMAAdaptSigmaTPA"  # the step-size rule whose check draws
+    after = np.random.get_state()
+    assert before[2:] == after[2:] and np.array_equal(before[1], after[1])
+    assert np.random.randint.__self__ is np.random.mtrand._rand  # the check's swap is undone
