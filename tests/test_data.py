@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import time
@@ -381,6 +382,42 @@ def test_bad_json_line(tmp_path: Path) -> None:
     path = write_lines(tmp_path / "list.jsonl", ['["a", 0]'])
     with pytest.raises(DataError, match=r":1: expected a JSON object per line, found a JSON list"):
         read_jsonl(path)
+
+
+_JSON_LINES = ['{"text": "a", "label": 0}', '  {"text": "a", "label": 0} \t\r', '{}', '{} {}', '{}x', '{"a": 1},',
+               '\ufeff{"a": 1}', '\u00a0{"a": 1}', '{"a": 1}\u00a0', '{"a": NaN, "b": -Infinity}', '{"a": "\\u2028"}',
+               '{"a": "x\ty"}', '{"a": [1, {"b": [2]}]}', '[1, 2]', '"text"', '3', 'null', '{"a": 1', '{"a": 1}}',
+               '{"a": 1}\u2028', '{"a": "\u2028"}', '{"a" 1}', '{"a": 01}', '{"a": 1e400}', '\t']
+
+
+@pytest.mark.parametrize("line", _JSON_LINES)
+def test_line_parser_reads_what_json_loads_reads(line: str) -> None:
+    """The scanner's fast path parses a line exactly when ``json.loads`` does, to the same value; a line
+    json.loads rejects is named with its message."""
+    try:
+        want = json.loads(line)
+    except json.JSONDecodeError as e:
+        with pytest.raises(DataError, match=rf"f\.jsonl:7: expected one JSON object per line, found invalid JSON \({re.escape(e.msg)}"):
+            data._parse_line(Path("f.jsonl"), 7, line)
+        return
+    got = data._parse_line(Path("f.jsonl"), 7, line)
+    assert got == want or (json.dumps(got) == json.dumps(want))  # NaN != NaN
+    assert type(got) is type(want)
+
+
+@given(st.recursive(st.none() | st.booleans() | st.floats(allow_nan=False) | st.integers() | st.text(),
+                    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=5), kids, max_size=3),
+                    max_leaves=8), st.sampled_from(["", " ", "\t", "x", ",", "}", " {}"]))
+@settings(max_examples=200, deadline=None)
+def test_line_parser_on_generated_values(value, suffix: str) -> None:
+    line = json.dumps(value, ensure_ascii=False) + suffix
+    try:
+        want = json.loads(line)
+    except json.JSONDecodeError:
+        with pytest.raises(DataError):
+            data._parse_line(Path("f.jsonl"), 1, line)
+        return
+    assert data._parse_line(Path("f.jsonl"), 1, line) == want
 
 
 @pytest.mark.parametrize(
