@@ -39,7 +39,8 @@ for l in libcublasLt.so.13 libcudart.so.13; do
 done
 "$PY" -m cliptune_ort.native --variant cuda --out "$OUT_DIR" "${args[@]}"
 lib="$OUT_DIR/libcliptune_ops_cuda.so"
-ops=$(grep -ao 'FusedDense RaggedAttention\[[a-z,]*\]' "$lib" || echo FusedDense)
+ops=$(grep -ao 'FusedDense RaggedAttention\[[a-z,]*\]\( PackAdd\)\?' "$lib" || echo FusedDense)
 echo "[build_card_ops] $lib holds: $ops"
 case "$ops" in *cudnn*) ;; *) echo "[build_card_ops] WARNING: no cuDNN attention (cuDNN's or cudnn-frontend's headers not found)" >&2;; esac
 case "$ops" in *short*) ;; *) echo "[build_card_ops] WARNING: no short-row attention kernel (nvcc not found)" >&2;; esac
+case "$ops" in *PackAdd*) ;; *) echo "[build_card_ops] WARNING: no PackAdd kernel (nvcc not found)" >&2;; esac

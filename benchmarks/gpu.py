@@ -28,7 +28,9 @@ One run on one machine (the lent H100/H200; see benchmarks/gpu_run.sh for the de
            (cuDNN's attention on the packed rows, RaggedAttention impl 0) and ``packed_host_short_lt`` (the _lt
            layout with cliptune's own attention kernel for rows of up to 128 tokens, RaggedAttention impl 1,
            native/short_attention.cu) and ``packed_host_shortqkv_lt`` (the same kernel reading one QKV
-           projection in place: one GEMM per layer instead of three), all smoke-tested in a child process first.
+           projection in place: one GEMM per layer instead of three) and ``packed_host_shortqkv_ltpa`` (the
+           last with the first packed layer's input made by cliptune's PackAdd in one pass instead of ORT's
+           Add over the padded sum and a Gather), all smoke-tested in a child process first.
            ONNX Runtime's
            memory-efficient attention kernel is timed against FlashAttention on the _lt layout (a child
            process; ``--skip attention``). ``--layouts`` picks the packed layouts, ``--padded-modes`` the padded fp16 graph's modes.
@@ -418,7 +420,10 @@ PACKED_LAYOUTS = {"packed": (False, "fused", "matmul"), "packed_host": (True, "f
                   "packed_host_flash_ltres": (True, "flash", "cublaslt_res"),
                   "packed_host_cudnn_ltres": (True, "cudnn", "cublaslt_res"),
                   "packed_host_short_lt": (True, "short", "cublaslt"),
-                  "packed_host_shortqkv_lt": (True, "short_qkv", "cublaslt")}
+                  "packed_host_shortqkv_lt": (True, "short_qkv", "cublaslt"),
+                  "packed_host_shortqkv_ltpa": (True, "short_qkv", "cublaslt")}
+#: the layouts whose first packed layer's input is made by cliptune's PackAdd (packing.FRONTS; others: "gather")
+LAYOUT_FRONTS = {"packed_host_shortqkv_ltpa": "fused"}
 #: tune variants: name -> (packed layout or None for the padded export, CUDA graphs): each layout as it is, and
 #: the host-packed ones also under CUDA graphs ("<layout>_cg")
 TUNE_VARIANTS = {"padded": (None, False), "padded_cg": (None, True),
@@ -511,7 +516,7 @@ KERNEL_CLASSES = (("qkv_bias_transpose", ("addbiastranspose",)),  # before gemm:
                   ("moe_activation", ("doactivationkernel",)),
                   ("moe_routing", ("moe", "expandinputrows", "finalize", "topk", "gating", "permut", "radix")),
                   ("attention", ("fmha", "flash", "attention", "attn", "softmax")),
-                  ("packing", ("padding", "tokenoffset", "token_offset")),
+                  ("packing", ("padding", "tokenoffset", "token_offset", "packadd")),
                   ("layer_norm", ("layernorm", "layer_norm", "skipln")),
                   ("gelu", ("gelu",)),
                   ("gemm", GEMM_KEYS),
@@ -1192,8 +1197,10 @@ def main(argv=None) -> int:
             from cliptune_export.packing import pack_export
 
             t = time.perf_counter()
-            pman = pack_export(fp16_dir, pdir, overwrite=True, host_offsets=host, kernel=kernel, ffn=ffn)
+            front = LAYOUT_FRONTS.get(name, "gather")
+            pman = pack_export(fp16_dir, pdir, overwrite=True, host_offsets=host, kernel=kernel, ffn=ffn, front=front)
             res.data["export"][name] = {"wall_seconds": round(time.perf_counter() - t, 1), "kernel": kernel, "ffn": ffn,
+                                        "front": front,
                                         "packed_attention_nodes": [g["packed_attention_nodes"] for g in pman["graphs"]]}
             log(f"{name} copy of the fp16 export in {res.data['export'][name]['wall_seconds']} s")
         except Exception as e:
@@ -1255,7 +1262,8 @@ def main(argv=None) -> int:
                 continue
             layout = next(n for n, d in packed_dirs.items() if d == mdir)
             modes = [layout, layout + "_cg"] if man.host_packing else [layout]
-            if man.packed_kernel in LIBRARY_KERNELS:  # new native code: a crash must not end the run
+            if man.packed_kernel in LIBRARY_KERNELS or man.packed_front == "fused":  # new native code: a crash
+                # must not end the run
                 try:
                     smoke = smoke_in_child(mdir, device, modes[-1], timeout_s=120)
                     res.data.setdefault("smoke", {})[layout] = smoke

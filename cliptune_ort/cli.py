@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "bias) inside the GEMM, cliptune's FusedDense op (cuBLASLt epilogue; tanh GELU); "
                         "'cublaslt_res' also adds each residual in the output projections' epilogue (then a plain "
                         "LayerNorm); the sessions need `cliptune build-ops` (default: matmul, ORT's own ops)")
+    e.add_argument("--packed-front", choices=("gather", "fused"), default="gather",
+                   help="with --packed host: 'fused' = the first packed layer's input (the embeddings plus each "
+                        "candidate's prompt, real tokens only) made in one pass by cliptune's PackAdd op instead of "
+                        "ORT's Add over the padded sum and a Gather (`cliptune build-ops`; default: gather)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
     t = sub.add_parser("tune", help="tune a soft prompt (default: SST-2 on the embedded model)")
@@ -213,6 +217,7 @@ def cmd_export(a) -> int:
     if a.packed_kernel is not None:
         opts.packed_kernel = a.packed_kernel
     opts.packed_ffn = a.packed_ffn
+    opts.packed_front = a.packed_front
     if a.atol is not None:
         opts.atol = a.atol
     try:

@@ -70,6 +70,9 @@ LIBRARY_FFNS = ("cublaslt", "cublaslt_res")
 #: packed attention kernels (export/packing.py KERNELS); those run by the custom-op library's RaggedAttention
 PACKED_KERNELS = ("fused", "flash", "cudnn", "short", "short_qkv")
 LIBRARY_KERNELS = ("cudnn", "short", "short_qkv")
+#: how a packed_host graph makes its first layer's input: "gather" (Add over the padded sum, then Gather) or
+#: "fused" (cliptune's PackAdd: one pass; custom-op library)
+PACKED_FRONTS = ("gather", "fused")
 #: the kernels that project Q, K and V apart from the attention op (the key bias dropped, the value bias folded
 #: into the output bias; their query projection keeps its bias as MatMul + Add or FusedDense)
 SPLIT_KERNELS = ("flash", *LIBRARY_KERNELS)
@@ -126,9 +129,17 @@ class Manifest:
         return self.data.get("packed_ffn", "matmul") if self.packed else None
 
     @property
+    def packed_front(self) -> str | None:
+        """How the packed graphs make their first layer's input: 'gather' (the padded prompt + embeddings sum,
+        then a Gather of its real tokens; packed exports before it was recorded) or 'fused' (cliptune's PackAdd,
+        one pass; custom-op library); None for padded graphs."""
+        return self.data.get("packed_front", "gather") if self.packed else None
+
+    @property
     def needs_ops_library(self) -> bool:
-        """Whether the graphs use cliptune's custom-op library (FusedDense, RaggedAttention)."""
-        return self.packed_ffn in LIBRARY_FFNS or self.packed_kernel in LIBRARY_KERNELS
+        """Whether the graphs use cliptune's custom-op library (FusedDense, RaggedAttention, PackAdd)."""
+        return (self.packed_ffn in LIBRARY_FFNS or self.packed_kernel in LIBRARY_KERNELS
+                or self.packed_front == "fused")
 
     @property
     def host_packing(self) -> bool:
@@ -194,6 +205,8 @@ def _check_structure(mpath: Path, data: dict[str, Any]) -> None:
         raise bad("packed_kernel", "one of " + ", ".join(f"'{k}'" for k in PACKED_KERNELS))
     if data.get("packed_ffn", "matmul") not in ("matmul", "moe", *LIBRARY_FFNS):
         raise bad("packed_ffn", "'matmul', 'moe', 'cublaslt' or 'cublaslt_res'")
+    if data.get("packed_front", "gather") not in PACKED_FRONTS:
+        raise bad("packed_front", "'gather' or 'fused'")
     sp = data.get("shared_prefix", 0)
     if not is_int(sp) or sp > data["n_prompt"] + 1:
         raise bad("shared_prefix", f"an integer in 0..{data['n_prompt'] + 1} (n_prompt + 1)")

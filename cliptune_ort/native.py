@@ -39,6 +39,8 @@ from .errors import ConfigError, ProviderError
 SOURCE = Path(__file__).resolve().parent / "native" / "fused_dense.cc"
 #: RaggedAttention's short-row kernel (impl 1), compiled by nvcc into the cuda variant where nvcc is found
 SHORT_ATTENTION = SOURCE.parent / "short_attention.cu"
+#: PackAdd's kernel (the packed first-layer input in one pass), compiled by nvcc beside it
+PACK_ADD = SOURCE.parent / "pack_add.cu"
 #: GPU architectures of the short-row kernel: mma.sync and cp.async need sm80; PTX of sm90 for newer cards
 NVCC_ARCH = ("-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
              "-gencode", "arch=compute_90,code=compute_90")
@@ -233,13 +235,14 @@ def build(variant: str = "cpu", out_dir: str | os.PathLike | None = None, includ
     objs: list[str] = []
     try:
         nvcc = find_nvcc() if variant == "cuda" else None
-        if nvcc is not None:  # RaggedAttention's short-row kernel (impl 1)
-            obj = out / f".short_attention.{os.getpid()}.o"
-            objs.append(str(obj))
-            ncmd = [nvcc, "-std=c++17", "-O3", "-Xcompiler", "-fPIC", *NVCC_ARCH, *(f"-I{d}" for d in inc), "-c",
-                    str(SHORT_ATTENTION), "-o", str(obj)]
-            _compile(ncmd, name)
-            cmd.append("-DCLIPTUNE_SHORT_ATTN")
+        if nvcc is not None:  # RaggedAttention's short-row kernel (impl 1) and PackAdd's kernel
+            for src, flag in ((SHORT_ATTENTION, "-DCLIPTUNE_SHORT_ATTN"), (PACK_ADD, "-DCLIPTUNE_PACK_ADD")):
+                obj = out / f".{src.stem}.{os.getpid()}.o"
+                objs.append(str(obj))
+                ncmd = [nvcc, "-std=c++17", "-O3", "-Xcompiler", "-fPIC", *NVCC_ARCH, *(f"-I{d}" for d in inc),
+                        "-c", str(src), "-o", str(obj)]
+                _compile(ncmd, name)
+                cmd.append(flag)
         _compile([*cmd, str(SOURCE), *objs, "-o", str(tmp), *libs], name)
         os.replace(tmp, out / name)
     finally:
@@ -315,7 +318,8 @@ def run_build(a) -> int:
     print(f"built {path}")
     if a.variant == "cuda":
         nvcc = find_nvcc()
-        print(f"RaggedAttention's short-row kernel (--packed-kernel short): {'built with ' + nvcc if nvcc else 'not built (no nvcc: set NVCC or CUDA_HOME)'}")
+        print(f"RaggedAttention's short-row kernel (--packed-kernel short) and PackAdd (--packed-front fused): "
+              f"{'built with ' + nvcc if nvcc else 'not built (no nvcc: set NVCC or CUDA_HOME)'}")
     return 0
 
 

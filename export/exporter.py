@@ -70,6 +70,9 @@ class ExportOptions:
     # packing.FFNS: "matmul" (ORT's MatMul + BiasGelu) | "cublaslt" (cliptune's FusedDense op: bias and GELU
     # in the GEMM epilogue; the sessions need `cliptune build-ops --variant cuda`) | "moe" (experimental)
     packed_ffn: str = "matmul"
+    # packing.FRONTS ("host" packing only): "gather" (ORT's Add over the padded sum, then Gather) | "fused"
+    # (cliptune's PackAdd op: the packed first-layer input in one pass; custom-op library)
+    packed_front: str = "gather"
 
     def validate(self) -> None:
         if not isinstance(self.k, int) or self.k < 0:
@@ -94,6 +97,13 @@ class ExportOptions:
             raise ConfigError(f"--packed-ffn must be one of {', '.join(FFNS)}, got {self.packed_ffn!r}")
         if self.packed_ffn != "matmul" and not self.packed:
             raise ConfigError(f"--packed-ffn {self.packed_ffn} needs --packed (it rewrites the packed layers)")
+        from .packing import FRONTS
+
+        if self.packed_front not in FRONTS:
+            raise ConfigError(f"--packed-front must be one of {', '.join(FRONTS)}, got {self.packed_front!r}")
+        if self.packed_front != "gather" and self.packed != "host":
+            raise ConfigError(f"--packed-front {self.packed_front} needs --packed host (it reads the runtime's "
+                              "packing offsets)")
         if self.packed and (self.precision != "fp16" or self.resolved_share_prefix()):
             raise ConfigError("--packed needs --precision fp16 without --share-prefix (ORT fuses Attention only "
                               "there; packed attention runs on the CUDA provider only)")
@@ -387,10 +397,12 @@ def export_model(model: str, out: str | os.PathLike, opts: ExportOptions | None 
         if opts.packed:
             from .packing import pack_graph_file
 
-            _log(f"packing attention ({opts.packed_kernel} kernel, {opts.packed_ffn} feed-forward; CUDA provider only)")
+            _log(f"packing attention ({opts.packed_kernel} kernel, {opts.packed_ffn} feed-forward, {opts.packed_front} "
+                 "front; CUDA provider only)")
             for g in graphs:
                 g["packed_attention_nodes"] = pack_graph_file(tmp / g["file"], host_offsets=opts.packed == "host",
-                                                              kernel=opts.packed_kernel, ffn=opts.packed_ffn)
+                                                              kernel=opts.packed_kernel, ffn=opts.packed_ffn,
+                                                              front=opts.packed_front)
         for g in graphs:
             g["sha256"] = pin_sha256(tmp / g["file"])
         manifest = {
@@ -425,7 +437,8 @@ def export_model(model: str, out: str | os.PathLike, opts: ExportOptions | None 
             "precision": opts.precision,
             "masks_folded": opts.resolved_fold(),
             "attention": ("packed_host" if opts.packed == "host" else "packed") if opts.packed else "padded",
-            **({"packed_kernel": opts.packed_kernel, "packed_ffn": opts.packed_ffn} if opts.packed else {}),
+            **({"packed_kernel": opts.packed_kernel, "packed_ffn": opts.packed_ffn,
+                "packed_front": opts.packed_front} if opts.packed else {}),
             # positions 0..L projected once per candidate in the first layer: every row of a batch must
             # hold the same ids there (the runtime checks); 0 = no such requirement
             "shared_prefix": opts.n_prompt + 1 if opts.resolved_share_prefix() else 0,

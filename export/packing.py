@@ -74,7 +74,12 @@ from pathlib import Path
 from cliptune_ort.engine import (
     PACKING_INPUTS as HOST_INPUTS,  # the extra inputs of "packed_host" graphs
 )
-from cliptune_ort.manifest import LIBRARY_KERNELS, PACKED_KERNELS, SPLIT_KERNELS
+from cliptune_ort.manifest import (
+    LIBRARY_KERNELS,
+    PACKED_FRONTS,
+    PACKED_KERNELS,
+    SPLIT_KERNELS,
+)
 from cliptune_ort.native import DOMAIN as NATIVE_DOMAIN
 
 MS = "com.microsoft"
@@ -104,6 +109,13 @@ FFNS = ("matmul", "moe", "cublaslt", "cublaslt_res")
 LT_FFNS = ("cublaslt", "cublaslt_res")
 LT_DOMAIN = NATIVE_DOMAIN  # the custom-op library's domain (the export needs only the name, not the library)
 DEFAULT_FFN = "matmul"
+#: the first packed layer's input ("packed_host" only): "gather" = Flatten -> Gather of the padded
+#: [pop * batch, seq, hidden] sum of the embeddings and the prompts (made by ORT's broadcast Add), "fused" =
+#: ai.cliptune.PackAdd reading the embeddings [batch, seq, hidden] and the prompts [pop, seq, hidden] and
+#: writing the packed rows in one pass (custom-op library; ORT's Add and Gather took 0.23 + 0.27 ms of a
+#: 53 ms stacked call on an H100, run 9)
+FRONTS = PACKED_FRONTS
+DEFAULT_FRONT = "gather"
 ROUTER = "cliptune_moe_router"  # the "moe" block's router, zeros [tokens, 1]: softmax over one expert is 1
 
 
@@ -140,11 +152,12 @@ def topo_sort(graph) -> None:
 
 
 def pack_graph(model, host_offsets: bool = False, kernel: str = DEFAULT_KERNEL,
-               base_dir: str | os.PathLike | None = None, ffn: str = DEFAULT_FFN) -> int:
+               base_dir: str | os.PathLike | None = None, ffn: str = DEFAULT_FFN, front: str = DEFAULT_FRONT) -> int:
     """Rewrite ``model`` (onnx.ModelProto, fused fp16 graph of the contract) in place for packed
     attention (``host_offsets``: the packing comes in as graph inputs; ``kernel``: see :data:`KERNELS`;
     ``base_dir``: where external weights live, which the "flash" kernel reads to fold the value bias;
-    ``ffn``: the packed layers' feed-forward block, see :data:`FFNS`);
+    ``ffn``: the packed layers' feed-forward block, see :data:`FFNS`; ``front``: how the first packed layer's
+    input is made, see :data:`FRONTS`);
     returns the number of Attention nodes converted. Raises :class:`PackingError` with the
     reason when the graph does not have the expected structure (then only the node order may have changed:
     a topological sort, same graph)."""
@@ -154,6 +167,11 @@ def pack_graph(model, host_offsets: bool = False, kernel: str = DEFAULT_KERNEL,
         raise PackingError(f"packed attention kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
     if ffn not in FFNS:
         raise PackingError(f"packed feed-forward block must be one of {', '.join(FFNS)}, got {ffn!r}")
+    if front not in FRONTS:
+        raise PackingError(f"packed front must be one of {', '.join(FRONTS)}, got {front!r}")
+    if front == "fused" and not host_offsets:
+        raise PackingError("the fused front (PackAdd) reads the host's packed_token_index: pack with host offsets "
+                           "(packed_host)")
 
     g = model.graph
     topo_sort(g)
@@ -245,6 +263,7 @@ def pack_graph(model, host_offsets: bool = False, kernel: str = DEFAULT_KERNEL,
     if ffn == "moe" and len(moe) != len(atts):
         raise PackingError(f"found {len(moe)} MatMul -> BiasGelu -> MatMul -> SkipLayerNormalization feed-forward "
                            f"blocks in the {len(atts)} packed layers: the moe block needs one per layer")
+    pack_add = _plan_front(g, x0, consumers) if front == "fused" else None
     lt = _plan_lt(g, region, consumers) if ffn in LT_FFNS else {}
     if ffn in LT_FFNS and len(lt) != len(atts):
         raise PackingError(f"found {len(lt)} MatMul -> BiasGelu feed-forward projections in the {len(atts)} packed "
@@ -275,9 +294,14 @@ def pack_graph(model, host_offsets: bool = False, kernel: str = DEFAULT_KERNEL,
         raise PackingError(f"found {len(res)} MatMul -> SkipLayerNormalization projections in the {len(atts)} packed "
                            "layers: the cublaslt_res block needs two per layer")
     folded |= {id(mm) for mm, _ in res.values()}  # inside the FusedDense nodes (emitted at their SkipLN)
+    if pack_add is not None:
+        folded |= {id(n) for n in pack_add[2]}  # the padded sum: PackAdd makes the packed rows itself
     res_bias = {id(p["sln"]): f"{name}__b_out" for name, p in flash.items()}  # the value bias folded in
     for n in nodes:
-        if n is atts[0] and host_offsets:
+        if n is atts[0] and pack_add is not None:
+            new_nodes.append(helper.make_node("PackAdd", [pack_add[0], pack_add[1], index], [x_packed],
+                                              name="cliptune_PackAdd", domain=LT_DOMAIN))
+        elif n is atts[0] and host_offsets:
             new_nodes.append(helper.make_node("Flatten", [x0], [x_flat], name="cliptune_PackFlatten", axis=2))
             new_nodes.append(helper.make_node("Gather", [x_flat, index], [x_packed], name="cliptune_PackGather",
                                               axis=0))
@@ -316,6 +340,8 @@ def pack_graph(model, host_offsets: bool = False, kernel: str = DEFAULT_KERNEL,
         _apply_flash(g, flash, qkv=kernel == "short_qkv")
     if moe:
         _apply_moe(g, moe)
+    if pack_add is not None:  # the padded sum's Unsqueezes and shape arithmetic are left unread
+        new_nodes = _without_dead_nodes(new_nodes, {o.name for o in g.output})
     del g.node[:]
     g.node.extend(new_nodes)
     # shapes recorded for the padded tensors no longer hold inside the region
@@ -324,9 +350,61 @@ def pack_graph(model, host_offsets: bool = False, kernel: str = DEFAULT_KERNEL,
     del g.value_info[:]
     g.value_info.extend(keep_vi)
     ensure_ms_opset(model)
-    if (ffn in LT_FFNS or kernel in LIBRARY_KERNELS) and not any(o.domain == LT_DOMAIN for o in model.opset_import):
+    if ((ffn in LT_FFNS or kernel in LIBRARY_KERNELS or pack_add is not None)
+            and not any(o.domain == LT_DOMAIN for o in model.opset_import)):
         model.opset_import.append(helper.make_opsetid(LT_DOMAIN, 1))
     return len(atts)
+
+
+def _const_ints(g, name: str) -> list[int] | None:
+    """The integer values of a constant (initializer or Constant node), or None."""
+    from onnx import numpy_helper
+
+    for t in g.initializer:
+        if t.name == name:
+            return [int(v) for v in numpy_helper.to_array(t).reshape(-1)]
+    for n in g.node:
+        if n.op_type == "Constant" and n.output[0] == name:
+            for a in n.attribute:
+                if a.name == "value":
+                    return [int(v) for v in numpy_helper.to_array(a.t).reshape(-1)]
+    return None
+
+
+def _plan_front(g, x0: str, consumers) -> tuple[str, str, list]:
+    """The padded sum the first packed layer reads, ``x0 = Reshape(Add(Unsqueeze(A, [0]), Unsqueeze(P, [1])))``
+    (the contract wrapper's ``(h.unsqueeze(0) + ext.unsqueeze(1)).reshape(pop * batch, seq, hidden)``): (A, the
+    embeddings [batch, seq, hidden]; P, the prompts at their positions [pop, seq, hidden]; the Reshape and
+    the Add, which PackAdd replaces). Raises :class:`PackingError` where the graph makes x0 otherwise."""
+    producer = {o: n for n in g.node for o in n.output}
+    reshape = producer.get(x0)
+    add = producer.get(reshape.input[0]) if reshape is not None and reshape.op_type == "Reshape" else None
+    if add is None or add.op_type != "Add" or len(consumers.get(add.output[0], [])) != 1:
+        raise PackingError("the fused front needs the first layer's input as Reshape(Add(...)) of the embeddings "
+                           "and the prompts, read by nothing else; pack with front='gather'")
+    side = {}
+    for t in add.input:
+        u = producer.get(t)
+        axes = (_const_ints(g, u.input[1]) if len(u.input) > 1 else None) if u is not None and \
+            u.op_type == "Unsqueeze" else None
+        if axes is None and u is not None and u.op_type == "Unsqueeze":  # opset < 13: axes as an attribute
+            axes = next((list(a.ints) for a in u.attribute if a.name == "axes"), None)
+        if axes in ([0], [1]) and len(consumers.get(t, [])) == 1:
+            side[axes[0]] = u.input[0]
+    if set(side) != {0, 1}:
+        raise PackingError("the fused front needs Add(Unsqueeze(embeddings, [0]), Unsqueeze(prompts, [1])) before "
+                           "the first layer; pack with front='gather'")
+    return side[0], side[1], [reshape, add]
+
+
+def _without_dead_nodes(nodes: list, graph_outputs: set) -> list:
+    """``nodes`` less those none of whose outputs is read (by a node or as a graph output), repeatedly."""
+    while True:
+        read = set(graph_outputs) | {i for n in nodes for i in n.input}
+        keep = [n for n in nodes if any(o and o in read for o in n.output)]
+        if len(keep) == len(nodes):
+            return keep
+        nodes = keep
 
 
 def _plan_flash(g, atts, only, base_dir) -> dict:
@@ -604,13 +682,13 @@ def _apply_moe(g, moe: dict) -> None:
 
 
 def pack_graph_file(path: str | os.PathLike, out: str | os.PathLike | None = None, host_offsets: bool = False,
-                    kernel: str = DEFAULT_KERNEL, ffn: str = DEFAULT_FFN) -> int:
+                    kernel: str = DEFAULT_KERNEL, ffn: str = DEFAULT_FFN, front: str = DEFAULT_FRONT) -> int:
     """:func:`pack_graph` on a graph file (weights stay where they are); writes ``out`` or in place."""
     import onnx
 
     path = Path(path)
     m = onnx.load(str(path), load_external_data=False)
-    n = pack_graph(m, host_offsets, kernel, base_dir=path.parent, ffn=ffn)
+    n = pack_graph(m, host_offsets, kernel, base_dir=path.parent, ffn=ffn, front=front)
     target = Path(out) if out else path
     tmp = target.with_name(target.name + ".tmp")
     onnx.save(m, str(tmp))
@@ -619,10 +697,11 @@ def pack_graph_file(path: str | os.PathLike, out: str | os.PathLike | None = Non
 
 
 def pack_export(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False,
-                host_offsets: bool = False, kernel: str = DEFAULT_KERNEL, ffn: str = DEFAULT_FFN) -> dict:
+                host_offsets: bool = False, kernel: str = DEFAULT_KERNEL, ffn: str = DEFAULT_FFN,
+                front: str = DEFAULT_FRONT) -> dict:
     """A packed copy of the fp16 export ``src`` in ``out``: graphs rewritten, the weights file
     copied, the manifest re-sealed with ``attention: packed`` (``packed_host`` with
-    ``host_offsets``), ``packed_kernel`` and ``packed_ffn``. Returns the manifest."""
+    ``host_offsets``), ``packed_kernel``, ``packed_ffn`` and ``packed_front``. Returns the manifest."""
     from cliptune_ort.errors import ConfigError
     from cliptune_ort.fileio import atomic_write_json
     from cliptune_ort.manifest import (
@@ -652,11 +731,12 @@ def pack_export(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool 
             shutil.copy2(src / f, tmp / f)  # not a hard link: onnx refuses external data with several links
         for gr in data["graphs"]:
             gr["packed_attention_nodes"] = pack_graph_file(src / gr["file"], tmp / gr["file"], host_offsets, kernel,
-                                                           ffn)
+                                                           ffn, front)
             gr["sha256"] = pin_sha256(tmp / gr["file"])
         data["attention"] = "packed_host" if host_offsets else "packed"
         data["packed_kernel"] = kernel
         data["packed_ffn"] = ffn
+        data["packed_front"] = front
         data["packed_from"] = str(src)
         atomic_write_json(tmp / MANIFEST_NAME, seal_manifest(data))
         load_manifest(tmp)  # the result must load and verify

@@ -51,6 +51,9 @@ def test_gpu_script_cpu_dry_run(tmp_path):
     assert short["kernel"] == "short" and short["ffn"] == "cublaslt" and short["packed_attention_nodes"] == [2, 2, 2]
     sqkv = data["export"]["packed_host_shortqkv_lt"]  # the same kernel on one QKV projection read in place
     assert sqkv["kernel"] == "short_qkv" and sqkv["packed_attention_nodes"] == [2, 2, 2]
+    assert sqkv["front"] == "gather"
+    pa = data["export"]["packed_host_shortqkv_ltpa"]  # the same with cliptune's PackAdd making the packed input
+    assert pa["kernel"] == "short_qkv" and pa["front"] == "fused" and pa["packed_attention_nodes"] == [2, 2, 2]
     assert "CUDA provider" in data["packed_note"]
     assert not any(c["mode"].startswith("packed") for c in data["cells"])
     assert data["tune_variant"]["used"] == "padded"
@@ -112,6 +115,9 @@ def test_gpu_script_cpu_dry_run(tmp_path):
     ("sm90_xmma_gemm_f16f16_f16f32_f32_nn_n_tilesize128x256x64_gelu_bias_execute_kernel__5x_cublas",
      "gemm_gelu_epilogue"),
     ("void onnxruntime::cuda::_BinaryElementWise<__half, ...>(...)", "other"),
+    # cliptune's PackAdd (the packed first-layer input; nvcc's name for pack_add.cu's kernel) is packing
+    ("(anonymous namespace)::PackAddVec(uint4 const*, uint4 const*, long const*, uint4*, long, long, long, long, long)",
+     "packing"),
 ])
 def test_kernel_classes(name, cls):
     sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -11,6 +11,7 @@ The op's CUDA build runs on a GPU only (benchmarks/gpu.py checks its logits agai
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -322,6 +323,41 @@ def test_library_ragged_attention_is_the_numpy_op(cpu_ops):
         del g.node[0].attribute[-1]
 
 
+def test_library_pack_add_is_the_numpy_op(cpu_ops):
+    """PackAdd (the packed first-layer input: the few-shot rows' embeddings plus each candidate's prompt at the
+    real tokens) on the CPU build equals the numpy op of tests/test_packing.py, which equals Add -> Flatten ->
+    Gather on the padded broadcast sum; an index outside the sum and mismatched shapes are one-line errors."""
+    from onnx import TensorProto, helper
+
+    from cliptune_ort.engine import packing_feeds
+
+    rng = np.random.default_rng(4)
+    pop, batch, seq, hidden = 3, 5, 9, 12
+    a = rng.standard_normal((batch, seq, hidden)).astype(np.float32)
+    p = rng.standard_normal((pop, seq, hidden)).astype(np.float32)
+    am = (np.arange(seq)[None] < rng.integers(2, seq + 1, size=batch)[:, None]).astype(np.int64)
+    index = packing_feeds(am, pop)["packed_token_index"]
+    assert index.dtype == np.int64 and len(index) == pop * int(am.sum())
+    node = helper.make_node("PackAdd", ["a", "p", "i"], ["y"], domain="ai.cliptune")
+    g = helper.make_graph([node], "pack", [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["b", "s", "h"]),
+                                           helper.make_tensor_value_info("p", TensorProto.FLOAT, ["n", "s", "h"]),
+                                           helper.make_tensor_value_info("i", TensorProto.INT64, ["t"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.cliptune", 1)])
+    sess = _session(m, cpu_ops)
+    got = sess.run(None, {"a": a, "p": p, "i": index})[0]
+    want = (a[None] + p[:, None]).reshape(pop * batch * seq, hidden)[index]  # the graph's Add -> Gather
+    np.testing.assert_array_equal(got, want)
+    numpy_op = next(op for op in _reference_ops() if op.__name__ == "PackAdd")
+    np.testing.assert_array_equal(numpy_op._run(None, a, p, index)[0], want)
+    np.testing.assert_array_equal(sess.run(None, {"a": a, "p": p, "i": index[:0]})[0], np.zeros((0, hidden)))
+    with pytest.raises(Exception, match=rf"PackAdd: index\[1\] = {pop * batch * seq} is not a row of the pop \* "
+                                        rf"batch \* seq = {pop * batch * seq} sum"):
+        sess.run(None, {"a": a, "p": p, "i": np.array([0, pop * batch * seq], np.int64)})
+    with pytest.raises(Exception, match=r"PackAdd: expected A \[batch, seq, hidden\], P \[pop, seq, hidden\]"):
+        sess.run(None, {"a": a, "p": p[:, 1:], "i": index})
+
+
 @needs_export
 @pytest.mark.parametrize("kernel", ["cudnn", "short", "short_qkv"])
 def test_ragged_kernels_match_unpacked(packed_pair, tmp_path, kernel):
@@ -357,6 +393,54 @@ def test_ragged_kernels_match_unpacked(packed_pair, tmp_path, kernel):
     pman = pack_export(src, tmp_path / "dnn", host_offsets=True, kernel=kernel, ffn="cublaslt_res")
     man = load_manifest(tmp_path / "dnn")
     assert pman["packed_kernel"] == kernel and man.packed_kernel == kernel and man.needs_ops_library
+
+
+@needs_export
+@pytest.mark.parametrize(("kernel", "ffn"), [("short_qkv", "cublaslt"), ("flash", "matmul")])
+def test_fused_front_matches_unpacked(packed_pair, tmp_path, kernel, ffn):
+    """front="fused": the padded sum of the embeddings and the prompts (Unsqueeze, Add, Reshape and its shape
+    arithmetic), Flatten and Gather give way to one PackAdd reading the embeddings and the prompts; the logits
+    are the unpacked graph's and the gather front's, the manifest records it and asks for the library; a padded
+    packing (no host offsets) is refused."""
+    import collections
+    import copy
+
+    from cliptune_export.packing import PackingError, pack_export, pack_graph
+    from onnx.reference import ReferenceEvaluator
+
+    src = packed_pair[0]
+    layers, _, host, ops, m, ref = _biased_case(src, seed=17, bias_seed=3)
+    out, count = {}, {}
+    for front in ("gather", "fused"):
+        g = copy.deepcopy(m)
+        assert pack_graph(g, host_offsets=True, kernel=kernel, ffn=ffn, front=front) == layers - 1
+        count[front] = c = collections.Counter(n.op_type for n in g.graph.node)
+        assert c["PackAdd"] == (front == "fused")
+        assert c["Flatten"] == (front == "gather")
+        pack = [n for n in g.graph.node if n.op_type in ("PackAdd", "Gather") and "packed_token_index" in n.input]
+        assert len(pack) == 1
+        out[front] = ReferenceEvaluator(g, new_ops=ops).run(None, host)[0]
+    # nothing makes the padded [pop * batch, seq, hidden] sum any more: one Add, one Reshape, two Unsqueezes fewer
+    for op, fewer in (("Add", 1), ("Reshape", 1), ("Unsqueeze", 2), ("Gather", 1)):
+        assert count["fused"][op] <= count["gather"][op] - fewer, op
+    np.testing.assert_array_equal(out["fused"], out["gather"])  # the same sums, in the same dtype
+    np.testing.assert_allclose(out["fused"], ref, atol=1e-3)
+    with pytest.raises(PackingError, match="the fused front .* pack with host offsets"):
+        pack_graph(copy.deepcopy(m), host_offsets=False, kernel=kernel, ffn=ffn, front="fused")
+    with pytest.raises(PackingError, match="packed front must be one of gather, fused"):
+        pack_graph(copy.deepcopy(m), host_offsets=True, front="later")
+    pman = pack_export(src, tmp_path / "pf", host_offsets=True, kernel=kernel, ffn=ffn, front="fused")
+    man = load_manifest(tmp_path / "pf")
+    assert pman["packed_front"] == "fused" and man.packed_front == "fused" and man.needs_ops_library
+    assert load_manifest(packed_pair[2]).packed_front == "gather" and load_manifest(src).packed_front is None
+    from cliptune_ort.errors import ModelDirError
+    from cliptune_ort.fileio import atomic_write_json
+    from cliptune_ort.manifest import MANIFEST_NAME, seal_manifest
+
+    data = json.loads((tmp_path / "pf" / MANIFEST_NAME).read_text())
+    atomic_write_json(tmp_path / "pf" / MANIFEST_NAME, seal_manifest({**data, "packed_front": "scatter"}))
+    with pytest.raises(ModelDirError, match="field packed_front is 'scatter', expected 'gather' or 'fused'"):
+        load_manifest(tmp_path / "pf")
 
 
 def _packed_flash(m):

@@ -161,6 +161,16 @@ def _reference_ops():
             out[token_offset.reshape(-1)[: x.shape[0]]] = x
             return (out.reshape(b, s, -1),)
 
+    class PackAdd(OpRun):  # cliptune's custom op: the packed first-layer input, Y[t] = A[b, s] + P[p, s]
+        op_domain = "ai.cliptune"
+
+        def _run(self, a, p, index):
+            batch, seq, hidden = a.shape
+            assert p.shape[1:] == (seq, hidden) and index.ndim == 1
+            assert np.all((index >= 0) & (index < p.shape[0] * batch * seq))
+            s, r = index % seq, index // seq
+            return ((a[r % batch, s] + p[r // batch, s]).astype(a.dtype),)
+
     class GatherElements(OpRun):  # onnx.reference's own mishandles [batch, seq] index tensors
         op_domain = ""
 
@@ -168,7 +178,7 @@ def _reference_ops():
             return (np.take_along_axis(data, indices.astype(np.int64), axis=axis),)
 
     return [GatherElements, Attention, PackedAttention, PackedMultiHeadAttention, SkipLayerNormalization, BiasGelu,
-            MoE, FusedDense, RaggedAttention, RemovePadding, RestorePadding]
+            MoE, FusedDense, RaggedAttention, PackAdd, RemovePadding, RestorePadding]
 
 
 def _with_weights(path):
@@ -531,6 +541,14 @@ def test_export_option_packed(tiny_roberta_src, tmp_path):
                                                                load_external_data=False).graph.node)
         assert ops["PackedMultiHeadAttention"] == g["packed_attention_nodes"] == man.data["model"]["layers"] - 1
         assert ops["PackedAttention"] == 0
+    assert man.packed_front == "gather" and man_d["packed_front"] == "gather"
+    with pytest.raises(ConfigError, match="--packed-front fused needs --packed host"):
+        export_model(str(tiny_roberta_src), tmp_path / "bad", ExportOptions(k=1, precision="fp16", packed="device",
+                                                                            packed_front="fused"))
+    with pytest.raises(ConfigError, match="--packed-front must be one of gather, fused"):
+        export_model(str(tiny_roberta_src), tmp_path / "bad", ExportOptions(k=1, precision="fp16", packed="host",
+                                                                            packed_front="scatter"))
+    assert not (tmp_path / "bad").exists()
 
 
 def test_pack_refuses_position_dependent_ops(packed_pair):

@@ -1,6 +1,7 @@
 // cliptune_ort's custom-op library: ai.cliptune.FusedDense, a dense layer whose bias and activation
 // run in the GEMM's epilogue, and ai.cliptune.RaggedAttention, cuDNN's fused attention on packed rows
-// (further down), with cliptune's own kernel for short rows as its impl = 1 (short_attention.cu).
+// (further down), with cliptune's own kernel for short rows as its impl = 1 (short_attention.cu), and
+// ai.cliptune.PackAdd, the packed first-layer input of a "packed_host" graph in one pass (pack_add.cu).
 //
 //   Y = act(X @ W + B [+ R])     X [..., K], W [K, N], B [N], optional R [..., N]  ->  Y [..., N]
 //   activation (string attribute): "none" | "gelu_tanh"
@@ -63,6 +64,11 @@ void* cudnn_dlhandle = nullptr;  // the frontend's handle on libcudnn (its dynam
 extern "C" int cliptune_short_attention(const void* q, const void* k, const void* v, int64_t in_ld, void* o,
                                         const int32_t* seq_len, const int32_t* ragged, int rows, int heads,
                                         int hidden, int max_seq, float scale, cudaStream_t stream);
+#endif
+#ifdef CLIPTUNE_PACK_ADD
+// pack_add.cu (compiled by nvcc, linked in): 0 launched, 2 launch failed
+extern "C" int cliptune_pack_add(const void* a, const void* p, const int64_t* index, void* y, int64_t tokens,
+                                 int64_t pop, int64_t batch, int64_t seq, int64_t hidden, cudaStream_t stream);
 #endif
 #if defined(CLIPTUNE_CUDNN) || defined(CLIPTUNE_SHORT_ATTN)
 #define CLIPTUNE_ATTN_CUDA  // the CUDA RaggedAttention: cuDNN's kernel (impl 0), cliptune's short-row one (impl 1)
@@ -762,6 +768,103 @@ struct AttnCudaKernel : AttnAttrs {
 using AttnCudaOp = AttnOp<AttnCudaKernel, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>;
 #endif  // CLIPTUNE_ATTN_CUDA
 
+// ---------------------------------------------------------------------------------------- PackAdd
+//
+//   Y[t] = A[b, s] + P[p, s],  i = index[t], s = i % seq, b = (i / seq) % batch, p = i / (seq * batch)
+//   A [batch, seq, hidden], P [pop, seq, hidden], index int64 [tokens]  ->  Y [tokens, hidden]
+//
+// The first packed layer's input of a "packed_host" graph: the few-shot rows' embeddings plus each candidate's
+// prompt, at the real tokens only (index: the runtime's packed_token_index into the flattened
+// [pop * batch * seq] sum). It replaces Add (over the whole padded [pop, batch, seq, hidden] sum) -> Flatten ->
+// Gather: one pass that writes the packed rows (pack_add.cu), instead of two over the padded sum. The CPU
+// build refuses an index outside the sum; the CUDA kernel writes a row of zeros for one (no read back).
+
+constexpr const char* kPackName = "PackAdd";
+
+struct PackDims {
+  int64_t pop = 0, batch = 0, seq = 0, hidden = 0, tokens = 0;
+};
+
+PackDims CheckPack(Ort::KernelContext& ctx) {
+  auto shape = [&](size_t i) { return ctx.GetInput(i).GetTensorTypeAndShapeInfo().GetShape(); };
+  auto a = shape(0), p = shape(1), idx = shape(2);
+  if (a.size() != 3 || p.size() != 3 || idx.size() != 1 || p[1] != a[1] || p[2] != a[2]) {
+    ORT_CXX_API_THROW("PackAdd: expected A [batch, seq, hidden], P [pop, seq, hidden] (the same seq and hidden) and "
+                      "index [tokens]",
+                      ORT_INVALID_ARGUMENT);
+  }
+  PackDims d;
+  d.batch = a[0];
+  d.seq = a[1];
+  d.hidden = a[2];
+  d.pop = p[0];
+  d.tokens = idx[0];
+  return d;
+}
+
+template <typename Kernel, ONNXTensorElementDataType kType>
+struct PackOp : OpCommon<PackOp<Kernel, kType>, Kernel, kType> {
+  explicit PackOp(const char* provider) : OpCommon<PackOp<Kernel, kType>, Kernel, kType>(provider) {}
+  const char* GetName() const { return kPackName; }
+  size_t GetInputTypeCount() const { return 3; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {  // A, P; index
+    return i < 2 ? kType : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+  }
+};
+
+struct PackCpuKernel {
+  explicit PackCpuKernel(const OrtKernelInfo*) {}
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return AsStatus([&] {
+      Ort::KernelContext ctx(context);
+      PackDims d = CheckPack(ctx);
+      const float* A = ctx.GetInput(0).GetTensorData<float>();
+      const float* P = ctx.GetInput(1).GetTensorData<float>();
+      const int64_t* index = ctx.GetInput(2).GetTensorData<int64_t>();
+      float* Y = ctx.GetOutput(0, {d.tokens, d.hidden}).GetTensorMutableData<float>();
+      const int64_t total = d.pop * d.batch * d.seq;
+      for (int64_t t = 0; t < d.tokens; ++t) {
+        const int64_t i = index[t];
+        if (i < 0 || i >= total) {
+          ORT_CXX_API_THROW("PackAdd: index[" + std::to_string(t) + "] = " + std::to_string(i) +
+                                " is not a row of the pop * batch * seq = " + std::to_string(total) + " sum",
+                            ORT_INVALID_ARGUMENT);
+        }
+        const int64_t r = i / d.seq, s = i % d.seq, p = r / d.batch, b = r % d.batch;
+        const float* ar = A + (b * d.seq + s) * d.hidden;
+        const float* pr = P + (p * d.seq + s) * d.hidden;
+        for (int64_t c = 0; c < d.hidden; ++c) Y[t * d.hidden + c] = ar[c] + pr[c];
+      }
+    });
+  }
+};
+
+using PackCpuOp = PackOp<PackCpuKernel, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT>;
+
+#ifdef CLIPTUNE_PACK_ADD
+struct PackCudaKernel {
+  explicit PackCudaKernel(const OrtKernelInfo*) {}
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return AsStatus([&] {
+      Ort::KernelContext ctx(context);
+      PackDims d = CheckPack(ctx);
+      auto y = ctx.GetOutput(0, {d.tokens, d.hidden});
+      if (d.tokens == 0 || d.hidden == 0) return;
+      if (cliptune_pack_add(ctx.GetInput(0).GetTensorRawData(), ctx.GetInput(1).GetTensorRawData(),
+                            ctx.GetInput(2).GetTensorData<int64_t>(), y.GetTensorMutableRawData(), d.tokens, d.pop,
+                            d.batch, d.seq, d.hidden, static_cast<cudaStream_t>(ctx.GetGPUComputeStream())) != 0) {
+        ORT_CXX_API_THROW("PackAdd: the kernel did not launch: " + std::string(cudaGetErrorString(cudaGetLastError())),
+                          ORT_RUNTIME_EXCEPTION);
+      }
+    });
+  }
+};
+
+using PackCudaOp = PackOp<PackCudaKernel, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>;
+#endif  // CLIPTUNE_PACK_ADD
+
 // The domains handed to sessions must outlive them: kept here until the library is unloaded.
 std::mutex g_domains_mu;
 std::vector<Ort::CustomOpDomain>& Domains() {
@@ -784,13 +887,18 @@ const char* cliptune_ops_variant() {
 
 // The ops this build holds (a cuda build with neither cuDNN's headers nor nvcc has no RaggedAttention).
 // "RaggedAttention" carries the impls the build runs on the GPU: "RaggedAttention[cudnn,short]".
+// PackAdd follows where the build has it (the CPU build; a cuda build where nvcc was found).
 const char* cliptune_ops_list() {
 #ifndef CLIPTUNE_CUDA
-  return "FusedDense RaggedAttention";
+  return "FusedDense RaggedAttention PackAdd";
+#elif defined(CLIPTUNE_CUDNN) && defined(CLIPTUNE_SHORT_ATTN) && defined(CLIPTUNE_PACK_ADD)
+  return "FusedDense RaggedAttention[cudnn,short] PackAdd";
 #elif defined(CLIPTUNE_CUDNN) && defined(CLIPTUNE_SHORT_ATTN)
   return "FusedDense RaggedAttention[cudnn,short]";
 #elif defined(CLIPTUNE_CUDNN)
   return "FusedDense RaggedAttention[cudnn]";
+#elif defined(CLIPTUNE_SHORT_ATTN) && defined(CLIPTUNE_PACK_ADD)
+  return "FusedDense RaggedAttention[short] PackAdd";
 #elif defined(CLIPTUNE_SHORT_ATTN)
   return "FusedDense RaggedAttention[short]";
 #else
@@ -811,14 +919,21 @@ OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtA
 #ifdef CLIPTUNE_ATTN_CUDA
     static const AttnCudaOp attn("CUDAExecutionProvider");
 #endif
+#ifdef CLIPTUNE_PACK_ADD
+    static const PackCudaOp pack("CUDAExecutionProvider");
+#endif
 #else
     static const DenseCpuOp op(nullptr);
     static const AttnCpuOp attn(nullptr);
+    static const PackCpuOp pack(nullptr);
 #endif
     Ort::CustomOpDomain domain{kDomain};
     domain.Add(&op);
 #if !defined(CLIPTUNE_CUDA) || defined(CLIPTUNE_ATTN_CUDA)
     domain.Add(&attn);
+#endif
+#if !defined(CLIPTUNE_CUDA) || defined(CLIPTUNE_PACK_ADD)
+    domain.Add(&pack);
 #endif
     Ort::UnownedSessionOptions(options).Add(domain);
     std::lock_guard<std::mutex> lock(g_domains_mu);
