@@ -57,6 +57,12 @@ FusedDense with the BIAS epilogue. The bias and the activation run inside the GE
 4 * hidden] intermediate is written once and the query once. The sessions load the custom-op library
 (``cliptune build-ops --variant cuda``); the manifest says so (``packed_ffn: cublaslt``).
 
+``front="fused"`` (with ``host_offsets``): the first packed layer's input, ``x0 = Reshape(Add(Unsqueeze(A, 0),
+Unsqueeze(P, 1)))`` (the embeddings A [batch, seq, hidden] plus the prompts at their positions P [pop, seq,
+hidden], broadcast to [pop * batch, seq, hidden]) then Flatten -> Gather of its real tokens, becomes one
+``ai.cliptune.PackAdd(A, P, packed_token_index)`` that writes the packed rows directly (custom-op library,
+native/pack_add.cu); the padded sum and its shape arithmetic are dropped.
+
 These ops exist on the CUDA provider only: a packed export cannot run on the CPU (the runtime
 refuses it in one line), and the exporter validates the unpacked graphs against PyTorch before it
 packs them. The rewrite itself is checked on the CPU by running both graphs through
