@@ -569,3 +569,17 @@ def test_gpu_ragged_kernel_check_on_the_cpu_build(cpu_ops, tmp_path, monkeypatch
     monkeypatch.setattr(sessions_mod, "make_session", lambda *a, **kw: OffByOneRow(real(*a, **kw)))
     bad = gpu.ragged_kernel_check("cpu", str(tmp_path), heads=2, lens_sets=((5, 17),))
     assert not bad["ok"] and bad["max_abs_err"] > 0.1
+
+
+def test_wheel_ships_the_library_sources():
+    """`cliptune build-ops` compiles cliptune_ort/native/* from the installed package: every source there must
+    match pyproject's package-data (a wheel held native.py but none of them before)."""
+    import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    root = Path(__file__).resolve().parents[1]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["cliptune_ort"]
+    sources = sorted(p.relative_to(root / "cliptune_ort").as_posix() for p in (root / "cliptune_ort" / "native").iterdir())
+    assert {"native/fused_dense.cc", "native/short_attention.cu", "native/pack_add.cu"} <= set(sources)
+    for s in sources:
+        assert any(fnmatch.fnmatch(s, g) for g in globs), f"{s} is not in the wheel's package-data {globs}"
