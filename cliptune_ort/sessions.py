@@ -10,6 +10,7 @@ several sessions live).
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,6 +205,11 @@ def make_session(path: str | Path, spec: SessionSpec, shared: SharedWeights | No
         sess = ort.InferenceSession(str(path), so, providers=providers, **kw)
     except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        missing = re.search(r"ai\.cliptune:(\w+)\(-?\d+\) is not a registered function/op", msg)
+        if spec.ops_library and missing:  # a library built before that op existed, or without nvcc
+            raise ProviderError(f"the custom-op library registered for {path} has no {missing.group(1)} op (built "
+                                f"before it existed, or without nvcc): rebuild it with `cliptune build-ops --variant "
+                                f"{spec.ops_library}`") from None
         raise ModelDirError(f"ONNX Runtime cannot load {path} ({msg[:300]}): the file is damaged or not a "
                             "cliptune graph; re-export the model dir") from None
     # the session reads the shared weights from the memory map without owning it: keep it alive

@@ -147,6 +147,14 @@ def test_make_session_registers_the_library(cpu_ops, monkeypatch, tmp_path):
     np.testing.assert_allclose(got, dense._run(None, x, w, b, activation="gelu_tanh")[0], atol=2e-5)
     with pytest.raises(ModelDirError, match="cannot load"):
         make_session(path, SessionSpec(device="cpu"))
+    # an op this build lacks (a library built before the op existed): one line naming the rebuild
+    newer = _dense_model(8, 4, w, b, "gelu_tanh")
+    newer.graph.node[0].op_type = "FusedDenseNext"
+    path.write_bytes(newer.SerializeToString())
+    from cliptune_ort.errors import ProviderError
+
+    with pytest.raises(ProviderError, match=r"has no FusedDenseNext op .* `cliptune build-ops --variant cpu`"):
+        make_session(path, SessionSpec(device="cpu", ops_library="cpu"))
     monkeypatch.setenv("CLIPTUNE_OPS_LIB", str(tmp_path / "elsewhere.so"))  # an explicit file wins
     with pytest.raises(native.NativeOpsError, match="elsewhere.so missing"):
         native.library_path("cpu")
