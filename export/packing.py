@@ -347,7 +347,7 @@ def pack_graph(model, host_offsets: bool = False, kernel: str = DEFAULT_KERNEL,
     if moe:
         _apply_moe(g, moe)
     if pack_add is not None:  # the padded sum's Unsqueezes and shape arithmetic are left unread
-        new_nodes = _without_dead_nodes(new_nodes, {o.name for o in g.output})
+        new_nodes = _drop_unread_producers(g, new_nodes, pack_add[2])
     del g.node[:]
     g.node.extend(new_nodes)
     # shapes recorded for the padded tensors no longer hold inside the region
@@ -385,7 +385,9 @@ def _plan_front(g, x0: str, consumers) -> tuple[str, str, list]:
     producer = {o: n for n in g.node for o in n.output}
     reshape = producer.get(x0)
     add = producer.get(reshape.input[0]) if reshape is not None and reshape.op_type == "Reshape" else None
-    if add is None or add.op_type != "Add" or len(consumers.get(add.output[0], [])) != 1:
+    outputs = {o.name for o in g.output}
+    if (add is None or add.op_type != "Add" or len(consumers.get(add.output[0], [])) != 1
+            or {add.output[0], x0} & outputs):
         raise PackingError("the fused front needs the first layer's input as Reshape(Add(...)) of the embeddings "
                            "and the prompts, read by nothing else; pack with front='gather'")
     side = {}
@@ -395,7 +397,7 @@ def _plan_front(g, x0: str, consumers) -> tuple[str, str, list]:
             u.op_type == "Unsqueeze" else None
         if axes is None and u is not None and u.op_type == "Unsqueeze":  # opset < 13: axes as an attribute
             axes = next((list(a.ints) for a in u.attribute if a.name == "axes"), None)
-        if axes in ([0], [1]) and len(consumers.get(t, [])) == 1:
+        if axes in ([0], [1]) and len(consumers.get(t, [])) == 1 and t not in outputs:
             side[axes[0]] = u.input[0]
     if set(side) != {0, 1}:
         raise PackingError("the fused front needs Add(Unsqueeze(embeddings, [0]), Unsqueeze(prompts, [1])) before "
@@ -403,14 +405,43 @@ def _plan_front(g, x0: str, consumers) -> tuple[str, str, list]:
     return side[0], side[1], [reshape, add]
 
 
-def _without_dead_nodes(nodes: list, graph_outputs: set) -> list:
-    """``nodes`` less those none of whose outputs is read (by a node or as a graph output), repeatedly."""
+def _names_read(nodes) -> set:
+    """Every tensor name the nodes read, including those their subgraphs (If, Loop, Scan) read from outside."""
+    read = set()
+    for n in nodes:
+        read.update(n.input)
+        for a in n.attribute:
+            for sub in [a.g, *a.graphs] if a.HasField("g") else a.graphs:
+                read |= _names_read(sub.node)
+    return read
+
+
+def _drop_unread_producers(g, nodes: list, removed: list) -> list:
+    """``nodes`` less the producers of what the ``removed`` nodes read that nothing reads any more, then their
+    producers in turn; the value_info of every removed tensor and the initializers only removed nodes read
+    go too."""
+    graph_outputs = {o.name for o in g.output}
+    dropped: list = list(removed)
+    seeds = {i for n in removed for i in n.input if i}
     while True:
-        read = set(graph_outputs) | {i for n in nodes for i in n.input}
-        keep = [n for n in nodes if any(o and o in read for o in n.output)]
-        if len(keep) == len(nodes):
-            return keep
-        nodes = keep
+        read = graph_outputs | _names_read(nodes)
+        dead = [n for n in nodes if any(o in seeds for o in n.output) and not any(o and o in read for o in n.output)]
+        if not dead:
+            break
+        ids = {id(n) for n in dead}
+        nodes = [n for n in nodes if id(n) not in ids]
+        dropped += dead
+        seeds = {i for n in dead for i in n.input if i}
+    read = graph_outputs | _names_read(nodes)
+    gone = {o for n in dropped for o in n.output}
+    keep_vi = [v for v in g.value_info if v.name not in gone]
+    del g.value_info[:]
+    g.value_info.extend(keep_vi)
+    unread = {i for n in dropped for i in n.input} - read
+    keep_init = [t for t in g.initializer if t.name not in unread]
+    del g.initializer[:]
+    g.initializer.extend(keep_init)
+    return nodes
 
 
 def _plan_flash(g, atts, only, base_dir) -> dict:

@@ -418,9 +418,9 @@ def test_fused_front_matches_unpacked(packed_pair, tmp_path, kernel, ffn):
 
     src = packed_pair[0]
     layers, _, host, ops, m, ref = _biased_case(src, seed=17, bias_seed=3)
-    out, count = {}, {}
+    out, count, graphs = {}, {}, {}
     for front in ("gather", "fused"):
-        g = copy.deepcopy(m)
+        graphs[front] = g = copy.deepcopy(m)
         assert pack_graph(g, host_offsets=True, kernel=kernel, ffn=ffn, front=front) == layers - 1
         count[front] = c = collections.Counter(n.op_type for n in g.graph.node)
         assert c["PackAdd"] == (front == "fused")
@@ -431,6 +431,20 @@ def test_fused_front_matches_unpacked(packed_pair, tmp_path, kernel, ffn):
     # nothing makes the padded [pop * batch, seq, hidden] sum any more: one Add, one Reshape, two Unsqueezes fewer
     for op, fewer in (("Add", 1), ("Reshape", 1), ("Unsqueeze", 2), ("Gather", 1)):
         assert count["fused"][op] <= count["gather"][op] - fewer, op
+    # and only that went: every node dropped fed the padded sum (its shape arithmetic included), no value_info
+    # names a tensor that is no longer made
+    producer = {o: n for n in m.graph.node for o in n.output}
+    cone, todo = set(), [m.graph.node[[n.op_type for n in m.graph.node].index("Attention")].input[0]]
+    while todo:
+        n = producer.get(todo.pop())
+        if n is not None and n.name not in cone:
+            cone.add(n.name)
+            todo.extend(n.input)
+    names = {f: {n.name for n in gr.graph.node} for f, gr in graphs.items()}
+    assert names["gather"] - names["fused"] <= cone | {"cliptune_PackFlatten", "cliptune_PackGather"}
+    g = graphs["fused"].graph
+    made = {o for n in g.node for o in n.output} | {i.name for i in g.input} | {t.name for t in g.initializer}
+    assert {v.name for v in g.value_info} <= made
     np.testing.assert_array_equal(out["fused"], out["gather"])  # the same sums, in the same dtype
     np.testing.assert_allclose(out["fused"], ref, atol=1e-3)
     with pytest.raises(PackingError, match="the fused front .* pack with host offsets"):

@@ -66,10 +66,10 @@ extern "C" int cliptune_short_attention(const void* q, const void* k, const void
                                         int hidden, int max_seq, float scale, cudaStream_t stream);
 #endif
 #ifdef CLIPTUNE_PACK_ADD
-// pack_add.cu (compiled by nvcc, linked in): 0 launched, 2 launch failed
+// pack_add.cu (compiled by nvcc, linked in)
 extern "C" int cliptune_pack_add(const void* a, const void* p, const int64_t* index, void* y, int64_t tokens,
                                  int64_t pop, int64_t batch, int64_t seq, int64_t hidden, cudaStream_t stream);
-#endif
+#endif  // 0 launched, 1 too many rows for one launch, 2 launch failed
 #if defined(CLIPTUNE_CUDNN) || defined(CLIPTUNE_SHORT_ATTN)
 #define CLIPTUNE_ATTN_CUDA  // the CUDA RaggedAttention: cuDNN's kernel (impl 0), cliptune's short-row one (impl 1)
 #endif
@@ -789,8 +789,13 @@ PackDims CheckPack(Ort::KernelContext& ctx) {
   auto shape = [&](size_t i) { return ctx.GetInput(i).GetTensorTypeAndShapeInfo().GetShape(); };
   auto a = shape(0), p = shape(1), idx = shape(2);
   if (a.size() != 3 || p.size() != 3 || idx.size() != 1 || p[1] != a[1] || p[2] != a[2]) {
+    auto str = [](const std::vector<int64_t>& v) {
+      std::string out = "[";
+      for (size_t i = 0; i < v.size(); ++i) out += (i ? ", " : "") + std::to_string(v[i]);
+      return out + "]";
+    };
     ORT_CXX_API_THROW("PackAdd: expected A [batch, seq, hidden], P [pop, seq, hidden] (the same seq and hidden) and "
-                      "index [tokens]",
+                      "index [tokens], got A " + str(a) + ", P " + str(p) + " and index " + str(idx),
                       ORT_INVALID_ARGUMENT);
   }
   PackDims d;
@@ -852,9 +857,15 @@ struct PackCudaKernel {
       PackDims d = CheckPack(ctx);
       auto y = ctx.GetOutput(0, {d.tokens, d.hidden});
       if (d.tokens == 0 || d.hidden == 0) return;
-      if (cliptune_pack_add(ctx.GetInput(0).GetTensorRawData(), ctx.GetInput(1).GetTensorRawData(),
-                            ctx.GetInput(2).GetTensorData<int64_t>(), y.GetTensorMutableRawData(), d.tokens, d.pop,
-                            d.batch, d.seq, d.hidden, static_cast<cudaStream_t>(ctx.GetGPUComputeStream())) != 0) {
+      const int rc = cliptune_pack_add(ctx.GetInput(0).GetTensorRawData(), ctx.GetInput(1).GetTensorRawData(),
+                                       ctx.GetInput(2).GetTensorData<int64_t>(), y.GetTensorMutableRawData(), d.tokens,
+                                       d.pop, d.batch, d.seq, d.hidden,
+                                       static_cast<cudaStream_t>(ctx.GetGPUComputeStream()));
+      if (rc == 1) {
+        ORT_CXX_API_THROW("PackAdd: " + std::to_string(d.tokens) + " tokens are more than one launch covers",
+                          ORT_INVALID_ARGUMENT);
+      }
+      if (rc != 0) {
         ORT_CXX_API_THROW("PackAdd: the kernel did not launch: " + std::string(cudaGetErrorString(cudaGetLastError())),
                           ORT_RUNTIME_EXCEPTION);
       }
@@ -891,18 +902,19 @@ const char* cliptune_ops_variant() {
 const char* cliptune_ops_list() {
 #ifndef CLIPTUNE_CUDA
   return "FusedDense RaggedAttention PackAdd";
-#elif defined(CLIPTUNE_CUDNN) && defined(CLIPTUNE_SHORT_ATTN) && defined(CLIPTUNE_PACK_ADD)
-  return "FusedDense RaggedAttention[cudnn,short] PackAdd";
-#elif defined(CLIPTUNE_CUDNN) && defined(CLIPTUNE_SHORT_ATTN)
-  return "FusedDense RaggedAttention[cudnn,short]";
-#elif defined(CLIPTUNE_CUDNN)
-  return "FusedDense RaggedAttention[cudnn]";
-#elif defined(CLIPTUNE_SHORT_ATTN) && defined(CLIPTUNE_PACK_ADD)
-  return "FusedDense RaggedAttention[short] PackAdd";
-#elif defined(CLIPTUNE_SHORT_ATTN)
-  return "FusedDense RaggedAttention[short]";
 #else
-  return "FusedDense";
+  return "FusedDense"
+#if defined(CLIPTUNE_CUDNN) && defined(CLIPTUNE_SHORT_ATTN)
+         " RaggedAttention[cudnn,short]"
+#elif defined(CLIPTUNE_CUDNN)
+         " RaggedAttention[cudnn]"
+#elif defined(CLIPTUNE_SHORT_ATTN)
+         " RaggedAttention[short]"
+#endif
+#ifdef CLIPTUNE_PACK_ADD
+         " PackAdd"
+#endif
+      ;
 #endif
 }
 

@@ -54,17 +54,20 @@ __global__ void PackAddScalar(const __half* a, const __half* p, const int64_t* i
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   if (t >= tokens) return;
   const int64_t i = index[t];
-  const bool in = i >= 0 && i < total;
-  const int64_t r = in ? i / seq : 0, s = in ? i - r * seq : 0;
+  if (i < 0 || i >= total) {  // as PackAddVec: zeros, no stray read
+    for (int64_t c = threadIdx.x; c < hidden; c += blockDim.x) y[t * hidden + c] = __float2half(0.0f);
+    return;
+  }
+  const int64_t r = i / seq, s = i - r * seq;
   const int64_t pp = r / batch, b = r - pp * batch;
   for (int64_t c = threadIdx.x; c < hidden; c += blockDim.x) {
-    y[t * hidden + c] = in ? __hadd(a[(b * seq + s) * hidden + c], p[(pp * seq + s) * hidden + c]) : __float2half(0.0f);
+    y[t * hidden + c] = __hadd(a[(b * seq + s) * hidden + c], p[(pp * seq + s) * hidden + c]);
   }
 }
 
 }  // namespace
 
-// 0 launched, 2 the launch failed (cudaGetLastError says why).
+// 0 launched, 1 more rows than one launch covers (2^31 blocks), 2 the launch failed (cudaGetLastError says why).
 // pop * batch * seq rows in the sum; an index outside them gives a row of zeros (the CPU build refuses it).
 extern "C" int cliptune_pack_add(const void* a, const void* p, const int64_t* index, void* y, int64_t tokens,
                                  int64_t pop, int64_t batch, int64_t seq, int64_t hidden, cudaStream_t stream) {
@@ -78,7 +81,7 @@ extern "C" int cliptune_pack_add(const void* a, const void* p, const int64_t* in
   const int ty = kThreads / tx;                 // rows per block
   const dim3 block(tx, ty);
   const int64_t blocks = (tokens + ty - 1) / ty;
-  if (blocks > INT32_MAX) return 2;
+  if (blocks > INT32_MAX) return 1;
   if (vec) {
     PackAddVec<<<static_cast<unsigned>(blocks), block, 0, stream>>>(
         static_cast<const uint4*>(a), static_cast<const uint4*>(p), index, static_cast<uint4*>(y), tokens, batch,
