@@ -606,3 +606,17 @@ def test_deploy_of_a_run_on_packed_graphs(packed_pair, roberta_dir, tmp_path):
     # the classifier is the one the unpacked run itself deploys
     direct = deploy_run(run, tmp_path / "direct.onnx", DeployOptions(check_split="dev"))
     assert direct["check"]["max_abs_prob_diff"] == pytest.approx(meta["check"]["max_abs_prob_diff"], abs=1e-6)
+
+
+def test_packed_graphs_evaluate_in_chunks_as_large_as_the_train_call(packed_pair):
+    """Dev/test chunks: cfg.eval_chunk rows for padded graphs (padding and memory bounded); for packed graphs
+    at least popsize x the train rows (the stacked train call's memory), so fewer shapes run only once."""
+    from cliptune_ort.config import build_config
+    from cliptune_ort.tuner import eval_chunk_rows
+
+    padded, packed = load_manifest(packed_pair[0]), load_manifest(packed_pair[2])
+    cfg = build_config(task="sst2", popsize=20)
+    assert eval_chunk_rows(cfg, padded, 32) == cfg.eval_chunk == 256
+    assert eval_chunk_rows(cfg, packed, 32) == 640  # SST-2's 872 test rows: 2 chunks, not 4
+    assert eval_chunk_rows(build_config(task="sst2", popsize=4), packed, 32) == 256  # never below eval_chunk
+    assert eval_chunk_rows(build_config(task="sst2", popsize=20, eval_chunk=1000), packed, 32) == 1000

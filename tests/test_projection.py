@@ -257,3 +257,35 @@ def test_projection_is_drawn_beside_the_data(splade_dir, monkeypatch):
     wsm = prepare(build_config(task="sst2", method="manual"), splade_dir)
     wsm.engine.close()
     assert len(seen) == 1 and wsm.at is None
+
+
+@needs_export
+def test_final_evaluation_projects_as_the_dev_evaluations(splade_dir, tmp_path, monkeypatch):
+    """The final train/dev/test evaluation of the best-dev candidate runs on the prompt the dev evaluations
+    used (DevicePrompts in a bound run: the dev binding serves again), an unbound run on the host prompt as
+    before; both give best_prompt.npy's numbers (the saved prompt is the host projection)."""
+    from cliptune_ort import tuner
+
+    seen = []
+    real = tuner.evaluate
+
+    def spy(ws, prompt, batch):
+        seen.append(type(prompt).__name__)
+        return real(ws, prompt, batch)
+
+    monkeypatch.setattr(tuner, "evaluate", spy)
+    for bound in (True, False):
+        cfg = build_config(task="sst2", method="bbt", d=D, popsize=5, budget=20, eval_every=10, plot=False,
+                           **({"iobinding": "on", "cands_per_call": 5} if bound else {}))
+        seen.clear()
+        run = tmp_path / f"bound_{bound}"
+        res = tune(cfg, run, progress=False, model_dir=splade_dir)
+        assert seen[-3:] == (["DevicePrompts"] * 3 if bound else ["ndarray"] * 3)  # train, dev, test
+        ws = prepare(cfg, splade_dir)
+        try:
+            for split, batch in (("dev", ws.dev), ("test", ws.test)):
+                ref = real(ws, np.load(run / "best_prompt.npy"), batch)
+                assert res[split]["metric"] == ref["metric"]
+                np.testing.assert_allclose(res[split]["loss"], ref["loss"], atol=1e-5, rtol=0)
+        finally:
+            ws.engine.close()
