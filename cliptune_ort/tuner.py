@@ -93,8 +93,8 @@ def eval_batch(engine: Engine, enc: Encoded, chunk: int) -> FixedBatch:
 def eval_chunk_rows(cfg: TuneConfig, manifest: Manifest, train_rows: int) -> int:
     """Rows per dev/test chunk: ``cfg.eval_chunk``; for packed graphs (no padded token computed up to the last
     layer) at least the stacked train call's ``popsize`` x train rows, whose memory the run needs anyway, so
-    that fewer shapes run once (SST-2's 872 test rows: 2 chunks instead of 4; each new binding's first run
-    cost tens of ms on an H100, run 9)."""
+    that fewer shapes run once (SST-2's 872 test rows: 2 chunks instead of 4; a new binding's first run seems
+    to cost tens of ms on an H100, see _finish)."""
     if manifest.packed:
         return max(cfg.eval_chunk, cfg.popsize * train_rows)
     return cfg.eval_chunk
