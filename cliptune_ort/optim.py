@@ -190,9 +190,9 @@ def _private_direct_draws(es, randint) -> None:
     adaptation's ``check_consistency`` checks; it only ever warns). When the global state was swapped for
     the private one around each call, those draws came from the private stream, between the normal
     deviates; so they still do: for the duration of that check ``np.random.randint`` is the private
-    state's (two attribute swaps, where the state copies took about 0.7 ms a generation). Candidates are
-    pycma's own bits (tests/test_cma_eigen.py); a pycma that draws elsewhere fails the test that the
-    global state stays untouched. As with the state swap before, another thread drawing with
+    state's (two attribute swaps, where the state swap took four get/set pairs of about 80 us a generation).
+    Candidates are pycma's own bits (tests/test_cma_eigen.py); a pycma that draws elsewhere fails the test
+    that the global state stays untouched. As with the state swap before, another thread drawing with
     ``np.random.randint`` during the check would draw from this stream.
     """
     sigma = getattr(es, "adapt_sigma", None)
@@ -223,8 +223,8 @@ class CMAES(Optimizer):
         cma = import_cma()
         # pycma seeds the global state with its ``seed`` option (0 meaning "from the clock", hence 2**32 - 1
         # for seed 0) and then draws with np.random.randn; a RandomState seeded the same way draws the same
-        # numbers. Swapping the global state in and out around every ask and tell instead cost about 0.7 ms a
-        # generation (four 2.5 kB state copies, cold after each scoring call) on the optimiser's critical path.
+        # numbers. Swapping the global state in and out around every ask and tell instead took four get/set
+        # pairs of 2.5 kB state copies a generation (about 80 us each when hot) on the optimiser's critical path.
         self._rs = np.random.RandomState(seed if seed > 0 else 2**32 - 1)
         opts = {"seed": float("nan"),  # no seeding of the global state: the draws go through ``randn``
                 "randn": self._rs.randn,
