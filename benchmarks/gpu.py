@@ -431,6 +431,18 @@ TUNE_VARIANTS = {"padded": (None, False), "padded_cg": (None, True),
                     for v in ((name, name + "_cg") if host else (name,))}}
 
 
+def layout_usable(kernel: str, parity_sound: bool, device: str, ragged_check: dict | None) -> bool:
+    """Whether a packed layout may score the tune runs: its logits as close to PyTorch fp32 as the padded
+    graph's (on the 32 train rows), and, for cliptune's own attention kernels (RaggedAttention impl 1) on
+    CUDA, a passed check on rows of edge lengths (``ragged_kernel_check``; the test set has lengths the train
+    rows do not). A check that did not run or crashed counts as failed there."""
+    if not parity_sound:
+        return False
+    if device == "cuda" and kernel in ("short", "short_qkv"):
+        return bool(ragged_check and ragged_check.get("ok"))
+    return True
+
+
 def profile_placement(model_dir: Path, device: str, enc, verb, work: Path, n_buckets: int = 4,
                       calls: int = 5) -> dict:
     """Where ORT ran each node of graph 0 (from its profiler), the Memcpy nodes, and where the time of
@@ -1449,7 +1461,9 @@ def main(argv=None) -> int:
     variants = {  # name: (model dir, cuda_graph, pop-20 p50 ms, usable)
         "padded": (fp16_dir, False, p50_of("iobinding", 4), True),
         "padded_cg": (fp16_dir, True, p50_of("cuda_graph", 4), bool(engine_ok.get(("fp16", "cuda_graph")))),
-        **{name: (packed_dirs[layout], cg, p50_of(name, 1), sound(f"ort_fp16_{name}"))
+        **{name: (packed_dirs[layout], cg, p50_of(name, 1),
+                  layout_usable(PACKED_LAYOUTS[layout][1], sound(f"ort_fp16_{name}"), device,
+                                res.data.get("ragged_kernel_check")))
            for name, (layout, cg) in TUNE_VARIANTS.items() if layout},
     }
     if args.tune_variant != "auto":

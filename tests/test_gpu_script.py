@@ -169,3 +169,17 @@ def test_smoke_test_in_a_child_process(splade_dir):
     out = gpu.smoke_in_child(splade_dir, "cpu", "iobinding", timeout_s=300)
     assert out["pop20_finite"] and out["pop1_finite"] and out["pop20_first_call_s"] > 0
     assert 0.0 <= out["dev_metric"] <= 1.0 and 0.0 <= out["test_metric"] <= 1.0  # a tune's evaluation shapes ran
+
+
+def test_tunes_use_a_short_kernel_layout_only_after_its_edge_length_check():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    gpu = pytest.importorskip("gpu")
+    ok, bad = {"ok": True}, {"ok": False}
+    assert gpu.layout_usable("flash", True, "cuda", None)  # ORT's kernels: parity alone
+    assert not gpu.layout_usable("flash", False, "cuda", ok)
+    for kernel in ("short", "short_qkv"):
+        assert gpu.layout_usable(kernel, True, "cuda", ok)
+        assert not gpu.layout_usable(kernel, True, "cuda", bad)
+        assert not gpu.layout_usable(kernel, True, "cuda", None)  # the check crashed or did not run
+        assert not gpu.layout_usable(kernel, False, "cuda", ok)
+        assert gpu.layout_usable(kernel, True, "cpu", None)  # the CPU dry run has no such check
