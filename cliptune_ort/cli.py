@@ -74,7 +74,7 @@ _TUNE_KEYS = ("task", "method", "optimizer", "cma_eigen", "seed", "model_dir", "
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .manifest import PACKED_KERNELS
+    from .manifest import PACKED_FRONTS, PACKED_KERNELS
 
     ap = _Parser(prog="cliptune", description="Clip-Tuning on ONNX Runtime: derivative-free prompt learning")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "bias) inside the GEMM, cliptune's FusedDense op (cuBLASLt epilogue; tanh GELU); "
                         "'cublaslt_res' also adds each residual in the output projections' epilogue (then a plain "
                         "LayerNorm); the sessions need `cliptune build-ops` (default: matmul, ORT's own ops)")
-    e.add_argument("--packed-front", choices=("gather", "fused"), default="gather",
+    e.add_argument("--packed-front", choices=PACKED_FRONTS, default="gather",
                    help="with --packed host: 'fused' = the first packed layer's input (the embeddings plus each "
                         "candidate's prompt, real tokens only) made in one pass by cliptune's PackAdd op instead of "
                         "ORT's Add over the padded sum and a Gather (`cliptune build-ops`; default: gather)")

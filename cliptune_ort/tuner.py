@@ -844,8 +844,7 @@ def _finish(ws: Workspace, run_dir: Path, state: dict | None, stop_reason: str |
         # run, whose dev binding (captured) then serves again; the host prompt's bindings would be new, and
         # each new binding's first run seems to cost tens of ms: run 9's final evaluation took 0.41 s over six
         # new bindings for an estimated 76 ms of kernels. Unbound (CPU) runs evaluate the same host prompt.
-        device = ws.prompts(z[None]) if ws.at is not None and ws.engine.projects_on_device(1) else None
-        evaluated = device if isinstance(device, DevicePrompts) else prompt
+        evaluated = ws.prompts(z[None]) if ws.engine.projects_on_device(1) else prompt
     else:
         prompt = evaluated = None
     train = evaluate(ws, evaluated, ws.train)

@@ -393,9 +393,10 @@ def _plan_front(g, x0: str, consumers) -> tuple[str, str, list]:
     side = {}
     for t in add.input:
         u = producer.get(t)
-        axes = (_const_ints(g, u.input[1]) if len(u.input) > 1 else None) if u is not None and \
-            u.op_type == "Unsqueeze" else None
-        if axes is None and u is not None and u.op_type == "Unsqueeze":  # opset < 13: axes as an attribute
+        if u is None or u.op_type != "Unsqueeze":
+            continue
+        axes = _const_ints(g, u.input[1]) if len(u.input) > 1 else None
+        if axes is None:  # opset < 13: axes as an attribute
             axes = next((list(a.ints) for a in u.attribute if a.name == "axes"), None)
         if axes in ([0], [1]) and len(consumers.get(t, [])) == 1 and t not in outputs:
             side[axes[0]] = u.input[0]

@@ -21,48 +21,38 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// hidden % 8 == 0: each thread adds and writes 8 halves (16 bytes); blockDim.x threads cover one row's
-// hidden / 8 vectors, blockDim.y rows per block
-__global__ void PackAddVec(const uint4* a, const uint4* p, const int64_t* index, uint4* y, int64_t tokens,
-                           int64_t batch, int64_t seq, int64_t total, int64_t vecs) {
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
-  if (t >= tokens) return;
-  const int64_t i = index[t];
-  uint4* yr = y + t * vecs;
-  if (i < 0 || i >= total) {  // not a row of the sum (the runtime never feeds one): zeros, no stray read
-    for (int64_t c = threadIdx.x; c < vecs; c += blockDim.x) yr[c] = make_uint4(0, 0, 0, 0);
-    return;
-  }
-  const int64_t r = i / seq, s = i - r * seq;
-  const int64_t pp = r / batch, b = r - pp * batch;
-  const uint4* ar = a + (b * seq + s) * vecs;
-  const uint4* pr = p + (pp * seq + s) * vecs;
-  for (int64_t c = threadIdx.x; c < vecs; c += blockDim.x) {
-    uint4 u = ar[c], v = pr[c], w;
-    const __half2* hu = reinterpret_cast<const __half2*>(&u);
-    const __half2* hv = reinterpret_cast<const __half2*>(&v);
-    __half2* hw = reinterpret_cast<__half2*>(&w);
+// The sum of two elements: 8 halves (16 bytes) as four __hadd2, or one half.
+__device__ __forceinline__ uint4 Add(uint4 u, uint4 v) {
+  uint4 w;
+  const __half2* hu = reinterpret_cast<const __half2*>(&u);
+  const __half2* hv = reinterpret_cast<const __half2*>(&v);
+  __half2* hw = reinterpret_cast<__half2*>(&w);
 #pragma unroll
-    for (int k = 0; k < 4; ++k) hw[k] = __hadd2(hu[k], hv[k]);
-    yr[c] = w;
-  }
+  for (int k = 0; k < 4; ++k) hw[k] = __hadd2(hu[k], hv[k]);
+  return w;
 }
+__device__ __forceinline__ __half Add(__half u, __half v) { return __hadd(u, v); }
 
-// any hidden: one half per thread
-__global__ void PackAddScalar(const __half* a, const __half* p, const int64_t* index, __half* y, int64_t tokens,
-                              int64_t batch, int64_t seq, int64_t total, int64_t hidden) {
+// T = uint4 (hidden % 8 == 0, 16-byte aligned: width = hidden / 8 vectors a row) or __half (width = hidden);
+// blockDim.x threads cover one row's width, blockDim.y rows per block
+template <typename T>
+__global__ void PackAdd(const T* a, const T* p, const int64_t* index, T* y, int64_t tokens, int64_t batch,
+                        int64_t seq, int64_t total, int64_t width) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   if (t >= tokens) return;
   const int64_t i = index[t];
-  if (i < 0 || i >= total) {  // as PackAddVec: zeros, no stray read
-    for (int64_t c = threadIdx.x; c < hidden; c += blockDim.x) y[t * hidden + c] = __float2half(0.0f);
+  T* yr = y + t * width;
+  if (i < 0 || i >= total) {  // not a row of the sum (the runtime never feeds one): zeros, no stray read
+    T zero;
+    memset(&zero, 0, sizeof(T));
+    for (int64_t c = threadIdx.x; c < width; c += blockDim.x) yr[c] = zero;
     return;
   }
   const int64_t r = i / seq, s = i - r * seq;
   const int64_t pp = r / batch, b = r - pp * batch;
-  for (int64_t c = threadIdx.x; c < hidden; c += blockDim.x) {
-    y[t * hidden + c] = __hadd(a[(b * seq + s) * hidden + c], p[(pp * seq + s) * hidden + c]);
-  }
+  const T* ar = a + (b * seq + s) * width;
+  const T* pr = p + (pp * seq + s) * width;
+  for (int64_t c = threadIdx.x; c < width; c += blockDim.x) yr[c] = Add(ar[c], pr[c]);
 }
 
 }  // namespace
@@ -83,13 +73,13 @@ extern "C" int cliptune_pack_add(const void* a, const void* p, const int64_t* in
   const int64_t blocks = (tokens + ty - 1) / ty;
   if (blocks > INT32_MAX) return 1;
   if (vec) {
-    PackAddVec<<<static_cast<unsigned>(blocks), block, 0, stream>>>(
+    PackAdd<<<static_cast<unsigned>(blocks), block, 0, stream>>>(
         static_cast<const uint4*>(a), static_cast<const uint4*>(p), index, static_cast<uint4*>(y), tokens, batch,
         seq, total, width);
   } else {
-    PackAddScalar<<<static_cast<unsigned>(blocks), block, 0, stream>>>(
+    PackAdd<<<static_cast<unsigned>(blocks), block, 0, stream>>>(
         static_cast<const __half*>(a), static_cast<const __half*>(p), index, static_cast<__half*>(y), tokens, batch,
-        seq, total, hidden);
+        seq, total, width);
   }
   return cudaPeekAtLastError() == cudaSuccess ? 0 : 2;
 }
