@@ -210,6 +210,12 @@ def make_session(path: str | Path, spec: SessionSpec, shared: SharedWeights | No
             raise ProviderError(f"the custom-op library registered for {path} has no {missing.group(1)} op (built "
                                 f"before it existed, or without nvcc): rebuild it with `cliptune build-ops --variant "
                                 f"{spec.ops_library}`") from None
+        ir = re.search(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)", msg)
+        if ir:  # written by an onnx newer than this onnxruntime (card run 10: onnx 1.23's IR 14, ORT 1.31.1's 13)
+            raise ModelDirError(f"{path} is ONNX IR version {ir.group(1)}; onnxruntime {ort.__version__} reads up to "
+                                f"{ir.group(2)}: upgrade onnxruntime, or re-export with an onnx as old as it") from None
+        # ORT's own text leads with a source location and a C++ signature: keep the cause at its end
+        msg = re.sub(r"/\S+\.cc:\d+ [\w:]+\(.*?\) ", "", msg)
         raise ModelDirError(f"ONNX Runtime cannot load {path} ({msg[:300]}): the file is damaged or not a "
                             "cliptune graph; re-export the model dir") from None
     # the session reads the shared weights from the memory map without owning it: keep it alive

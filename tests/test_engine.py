@@ -228,3 +228,38 @@ def test_attention_kernel_choice(splade_dir, monkeypatch):
     monkeypatch.setenv("CLIPTUNE_ATTENTION", "fast")
     with pytest.raises(ConfigError, match="attention kernel 'fast' .* is not one of auto, flash, efficient, cudnn"):
         Engine(man, [0], device="cpu")
+
+
+def test_load_errors_name_the_cause(tmp_path):
+    """A graph newer than the installed onnxruntime reads (card run 10: onnx 1.23 wrote IR 14, ORT 1.31.1 reads
+    13) gets a one-line error naming both versions and the fix; other load failures keep ORT's cause, not its
+    C++ signature (which used up the 300 characters of the old message)."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    from cliptune_ort.errors import ModelDirError
+    from cliptune_ort.sessions import SessionSpec, make_session
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    ok = tmp_path / "ok.onnx"
+    onnx.save(model, str(ok))
+    np.testing.assert_array_equal(make_session(ok, SessionSpec(device="cpu")).run(None, {"x": np.array(
+        [-1.0, 2.0], np.float32)})[0], [0.0, 2.0])
+    model.ir_version = 99
+    newer = tmp_path / "newer.onnx"
+    onnx.save(model, str(newer))
+    with pytest.raises(ModelDirError, match=r"newer.onnx is ONNX IR version 99; onnxruntime \S+ reads up to \d+: "
+                                            r"upgrade onnxruntime") as e:
+        make_session(newer, SessionSpec(device="cpu"))
+    assert "\n" not in str(e.value)
+    model.ir_version = 8
+    model.graph.node[0].op_type = "NoSuchOp"
+    bad = tmp_path / "bad.onnx"
+    onnx.save(model, str(bad))
+    with pytest.raises(ModelDirError, match=r"cannot load .*NoSuchOp.*re-export") as e:
+        make_session(bad, SessionSpec(device="cpu"))
+    assert "::" not in str(e.value) and "\n" not in str(e.value)

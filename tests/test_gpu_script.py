@@ -183,3 +183,17 @@ def test_tunes_use_a_short_kernel_layout_only_after_its_edge_length_check():
         assert not gpu.layout_usable(kernel, True, "cuda", None)  # the check crashed or did not run
         assert not gpu.layout_usable(kernel, False, "cuda", ok)
         assert gpu.layout_usable(kernel, True, "cpu", None)  # the CPU dry run has no such check
+
+
+def test_concurrent_graphs_asked_without_the_cell():
+    """--concurrent-graphs on/off skips the 20 s cell (the card's time is short) and says so in the report."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    gpu = pytest.importorskip("gpu")
+    assert gpu.parse_args([]).concurrent_graphs == "measure"
+    assert gpu.parse_args(["--concurrent-graphs", "on"]).concurrent_graphs == "on"
+    data = json.loads((ROOT / "benchmarks" / "results" / "gpu_nvidia-h100-80gb-hbm3_qkv.json").read_text())
+    assert "clip tune ran them at once" in gpu.markdown(data)  # run 10 measured it
+    data["concurrent_graphs"] = {"asked": "on", "used_for_clip": True, "measured": False}
+    md = gpu.markdown(data)
+    assert "clip's K graph calls: at once, as asked (--concurrent-graphs on; not measured in this run)" in md
+    assert "at once (a thread each)" not in md

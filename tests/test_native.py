@@ -572,6 +572,13 @@ def test_gpu_ragged_kernel_check_on_the_cpu_build(cpu_ops, tmp_path, monkeypatch
                                                             for q in (0, 1)]
     assert all(c["provider"] == "CPUExecutionProvider" for c in out["cases"])
     assert out["ok"] and out["max_abs_err"] < 1e-5
+    # the card's ORT 1.31.1 reads IR 13 at most; onnx 1.23's default, 14, failed this check in card run 10
+    import onnx
+
+    from cliptune_export.projection import IR_VERSION
+
+    written = sorted(tmp_path.glob("ragged_check_*.onnx"))
+    assert written and {onnx.load(str(f), load_external_data=False).ir_version for f in written} == {IR_VERSION}
 
     import cliptune_ort.sessions as sessions_mod
 
@@ -605,3 +612,20 @@ def test_wheel_ships_the_library_sources():
     assert {"native/fused_dense.cc", "native/short_attention.cu", "native/pack_add.cu"} <= set(sources)
     for s in sources:
         assert any(fnmatch.fnmatch(s, g) for g in globs), f"{s} is not in the wheel's package-data {globs}"
+
+
+def test_every_model_built_in_the_repo_fixes_its_ir_version():
+    """onnx's ``make_model`` writes its own newest IR version, which older onnxruntimes refuse (card run 10: the
+    edge-length check's graphs, IR 14, against ORT 1.31.1's 13, so the tunes fell back to FlashAttention):
+    every module that builds a model with it must set ``ir_version``."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    unfixed = []
+    for d in ("cliptune_ort", "export", "benchmarks"):
+        for f in sorted((root / d).rglob("*.py")):
+            text = f.read_text()
+            built = len(re.findall(r"\bmake_model\(", text))
+            if built > len(re.findall(r"\.ir_version = ", text)):
+                unfixed.append(f"{f.relative_to(root)}: {built} make_model")
+    assert not unfixed, unfixed
