@@ -658,8 +658,8 @@ def markdown(data: dict) -> str:
                   + f". The tunes used: {ak.get('used_for_tunes', 'auto')}.", ""]
     if data.get("concurrent_graphs", {}).get("measured") is False:
         cc = data["concurrent_graphs"]
-        lines += [f"clip's K graph calls: {'at once' if cc['used_for_clip'] else 'in turn'}, as asked "
-                  f"(--concurrent-graphs {cc['asked']}; not measured in this run).", ""]
+        how = "at once" if cc["used_for_clip"] else "in turn"
+        lines += [f"clip's K graph calls: {how}, as asked (--concurrent-graphs {cc['asked']}; not measured here).", ""]
     elif data.get("concurrent_graphs"):
         cc = data["concurrent_graphs"]
         lines += [f"One clip generation (K = {cc['k']} graphs x {cc['pop']} candidates, scored): graphs in turn "

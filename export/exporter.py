@@ -13,6 +13,7 @@ inputs and outputs; graph 0 is traced and fused once and every graph written fro
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import os
@@ -119,8 +120,12 @@ class ExportOptions:
         return self.share_prefix if self.share_prefix is not None else self.precision != "fp16"
 
 
+#: when the running export started (its log lines carry the seconds since, so a slow phase shows)
+_T0 = time.perf_counter()
+
+
 def _log(msg: str) -> None:
-    print(f"[export] {msg}", file=sys.stderr, flush=True)
+    print(f"[export] {time.perf_counter() - _T0:6.1f} s  {msg}", file=sys.stderr, flush=True)
 
 
 def draw_masks(site_names: list[str], hidden: int, p: float, mask_seed: int) -> dict[str, np.ndarray]:
@@ -292,8 +297,10 @@ def export_model(model: str, out: str | os.PathLike, opts: ExportOptions | None 
     from .reference import reference_logits
     from .wrapper import ContractModel, dropout_sites
 
+    global _T0
     opts = opts or ExportOptions()
     opts.validate()
+    _T0 = time.perf_counter()
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not opts.overwrite:
@@ -516,23 +523,9 @@ class Fp16Template:
     def _to(dtype: int, arr: np.ndarray) -> np.ndarray:
         """``arr`` as the converter stores it: float16 with its clamping rule, or float32."""
         import onnx
-        from onnxruntime.transformers.float16 import convert_np_to_float16
 
         arr = np.asarray(arr, dtype=np.float32)
-        if dtype != onnx.TensorProto.FLOAT16:
-            return arr
-        lo, hi = 5.96e-08, 65504.0  # convert_float_to_float16's defaults: 0 < |x| < lo -> lo, |x| > hi -> hi
-        if arr.size < 4096:
-            return convert_np_to_float16(arr, min_positive_val=lo, max_finite_val=hi).astype(np.float16)
-        # the same rule, vectorised without the converter's float64 temporaries (~30x faster)
-        with np.errstate(over="ignore"):  # > 65504 becomes inf here, clamped below
-            out = arr.astype(np.float16)
-        mag = np.abs(arr)
-        small = (mag > 0) & (mag < lo)
-        big = (mag > hi) & np.isfinite(mag)
-        out[small] = np.where(arr[small] > 0, np.float16(lo), np.float16(-lo))
-        out[big] = np.where(arr[big] > 0, np.float16(hi), np.float16(-hi))
-        return out
+        return _np_to_float16(arr) if dtype == onnx.TensorProto.FLOAT16 else arr
 
     @classmethod
     def build(cls, mlm, arch, tmp: Path, args: tuple, opts: ExportOptions) -> "Fp16Template | None":
@@ -618,6 +611,115 @@ def at_mask_matmuls(path: Path) -> list[str]:
     return out
 
 
+def _np_to_float16(np_array, min_positive_val: float = 5.96e-08, max_finite_val: float = 65504.0) -> np.ndarray:
+    """``onnxruntime.transformers.float16.convert_np_to_float16``'s rule, bit for bit, in one cast and two masked
+    fixes instead of its four passes of ``np.where`` and its min/max scans (~30x faster on a weight matrix):
+    0 < |x| < min_positive_val -> +-min_positive_val, finite |x| > max_finite_val -> +-max_finite_val, the fill
+    values in the input's dtype before the cast (as its ``np.where`` leaves them); NaN, 0 and inf unchanged."""
+    arr = np.asarray(np_array)
+    with np.errstate(over="ignore"):  # > 65504 becomes inf here, clamped below
+        out = arr.astype(np.float16)
+    mag = np.abs(arr)
+    for mask, value in (((mag > 0) & (mag < min_positive_val), min_positive_val),
+                        ((mag > max_finite_val) & np.isfinite(mag), max_finite_val)):
+        if mask.any():
+            fill = np.asarray([value, -value], dtype=arr.dtype).astype(np.float16)
+            out[mask] = np.where(arr[mask] > 0, fill[0], fill[1])
+    return out
+
+
+#: initializers of rank >= 2 with more elements than this go to ORT's shape inference without their data
+_SHAPE_INFER_MAX_DATA = 1 << 16
+
+
+@contextlib.contextmanager
+def _faster_fp16_conversion():
+    """ORT's fp16 conversion, byte for byte, without its two slow spots (roberta-large: 65.7 -> 20.2 s on 2 cores;
+    tests/test_fp16.py checks the bytes).
+
+    1. Its transformer optimizer runs symbolic shape inference six times for a BERT-type graph, and its float16
+       converter once more; each run starts by copying the whole ModelProto, weights included (37 of the 65.7 s,
+       cProfile). Inference needs a weight's dims and type, and reads the values of an initializer of rank >= 2
+       only to drop them (``_get_int_or_float_values``: "ignore value for rank > 1"). Here it copies a model in
+       which those initializers hold their name, type and dims, and gets zeros of their shape for the values.
+    2. The converter casts each tensor with ``convert_np_to_float16``: here :func:`_np_to_float16`, its rule.
+
+    Where ORT's modules are not where this expects them, nothing is patched (only slower)."""
+    import importlib
+
+    import onnx
+    import onnxruntime.transformers  # noqa: F401  (puts its folder on sys.path: its modules import each other by name)
+
+    try:
+        helper_mod = importlib.import_module("shape_infer_helper")  # the module object onnx_model.py imports
+    except ImportError:
+        helper_mod = None
+    helper_cls = getattr(helper_mod, "SymbolicShapeInferenceHelper", None)
+    # the class that defines both: the fusions' helper and the float16 converter's own inference inherit them
+    cls = next((c for c in getattr(helper_cls, "__mro__", ()) if "_preprocess" in vars(c) and "_get_value" in vars(c)),
+               None)
+    if cls is None:
+        yield
+        return
+    base_pre, base_get = vars(cls)["_preprocess"], vars(cls)["_get_value"]
+    floats = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
+
+    def _preprocess(self, in_mp):
+        # a copy of the model without those initializers' data, built field by field (the model is not touched)
+        light = onnx.ModelProto()
+        for field, value in in_mp.ListFields():
+            if field.name != "graph":
+                _copy_field(light, field, value)
+        lifted = {}
+        for field, value in in_mp.graph.ListFields():
+            if field.name != "initializer":
+                _copy_field(light.graph, field, value)
+                continue
+            for t in value:
+                if t.data_type in floats and len(t.dims) >= 2 and int(np.prod(t.dims)) > _SHAPE_INFER_MAX_DATA:
+                    stub = light.graph.initializer.add()
+                    stub.name, stub.data_type = t.name, t.data_type
+                    stub.dims.extend(t.dims)
+                    lifted[t.name] = (tuple(t.dims), floats[t.data_type])
+                else:
+                    light.graph.initializer.add().CopyFrom(t)
+        base_pre(self, light)
+        self._cliptune_lifted = lifted
+
+    def _get_value(self, node, idx):
+        lifted = getattr(self, "_cliptune_lifted", {}).get(node.input[idx])
+        if lifted is not None and node.input[idx] not in self.sympy_data_:
+            return np.broadcast_to(np.zeros((), lifted[1]), lifted[0])
+        return base_get(self, node, idx)
+
+    # the float16 converter's per-tensor cast (module `float16`, imported by name like the helper)
+    converters = [m for m in (sys.modules.get("float16"), sys.modules.get("onnxruntime.transformers.float16"))
+                  if m is not None and hasattr(m, "convert_np_to_float16")]
+    saved = [(m, m.convert_np_to_float16) for m in converters]
+    cls._preprocess, cls._get_value = _preprocess, _get_value
+    for m in converters:
+        m.convert_np_to_float16 = _np_to_float16
+    try:
+        yield
+    finally:
+        cls._preprocess, cls._get_value = base_pre, base_get
+        for m, f in saved:
+            m.convert_np_to_float16 = f
+
+
+def _copy_field(dst, field, value) -> None:
+    """Set protobuf ``field`` of ``dst`` to ``value`` (as read from another message's ListFields)."""
+    repeated = getattr(field, "is_repeated", None)  # protobuf >= 5; `label` is gone from 7
+    if repeated is None:
+        repeated = field.label == field.LABEL_REPEATED
+    if repeated:
+        getattr(dst, field.name).extend(value)
+    elif field.type == field.TYPE_MESSAGE:
+        getattr(dst, field.name).CopyFrom(value)
+    else:
+        setattr(dst, field.name, value)
+
+
 def convert_precision(path: Path, precision: str, heads: int, hidden: int) -> None:
     """Rewrite one fp32 graph in place as fp16 (ORT transformer fusions, then float16 weights; inputs
     and outputs stay float32) or int8 (dynamic per-channel quantisation of the MatMul weights)."""
@@ -627,9 +729,10 @@ def convert_precision(path: Path, precision: str, heads: int, hidden: int) -> No
     if precision == "fp16":
         from onnxruntime.transformers import optimizer
 
-        opt = optimizer.optimize_model(str(path), model_type="bert", num_heads=heads, hidden_size=hidden,
-                                       opt_level=0, use_gpu=True)
-        opt.convert_float_to_float16(keep_io_types=True)
+        with _faster_fp16_conversion():
+            opt = optimizer.optimize_model(str(path), model_type="bert", num_heads=heads, hidden_size=hidden,
+                                           opt_level=0, use_gpu=True)
+            opt.convert_float_to_float16(keep_io_types=True)
         model = opt.model
     elif precision == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic

@@ -195,5 +195,5 @@ def test_concurrent_graphs_asked_without_the_cell():
     assert "clip tune ran them at once" in gpu.markdown(data)  # run 10 measured it
     data["concurrent_graphs"] = {"asked": "on", "used_for_clip": True, "measured": False}
     md = gpu.markdown(data)
-    assert "clip's K graph calls: at once, as asked (--concurrent-graphs on; not measured in this run)" in md
+    assert "clip's K graph calls: at once, as asked (--concurrent-graphs on; not measured here)" in md
     assert "at once (a thread each)" not in md

@@ -574,7 +574,6 @@ def test_gpu_ragged_kernel_check_on_the_cpu_build(cpu_ops, tmp_path, monkeypatch
     assert out["ok"] and out["max_abs_err"] < 1e-5
     # the card's ORT 1.31.1 reads IR 13 at most; onnx 1.23's default, 14, failed this check in card run 10
     import onnx
-
     from cliptune_export.projection import IR_VERSION
 
     written = sorted(tmp_path.glob("ragged_check_*.onnx"))
