@@ -57,6 +57,15 @@ def test_gpu_script_cpu_dry_run(tmp_path):
     assert "CUDA provider" in data["packed_note"]
     assert not any(c["mode"].startswith("packed") for c in data["cells"])
     assert data["tune_variant"]["used"] == "padded"
+    # the generation as a tune makes it (z projected on the device) timed beside each host-prompt cell, and
+    # ratioed apart: the headline ratios stay on host prompts
+    zc = [c for c in data["cells"] if c.get("from_z")]
+    assert {c["engine"] for c in zc} == {"torch", "ort"} and all(c["mode"].endswith("+z") for c in zc)
+    assert any(c["engine"] == "ort" and c["pop"] == 1 and c["prompts_on_device"] for c in zc)
+    assert not data["ratios"]["pop20"]["ort_mode"].endswith("+z")
+    assert data["ratios"]["pop20_from_z"]["ort_mode"].endswith("+z")
+    assert any(k.startswith("stacked generation from candidates z") for k in data["targets"])
+    assert data["host_fp16_cast_pop20"]["p50_ms"] > 0
     assert data["tune_variant"]["attention"] == "auto" and "attention_kernels" not in data  # a CUDA-only cell
     assert data["tune"]["bbt"]["attention_kernel"] == "auto"
     assert data["tune"]["bbt"]["calls"] == 40 and data["tune"]["bbt"]["variant"] == "padded"
