@@ -15,10 +15,11 @@
 // FlashAttention does), all in registers; O goes out through shared memory in 16-byte stores.
 //
 // Run 9 timed the first version (fragments read with 32-bit and 16-bit shared loads, one copy group, a 2-D
-// grid with rows fastest) at 5.38 ms a stacked call, about half the card's bandwidth. This one, not yet timed
-// on a card: the fragments come through ldmatrix (one instruction where there were 4 to 12 loads and packs,
-// V transposed on the way), V is a second copy group that arrives while the warps compute their first S and
-// softmax, and blocks run heads fastest, so the blocks in flight read neighbouring pieces of the same tokens.
+// grid with rows fastest) at 5.38 ms a stacked call, about half the card's bandwidth. This one took 4.71 ms in
+// run 10 (FlashAttention 6.88 in the same run): the fragments come through ldmatrix (one instruction where
+// there were 4 to 12 loads and packs, V transposed on the way), V is a second copy group that arrives while
+// the warps compute their first S and softmax, and blocks run heads fastest, so the blocks in flight read
+// neighbouring pieces of the same tokens.
 //
 // A call whose longest row is over 128 tokens runs LongAttentionKernel instead: one thread per query, an
 // online softmax over the row's keys read from global memory (L2), fp32 throughout. It is there so that
