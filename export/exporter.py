@@ -634,14 +634,14 @@ _SHAPE_INFER_MAX_DATA = 1 << 16
 
 @contextlib.contextmanager
 def _faster_fp16_conversion():
-    """ORT's fp16 conversion, byte for byte, without its two slow spots (roberta-large: 65.7 -> 20.2 s on 2 cores;
-    tests/test_fp16.py checks the bytes).
+    """ORT's fp16 conversion, byte for byte, without its two slow spots (roberta-large: 59.8 -> 23.0 s on 2 cores,
+    benchmarks/export_convert.py; tests/test_fp16.py checks the bytes).
 
     1. Its transformer optimizer runs symbolic shape inference six times for a BERT-type graph, and its float16
-       converter once more; each run starts by copying the whole ModelProto, weights included (37 of the 65.7 s,
-       cProfile). Inference needs a weight's dims and type, and reads the values of an initializer of rank >= 2
-       only to drop them (``_get_int_or_float_values``: "ignore value for rank > 1"). Here it copies a model in
-       which those initializers hold their name, type and dims, and gets zeros of their shape for the values.
+       converter once more; each run starts by copying the whole ModelProto, weights included (37 of 65.7 s in
+       one cProfile run). Inference needs a weight's dims and type, and reads the values of an initializer of
+       rank >= 2 only to drop them (``_get_int_or_float_values``: "ignore value for rank > 1"). Here it copies
+       a model in which those initializers hold their name, type and dims, and gets zeros of their shape.
     2. The converter casts each tensor with ``convert_np_to_float16``: here :func:`_np_to_float16`, its rule.
 
     Where ORT's modules are not where this expects them, nothing is patched (only slower)."""
