@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"repeat {r + 1}, {path}: {res['seconds']:.1f} s", flush=True)
     rows = [{"path": p, **harness.summarize(seconds[p]), "sha256": sorted(digests[p])} for p in PATHS]
     same = len(digests["ort"]) == 1 and digests["ort"] == digests["cliptune"]
-    payload = {"benchmark": "export_convert", "machine": harness.machine_info(), "versions": harness.versions(torch=True),
+    payload = {"benchmark": "export_convert", "machine": harness.machine_info(),
+               "versions": harness.versions(torch=True),
                "wait": wait, "load_average_start": load0, "load_average_end": harness.load_average(),
                "settings": {"shape": args.shape, "repeats": args.repeats, **dims}, "rows": rows,
                "same_bytes": same, "speedup_p50": round(rows[0]["p50_ms"] / rows[1]["p50_ms"], 2)}
