@@ -26,7 +26,7 @@ import harness
 PATHS = ("ort", "cliptune")
 #: the benchmark's shapes, and a tiny one for the test that keeps this script from rotting
 SHAPES = {**harness.ROBERTA_SHAPES,
-          "tiny": dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128)}
+          "tiny": {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4, "intermediate_size": 128}}
 
 TRACE = r"""
 import json, sys
