@@ -31,13 +31,14 @@ SHAPES = {**harness.ROBERTA_SHAPES,
 TRACE = r"""
 import json, sys
 import numpy as np, torch
-from transformers import AutoModelForMaskedLM, RobertaConfig
+from transformers import AutoModelForMaskedLM
 import cliptune_export.exporter as ex
 from cliptune_export.wrapper import ARCHS, ContractModel
 a = json.loads(sys.argv[1])
+sys.path.insert(0, a["benchmarks"])
+import harness
 torch.manual_seed(0)
-cfg = RobertaConfig(vocab_size=30522, max_position_embeddings=514, pad_token_id=0, bos_token_id=101, eos_token_id=102,
-                    type_vocab_size=1, **a["shape"])
+cfg = harness.roberta_config(a["shape"])
 mlm = AutoModelForMaskedLM.from_config(cfg, attn_implementation="eager").eval()
 d = ex._dummy_inputs(np.random.default_rng(0), 2, 2, 58, 50, cfg.hidden_size, cfg.vocab_size, cfg.pad_token_id,
                      0.02, 2)
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work / "fp32", ignore_errors=True)
         base.parent.mkdir(parents=True)
         dims = harness.run_json_subprocess(["-c", TRACE, json.dumps(
-            {"shape": SHAPES[args.shape], "out": str(base)})])
+            {"shape": SHAPES[args.shape], "out": str(base), "benchmarks": str(Path(__file__).resolve().parent)})])
         (work / "fp32" / "dims.json").write_text(json.dumps(dims))
     dims = json.loads((work / "fp32" / "dims.json").read_text())
     load0 = harness.load_average()

@@ -289,19 +289,24 @@ def bench_cache() -> Path:
     return path
 
 
+def roberta_config(shape: dict):
+    """A RobertaConfig of ``shape`` (hidden_size, layers, heads, ...) with splade's WordPiece vocabulary size and
+    special ids, so its tokenizer files tokenise real text for it."""
+    from transformers import RobertaConfig
+
+    return RobertaConfig(**{"vocab_size": 30522, "max_position_embeddings": 514, "pad_token_id": 0,
+                            "bos_token_id": 101, "eos_token_id": 102, "type_vocab_size": 1, **shape})
+
+
 def roberta_src(shape: str) -> Path:
     """A folder with the config of a RoBERTa shape (random weights are drawn at export) + splade's tokenizer."""
     out = bench_cache() / "src" / shape
     if (out / "config.json").is_file():
         return out
-    from transformers import RobertaConfig
-
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    cfg = RobertaConfig(vocab_size=30522, max_position_embeddings=514, pad_token_id=0, bos_token_id=101,
-                        eos_token_id=102, type_vocab_size=1, **ROBERTA_SHAPES[shape])
-    cfg.save_pretrained(tmp)
+    roberta_config(ROBERTA_SHAPES[shape]).save_pretrained(tmp)
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
         if (SPLADE / f).is_file():
             shutil.copy(SPLADE / f, tmp / f)
