@@ -20,6 +20,7 @@ import pytest
 
 KERNEL = Path(__file__).resolve().parents[1] / "cliptune_ort" / "native" / "short_attention.cu"
 HEAD, MAX_SEQ, WARPS = 64, 128, 4
+PIPE_WARPS = MAX_SEQ // 16  # the pipelined kernel: one warp per 16-query tile
 PITCH = HEAD + 8
 LANES = np.arange(32)
 G, T = LANES >> 2, LANES & 3  # mma fragment coordinates of each lane
@@ -29,8 +30,9 @@ LR, LM = LANES & 7, LANES >> 3  # ldmatrix: lane l addresses row l % 8 of matrix
 def test_constants_match_the_kernel():
     src = KERNEL.read_text()
     got = {name: int(v) for name, v in re.findall(r"constexpr int (k\w+) = (\d+);", src)}
-    assert got == {"kHead": HEAD, "kMaxSeq": MAX_SEQ, "kWarps": WARPS}
+    assert got == {"kHead": HEAD, "kMaxSeq": MAX_SEQ, "kWarps": WARPS, "kDevices": 64}
     assert "constexpr int kPitch = kHead + 8;" in src
+    assert "constexpr int kPipeWarps = kMaxSeq / 16;" in src
 
 
 def ldmatrix(smem, row, col, trans=False):
@@ -83,6 +85,78 @@ def quad_reduce(x, op):
     return x
 
 
+def load_item(stage, q, k, v, base_tokens, n, head, cap):
+    """The cp.async loop (each 16-byte chunk) of a (row, head) into ``stage`` = [qs, ks, vs], each [cap, PITCH]:
+    rows 0 .. npad - 1, those from n on zero-filled; nothing for an empty row or one over cap."""
+    if n <= 0 or n > cap:
+        return
+    npad = (n + 15) & ~15
+    for i in range(npad * 8):
+        r, c = i >> 3, (i & 7) * 8
+        for dst, src in zip(stage, (q, k, v)):
+            dst[r, c:c + 8] = src[base_tokens + r, head * HEAD + c:head * HEAD + c + 8] if r < n else 0
+
+
+def fresh_stage(cap):
+    return [np.full((cap, PITCH), np.nan, np.float16) for _ in range(3)]  # unwritten smem: NaN
+
+
+def tile(qs, ks, vs, qt, n, npad, scale_log2, out, mutant=None):
+    """One warp's 16-query tile qt: TileScores (S = Q K^T, the softmax's numerators and row sums) then TileOutput
+    (O = P V / l through the tile's rows of qs, then whole rows < n into ``out``)."""
+    qr, qc = (LM >> 1, LM & 1) if mutant == "q_matrix_order" else (LM & 1, LM >> 1)
+    qa = [ldmatrix(qs, qt * 16 + LR + 8 * qr, kk * 16 + 8 * qc) for kk in range(4)]
+    s = [np.zeros((32, 4), np.float32) for _ in range(16)]
+    for nb in range(16):
+        if nb * 8 < npad:
+            for kp in range(2):
+                kb = ldmatrix(ks, nb * 8 + LR, kp * 32 + 8 * LM)
+                if mutant == "k_register_order":
+                    kb = [kb[0], kb[2], kb[1], kb[3]]
+                s[nb] = mma(s[nb], qa[2 * kp], kb[0], kb[1])
+                s[nb] = mma(s[nb], qa[2 * kp + 1], kb[2], kb[3])
+    m0 = np.full(32, -np.inf, np.float32)
+    m1 = np.full(32, -np.inf, np.float32)
+    for nb in range(16):
+        for e in range(2):
+            key = nb * 8 + 2 * T + e < n
+            s[nb][:, e] = np.where(key, s[nb][:, e] * scale_log2, -np.inf)
+            s[nb][:, 2 + e] = np.where(key, s[nb][:, 2 + e] * scale_log2, -np.inf)
+            m0 = np.fmax(m0, s[nb][:, e])
+            m1 = np.fmax(m1, s[nb][:, 2 + e])
+    m0, m1 = quad_reduce(m0, np.fmax), quad_reduce(m1, np.fmax)
+    l0 = np.zeros(32, np.float32)
+    l1 = np.zeros(32, np.float32)
+    for nb in range(16):
+        for e in range(2):
+            s[nb][:, e] = np.exp2(s[nb][:, e] - m0)
+            s[nb][:, 2 + e] = np.exp2(s[nb][:, 2 + e] - m1)
+            l0 += s[nb][:, e]
+            l1 += s[nb][:, 2 + e]
+    l0, l1 = quad_reduce(l0, np.add), quad_reduce(l1, np.add)
+    acc = [np.zeros((32, 4), np.float32) for _ in range(8)]
+    for j in range(8):
+        if j * 16 < npad:
+            pa = [pack(s[2 * j][:, 0], s[2 * j][:, 1]), pack(s[2 * j][:, 2], s[2 * j][:, 3]),
+                  pack(s[2 * j + 1][:, 0], s[2 * j + 1][:, 1]), pack(s[2 * j + 1][:, 2], s[2 * j + 1][:, 3])]
+            for dp in range(4):
+                vb = ldmatrix(vs, j * 16 + LR + 8 * (LM & 1), dp * 16 + 8 * (LM >> 1),
+                              trans=mutant != "v_not_transposed")
+                acc[2 * dp] = mma(acc[2 * dp], pa, vb[0], vb[1])
+                acc[2 * dp + 1] = mma(acc[2 * dp + 1], pa, vb[2], vb[3])
+    r0, r1 = 1.0 / l0, 1.0 / l1
+    orow = qt * 16 + G
+    for db in range(8):  # through this tile's rows of qs, then whole rows out (rows < n)
+        qs[orow, db * 8 + 2 * T] = (acc[db][:, 0] * r0).astype(np.float16)
+        qs[orow, db * 8 + 2 * T + 1] = (acc[db][:, 1] * r0).astype(np.float16)
+        qs[orow + 8, db * 8 + 2 * T] = (acc[db][:, 2] * r1).astype(np.float16)
+        qs[orow + 8, db * 8 + 2 * T + 1] = (acc[db][:, 3] * r1).astype(np.float16)
+    for i in range(16 * 8):
+        r, c = qt * 16 + (i >> 3), (i & 7) * 8
+        if r < n:
+            out[r, c:c + 8] = qs[r, c:c + 8]
+
+
 def kernel_block(q, k, v, base_tokens, n, hidden, head, cap, scale, mutant=None):
     """One block (row, head) of ShortAttentionKernel; returns O rows [n, 64] as the kernel stores them. q, k, v:
     [tokens, in_ld] views whose column 0 is the kernel's q, k, v pointer (in_ld = hidden, or 3 hidden for one QKV
@@ -90,67 +164,52 @@ def kernel_block(q, k, v, base_tokens, n, hidden, head, cap, scale, mutant=None)
     scale_log2 = np.float32(scale * 1.4426950408889634)
     npad = (n + 15) & ~15
     assert n <= cap
-    qs, ks, vs = (np.full((cap, PITCH), np.nan, np.float16) for _ in range(3))  # unwritten smem: NaN
-    for i in range(npad * 8):  # the cp.async loop (each 16-byte chunk; rows n..npad-1 zero-filled)
-        r, c = i >> 3, (i & 7) * 8
-        for dst, src in ((qs, q), (ks, k), (vs, v)):
-            dst[r, c:c + 8] = src[base_tokens + r, head * HEAD + c:head * HEAD + c + 8] if r < n else 0
+    qs, ks, vs = stage = fresh_stage(cap)
+    load_item(stage, q, k, v, base_tokens, n, head, cap)
     out = np.full((npad, HEAD), np.nan, np.float16)
-    tiles = npad >> 4
-    qr, qc = (LM >> 1, LM & 1) if mutant == "q_matrix_order" else (LM & 1, LM >> 1)
     for warp in range(WARPS):
-        for qt in range(warp, tiles, WARPS):  # the kernel's passes: qt = warp + pass * kWarps while qt < tiles
-            qa = [ldmatrix(qs, qt * 16 + LR + 8 * qr, kk * 16 + 8 * qc) for kk in range(4)]
-            s = [np.zeros((32, 4), np.float32) for _ in range(16)]
-            for nb in range(16):
-                if nb * 8 < npad:
-                    for kp in range(2):
-                        kb = ldmatrix(ks, nb * 8 + LR, kp * 32 + 8 * LM)
-                        if mutant == "k_register_order":
-                            kb = [kb[0], kb[2], kb[1], kb[3]]
-                        s[nb] = mma(s[nb], qa[2 * kp], kb[0], kb[1])
-                        s[nb] = mma(s[nb], qa[2 * kp + 1], kb[2], kb[3])
-            m0 = np.full(32, -np.inf, np.float32)
-            m1 = np.full(32, -np.inf, np.float32)
-            for nb in range(16):
-                for e in range(2):
-                    key = nb * 8 + 2 * T + e < n
-                    s[nb][:, e] = np.where(key, s[nb][:, e] * scale_log2, -np.inf)
-                    s[nb][:, 2 + e] = np.where(key, s[nb][:, 2 + e] * scale_log2, -np.inf)
-                    m0 = np.fmax(m0, s[nb][:, e])
-                    m1 = np.fmax(m1, s[nb][:, 2 + e])
-            m0, m1 = quad_reduce(m0, np.fmax), quad_reduce(m1, np.fmax)
-            l0 = np.zeros(32, np.float32)
-            l1 = np.zeros(32, np.float32)
-            for nb in range(16):
-                for e in range(2):
-                    s[nb][:, e] = np.exp2(s[nb][:, e] - m0)
-                    s[nb][:, 2 + e] = np.exp2(s[nb][:, 2 + e] - m1)
-                    l0 += s[nb][:, e]
-                    l1 += s[nb][:, 2 + e]
-            l0, l1 = quad_reduce(l0, np.add), quad_reduce(l1, np.add)
-            acc = [np.zeros((32, 4), np.float32) for _ in range(8)]
-            for j in range(8):
-                if j * 16 < npad:
-                    pa = [pack(s[2 * j][:, 0], s[2 * j][:, 1]), pack(s[2 * j][:, 2], s[2 * j][:, 3]),
-                          pack(s[2 * j + 1][:, 0], s[2 * j + 1][:, 1]), pack(s[2 * j + 1][:, 2], s[2 * j + 1][:, 3])]
-                    for dp in range(4):
-                        vb = ldmatrix(vs, j * 16 + LR + 8 * (LM & 1), dp * 16 + 8 * (LM >> 1),
-                                      trans=mutant != "v_not_transposed")
-                        acc[2 * dp] = mma(acc[2 * dp], pa, vb[0], vb[1])
-                        acc[2 * dp + 1] = mma(acc[2 * dp + 1], pa, vb[2], vb[3])
-            r0, r1 = 1.0 / l0, 1.0 / l1
-            orow = qt * 16 + G
-            for db in range(8):  # through this tile's rows of qs, then whole rows out (rows < n)
-                qs[orow, db * 8 + 2 * T] = (acc[db][:, 0] * r0).astype(np.float16)
-                qs[orow, db * 8 + 2 * T + 1] = (acc[db][:, 1] * r0).astype(np.float16)
-                qs[orow + 8, db * 8 + 2 * T] = (acc[db][:, 2] * r1).astype(np.float16)
-                qs[orow + 8, db * 8 + 2 * T + 1] = (acc[db][:, 3] * r1).astype(np.float16)
-            for i in range(16 * 8):
-                r, c = qt * 16 + (i >> 3), (i & 7) * 8
-                if r < n:
-                    out[r, c:c + 8] = qs[r, c:c + 8]
+        for qt in range(warp, npad >> 4, WARPS):  # the kernel's passes: qt = warp + pass * kWarps while qt < tiles
+            tile(qs, ks, vs, qt, n, npad, scale_log2, out, mutant)
     return out[:n]
+
+
+def pipe_block(q, k, v, start, lens, heads, cap, scale, block, grid, mutant=None):
+    """One block of PipeAttentionKernel, replayed in the kernel's order: items block, block + grid, ... (row =
+    item / heads, head = item % heads); before the loop the first item's loads into stage 0, then in each pass the
+    next item's loads into the other stage, this item's tiles from its stage (one warp per tile), and the stages
+    swap. The two stages persist across items (stale rows of earlier, longer items stay in them). Returns {(row,
+    head): O rows [n, 64]}. ``mutant="same_stage"`` loads the next item into the stage being computed."""
+    scale_log2 = np.float32(scale * 1.4426950408889634)
+    items = len(lens) * heads
+    stages = [fresh_stage(cap), fresh_stage(cap)]
+
+    def item_at(item):
+        row, head = item // heads, item % heads
+        return row, head, lens[row], start[row]
+
+    got = {}
+    item = block
+    cur = item_at(item)
+    load_item(stages[0], q, k, v, cur[3], cur[2], cur[1], cap)
+    at = 0
+    while item < items:
+        nxt = item + grid
+        nxt_item = item_at(nxt) if nxt < items else None
+        if nxt_item is not None:
+            dst = stages[at] if mutant == "same_stage" else stages[at ^ 1]
+            load_item(dst, q, k, v, nxt_item[3], nxt_item[2], nxt_item[1], cap)
+        qs, ks, vs = stages[at]
+        row, head, n, _ = cur
+        if 0 < n <= cap:
+            npad = (n + 15) & ~15
+            out = np.full((npad, HEAD), np.nan, np.float16)
+            for warp in range(PIPE_WARPS):
+                if warp < npad >> 4:
+                    tile(qs, ks, vs, warp, n, npad, scale_log2, out)
+            assert (row, head) not in got
+            got[(row, head)] = out[:n]
+        cur, at, item = nxt_item, at ^ 1, nxt
+    return got
 
 
 def attention(q, k, v, scale):
@@ -230,7 +289,7 @@ def test_block_order_covers_every_row_and_head():
     (row, head) exactly once, and neighbouring blocks share a row."""
     src = KERNEL.read_text()
     assert "const int row = static_cast<int>(blockIdx.x / heads), head = static_cast<int>(blockIdx.x % heads);" in src
-    assert "ShortAttentionKernel<<<static_cast<unsigned>(rows * heads)," in src
+    assert "const int items = rows * heads;" in src and "ShortAttentionKernel<<<static_cast<unsigned>(items)," in src
     rows, heads = 7, 16
     pairs = [(b // heads, b % heads) for b in range(rows * heads)]
     assert sorted(pairs) == [(r, h) for r in range(rows) for h in range(heads)]
@@ -252,3 +311,61 @@ def test_long_row_kernel_replay_matches_attention(qkv):
             for i in sorted({0, 1, n // 2, n - 1}):
                 got = long_kernel_thread(q, k, v, start[r], n, h, i, scale)
                 np.testing.assert_allclose(got.astype(np.float32), want[i], atol=2e-3, rtol=0)
+
+
+def test_pipelined_kernel_source_is_what_the_replay_mirrors():
+    """The lines of PipeAttentionKernel that :func:`pipe_block` replays: the item loop and its stride, the next
+    item's loads into the other stage, one warp per tile reading this item's stage, the waits and barriers, and
+    a grid of at most one block per item."""
+    src = KERNEL.read_text()
+    body = src[src.index("PipeAttentionKernel(const __half*"):src.index("// Rows over 128 tokens")]
+    for line in ("for (; item < items; item += static_cast<int>(gridDim.x)) {",
+                 "const int row = item / heads, head = item % heads;",
+                 "LoadItem(stages, cap, cur, q, k, v, in_ld, tid, kPipeWarps * 32);",
+                 "LoadItem(stages + (at ^ 1) * stage, cap, next, q, k, v, in_ld, tid, kPipeWarps * 32);",
+                 'asm volatile("cp.async.wait_group 1;\\n" ::);',
+                 "__half* qs = stages + at * stage;",
+                 "const int qt = warp;",
+                 "TileScores(qs, qs + cap * kPitch, qt, cur.n, npad, scale_log2, lane, s, l0, l1);",
+                 "TileOutput(qs + 2 * cap * kPitch, qs, qt, cur.n, npad, lane, s, l0, l1, o, cur.base, hidden);",
+                 "cur = next;", "at ^= 1;"):
+        assert line in src, line
+    assert body.count("__syncthreads();") == 2  # after the wait, and before the stage is loaded again
+    assert "PipeAttentionKernel<<<static_cast<unsigned>(std::min(grid, items)), kPipeWarps * 32, bytes, stream>>>" in src
+    assert "const size_t bytes = 2 * 3 * static_cast<size_t>(cap) * kPitch * sizeof(__half);" in src
+
+
+@pytest.mark.parametrize("qkv", [False, True])
+@pytest.mark.parametrize("grid", [1, 5, 7])
+def test_pipelined_kernel_replay_matches_attention(qkv, grid):
+    """Every (row, head) item, computed by the block whose loop reaches it (blocks 0 .. grid - 1, items block,
+    block + grid, ...), exactly once, equals plain attention: rows of 1 to 128 tokens in an order that leaves a
+    long item's rows in a stage a short one reuses, grids that give a block one to 18 items."""
+    lens = [128, 3, 17, 112, 1, 64, 65, 16, 99]
+    heads, _hidden, q, k, v, start = _case(lens, qkv)
+    scale = 1.0 / np.sqrt(HEAD)
+    cap = (max(lens) + 15) & ~15
+    got = {}
+    for block in range(grid):
+        part = pipe_block(q, k, v, start, lens, heads, cap, scale, block, grid)
+        assert not set(part) & set(got)
+        got.update(part)
+    assert sorted(got) == [(r, h) for r in range(len(lens)) for h in range(heads)]
+    for (r, h), o in got.items():
+        cols = slice(h * HEAD, (h + 1) * HEAD)
+        rows = slice(start[r], start[r] + lens[r])
+        assert np.isfinite(o).all(), (r, h)
+        np.testing.assert_allclose(o.astype(np.float32), attention(q[rows, cols], k[rows, cols], v[rows, cols], scale),
+                                   atol=4e-3, rtol=0)
+
+
+def test_pipelined_replay_catches_a_stage_mixup():
+    """Loading the next item into the stage being computed (one stage, not two) overwrites the item's Q, K and
+    V before its tiles read them: the replay sees wrong attention."""
+    lens = [40, 90, 30]
+    heads, _hidden, q, k, v, start = _case(lens, False)
+    scale = 1.0 / np.sqrt(HEAD)
+    got = pipe_block(q, k, v, start, lens, heads, 96, scale, 0, 1, mutant="same_stage")
+    cols = slice(0, HEAD)
+    want = attention(q[:40, cols], k[:40, cols], v[:40, cols], scale)
+    assert not np.allclose(got[(0, 0)].astype(np.float32), want, atol=0.05)

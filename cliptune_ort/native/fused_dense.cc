@@ -1,6 +1,6 @@
 // cliptune_ort's custom-op library: ai.cliptune.FusedDense, a dense layer whose bias and activation
 // run in the GEMM's epilogue, and ai.cliptune.RaggedAttention, cuDNN's fused attention on packed rows
-// (further down), with cliptune's own kernel for short rows as its impl = 1 (short_attention.cu), and
+// (further down), with cliptune's own kernels for short rows as its impl = 1 and 2 (short_attention.cu), and
 // ai.cliptune.PackAdd, the packed first-layer input of a "packed_host" graph in one pass (pack_add.cu).
 //
 //   Y = act(X @ W + B [+ R])     X [..., K], W [K, N], B [N], optional R [..., N]  ->  Y [..., N]
@@ -63,7 +63,7 @@ void* cudnn_dlhandle = nullptr;  // the frontend's handle on libcudnn (its dynam
 // short_attention.cu (compiled by nvcc, linked in): 0 launched, 1 a shape it does not handle, 2 launch failed
 extern "C" int cliptune_short_attention(const void* q, const void* k, const void* v, int64_t in_ld, void* o,
                                         const int32_t* seq_len, const int32_t* ragged, int rows, int heads,
-                                        int hidden, int max_seq, float scale, cudaStream_t stream);
+                                        int hidden, int max_seq, float scale, int pipelined, cudaStream_t stream);
 #endif
 #ifdef CLIPTUNE_PACK_ADD
 // pack_add.cu (compiled by nvcc, linked in)
@@ -71,7 +71,7 @@ extern "C" int cliptune_pack_add(const void* a, const void* p, const int64_t* in
                                  int64_t pop, int64_t batch, int64_t seq, int64_t hidden, cudaStream_t stream);
 #endif  // 0 launched, 1 too many rows for one launch, 2 launch failed
 #if defined(CLIPTUNE_CUDNN) || defined(CLIPTUNE_SHORT_ATTN)
-#define CLIPTUNE_ATTN_CUDA  // the CUDA RaggedAttention: cuDNN's kernel (impl 0), cliptune's short-row one (impl 1)
+#define CLIPTUNE_ATTN_CUDA  // the CUDA RaggedAttention: cuDNN's kernel (impl 0), cliptune's short-row ones (1, 2)
 #endif
 #endif
 
@@ -447,9 +447,10 @@ using DenseCudaOp = DenseOp<DenseCudaKernel, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
 //   (token offset * heads * head); token_offset int32 [rows, seq]: only its shape is read (rows, the longest
 //   row). Attributes: num_heads, scale (0: 1 / sqrt(head)), impl (optional; 0 = cuDNN's fused attention,
 //   1 = cliptune's kernels for head size 64, short_attention.cu: rows of at most 128 tokens in shared memory,
-//   longer ones on a plain fallback; other head sizes go to cuDNN where the build has it), qkv (optional; 1:
-//   inputs 0, 1 and 2 are one [tokens, 3 * heads * head] tensor, a single QKV projection, read in place; impl 1
-//   only). The CPU build ignores impl.
+//   longer ones on a plain fallback; other head sizes go to cuDNN where the build has it; 2 = impl 1 with the
+//   short rows pipelined, two (row, head) items per block in flight), qkv (optional; 1: inputs 0, 1 and 2 are
+//   one [tokens, 3 * heads * head] tensor, a single QKV projection, read in place; impl 1 or 2 only). The CPU
+//   build ignores impl.
 //
 // Why: ONNX Runtime's PackedMultiHeadAttention runs FlashAttention's 128 x 128 tiles on rows of about 70
 // tokens (6.9 of 53 ms of a stacked call on an H100, run 7); cuDNN's fused attention for Hopper takes the
@@ -520,14 +521,15 @@ struct AttnAttrs {
     heads = ki.GetAttribute<int64_t>("num_heads");
     scale = ki.GetAttribute<float>("scale");
     impl = OptionalInt(ki, "impl");  // graphs of export format 3 have none: cuDNN
-    if (impl != 0 && impl != 1) {
-      ORT_CXX_API_THROW("RaggedAttention: impl must be 0 (cuDNN) or 1 (cliptune's short-row kernel), got " +
+    if (impl < 0 || impl > 2) {
+      ORT_CXX_API_THROW("RaggedAttention: impl must be 0 (cuDNN), 1 (cliptune's short-row kernel) or 2 (the same, "
+                        "pipelined), got " +
                             std::to_string(impl),
                         ORT_INVALID_ARGUMENT);
     }
     const int64_t packed = OptionalInt(ki, "qkv");  // Q, K and V as one [tokens, 3 * hidden] tensor
-    if ((packed != 0 && packed != 1) || (packed == 1 && impl != 1)) {
-      ORT_CXX_API_THROW("RaggedAttention: qkv must be 0 or 1, and 1 (one QKV tensor) needs impl 1, got qkv " +
+    if ((packed != 0 && packed != 1) || (packed == 1 && impl == 0)) {
+      ORT_CXX_API_THROW("RaggedAttention: qkv must be 0 or 1, and 1 (one QKV tensor) needs impl 1 or 2, got qkv " +
                             std::to_string(packed) + " with impl " + std::to_string(impl),
                         ORT_INVALID_ARGUMENT);
     }
@@ -720,7 +722,7 @@ struct AttnCudaKernel : AttnAttrs {
       auto out = ctx.GetOutput(0, {d.tokens, d.hidden});
       if (d.tokens == 0 || d.rows == 0) return;
       auto stream = static_cast<cudaStream_t>(ctx.GetGPUComputeStream());
-      if (impl == 1) {
+      if (impl >= 1) {
 #ifdef CLIPTUNE_SHORT_ATTN
         const auto* base = static_cast<const uint16_t*>(ctx.GetInput(0).GetTensorRawData());  // fp16 elements
         const int rc = cliptune_short_attention(
@@ -728,7 +730,7 @@ struct AttnCudaKernel : AttnAttrs {
             qkv ? base + 2 * d.hidden : ctx.GetInput(2).GetTensorRawData(), d.in_ld, out.GetTensorMutableRawData(),
             ctx.GetInput(3).GetTensorData<int32_t>(), ctx.GetInput(4).GetTensorData<int32_t>(),
             static_cast<int>(d.rows), static_cast<int>(d.heads), static_cast<int>(d.hidden),
-            static_cast<int>(std::min<int64_t>(d.seq, INT32_MAX)), d.scale, stream);
+            static_cast<int>(std::min<int64_t>(d.seq, INT32_MAX)), d.scale, impl == 2 ? 1 : 0, stream);
         if (rc == 0) return;
         if (rc == 2) {
           ORT_CXX_API_THROW("RaggedAttention: the short-row kernel did not launch: " +
@@ -739,7 +741,7 @@ struct AttnCudaKernel : AttnAttrs {
 #ifdef CLIPTUNE_CUDNN
         if (qkv) {
 #endif
-          ORT_CXX_API_THROW("RaggedAttention: impl 1 runs head size 64 (got " + std::to_string(d.head) + ")" +
+          ORT_CXX_API_THROW("RaggedAttention: impl " + std::to_string(impl) + " runs head size 64 (got " + std::to_string(d.head) + ")" +
 #ifdef CLIPTUNE_SHORT_ATTN
                                 std::string(qkv ? "; cuDNN's kernel takes separate Q, K and V: export with "
                                                   "--packed-kernel cudnn"
