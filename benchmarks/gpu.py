@@ -69,6 +69,7 @@ import json
 import math
 import os
 import platform
+import random
 import shutil
 import subprocess
 import sys
@@ -434,9 +435,10 @@ PACKED_LAYOUTS = {"packed": (False, "fused", "matmul"), "packed_host": (True, "f
                   "packed_host_cudnn_ltres": (True, "cudnn", "cublaslt_res"),
                   "packed_host_short_lt": (True, "short", "cublaslt"),
                   "packed_host_shortqkv_lt": (True, "short_qkv", "cublaslt"),
-                  "packed_host_shortqkv_ltpa": (True, "short_qkv", "cublaslt")}
+                  "packed_host_shortqkv_ltpa": (True, "short_qkv", "cublaslt"),
+                  "packed_host_pipeqkv_ltpa": (True, "pipe_qkv", "cublaslt")}
 #: the layouts whose first packed layer's input is made by cliptune's PackAdd (packing.FRONTS; others: "gather")
-LAYOUT_FRONTS = {"packed_host_shortqkv_ltpa": "fused"}
+LAYOUT_FRONTS = {"packed_host_shortqkv_ltpa": "fused", "packed_host_pipeqkv_ltpa": "fused"}
 #: tune variants: name -> (packed layout or None for the padded export, CUDA graphs): each layout as it is, and
 #: the host-packed ones also under CUDA graphs ("<layout>_cg")
 TUNE_VARIANTS = {"padded": (None, False), "padded_cg": (None, True),
@@ -446,13 +448,15 @@ TUNE_VARIANTS = {"padded": (None, False), "padded_cg": (None, True),
 
 def layout_usable(kernel: str, parity_sound: bool, device: str, ragged_check: dict | None) -> bool:
     """Whether a packed layout may score the tune runs: its logits as close to PyTorch fp32 as the padded
-    graph's (on the 32 train rows), and, for cliptune's own attention kernels (RaggedAttention impl 1) on
-    CUDA, a passed check on rows of edge lengths (``ragged_kernel_check``; the test set has lengths the train
-    rows do not). A check that did not run or crashed counts as failed there."""
+    graph's (on the 32 train rows), and, for cliptune's own attention kernels (RaggedAttention impl 1, 2) on
+    CUDA, a passed check of the kernel's impl on rows of edge lengths (``ragged_kernel_check``; the test set has
+    lengths the train rows do not). A check that did not run or crashed counts as failed there."""
     if not parity_sound:
         return False
-    if device == "cuda" and kernel in ("short", "short_qkv"):
-        return bool(ragged_check and ragged_check.get("ok"))
+    from cliptune_ort.manifest import OWN_KERNELS
+
+    if device == "cuda" and kernel in OWN_KERNELS:
+        return bool(ragged_check and ragged_check.get("ok_impl", {}).get(str(OWN_KERNELS[kernel])))
     return True
 
 
@@ -846,14 +850,18 @@ def smoke_cell(model_dir, device: str, mode: str, eval_sets: bool = True) -> dic
 
 
 #: row lengths for ragged_kernel_check: the short-row kernel's tile edges (16 / 17, 64 / 65), SST-2's longest
-#: row and the 128 maximum in one call; then a call with rows over 128 tokens (the long-row kernel)
-RAGGED_CHECK_LENS = ((1, 15, 16, 17, 63, 64, 65, 106, 112, 127, 128), (150, 3, 129))
+#: row and the 128 maximum in one call; then a call with rows over 128 tokens (the long-row kernel); then 700
+#: rows of 1 to 128 tokens (drawn, seed 5), more (row, head) items than the pipelined kernel's blocks (impl 2:
+#: 2 per multiprocessor), so that each block's loop runs several items of different lengths through both stages
+RAGGED_CHECK_LENS = ((1, 15, 16, 17, 63, 64, 65, 106, 112, 127, 128), (150, 3, 129),
+                     tuple(random.Random(5).choices(range(1, 129), k=700)))
 
 
 def ragged_kernel_check(device: str, work: str, heads: int = 4, lens_sets=RAGGED_CHECK_LENS) -> dict:
-    """RaggedAttention with impl 1 (cliptune's short-row kernel, its long-row one past 128 tokens) on rows of
-    edge lengths, with separate Q, K, V and with one QKV tensor (qkv = 1), against numpy attention per row and
-    head. CUDA: fp16 through the custom-op library (``CLIPTUNE_OPS_DIR``); CPU: the library's fp32 loop."""
+    """RaggedAttention with impl 1 (cliptune's short-row kernel, its long-row one past 128 tokens) and impl 2 (the
+    short-row kernel pipelined) on rows of edge lengths, with separate Q, K, V and with one QKV tensor (qkv = 1),
+    against numpy attention per row and head. CUDA: fp16 through the custom-op library (``CLIPTUNE_OPS_DIR``);
+    CPU: the library's fp32 loop (which ignores impl). ``ok_impl``: passed, per impl."""
     import numpy as np
     from cliptune_export.projection import IR_VERSION
     from onnx import TensorProto, helper, save
@@ -873,26 +881,7 @@ def ragged_kernel_check(device: str, work: str, heads: int = 4, lens_sets=RAGGED
         for qkv in (0, 1):
             packed = rng.standard_normal((tokens, 3 * hidden)).astype(dt)
             q, k, v = packed[:, :hidden], packed[:, hidden:2 * hidden], packed[:, 2 * hidden:]
-            names = ["qkv"] * 3 if qkv else ["q", "k", "v"]
-            node = helper.make_node("RaggedAttention", [*names, "len", "rag", "off"], ["o"], domain="ai.cliptune",
-                                    num_heads=heads, scale=float(scale), impl=1, qkv=qkv)
-            width = 3 * hidden if qkv else hidden
-            ins = [helper.make_tensor_value_info(n, et, ["tokens", width]) for n in dict.fromkeys(names)]
-            ins += [helper.make_tensor_value_info("len", TensorProto.INT32, ["rows"]),
-                    helper.make_tensor_value_info("rag", TensorProto.INT32, ["rows_plus_1"]),
-                    helper.make_tensor_value_info("off", TensorProto.INT32, ["rows", "seq"])]
-            graph = helper.make_graph([node], "ragged_check", ins, [helper.make_tensor_value_info("o", et, None)])
-            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                             helper.make_opsetid("ai.cliptune", 1)])
-            model.ir_version = IR_VERSION  # onnx's default (its newest IR) is more than the card's ORT 1.31 reads
-            path = Path(work) / f"ragged_check_{len(lens)}_{qkv}.onnx"
-            save(model, str(path))
-            sess = make_session(path, SessionSpec(device=device, threads=1, ops_library=device))
-            feeds = {"len": lens_a, "rag": cu * hidden, "off": np.zeros((len(lens), max(lens)), np.int32)}
-            feeds.update({"qkv": packed} if qkv else {"q": np.ascontiguousarray(q), "k": np.ascontiguousarray(k),
-                                                      "v": np.ascontiguousarray(v)})
-            got = sess.run(None, feeds)[0].astype(np.float32)
-            err = 0.0
+            want = np.empty((tokens, hidden), np.float32)
             for r, n in enumerate(lens):
                 rows = slice(cu[r], cu[r] + n)
                 for h in range(heads):
@@ -900,15 +889,38 @@ def ragged_kernel_check(device: str, work: str, heads: int = 4, lens_sets=RAGGED
                     qs, ks, vs = (x[rows, cols].astype(np.float32) for x in (q, k, v))
                     sc = qs @ ks.T * scale
                     p = np.exp(sc - sc.max(axis=1, keepdims=True))
-                    want = (p / p.sum(axis=1, keepdims=True)) @ vs
-                    err = max(err, float(np.nanmax(np.abs(got[rows, cols] - want))) if np.isfinite(got[rows, cols]).all()
-                              else float("inf"))
-            out["cases"].append({"lens": list(lens), "qkv": qkv, "provider": sess.get_providers()[0],
-                                 "max_abs_err": err})
-            del sess
+                    want[rows, cols] = (p / p.sum(axis=1, keepdims=True)) @ vs
+            names = ["qkv"] * 3 if qkv else ["q", "k", "v"]
+            feeds = {"len": lens_a, "rag": cu * hidden, "off": np.zeros((len(lens), max(lens)), np.int32)}
+            feeds.update({"qkv": packed} if qkv else {"q": np.ascontiguousarray(q), "k": np.ascontiguousarray(k),
+                                                      "v": np.ascontiguousarray(v)})
+            for impl in (1, 2):
+                node = helper.make_node("RaggedAttention", [*names, "len", "rag", "off"], ["o"], domain="ai.cliptune",
+                                        num_heads=heads, scale=float(scale), impl=impl, qkv=qkv)
+                width = 3 * hidden if qkv else hidden
+                ins = [helper.make_tensor_value_info(n, et, ["tokens", width]) for n in dict.fromkeys(names)]
+                ins += [helper.make_tensor_value_info("len", TensorProto.INT32, ["rows"]),
+                        helper.make_tensor_value_info("rag", TensorProto.INT32, ["rows_plus_1"]),
+                        helper.make_tensor_value_info("off", TensorProto.INT32, ["rows", "seq"])]
+                graph = helper.make_graph([node], "ragged_check", ins, [helper.make_tensor_value_info("o", et, None)])
+                model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                                 helper.make_opsetid("ai.cliptune", 1)])
+                model.ir_version = IR_VERSION  # onnx's default (its newest IR) is more than the card's ORT 1.31 reads
+                path = Path(work) / f"ragged_check_{len(lens)}_{qkv}_{impl}.onnx"
+                save(model, str(path))
+                sess = make_session(path, SessionSpec(device=device, threads=1, ops_library=device))
+                got = sess.run(None, feeds)[0].astype(np.float32)
+                err = float(np.abs(got - want).max()) if np.isfinite(got).all() else float("inf")
+                out["cases"].append({"impl": impl, "qkv": qkv, "provider": sess.get_providers()[0],
+                                     "lens": list(lens) if len(lens) <= 16
+                                     else f"{len(lens)} rows of {min(lens)} to {max(lens)} tokens",
+                                     "max_abs_err": err})
+                del sess
     out["max_abs_err"] = max(c["max_abs_err"] for c in out["cases"])
     out["tolerance"] = 4e-3 if device == "cuda" else 1e-4
-    out["ok"] = out["max_abs_err"] <= out["tolerance"]
+    out["ok_impl"] = {str(i): all(c["max_abs_err"] <= out["tolerance"] for c in out["cases"] if c["impl"] == i)
+                      for i in (1, 2)}
+    out["ok"] = all(out["ok_impl"].values())
     return out
 
 
@@ -1103,7 +1115,9 @@ def main(argv=None) -> int:
                                       "cublaslt_res); *_cudnn_* / *_short_* = cliptune's RaggedAttention in place "
                                       "of PackedMultiHeadAttention, with cuDNN's fused attention (impl 0) or "
                                       "cliptune's kernel for rows of up to 128 tokens (impl 1; --packed-kernel "
-                                      "short)",
+                                      "short); *_shortqkv_* the same on one QKV projection; *_pipeqkv_* that "
+                                      "kernel pipelined (impl 2; --packed-kernel pipe_qkv); *_ltpa = *_lt with "
+                                      "cliptune's PackAdd making the first packed layer's input",
                          "torch": "ContractModel(hf_layers=True): the HF layers' own attention (eager or SDPA), "
                                   "the same gather-at-mask head and last layer at the mask as the export; "
                                   "torch.backends.cuda.matmul.allow_tf32 left at its default (see versions)",
@@ -1287,7 +1301,7 @@ def main(argv=None) -> int:
             res.error("torch fp16", e)
 
     # ------------------------------------------------ 3. ORT through the package's Engine
-    from cliptune_ort.manifest import LIBRARY_KERNELS, load_manifest
+    from cliptune_ort.manifest import LIBRARY_KERNELS, OWN_KERNELS, load_manifest
 
     engine_ok: dict = {}
     parity_prompts = None
@@ -1298,13 +1312,14 @@ def main(argv=None) -> int:
                                                             warmup, iters))
     # cliptune's attention kernels on rows of edge lengths against numpy, before any layout uses them (a child
     # process: new native code must not end the run)
-    if device == "cuda" and any(load_manifest(d).packed_kernel in ("short", "short_qkv") for d in packed_dirs.values()
+    if device == "cuda" and any(load_manifest(d).packed_kernel in OWN_KERNELS for d in packed_dirs.values()
                                 if (d / "manifest.json").is_file()):
         try:
             rk = cell_in_child("ragged_kernel_check", {"device": device, "work": str(work)}, device, 120)
             res.data["ragged_kernel_check"] = rk
-            log(f"RaggedAttention impl 1 on edge row lengths: max abs error {rk['max_abs_err']:.3g} "
-                f"(tolerance {rk['tolerance']}): {'ok' if rk['ok'] else 'WRONG'}")
+            log(f"RaggedAttention impl 1, 2 on edge row lengths: max abs error {rk['max_abs_err']:.3g} "
+                f"(tolerance {rk['tolerance']}): " + ", ".join(f"impl {i} {'ok' if ok else 'WRONG'}"
+                                                               for i, ok in rk["ok_impl"].items()))
             if not rk["ok"]:
                 res.error("ragged kernel check", RuntimeError(f"max abs error {rk['max_abs_err']} over "
                                                              f"{rk['tolerance']}: {rk['cases']}"))

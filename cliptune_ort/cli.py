@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "projections + cliptune's RaggedAttention (cuDNN's fused attention on the packed rows, sm90; "
                         "`cliptune build-ops` with cuDNN's headers), 'short' = RaggedAttention with cliptune's own "
                         "kernel for rows of up to 128 tokens (sm80+; built where nvcc is found; a plain kernel beyond 128), "
-                        "'short_qkv' = 'short' with one QKV projection read in place (default: flash)")
+                        "'short_qkv' = 'short' with one QKV projection read in place, 'pipe_qkv' = 'short_qkv' "
+                        "pipelined (the next row and head loaded while one is computed; default: flash)")
     e.add_argument("--packed-ffn", choices=("matmul", "cublaslt", "cublaslt_res"), default="matmul",
                    help="with --packed: 'cublaslt' = the feed-forward bias + GELU (and the flash kernel's query "
                         "bias) inside the GEMM, cliptune's FusedDense op (cuBLASLt epilogue; tanh GELU); "

@@ -68,8 +68,12 @@ def seal_manifest(data: dict[str, Any]) -> dict[str, Any]:
 #: packed feed-forward blocks whose graphs use cliptune's custom-op library (export/packing.py LT_FFNS)
 LIBRARY_FFNS = ("cublaslt", "cublaslt_res")
 #: packed attention kernels (export/packing.py KERNELS); those run by the custom-op library's RaggedAttention
-PACKED_KERNELS = ("fused", "flash", "cudnn", "short", "short_qkv")
-LIBRARY_KERNELS = ("cudnn", "short", "short_qkv")
+PACKED_KERNELS = ("fused", "flash", "cudnn", "short", "short_qkv", "pipe_qkv")
+LIBRARY_KERNELS = ("cudnn", "short", "short_qkv", "pipe_qkv")
+#: cliptune's own attention kernels (native/short_attention.cu) -> RaggedAttention's impl attribute, and those of
+#: them that read one QKV projection in place
+OWN_KERNELS = {"short": 1, "short_qkv": 1, "pipe_qkv": 2}
+QKV_KERNELS = ("short_qkv", "pipe_qkv")
 #: how a packed_host graph makes its first layer's input: "gather" (Add over the padded sum, then Gather) or
 #: "fused" (cliptune's PackAdd: one pass; custom-op library)
 PACKED_FRONTS = ("gather", "fused")

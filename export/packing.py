@@ -82,8 +82,10 @@ from cliptune_ort.engine import (
 )
 from cliptune_ort.manifest import (
     LIBRARY_KERNELS,
+    OWN_KERNELS,
     PACKED_FRONTS,
     PACKED_KERNELS,
+    QKV_KERNELS,
     SPLIT_KERNELS,
 )
 from cliptune_ort.native import DOMAIN as NATIVE_DOMAIN
@@ -101,9 +103,11 @@ ROW_WISE = {"MatMul", "SkipLayerNormalization", "BiasGelu", "Gelu", "FastGelu", 
 #: fallback kernel for longer rows)
 #: "short_qkv" = "short" with one QKV projection (the fused weight as exported; bias [query bias, 0, 0]) that
 #: RaggedAttention reads in place (qkv = 1): one GEMM instead of three per layer
+#: "pipe_qkv" = "short_qkv" with RaggedAttention's impl 2: the same kernel pipelined (a block of 8 warps loops over
+#: (row, head) items with two shared-memory stages, loading the next item while it computes one)
 KERNELS = PACKED_KERNELS
 #: RaggedAttention's impl attribute per kernel (custom-op library)
-RAGGED_IMPL = {"cudnn": 0, "short": 1, "short_qkv": 1}
+RAGGED_IMPL = {"cudnn": 0, **OWN_KERNELS}
 DEFAULT_KERNEL = "flash"  # measured faster on an H100 (README, GPU section)
 #: the packed layers' feed-forward block: "matmul" = MatMul -> BiasGelu -> MatMul (ORT's fusions),
 #: "moe" = one single-expert com.microsoft.MoE node (experimental; 26 % slower on an H100, see above)
@@ -330,7 +334,7 @@ def pack_graph(model, host_offsets: bool = False, kernel: str = DEFAULT_KERNEL,
             if kernel in RAGGED_IMPL and n is atts[0]:
                 new_nodes.extend(_ragged_index_nodes(cum, flash[n.name]["hid"]))
             new_nodes.extend(_flash_nodes(n, flash[n.name], offset, cum, epilogue=ffn in LT_FFNS,
-                                          ragged=RAGGED_IMPL.get(kernel), qkv=kernel == "short_qkv"))
+                                          ragged=RAGGED_IMPL.get(kernel), qkv=kernel in QKV_KERNELS))
         elif n.op_type == "Attention" and n.domain == MS:
             keep = [a for a in n.attribute if a.name in ("num_heads", "qkv_hidden_sizes", "scale")]
             p = helper.make_node("PackedAttention", [n.input[0], n.input[1], n.input[2], offset, cum], list(n.output),
@@ -343,7 +347,7 @@ def pack_graph(model, host_offsets: bool = False, kernel: str = DEFAULT_KERNEL,
             new_nodes.append(helper.make_node("RestorePadding", [t_packed, offset], [t_last],
                                               name="cliptune_RestorePadding", domain=MS))
     if flash:  # before the node list is rebuilt: extend() copies the nodes
-        _apply_flash(g, flash, qkv=kernel == "short_qkv")
+        _apply_flash(g, flash, qkv=kernel in QKV_KERNELS)
     if moe:
         _apply_moe(g, moe)
     if pack_add is not None:  # the padded sum's Unsqueezes and shape arithmetic are left unread

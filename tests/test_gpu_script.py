@@ -54,6 +54,8 @@ def test_gpu_script_cpu_dry_run(tmp_path):
     assert sqkv["front"] == "gather"
     pa = data["export"]["packed_host_shortqkv_ltpa"]  # the same with cliptune's PackAdd making the packed input
     assert pa["kernel"] == "short_qkv" and pa["front"] == "fused" and pa["packed_attention_nodes"] == [2, 2, 2]
+    pipe = data["export"]["packed_host_pipeqkv_ltpa"]  # the same with the pipelined kernel (impl 2)
+    assert pipe["kernel"] == "pipe_qkv" and pipe["front"] == "fused" and pipe["packed_attention_nodes"] == [2, 2, 2]
     assert "CUDA provider" in data["packed_note"]
     assert not any(c["mode"].startswith("packed") for c in data["cells"])
     assert data["tune_variant"]["used"] == "padded"
@@ -186,12 +188,17 @@ def test_tunes_use_a_short_kernel_layout_only_after_its_edge_length_check():
     ok, bad = {"ok": True}, {"ok": False}
     assert gpu.layout_usable("flash", True, "cuda", None)  # ORT's kernels: parity alone
     assert not gpu.layout_usable("flash", False, "cuda", ok)
-    for kernel in ("short", "short_qkv"):
+    ok = {"ok": True, "ok_impl": {"1": True, "2": True}}
+    bad = {"ok": False, "ok_impl": {"1": False, "2": False}}
+    for kernel in ("short", "short_qkv", "pipe_qkv"):
         assert gpu.layout_usable(kernel, True, "cuda", ok)
         assert not gpu.layout_usable(kernel, True, "cuda", bad)
+        assert not gpu.layout_usable(kernel, True, "cuda", {"ok": True})  # a check that did not cover its impl
         assert not gpu.layout_usable(kernel, True, "cuda", None)  # the check crashed or did not run
         assert not gpu.layout_usable(kernel, False, "cuda", ok)
         assert gpu.layout_usable(kernel, True, "cpu", None)  # the CPU dry run has no such check
+    one = {"ok": False, "ok_impl": {"1": True, "2": False}}  # impl 2 failed: only its layouts are left out
+    assert gpu.layout_usable("short_qkv", True, "cuda", one) and not gpu.layout_usable("pipe_qkv", True, "cuda", one)
 
 
 def test_concurrent_graphs_asked_without_the_cell():

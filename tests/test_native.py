@@ -319,14 +319,15 @@ def test_library_ragged_attention_is_the_numpy_op(cpu_ops):
     m3 = helper.make_model(g3, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.cliptune", 1)])
     with pytest.raises(Exception, match="qkv must be 0 or 1, and 1 .* needs impl 1"):
         _session(m3, cpu_ops).run(None, feeds3)
-    # impl (the GPU kernel: 0 cuDNN, 1 the short-row kernel) does not change the CPU build's loop; others are refused
-    for impl, ok in ((1, True), (0, True), (2, False)):
+    # impl (the GPU kernel: 0 cuDNN, 1 the short-row kernel, 2 the same pipelined) does not change the CPU build's
+    # loop; others are refused
+    for impl, ok in ((1, True), (0, True), (2, True), (3, False), (-1, False)):
         g.node[0].attribute.append(helper.make_attribute("impl", impl))
         model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.cliptune", 1)])
         if ok:
             np.testing.assert_allclose(_session(model, cpu_ops).run(None, feeds)[0], want, atol=1e-5)
         else:
-            with pytest.raises(Exception, match="RaggedAttention: impl must be 0 .* got 2"):
+            with pytest.raises(Exception, match=f"RaggedAttention: impl must be 0 .* got {impl}$"):
                 _session(model, cpu_ops).run(None, feeds)
         del g.node[0].attribute[-1]
 
@@ -367,12 +368,13 @@ def test_library_pack_add_is_the_numpy_op(cpu_ops):
 
 
 @needs_export
-@pytest.mark.parametrize("kernel", ["cudnn", "short", "short_qkv"])
+@pytest.mark.parametrize("kernel", ["cudnn", "short", "short_qkv", "pipe_qkv"])
 def test_ragged_kernels_match_unpacked(packed_pair, tmp_path, kernel):
     """kernel="cudnn" / "short" / "short_qkv": the flash layout's projections with cliptune's RaggedAttention in
     place of PackedMultiHeadAttention (row lengths and element offsets made once in the graph from the packing's
     cu_seqlens; impl 0 = cuDNN, left out of the node, 1 = the short-row kernel; short_qkv: one QKV projection
-    read in place); the logits are the unpacked graph's, with either packing and either feed-forward block."""
+    read in place; pipe_qkv: the same with impl 2, the pipelined kernel); the logits are the unpacked graph's,
+    with either packing and either feed-forward block."""
     import collections
     import copy
 
@@ -389,9 +391,9 @@ def test_ragged_kernels_match_unpacked(packed_pair, tmp_path, kernel):
         assert count["RaggedAttention"] == layers - 1 and count["PackedMultiHeadAttention"] == 0
         attrs = [{a.name: helper.get_attribute_value(a) for a in n.attribute}
                  for n in g.graph.node if n.op_type == "RaggedAttention"]
-        assert {a.get("impl", 0) for a in attrs} == {0 if kernel == "cudnn" else 1}
-        assert {a.get("qkv", 0) for a in attrs} == {int(kernel == "short_qkv")}
-        if kernel == "short_qkv":  # one projection per layer (FusedDense with the LT feed-forward), no slices
+        assert {a.get("impl", 0) for a in attrs} == {{"cudnn": 0, "pipe_qkv": 2}.get(kernel, 1)}
+        assert {a.get("qkv", 0) for a in attrs} == {int(kernel in ("short_qkv", "pipe_qkv"))}
+        if kernel in ("short_qkv", "pipe_qkv"):  # one projection per layer (FusedDense with the LT feed-forward), no slices
             assert not [n for n in g.graph.node if n.name.endswith(("_slice_q", "_slice_k", "_slice_v"))]
             assert count["FusedDense" if ffn != "matmul" else "Add"] >= layers - 1
         assert [n.op_type for n in g.graph.node if n.name.startswith("cliptune_ragged_")].count("Slice") == 2
@@ -568,10 +570,16 @@ def test_gpu_ragged_kernel_check_on_the_cpu_build(cpu_ops, tmp_path, monkeypatch
     finally:
         sys.path.pop(0)
     out = gpu.ragged_kernel_check("cpu", str(tmp_path), heads=2)
-    assert [(c["lens"], c["qkv"]) for c in out["cases"]] == [(list(lens), q) for lens in gpu.RAGGED_CHECK_LENS
-                                                            for q in (0, 1)]
+    assert [(c["qkv"], c["impl"]) for c in out["cases"]] == [(q, i) for _ in gpu.RAGGED_CHECK_LENS
+                                                            for q in (0, 1) for i in (1, 2)]
+    assert [c["lens"] for c in out["cases"][:4]] == [list(gpu.RAGGED_CHECK_LENS[0])] * 4
+    # the pipelined kernel's case: more (row, head) items than its grid on an H100 (2 blocks x 132 SMs) at the
+    # card's 16 heads and at this check's own 4, every length 1 to 128 among them
+    many = gpu.RAGGED_CHECK_LENS[-1]
+    assert len(many) * 4 > 4 * 264 and min(many) == 1 and max(many) == 128 and len(set(many)) > 100
+    assert out["cases"][-1]["lens"] == "700 rows of 1 to 128 tokens"
     assert all(c["provider"] == "CPUExecutionProvider" for c in out["cases"])
-    assert out["ok"] and out["max_abs_err"] < 1e-5
+    assert out["ok"] and out["max_abs_err"] < 1e-5 and out["ok_impl"] == {"1": True, "2": True}
     # the card's ORT 1.31.1 reads IR 13 at most; onnx 1.23's default, 14, failed this check in card run 10
     import onnx
     from cliptune_export.projection import IR_VERSION
@@ -596,7 +604,7 @@ def test_gpu_ragged_kernel_check_on_the_cpu_build(cpu_ops, tmp_path, monkeypatch
 
     monkeypatch.setattr(sessions_mod, "make_session", lambda *a, **kw: OffByOneRow(real(*a, **kw)))
     bad = gpu.ragged_kernel_check("cpu", str(tmp_path), heads=2, lens_sets=((5, 17),))
-    assert not bad["ok"] and bad["max_abs_err"] > 0.1
+    assert not bad["ok"] and bad["max_abs_err"] > 0.1 and bad["ok_impl"] == {"1": False, "2": False}
 
 
 def test_wheel_ships_the_library_sources():

@@ -131,7 +131,7 @@ def _reference_ops():
         op_domain = "ai.cliptune"
 
         def _run(self, q, k, v, seq_len, ragged, token_offset, num_heads=None, scale=None, impl=None, qkv=None):
-            assert impl in (None, 0, 1) and qkv in (None, 0, 1) and (not qkv or impl == 1), (impl, qkv)
+            assert impl in (None, 0, 1, 2) and qkv in (None, 0, 1) and (not qkv or impl in (1, 2)), (impl, qkv)
             assert len(ragged) == len(seq_len) + 1 == token_offset.shape[0] + 1
             if qkv:  # one [tokens, 3 * hidden] tensor read in place
                 assert q is k is v or (np.array_equal(q, k) and np.array_equal(q, v))
