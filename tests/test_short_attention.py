@@ -85,16 +85,19 @@ def quad_reduce(x, op):
     return x
 
 
-def load_item(stage, q, k, v, base_tokens, n, head, cap):
+def load_item(stage, q, k, v, base_tokens, n, head, cap, token_rows=None):
     """The cp.async loop (each 16-byte chunk) of a (row, head) into ``stage`` = [qs, ks, vs], each [cap, PITCH]:
-    rows 0 .. npad - 1, those from n on zero-filled; nothing for an empty row or one over cap."""
+    rows 0 .. npad - 1, those from n on zero-filled; nothing for an empty row or one over cap. Token t reads row
+    InRow(token_rows, t) of q, k and v: token_rows[t], or t without a map."""
     if n <= 0 or n > cap:
         return
     npad = (n + 15) & ~15
     for i in range(npad * 8):
         r, c = i >> 3, (i & 7) * 8
+        t = base_tokens + (r if r < n else 0)
+        src_row = int(token_rows[t]) if token_rows is not None else t
         for dst, src in zip(stage, (q, k, v)):
-            dst[r, c:c + 8] = src[base_tokens + r, head * HEAD + c:head * HEAD + c + 8] if r < n else 0
+            dst[r, c:c + 8] = src[src_row, head * HEAD + c:head * HEAD + c + 8] if r < n else 0
 
 
 def fresh_stage(cap):
@@ -173,7 +176,7 @@ def kernel_block(q, k, v, base_tokens, n, hidden, head, cap, scale, mutant=None)
     return out[:n]
 
 
-def pipe_block(q, k, v, start, lens, heads, cap, scale, block, grid, mutant=None):
+def pipe_block(q, k, v, start, lens, heads, cap, scale, block, grid, mutant=None, token_rows=None):
     """One block of PipeAttentionKernel, replayed in the kernel's order: items block, block + grid, ... (row =
     item / heads, head = item % heads); before the loop the first item's loads into stage 0, then in each pass the
     next item's loads into the other stage, this item's tiles from its stage (one warp per tile), and the stages
@@ -190,14 +193,14 @@ def pipe_block(q, k, v, start, lens, heads, cap, scale, block, grid, mutant=None
     got = {}
     item = block
     cur = item_at(item)
-    load_item(stages[0], q, k, v, cur[3], cur[2], cur[1], cap)
+    load_item(stages[0], q, k, v, cur[3], cur[2], cur[1], cap, token_rows)
     at = 0
     while item < items:
         nxt = item + grid
         nxt_item = item_at(nxt) if nxt < items else None
         if nxt_item is not None:
             dst = stages[at] if mutant == "same_stage" else stages[at ^ 1]
-            load_item(dst, q, k, v, nxt_item[3], nxt_item[2], nxt_item[1], cap)
+            load_item(dst, q, k, v, nxt_item[3], nxt_item[2], nxt_item[1], cap, token_rows)
         qs, ks, vs = stages[at]
         row, head, n, _ = cur
         if 0 < n <= cap:
@@ -321,8 +324,9 @@ def test_pipelined_kernel_source_is_what_the_replay_mirrors():
     body = src[src.index("PipeAttentionKernel(const __half*"):src.index("// Rows over 128 tokens")]
     for line in ("for (; item < items; item += static_cast<int>(gridDim.x)) {",
                  "const int row = item / heads, head = item % heads;",
-                 "LoadItem(stages, cap, cur, q, k, v, in_ld, tid, kPipeWarps * 32);",
-                 "LoadItem(stages + (at ^ 1) * stage, cap, next, q, k, v, in_ld, tid, kPipeWarps * 32);",
+                 "LoadItem(stages, cap, cur, q, k, v, in_ld, token_rows, tid, kPipeWarps * 32);",
+                 "LoadItem(stages + (at ^ 1) * stage, cap, next, q, k, v, in_ld, token_rows, tid, kPipeWarps * 32);",
+                 "const int64_t at = InRow(token_rows, it.t0 + (r < it.n ? r : 0)) * in_ld + it.col + c;",
                  'asm volatile("cp.async.wait_group 1;\\n" ::);',
                  "__half* qs = stages + at * stage;",
                  "const int qt = warp;",
@@ -369,3 +373,39 @@ def test_pipelined_replay_catches_a_stage_mixup():
     cols = slice(0, HEAD)
     want = attention(q[:40, cols], k[:40, cols], v[:40, cols], scale)
     assert not np.allclose(got[(0, 0)].astype(np.float32), want, atol=0.05)
+
+
+@pytest.mark.parametrize("qkv", [False, True])
+def test_token_rows_replay_matches_attention(qkv):
+    """token_rows (a packed first layer whose rows share a prefix): rows 1 and 2 of each pair read their first 5
+    tokens from row 0's rows of a compact Q, K, V, in both kernels' loads (the load loops index q, k, v at
+    InRow(token_rows, t), source-checked); the result is plain attention over the expanded rows."""
+    src = KERNEL.read_text()
+    assert "const int64_t at = InRow(token_rows, t0 + (r < n ? r : 0)) * in_ld + col + c;" in src  # impl 1, Q and K
+    assert "v + InRow(token_rows, t0 + (r < n ? r : 0)) * in_ld + col + c" in src  # impl 1, V
+    assert "return token_rows != nullptr ? static_cast<int64_t>(token_rows[t]) : t;" in src
+    lens, shared = [20, 33, 7, 70, 16, 128], 5
+    heads, _hidden, q, k, v, start = _case(lens, qkv)
+    rows = np.arange(sum(lens), dtype=np.int32)
+    for r in (1, 2, 4, 5):  # rows 1, 2 take row 0's prefix; rows 4, 5 row 3's
+        first = 0 if r < 3 else 3
+        rows[start[r]:start[r] + shared] = rows[start[first]:start[first] + shared]
+        q[start[r]:start[r] + shared] = np.nan  # the compact tensors no longer hold these rows
+        k[start[r]:start[r] + shared] = np.nan
+        v[start[r]:start[r] + shared] = np.nan
+    scale = 1.0 / np.sqrt(HEAD)
+    cap = 128
+    qe, ke, ve = q[rows], k[rows], v[rows]
+    got = {}
+    for block in range(4):
+        got.update(pipe_block(q, k, v, start, lens, heads, cap, scale, block, 4, token_rows=rows))
+    for r, n in enumerate(lens):
+        for h in range(heads):
+            cols = slice(h * HEAD, (h + 1) * HEAD)
+            want = attention(qe[start[r]:start[r] + n, cols], ke[start[r]:start[r] + n, cols],
+                             ve[start[r]:start[r] + n, cols], scale)
+            np.testing.assert_allclose(got[(r, h)].astype(np.float32), want, atol=4e-3, rtol=0)
+            one = np.full((128, PITCH), np.nan, np.float16)
+            stage = [one, one.copy(), one.copy()]
+            load_item(stage, q, k, v, start[r], n, h, cap, rows)
+            assert np.isfinite(stage[0][:n, :HEAD]).all()  # no prefix row read where it was removed

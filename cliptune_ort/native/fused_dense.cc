@@ -63,7 +63,8 @@ void* cudnn_dlhandle = nullptr;  // the frontend's handle on libcudnn (its dynam
 // short_attention.cu (compiled by nvcc, linked in): 0 launched, 1 a shape it does not handle, 2 launch failed
 extern "C" int cliptune_short_attention(const void* q, const void* k, const void* v, int64_t in_ld, void* o,
                                         const int32_t* seq_len, const int32_t* ragged, int rows, int heads,
-                                        int hidden, int max_seq, float scale, int pipelined, cudaStream_t stream);
+                                        int hidden, int max_seq, float scale, int pipelined, const int32_t* token_rows,
+                                        cudaStream_t stream);
 #endif
 #ifdef CLIPTUNE_PACK_ADD
 // pack_add.cu (compiled by nvcc, linked in)
@@ -451,6 +452,10 @@ using DenseCudaOp = DenseOp<DenseCudaKernel, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
 //   short rows pipelined, two (row, head) items per block in flight), qkv (optional; 1: inputs 0, 1 and 2 are
 //   one [tokens, 3 * heads * head] tensor, a single QKV projection, read in place; impl 1 or 2 only). The CPU
 //   build ignores impl.
+//   token_rows (optional 7th input, int32 [tokens]; impl 1 or 2): token t's Q, K and V are row token_rows[t] of
+//   inputs 0-2, which may then hold fewer rows than O ([in_rows, ...]). A packed first layer whose rows share
+//   their first positions (the [CLS] and prompt positions of one candidate) projects those once per candidate
+//   and points every row's prefix tokens at them.
 //
 // Why: ONNX Runtime's PackedMultiHeadAttention runs FlashAttention's 128 x 128 tiles on rows of about 70
 // tokens (6.9 of 53 ms of a stacked call on an H100, run 7); cuDNN's fused attention for Hopper takes the
@@ -461,6 +466,8 @@ constexpr const char* kAttnName = "RaggedAttention";
 
 struct AttnDims {
   int64_t tokens = 0, hidden = 0, rows = 0, seq = 0, heads = 0, head = 0;
+  int64_t in_rows = 0;                 // rows of Q, K and V: tokens, or fewer with token_rows
+  const int32_t* token_rows = nullptr;  // the optional 7th input: token t reads row token_rows[t]
   int64_t in_ld = 0;  // row stride of Q, K and V: hidden, or 3 * hidden for one QKV tensor (qkv = 1)
   float scale = 0.0f;
 };
@@ -469,6 +476,11 @@ AttnDims CheckAttn(Ort::KernelContext& ctx, int64_t heads, float scale, bool qkv
   auto shape = [&](size_t i) { return ctx.GetInput(i).GetTensorTypeAndShapeInfo().GetShape(); };
   auto q = shape(0), k = shape(1), v = shape(2), len = shape(3), rag = shape(4), off = shape(5);
   const int64_t parts = qkv ? 3 : 1;
+  const bool mapped = ctx.GetInputCount() > 6 && static_cast<const OrtValue*>(ctx.GetInput(6)) != nullptr;
+  const std::vector<int64_t> map = mapped ? shape(6) : std::vector<int64_t>{};
+  if (mapped && map.size() != 1) {
+    ORT_CXX_API_THROW("RaggedAttention: expected token_rows int32 [tokens] (7th input)", ORT_INVALID_ARGUMENT);
+  }
   if (q.size() != 2 || k != q || v != q || len.size() != 1 || rag.size() != 1 || off.size() != 2 ||
       rag[0] != len[0] + 1 || off[0] != len[0] || heads <= 0 || q[1] % (heads * parts) != 0) {
     ORT_CXX_API_THROW(std::string("RaggedAttention: expected Q, K, V [tokens, ") + (qkv ? "3 * " : "") +
@@ -478,7 +490,9 @@ AttnDims CheckAttn(Ort::KernelContext& ctx, int64_t heads, float scale, bool qkv
                       ORT_INVALID_ARGUMENT);
   }
   AttnDims d;
-  d.tokens = q[0];
+  d.in_rows = q[0];
+  d.tokens = mapped ? map[0] : q[0];
+  d.token_rows = mapped ? ctx.GetInput(6).GetTensorData<int32_t>() : nullptr;
   d.in_ld = q[1];
   d.hidden = q[1] / parts;
   d.rows = len[0];
@@ -496,9 +510,12 @@ template <typename Kernel, ONNXTensorElementDataType kType>
 struct AttnOp : OpCommon<AttnOp<Kernel, kType>, Kernel, kType> {
   explicit AttnOp(const char* provider) : OpCommon<AttnOp<Kernel, kType>, Kernel, kType>(provider) {}
   const char* GetName() const { return kAttnName; }
-  size_t GetInputTypeCount() const { return 6; }
-  ONNXTensorElementDataType GetInputType(size_t i) const {  // Q, K, V; seq_len, ragged, token_offset
+  size_t GetInputTypeCount() const { return 7; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {  // Q, K, V; seq_len, ragged, token_offset, token_rows
     return i < 3 ? kType : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return index == 6 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;  // token_rows
   }
 };
 
@@ -550,6 +567,13 @@ struct AttnCpuKernel : AttnAttrs {
       const int32_t* len = ctx.GetInput(3).GetTensorData<int32_t>();
       const int32_t* rag = ctx.GetInput(4).GetTensorData<int32_t>();
       float* O = ctx.GetOutput(0, {d.tokens, d.hidden}).GetTensorMutableData<float>();
+      auto in_row = [&](int64_t t) -> int64_t {  // the row of Q, K and V that token t reads
+        const int64_t r = d.token_rows ? d.token_rows[t] : t;
+        if (r < 0 || r >= d.in_rows) {
+          ORT_CXX_API_THROW("RaggedAttention: token_rows holds a row outside Q, K and V", ORT_INVALID_ARGUMENT);
+        }
+        return r;
+      };
       std::vector<float> p;
       for (int64_t b = 0; b < d.rows; ++b) {
         const int64_t start = rag[b] / d.hidden, n = len[b];
@@ -559,10 +583,10 @@ struct AttnCpuKernel : AttnAttrs {
         p.resize(static_cast<size_t>(n));
         for (int64_t h = 0; h < d.heads; ++h) {
           for (int64_t i = 0; i < n; ++i) {
-            const float* q = Q + (start + i) * d.in_ld + h * d.head;
+            const float* q = Q + in_row(start + i) * d.in_ld + h * d.head;
             float mx = -INFINITY, sum = 0.0f;
             for (int64_t j = 0; j < n; ++j) {
-              const float* kr = K + (start + j) * d.in_ld + h * d.head;
+              const float* kr = K + in_row(start + j) * d.in_ld + h * d.head;
               float s = 0.0f;
               for (int64_t c = 0; c < d.head; ++c) s += q[c] * kr[c];
               p[j] = s * d.scale;
@@ -572,7 +596,7 @@ struct AttnCpuKernel : AttnAttrs {
             float* o = O + (start + i) * d.hidden + h * d.head;
             for (int64_t c = 0; c < d.head; ++c) o[c] = 0.0f;
             for (int64_t j = 0; j < n; ++j) {
-              const float* vr = V + (start + j) * d.in_ld + h * d.head;
+              const float* vr = V + in_row(start + j) * d.in_ld + h * d.head;
               for (int64_t c = 0; c < d.head; ++c) o[c] += p[j] / sum * vr[c];
             }
           }
@@ -730,7 +754,7 @@ struct AttnCudaKernel : AttnAttrs {
             qkv ? base + 2 * d.hidden : ctx.GetInput(2).GetTensorRawData(), d.in_ld, out.GetTensorMutableRawData(),
             ctx.GetInput(3).GetTensorData<int32_t>(), ctx.GetInput(4).GetTensorData<int32_t>(),
             static_cast<int>(d.rows), static_cast<int>(d.heads), static_cast<int>(d.hidden),
-            static_cast<int>(std::min<int64_t>(d.seq, INT32_MAX)), d.scale, impl == 2 ? 1 : 0, stream);
+            static_cast<int>(std::min<int64_t>(d.seq, INT32_MAX)), d.scale, impl == 2 ? 1 : 0, d.token_rows, stream);
         if (rc == 0) return;
         if (rc == 2) {
           ORT_CXX_API_THROW("RaggedAttention: the short-row kernel did not launch: " +
@@ -755,6 +779,11 @@ struct AttnCudaKernel : AttnAttrs {
 #ifdef CLIPTUNE_CUDNN
         }
 #endif
+      }
+      if (d.token_rows != nullptr) {
+        ORT_CXX_API_THROW("RaggedAttention: token_rows (7th input) needs impl 1 or 2 and head size 64 (cuDNN's "
+                          "kernel reads Q, K and V rows in order)",
+                          ORT_INVALID_ARGUMENT);
       }
 #ifdef CLIPTUNE_CUDNN
       RunCudnn(ctx, d, out, stream);  // impl 0, or impl 1 outside the short-row kernel's limits

@@ -6,6 +6,7 @@
 //   Q, K, V fp16: [tokens, heads * 64] each, or one [tokens, 3 * heads * 64] tensor (RaggedAttention qkv = 1:
 //   one QKV projection; the caller passes its column 0, hidden and 2 hidden as q, k, v and in_ld = 3 hidden)
 //   seq_len int32 [rows]; ragged int32 [rows + 1]: where each row starts in O, in elements (token * hidden)
+//   token_rows int32 [tokens] or null: token t's Q, K and V are row token_rows[t] of q, k, v (else row t)
 //
 // Why: a stacked call of the tune holds 640 rows of 59 to 106 tokens. FlashAttention's varlen kernel in
 // ONNX Runtime runs one 128 x 128 tile per (row, head), and cuDNN's ragged kernel two 64 x 128 tiles; both
@@ -79,6 +80,11 @@ __device__ __forceinline__ void LdMatrixT(uint32_t (&r)[4], const __half* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(s));
+}
+
+// The row of q, k and v that token t reads: token_rows[t], or t where there is no map
+__device__ __forceinline__ int64_t InRow(const int32_t* __restrict__ token_rows, int64_t t) {
+  return token_rows != nullptr ? static_cast<int64_t>(token_rows[t]) : t;
 }
 
 // 16 bytes global -> shared, asynchronously; bytes = 0 writes 16 zero bytes and reads nothing
@@ -209,7 +215,8 @@ __device__ __forceinline__ void RowNan(__half* __restrict__ o, int64_t base, int
 __global__ void __launch_bounds__(kWarps * 32)
     ShortAttentionKernel(const __half* __restrict__ q, const __half* __restrict__ k, const __half* __restrict__ v,
                          int64_t in_ld, __half* __restrict__ o, const int32_t* __restrict__ seq_len,
-                         const int32_t* __restrict__ ragged, int hidden, int cap, float scale_log2) {
+                         const int32_t* __restrict__ ragged, int hidden, int cap, float scale_log2,
+                         const int32_t* __restrict__ token_rows) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __half* qs = reinterpret_cast<__half*>(smem_raw);  // [cap][kPitch] each; cap = longest row rounded up to 16
   __half* ks = qs + cap * kPitch;
@@ -218,7 +225,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int heads = hidden / kHead;
   const int row = static_cast<int>(blockIdx.x / heads), head = static_cast<int>(blockIdx.x % heads);
   const int64_t base = static_cast<int64_t>(ragged[row]) + static_cast<int64_t>(head) * kHead;  // in O
-  const int64_t in_base = static_cast<int64_t>(ragged[row] / hidden) * in_ld + static_cast<int64_t>(head) * kHead;
+  const int64_t t0 = ragged[row] / hidden, col = static_cast<int64_t>(head) * kHead;  // the row's first token
   const int n = seq_len[row];
   const int tid = threadIdx.x;
   if (n <= 0) return;
@@ -230,7 +237,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   // two copy groups: Q and K, then V, which is still arriving while the warps compute their first S and softmax
   for (int i = tid; i < npad * 8; i += kWarps * 32) {  // 8 chunks of 16 bytes per token and tensor
     const int r = i >> 3, c = (i & 7) * 8;
-    const int64_t at = in_base + static_cast<int64_t>(r < n ? r : 0) * in_ld + c;
+    const int64_t at = InRow(token_rows, t0 + (r < n ? r : 0)) * in_ld + col + c;
     const int bytes = r < n ? 16 : 0;
     CopyAsync16(qs + r * kPitch + c, q + at, bytes);
     CopyAsync16(ks + r * kPitch + c, k + at, bytes);
@@ -238,7 +245,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   asm volatile("cp.async.commit_group;\n" ::);
   for (int i = tid; i < npad * 8; i += kWarps * 32) {
     const int r = i >> 3, c = (i & 7) * 8;
-    CopyAsync16(vs + r * kPitch + c, v + in_base + static_cast<int64_t>(r < n ? r : 0) * in_ld + c, r < n ? 16 : 0);
+    CopyAsync16(vs + r * kPitch + c, v + InRow(token_rows, t0 + (r < n ? r : 0)) * in_ld + col + c, r < n ? 16 : 0);
   }
   asm volatile("cp.async.commit_group;\n" ::);
   asm volatile("cp.async.wait_group 1;\n" ::);
@@ -263,18 +270,18 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
-// One (row, head) of the pipelined kernel: its tokens n, where its Q, K, V rows start (in_base, in elements of
-// the inputs) and where its O rows start (base)
+// One (row, head) of the pipelined kernel: its tokens n, its first token t0, the head's first column and where
+// its O rows start (base, in elements)
 struct Item {
   int n;
-  int64_t in_base, base;
+  int64_t t0, col, base;
 };
 
-__device__ __forceinline__ Item ItemAt(int item, int heads, int hidden, int64_t in_ld,
-                                       const int32_t* __restrict__ seq_len, const int32_t* __restrict__ ragged) {
+__device__ __forceinline__ Item ItemAt(int item, int heads, int hidden, const int32_t* __restrict__ seq_len,
+                                       const int32_t* __restrict__ ragged) {
   const int row = item / heads, head = item % heads;
   const int32_t start = ragged[row];
-  return {seq_len[row], static_cast<int64_t>(start / hidden) * in_ld + static_cast<int64_t>(head) * kHead,
+  return {seq_len[row], static_cast<int64_t>(start / hidden), static_cast<int64_t>(head) * kHead,
           static_cast<int64_t>(start) + static_cast<int64_t>(head) * kHead};
 }
 
@@ -282,14 +289,14 @@ __device__ __forceinline__ Item ItemAt(int item, int heads, int hidden, int64_t 
 // for an empty row or one over cap
 __device__ __forceinline__ void LoadItem(__half* qs, int cap, const Item& it, const __half* __restrict__ q,
                                          const __half* __restrict__ k, const __half* __restrict__ v, int64_t in_ld,
-                                         int tid, int step) {
+                                         const int32_t* __restrict__ token_rows, int tid, int step) {
   if (it.n <= 0 || it.n > cap) return;
   __half* ks = qs + cap * kPitch;
   __half* vs = ks + cap * kPitch;
   const int npad = (it.n + 15) & ~15;
   for (int i = tid; i < npad * 8; i += step) {  // 8 chunks of 16 bytes per token and tensor
     const int r = i >> 3, c = (i & 7) * 8;
-    const int64_t at = it.in_base + static_cast<int64_t>(r < it.n ? r : 0) * in_ld + c;
+    const int64_t at = InRow(token_rows, it.t0 + (r < it.n ? r : 0)) * in_ld + it.col + c;
     const int bytes = r < it.n ? 16 : 0;
     CopyAsync16(qs + r * kPitch + c, q + at, bytes);
     CopyAsync16(ks + r * kPitch + c, k + at, bytes);
@@ -307,7 +314,8 @@ __device__ __forceinline__ void LoadItem(__half* qs, int cap, const Item& it, co
 __global__ void __launch_bounds__(kPipeWarps * 32, 2)
     PipeAttentionKernel(const __half* __restrict__ q, const __half* __restrict__ k, const __half* __restrict__ v,
                         int64_t in_ld, __half* __restrict__ o, const int32_t* __restrict__ seq_len,
-                        const int32_t* __restrict__ ragged, int hidden, int cap, float scale_log2, int items) {
+                        const int32_t* __restrict__ ragged, int hidden, int cap, float scale_log2, int items,
+                        const int32_t* __restrict__ token_rows) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __half* stages = reinterpret_cast<__half*>(smem_raw);  // 2 stages of Q, K, V [cap][kPitch]
   const int stage = 3 * cap * kPitch;
@@ -315,17 +323,17 @@ __global__ void __launch_bounds__(kPipeWarps * 32, 2)
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   int item = static_cast<int>(blockIdx.x);
   if (item >= items) return;  // the whole block
-  Item cur = ItemAt(item, heads, hidden, in_ld, seq_len, ragged);
-  LoadItem(stages, cap, cur, q, k, v, in_ld, tid, kPipeWarps * 32);
+  Item cur = ItemAt(item, heads, hidden, seq_len, ragged);
+  LoadItem(stages, cap, cur, q, k, v, in_ld, token_rows, tid, kPipeWarps * 32);
   asm volatile("cp.async.commit_group;\n" ::);
   int at = 0;  // the stage holding cur
 #pragma unroll 1
   for (; item < items; item += static_cast<int>(gridDim.x)) {
     const int next_item = item + static_cast<int>(gridDim.x);
-    Item next{0, 0, 0};
+    Item next{0, 0, 0, 0};
     if (next_item < items) {
-      next = ItemAt(next_item, heads, hidden, in_ld, seq_len, ragged);
-      LoadItem(stages + (at ^ 1) * stage, cap, next, q, k, v, in_ld, tid, kPipeWarps * 32);
+      next = ItemAt(next_item, heads, hidden, seq_len, ragged);
+      LoadItem(stages + (at ^ 1) * stage, cap, next, q, k, v, in_ld, token_rows, tid, kPipeWarps * 32);
     }
     asm volatile("cp.async.commit_group;\n" ::);  // possibly empty: the wait below is then the same
     asm volatile("cp.async.wait_group 1;\n" ::);   // every group but the newest: cur's copies of this thread
@@ -354,14 +362,15 @@ __global__ void __launch_bounds__(kPipeWarps * 32, 2)
 __global__ void __launch_bounds__(128)
     LongAttentionKernel(const __half* __restrict__ q, const __half* __restrict__ k, const __half* __restrict__ v,
                         int64_t in_ld, __half* __restrict__ o, const int32_t* __restrict__ seq_len,
-                        const int32_t* __restrict__ ragged, int hidden, float scale_log2) {
+                        const int32_t* __restrict__ ragged, int hidden, float scale_log2,
+                        const int32_t* __restrict__ token_rows) {
   const int row = blockIdx.x, i = blockIdx.z * 128 + threadIdx.x;
   const int n = seq_len[row];
   if (i >= n) return;
-  const int64_t in_base = static_cast<int64_t>(ragged[row] / hidden) * in_ld + static_cast<int64_t>(blockIdx.y) * kHead;
+  const int64_t t0 = ragged[row] / hidden, col = static_cast<int64_t>(blockIdx.y) * kHead;
   const int64_t base = static_cast<int64_t>(ragged[row]) + static_cast<int64_t>(blockIdx.y) * kHead;
   float qv[kHead], acc[kHead];
-  const __half* qi = q + in_base + static_cast<int64_t>(i) * in_ld;
+  const __half* qi = q + InRow(token_rows, t0 + i) * in_ld + col;
 #pragma unroll
   for (int c = 0; c < kHead; ++c) {
     qv[c] = __half2float(qi[c]) * scale_log2;
@@ -369,8 +378,9 @@ __global__ void __launch_bounds__(128)
   }
   float m = -INFINITY, l = 0.0f;
   for (int j = 0; j < n; ++j) {
-    const __half* kj = k + in_base + static_cast<int64_t>(j) * in_ld;
-    const __half* vj = v + in_base + static_cast<int64_t>(j) * in_ld;
+    const int64_t at = InRow(token_rows, t0 + j) * in_ld + col;
+    const __half* kj = k + at;
+    const __half* vj = v + at;
     float sc = 0.0f;
 #pragma unroll
     for (int c = 0; c < kHead; ++c) sc += qv[c] * __half2float(kj[c]);
@@ -438,11 +448,13 @@ int PipeGrid(int cap) {
 
 // 0: launched; 1: a shape these kernels do not handle (head size other than 64: hidden not heads * 64);
 // 2: the launch failed (cudaGetLastError). in_ld: the row stride of Q, K and V in elements (hidden, or
-// 3 hidden for one QKV tensor); O's is hidden. pipelined = 1 (RaggedAttention impl 2): PipeAttentionKernel for
+// 3 hidden for one QKV tensor); O's is hidden. token_rows: null, or int32 [tokens] (token t reads row token_rows[t]
+// of q, k and v). pipelined = 1 (RaggedAttention impl 2): PipeAttentionKernel for
 // rows of at most 128 tokens, where the card's shared memory holds its two stages (else ShortAttentionKernel).
 extern "C" int cliptune_short_attention(const void* q, const void* k, const void* v, int64_t in_ld, void* o,
                                         const int32_t* seq_len, const int32_t* ragged, int rows, int heads,
-                                        int hidden, int max_seq, float scale, int pipelined, cudaStream_t stream) {
+                                        int hidden, int max_seq, float scale, int pipelined, const int32_t* token_rows,
+                                        cudaStream_t stream) {
   if (heads <= 0 || hidden != heads * kHead || heads > 65535 || in_ld < hidden) return 1;
   if (rows <= 0 || max_seq < 1) return 0;
   const float scale_log2 = scale * 1.4426950408889634f;
@@ -451,7 +463,7 @@ extern "C" int cliptune_short_attention(const void* q, const void* k, const void
                     static_cast<unsigned>((max_seq + 127) / 128));
     LongAttentionKernel<<<grid, 128, 0, stream>>>(
         static_cast<const __half*>(q), static_cast<const __half*>(k), static_cast<const __half*>(v), in_ld,
-        static_cast<__half*>(o), seq_len, ragged, hidden, scale_log2);
+        static_cast<__half*>(o), seq_len, ragged, hidden, scale_log2, token_rows);
     return cudaGetLastError() == cudaSuccess ? 0 : 2;
   }
   const int cap = (max_seq + 15) & ~15;
@@ -463,7 +475,7 @@ extern "C" int cliptune_short_attention(const void* q, const void* k, const void
       const size_t bytes = 2 * 3 * static_cast<size_t>(cap) * kPitch * sizeof(__half);
       PipeAttentionKernel<<<static_cast<unsigned>(std::min(grid, items)), kPipeWarps * 32, bytes, stream>>>(
           static_cast<const __half*>(q), static_cast<const __half*>(k), static_cast<const __half*>(v), in_ld,
-          static_cast<__half*>(o), seq_len, ragged, hidden, cap, scale_log2, items);
+          static_cast<__half*>(o), seq_len, ragged, hidden, cap, scale_log2, items, token_rows);
       return cudaGetLastError() == cudaSuccess ? 0 : 2;
     }
   }
@@ -475,6 +487,6 @@ extern "C" int cliptune_short_attention(const void* q, const void* k, const void
   });
   ShortAttentionKernel<<<static_cast<unsigned>(items), kWarps * 32, bytes, stream>>>(
       static_cast<const __half*>(q), static_cast<const __half*>(k), static_cast<const __half*>(v), in_ld,
-      static_cast<__half*>(o), seq_len, ragged, hidden, cap, scale_log2);
+      static_cast<__half*>(o), seq_len, ragged, hidden, cap, scale_log2, token_rows);
   return cudaGetLastError() == cudaSuccess ? 0 : 2;
 }
