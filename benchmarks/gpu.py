@@ -436,9 +436,14 @@ PACKED_LAYOUTS = {"packed": (False, "fused", "matmul"), "packed_host": (True, "f
                   "packed_host_short_lt": (True, "short", "cublaslt"),
                   "packed_host_shortqkv_lt": (True, "short_qkv", "cublaslt"),
                   "packed_host_shortqkv_ltpa": (True, "short_qkv", "cublaslt"),
-                  "packed_host_pipeqkv_ltpa": (True, "pipe_qkv", "cublaslt")}
+                  "packed_host_pipeqkv_ltpa": (True, "pipe_qkv", "cublaslt"),
+                  "packed_host_pipeqkv_ltpasp": (True, "pipe_qkv", "cublaslt")}
 #: the layouts whose first packed layer's input is made by cliptune's PackAdd (packing.FRONTS; others: "gather")
-LAYOUT_FRONTS = {"packed_host_shortqkv_ltpa": "fused", "packed_host_pipeqkv_ltpa": "fused"}
+LAYOUT_FRONTS = {"packed_host_shortqkv_ltpa": "fused", "packed_host_pipeqkv_ltpa": "fused",
+                 "packed_host_pipeqkv_ltpasp": "fused"}
+#: the layouts whose first layer projects Q, K and V of the rows' shared [CLS] + prompt positions once per
+#: candidate (packing.pack_export(prefix=True): a Gather before the projection, RaggedAttention's token map)
+LAYOUT_PREFIX = {"packed_host_pipeqkv_ltpasp"}
 #: tune variants: name -> (packed layout or None for the padded export, CUDA graphs): each layout as it is, and
 #: the host-packed ones also under CUDA graphs ("<layout>_cg")
 TUNE_VARIANTS = {"padded": (None, False), "padded_cg": (None, True),
@@ -859,8 +864,8 @@ RAGGED_CHECK_LENS = ((1, 15, 16, 17, 63, 64, 65, 106, 112, 127, 128), (150, 3, 1
 
 def ragged_kernel_check(device: str, work: str, heads: int = 4, lens_sets=RAGGED_CHECK_LENS) -> dict:
     """RaggedAttention with impl 1 (cliptune's short-row kernel, its long-row one past 128 tokens) and impl 2 (the
-    short-row kernel pipelined) on rows of edge lengths, with separate Q, K, V and with one QKV tensor (qkv = 1),
-    against numpy attention per row and head. CUDA: fp16 through the custom-op library (``CLIPTUNE_OPS_DIR``);
+    short-row kernel pipelined) on rows of edge lengths, with separate Q, K, V and with one QKV tensor (qkv = 1;
+    also read through token_rows, its rows shuffled), against numpy attention per row and head. CUDA: fp16 through the custom-op library (``CLIPTUNE_OPS_DIR``);
     CPU: the library's fp32 loop (which ignores impl). ``ok_impl``: passed, per impl."""
     import numpy as np
     from cliptune_export.projection import IR_VERSION
@@ -891,31 +896,44 @@ def ragged_kernel_check(device: str, work: str, heads: int = 4, lens_sets=RAGGED
                     p = np.exp(sc - sc.max(axis=1, keepdims=True))
                     want[rows, cols] = (p / p.sum(axis=1, keepdims=True)) @ vs
             names = ["qkv"] * 3 if qkv else ["q", "k", "v"]
-            feeds = {"len": lens_a, "rag": cu * hidden, "off": np.zeros((len(lens), max(lens)), np.int32)}
-            feeds.update({"qkv": packed} if qkv else {"q": np.ascontiguousarray(q), "k": np.ascontiguousarray(k),
-                                                      "v": np.ascontiguousarray(v)})
-            for impl in (1, 2):
-                node = helper.make_node("RaggedAttention", [*names, "len", "rag", "off"], ["o"], domain="ai.cliptune",
-                                        num_heads=heads, scale=float(scale), impl=impl, qkv=qkv)
-                width = 3 * hidden if qkv else hidden
-                ins = [helper.make_tensor_value_info(n, et, ["tokens", width]) for n in dict.fromkeys(names)]
-                ins += [helper.make_tensor_value_info("len", TensorProto.INT32, ["rows"]),
-                        helper.make_tensor_value_info("rag", TensorProto.INT32, ["rows_plus_1"]),
-                        helper.make_tensor_value_info("off", TensorProto.INT32, ["rows", "seq"])]
-                graph = helper.make_graph([node], "ragged_check", ins, [helper.make_tensor_value_info("o", et, None)])
-                model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                                 helper.make_opsetid("ai.cliptune", 1)])
-                model.ir_version = IR_VERSION  # onnx's default (its newest IR) is more than the card's ORT 1.31 reads
-                path = Path(work) / f"ragged_check_{len(lens)}_{qkv}_{impl}.onnx"
-                save(model, str(path))
-                sess = make_session(path, SessionSpec(device=device, threads=1, ops_library=device))
-                got = sess.run(None, feeds)[0].astype(np.float32)
-                err = float(np.abs(got - want).max()) if np.isfinite(got).all() else float("inf")
-                out["cases"].append({"impl": impl, "qkv": qkv, "provider": sess.get_providers()[0],
-                                     "lens": list(lens) if len(lens) <= 16
-                                     else f"{len(lens)} rows of {min(lens)} to {max(lens)} tokens",
-                                     "max_abs_err": err})
-                del sess
+            base = {"len": lens_a, "rag": cu * hidden, "off": np.zeros((len(lens), max(lens)), np.int32)}
+            base.update({"qkv": packed} if qkv else {"q": np.ascontiguousarray(q), "k": np.ascontiguousarray(k),
+                                                     "v": np.ascontiguousarray(v)})
+            # one QKV tensor also through token_rows (the shared-prefix first layer): its rows shuffled, token t
+            # reading row perm[t]; the same attention
+            for mapped in (False, True) if qkv else (False,):
+                feeds = dict(base)
+                if mapped:
+                    perm = rng.permutation(tokens).astype(np.int32)
+                    shuffled = np.empty_like(packed)
+                    shuffled[perm] = packed
+                    feeds.update(qkv=shuffled, rows=perm)
+                for impl in (1, 2):
+                    node = helper.make_node("RaggedAttention", [*names, "len", "rag", "off", *(["rows"] if mapped else [])],
+                                            ["o"], domain="ai.cliptune", num_heads=heads, scale=float(scale),
+                                            impl=impl, qkv=qkv)
+                    width = 3 * hidden if qkv else hidden
+                    ins = [helper.make_tensor_value_info(n, et, ["tokens", width]) for n in dict.fromkeys(names)]
+                    ins += [helper.make_tensor_value_info("len", TensorProto.INT32, ["rows"]),
+                            helper.make_tensor_value_info("rag", TensorProto.INT32, ["rows_plus_1"]),
+                            helper.make_tensor_value_info("off", TensorProto.INT32, ["rows", "seq"])]
+                    if mapped:
+                        ins.append(helper.make_tensor_value_info("rows", TensorProto.INT32, ["tokens"]))
+                    graph = helper.make_graph([node], "ragged_check", ins, [helper.make_tensor_value_info("o", et, None)])
+                    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                                     helper.make_opsetid("ai.cliptune", 1)])
+                    model.ir_version = IR_VERSION  # onnx's default (its newest IR) is more than the card's ORT 1.31 reads
+                    path = Path(work) / f"ragged_check_{len(lens)}_{qkv}_{int(mapped)}_{impl}.onnx"
+                    save(model, str(path))
+                    sess = make_session(path, SessionSpec(device=device, threads=1, ops_library=device))
+                    got = sess.run(None, feeds)[0].astype(np.float32)
+                    err = float(np.abs(got - want).max()) if np.isfinite(got).all() else float("inf")
+                    out["cases"].append({"impl": impl, "qkv": qkv, "token_rows": mapped,
+                                         "provider": sess.get_providers()[0],
+                                         "lens": list(lens) if len(lens) <= 16
+                                         else f"{len(lens)} rows of {min(lens)} to {max(lens)} tokens",
+                                         "max_abs_err": err})
+                    del sess
     out["max_abs_err"] = max(c["max_abs_err"] for c in out["cases"])
     out["tolerance"] = 4e-3 if device == "cuda" else 1e-4
     out["ok_impl"] = {str(i): all(c["max_abs_err"] <= out["tolerance"] for c in out["cases"] if c["impl"] == i)
@@ -1117,7 +1135,9 @@ def main(argv=None) -> int:
                                       "cliptune's kernel for rows of up to 128 tokens (impl 1; --packed-kernel "
                                       "short); *_shortqkv_* the same on one QKV projection; *_pipeqkv_* that "
                                       "kernel pipelined (impl 2; --packed-kernel pipe_qkv); *_ltpa = *_lt with "
-                                      "cliptune's PackAdd making the first packed layer's input",
+                                      "cliptune's PackAdd making the first packed layer's input; *_ltpasp = *_ltpa "
+                                      "with the first layer's QKV projection run once per candidate on the [CLS] + "
+                                      "prompt positions its examples share (export --share-prefix)",
                          "torch": "ContractModel(hf_layers=True): the HF layers' own attention (eager or SDPA), "
                                   "the same gather-at-mask head and last layer at the mask as the export; "
                                   "torch.backends.cuda.matmul.allow_tf32 left at its default (see versions)",
@@ -1267,9 +1287,10 @@ def main(argv=None) -> int:
 
             t = time.perf_counter()
             front = LAYOUT_FRONTS.get(name, "gather")
-            pman = pack_export(fp16_dir, pdir, overwrite=True, host_offsets=host, kernel=kernel, ffn=ffn, front=front)
+            pman = pack_export(fp16_dir, pdir, overwrite=True, host_offsets=host, kernel=kernel, ffn=ffn, front=front,
+                               prefix=name in LAYOUT_PREFIX)
             res.data["export"][name] = {"wall_seconds": round(time.perf_counter() - t, 1), "kernel": kernel, "ffn": ffn,
-                                        "front": front,
+                                        "front": front, "shared_prefix": pman["shared_prefix"],
                                         "packed_attention_nodes": [g["packed_attention_nodes"] for g in pman["graphs"]]}
             log(f"{name} copy of the fp16 export in {res.data['export'][name]['wall_seconds']} s")
         except Exception as e:

@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fold masks into weights (default: on for fp16, off otherwise)")
     e.add_argument("--share-prefix", action=argparse.BooleanOptionalAction, default=None,
                    help="project the first layer's Q/K/V of [CLS] + prompt once per candidate (default: on "
-                        "for fp32/int8, off for fp16)")
+                        "for fp32/int8, off for fp16; with --packed host and --packed-kernel short_qkv or pipe_qkv, "
+                        "the packing does it after ORT's fusions)")
     e.add_argument("--packed", nargs="?", const="device", choices=("device", "host"), default=False,
                    help="fp16 only: packed (padding-free) attention, CUDA provider only (one call, no padded "
                         "tokens); 'host': the runtime feeds the packing offsets, so CUDA graphs can capture it")

@@ -42,6 +42,9 @@ _BATCH_IDS = itertools.count(1)
 PROJECTION_DIR = Path(__file__).resolve().parent / "assets" / "projection"
 #: extra inputs of "packed_host" graphs (export/packing.py HOST_INPUTS)
 PACKING_INPUTS = ("packed_token_index", "packed_token_offset", "packed_cu_seqlens")
+#: the two more of "packed_host" graphs whose first layer projects the rows' shared prefix once per candidate
+#: (manifest shared_prefix > 0; export/packing.py, prefix=True)
+PREFIX_INPUTS = ("packed_compact_index", "packed_token_rows")
 
 
 def disabled_optimizers(manifest) -> tuple[str, ...]:
@@ -52,12 +55,18 @@ def disabled_optimizers(manifest) -> tuple[str, ...]:
     return ("MatMulAddFusion",) if manifest.packed_kernel in SPLIT_KERNELS else ()
 
 
-def packing_feeds(attention_mask: np.ndarray, pop: int) -> dict[str, np.ndarray]:
+def packing_feeds(attention_mask: np.ndarray, pop: int, shared_prefix: int = 0) -> dict[str, np.ndarray]:
     """The packing of ``pop`` candidates x the rows of a right-padded ``attention_mask`` [batch, seq]
     (row ``c * batch + i`` = candidate c, example i), as a "packed_host" graph takes it:
     ``packed_token_index`` int64 [tokens]: rows of the flattened [pop * batch * seq, hidden] tensor
     that hold real tokens, in order; ``packed_token_offset`` int32 [rows, seq]: those indices, then
-    the padded ones (RemovePadding's token_offset); ``packed_cu_seqlens`` int32 [rows + 1]."""
+    the padded ones (RemovePadding's token_offset); ``packed_cu_seqlens`` int32 [rows + 1].
+
+    ``shared_prefix`` = P > 0 (a graph packed with ``prefix=True``; the rows' first P tokens are the same in
+    every example of a candidate): ``packed_compact_index`` int64 [compact]: the packed tokens the first layer
+    projects (every token but positions 0 .. P - 1 of a candidate's examples after its first), in order;
+    ``packed_token_rows`` int32 [tokens]: the row of that projection each packed token reads (its own, or the
+    same position of its candidate's first example)."""
     am = np.asarray(attention_mask)
     batch, seq = am.shape
     row_len = am.sum(axis=1).astype(np.int64)
@@ -67,8 +76,21 @@ def packing_feeds(attention_mask: np.ndarray, pop: int) -> dict[str, np.ndarray]
     flat = np.arange(pop * batch * seq, dtype=np.int64)
     index = flat[real]
     offset = np.concatenate([index, flat[~real]]).astype(np.int32).reshape(pop * batch, seq)
-    cu = np.concatenate([[0], np.cumsum(np.tile(row_len, pop))]).astype(np.int32)
-    return {"packed_token_index": index, "packed_token_offset": offset, "packed_cu_seqlens": cu}
+    lens = np.tile(row_len, pop)
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    out = {"packed_token_index": index, "packed_token_offset": offset, "packed_cu_seqlens": cu}
+    if shared_prefix:
+        if len(am) and row_len.min() < shared_prefix:
+            raise ConfigError(f"this packed export shares the first {shared_prefix} positions of every row; a row "
+                              f"holds {int(row_len.min())} tokens: rows need [CLS] and the prompt at least")
+        row = np.repeat(np.arange(pop * batch), lens)  # the row of each packed token
+        pos = np.arange(len(index)) - np.repeat(cu[:-1].astype(np.int64), lens)
+        keep = ~((pos < shared_prefix) & (row % batch > 0))
+        first = cu[(row // batch) * batch].astype(np.int64) + pos  # the same position in the candidate's first row
+        compact = np.cumsum(keep) - 1
+        out["packed_compact_index"] = np.flatnonzero(keep).astype(np.int64)
+        out["packed_token_rows"] = compact[np.where(keep, np.arange(len(index)), first)].astype(np.int32)
+    return out
 
 
 @dataclass
@@ -538,7 +560,8 @@ class Engine:
     def _packing(self, batch: FixedBatch, part: int, pop: int) -> dict[str, np.ndarray]:
         key = ("packing", batch.uid, part, pop)
         if key not in self._resident:
-            self._resident[key] = packing_feeds(batch.parts[part][1]["attention_mask"], pop)
+            self._resident[key] = packing_feeds(batch.parts[part][1]["attention_mask"], pop,
+                                                self.manifest.shared_prefix)
         return self._resident[key]
 
     def close(self) -> None:

@@ -214,6 +214,10 @@ def _check_structure(mpath: Path, data: dict[str, Any]) -> None:
     sp = data.get("shared_prefix", 0)
     if not is_int(sp) or sp > data["n_prompt"] + 1:
         raise bad("shared_prefix", f"an integer in 0..{data['n_prompt'] + 1} (n_prompt + 1)")
+    if sp and data.get("attention", "padded") != "padded" and (data.get("attention") != "packed_host"
+                                                              or data.get("packed_kernel") not in QKV_KERNELS):
+        raise bad("shared_prefix", "0 for a packed export other than packed_host with a QKV kernel ("
+                  + ", ".join(QKV_KERNELS) + ")")
     std = data["embedding_std"]
     if isinstance(std, bool) or not isinstance(std, (int, float)) or not math.isfinite(std) or std <= 0:
         raise bad("embedding_std", "a positive finite number")

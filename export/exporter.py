@@ -105,9 +105,16 @@ class ExportOptions:
         if self.packed_front != "gather" and self.packed != "host":
             raise ConfigError(f"--packed-front {self.packed_front} needs --packed host (it reads the runtime's "
                               "packing offsets)")
-        if self.packed and (self.precision != "fp16" or self.resolved_share_prefix()):
-            raise ConfigError("--packed needs --precision fp16 without --share-prefix (ORT fuses Attention only "
-                              "there; packed attention runs on the CUDA provider only)")
+        if self.packed and self.precision != "fp16":
+            raise ConfigError("--packed needs --precision fp16 (ORT fuses Attention only there; packed attention "
+                              "runs on the CUDA provider only)")
+        from .packing import QKV_KERNELS
+
+        if self.packed and self.share_prefix and (self.packed != "host" or self.packed_kernel not in QKV_KERNELS):
+            raise ConfigError("--share-prefix with --packed needs --packed host and --packed-kernel "
+                              + " or ".join(QKV_KERNELS) + " (the first layer's shared rows are read through "
+                              "RaggedAttention's token map), got --packed "
+                              f"{'host' if self.packed == 'host' else 'device'} --packed-kernel {self.packed_kernel}")
 
     def resolved_atol(self) -> float:
         return self.atol if self.atol is not None else {"fp32": 1e-4, "fp16": 2e-2, "int8": float("inf")}[
@@ -117,7 +124,13 @@ class ExportOptions:
         return self.fold_masks if self.fold_masks is not None else self.precision == "fp16"
 
     def resolved_share_prefix(self) -> bool:
+        """Whether the graphs share the first layer's [CLS] + prompt rows (the manifest's shared_prefix)."""
         return self.share_prefix if self.share_prefix is not None else self.precision != "fp16"
+
+    def traced_share_prefix(self) -> bool:
+        """Whether the traced graph projects them once (:func:`wrapper.shared_prefix_linear`): not for packed
+        exports, whose packing does it after ORT's fusions (which the traced form would break)."""
+        return self.resolved_share_prefix() and not self.packed
 
 
 #: when the running export started (its log lines carry the seconds since, so a slow phase shows)
@@ -351,7 +364,7 @@ def export_model(model: str, out: str | os.PathLike, opts: ExportOptions | None 
                 template.write(tmp / gf, masks_np.get(g["index"]))
                 continue
             wrapped = ContractModel(copy.deepcopy(mlm), arch, masks, fold_masks=opts.resolved_fold(),
-                                    share_prefix=opts.resolved_share_prefix()).eval()
+                                    share_prefix=opts.traced_share_prefix()).eval()
             _log(f"exporting {gf} ({g['kind']})")
             trace_graph(wrapped, args, tmp / gf, opts.opset)
             del wrapped
@@ -409,7 +422,8 @@ def export_model(model: str, out: str | os.PathLike, opts: ExportOptions | None 
             for g in graphs:
                 g["packed_attention_nodes"] = pack_graph_file(tmp / g["file"], host_offsets=opts.packed == "host",
                                                               kernel=opts.packed_kernel, ffn=opts.packed_ffn,
-                                                              front=opts.packed_front)
+                                                              front=opts.packed_front,
+                                                              prefix=opts.resolved_share_prefix())
         for g in graphs:
             g["sha256"] = pin_sha256(tmp / g["file"])
         manifest = {

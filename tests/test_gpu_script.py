@@ -56,6 +56,9 @@ def test_gpu_script_cpu_dry_run(tmp_path):
     assert pa["kernel"] == "short_qkv" and pa["front"] == "fused" and pa["packed_attention_nodes"] == [2, 2, 2]
     pipe = data["export"]["packed_host_pipeqkv_ltpa"]  # the same with the pipelined kernel (impl 2)
     assert pipe["kernel"] == "pipe_qkv" and pipe["front"] == "fused" and pipe["packed_attention_nodes"] == [2, 2, 2]
+    assert pipe["shared_prefix"] == 0
+    sp = data["export"]["packed_host_pipeqkv_ltpasp"]  # + the first layer's shared rows projected once
+    assert sp["kernel"] == "pipe_qkv" and sp["front"] == "fused" and sp["shared_prefix"] > 1
     assert "CUDA provider" in data["packed_note"]
     assert not any(c["mode"].startswith("packed") for c in data["cells"])
     assert data["tune_variant"]["used"] == "padded"

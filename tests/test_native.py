@@ -332,6 +332,56 @@ def test_library_ragged_attention_is_the_numpy_op(cpu_ops):
         del g.node[0].attribute[-1]
 
 
+def test_library_ragged_attention_token_rows(cpu_ops):
+    """RaggedAttention's optional 7th input, token_rows: token t reads row token_rows[t] of Q, K and V, which then
+    hold fewer rows than the output (a packed first layer projects the rows' shared prefix once per candidate).
+    Equal to the op on the expanded Q, K, V, and to the numpy op; a row outside Q, K and V, or a map that is not
+    one-dimensional, is refused in one line."""
+    from onnx import TensorProto, helper
+
+    op = next(o for o in _reference_ops() if o.__name__ == "RaggedAttention")
+    rng = np.random.default_rng(21)
+    lens = np.array([6, 9, 5, 7], np.int32)
+    heads, hidden, shared = 2, 8, 3  # rows 1 and 3 share their first 3 tokens with rows 0 and 2
+    tokens = int(lens.sum())
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    own = [t for r in range(4) for t in range(cu[r], cu[r + 1]) if r % 2 == 0 or t - cu[r] >= shared]
+    compact = {t: i for i, t in enumerate(own)}
+    rows = np.array([compact[t] if t in compact else compact[cu[r - 1] + t - cu[r]]
+                     for r in range(4) for t in range(cu[r], cu[r + 1])], np.int32)
+    qkv = rng.standard_normal((len(own), 3 * hidden)).astype(np.float32)
+    base = {"len": lens, "rag": cu * hidden, "off": np.zeros((4, 9), np.int32)}
+
+    def model(with_rows: bool, rows_shape=("tokens",)):
+        names = ["qkv", "qkv", "qkv", "len", "rag", "off"] + (["rows"] if with_rows else [])
+        node = helper.make_node("RaggedAttention", names, ["o"], domain="ai.cliptune", num_heads=heads, scale=0.0,
+                                impl=2, qkv=1)
+        ins = [helper.make_tensor_value_info("qkv", TensorProto.FLOAT, ["in_rows", 3 * hidden]),
+               helper.make_tensor_value_info("len", TensorProto.INT32, ["rows"]),
+               helper.make_tensor_value_info("rag", TensorProto.INT32, ["rows_plus_1"]),
+               helper.make_tensor_value_info("off", TensorProto.INT32, ["rows", "seq"])]
+        if with_rows:
+            ins.append(helper.make_tensor_value_info("rows", TensorProto.INT32, list(rows_shape)))
+        g = helper.make_graph([node], "attn_rows", ins, [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.cliptune", 1)])
+
+    got = _session(model(True), cpu_ops).run(None, {**base, "qkv": qkv, "rows": rows})[0]
+    assert got.shape == (tokens, hidden)
+    expanded = _session(model(False), cpu_ops).run(None, {**base, "qkv": qkv[rows]})[0]
+    np.testing.assert_allclose(got, expanded, atol=1e-6)
+    want = op._run(None, qkv, qkv, qkv, lens, cu * hidden, base["off"], rows, num_heads=heads, scale=0.0, impl=2,
+                   qkv=1)[0]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # the shared tokens really are shared: their outputs differ (each row attends to its own other tokens)
+    assert not np.allclose(got[cu[1]], got[cu[0]], atol=1e-3)
+    bad = rows.copy()
+    bad[4] = len(own)
+    with pytest.raises(Exception, match="RaggedAttention: token_rows holds a row outside Q, K and V"):
+        _session(model(True), cpu_ops).run(None, {**base, "qkv": qkv, "rows": bad})
+    with pytest.raises(Exception, match=r"RaggedAttention: expected token_rows int32 \[tokens\]"):
+        _session(model(True, ("a", "b")), cpu_ops).run(None, {**base, "qkv": qkv, "rows": rows.reshape(1, -1)})
+
+
 def test_library_pack_add_is_the_numpy_op(cpu_ops):
     """PackAdd (the packed first-layer input: the few-shot rows' embeddings plus each candidate's prompt at the
     real tokens) on the CPU build equals the numpy op of tests/test_packing.py, which equals Add -> Flatten ->
@@ -570,9 +620,9 @@ def test_gpu_ragged_kernel_check_on_the_cpu_build(cpu_ops, tmp_path, monkeypatch
     finally:
         sys.path.pop(0)
     out = gpu.ragged_kernel_check("cpu", str(tmp_path), heads=2)
-    assert [(c["qkv"], c["impl"]) for c in out["cases"]] == [(q, i) for _ in gpu.RAGGED_CHECK_LENS
-                                                            for q in (0, 1) for i in (1, 2)]
-    assert [c["lens"] for c in out["cases"][:4]] == [list(gpu.RAGGED_CHECK_LENS[0])] * 4
+    assert [(c["qkv"], c["token_rows"], c["impl"]) for c in out["cases"]] == [
+        (q, m, i) for _ in gpu.RAGGED_CHECK_LENS for q, m in ((0, False), (1, False), (1, True)) for i in (1, 2)]
+    assert [c["lens"] for c in out["cases"][:6]] == [list(gpu.RAGGED_CHECK_LENS[0])] * 6
     # the pipelined kernel's case: more (row, head) items than its grid on an H100 (2 blocks x 132 SMs) at the
     # card's 16 heads and at this check's own 4, every length 1 to 128 among them
     many = gpu.RAGGED_CHECK_LENS[-1]

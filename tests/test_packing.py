@@ -130,12 +130,18 @@ def _reference_ops():
     class RaggedAttention(OpRun):  # cliptune's custom op: attention within packed rows (cuDNN or its own kernel)
         op_domain = "ai.cliptune"
 
-        def _run(self, q, k, v, seq_len, ragged, token_offset, num_heads=None, scale=None, impl=None, qkv=None):
+        def _run(self, q, k, v, seq_len, ragged, token_offset, token_rows=None, num_heads=None, scale=None,
+                 impl=None, qkv=None):
             assert impl in (None, 0, 1, 2) and qkv in (None, 0, 1) and (not qkv or impl in (1, 2)), (impl, qkv)
+            assert token_rows is None or impl in (1, 2), impl  # the map: cliptune's kernels only
             assert len(ragged) == len(seq_len) + 1 == token_offset.shape[0] + 1
             if qkv:  # one [tokens, 3 * hidden] tensor read in place
                 assert q is k is v or (np.array_equal(q, k) and np.array_equal(q, v))
                 q, k, v = np.split(q, 3, axis=1)
+            if token_rows is not None:  # token t reads row token_rows[t] of Q, K and V
+                assert token_rows.dtype == np.int32 and token_rows.ndim == 1
+                assert token_rows.min() >= 0 and token_rows.max() < len(q)
+                q, k, v = q[token_rows], k[token_rows], v[token_rows]
             hidden = q.shape[1]
             assert np.array_equal(ragged[:-1] // hidden + seq_len, ragged[1:] // hidden)  # rows back to back
             cu = (ragged // hidden).astype(np.int64)
@@ -620,3 +626,115 @@ def test_packed_graphs_evaluate_in_chunks_as_large_as_the_train_call(packed_pair
     assert eval_chunk_rows(cfg, packed, 32) == 640  # SST-2's 872 test rows: 2 chunks, not 4
     assert eval_chunk_rows(build_config(task="sst2", popsize=4), packed, 32) == 256  # never below eval_chunk
     assert eval_chunk_rows(build_config(task="sst2", popsize=20, eval_chunk=1000), packed, 32) == 1000
+
+
+def test_packing_feeds_shared_prefix_by_brute_force():
+    """shared_prefix = P: the compact index holds every packed token but positions 0 .. P - 1 of each candidate's
+    examples after its first, in order; token_rows points each token at its own compact row, or at its
+    candidate's first example's at the same position. Rows shorter than P are refused in one line."""
+    from cliptune_ort.engine import packing_feeds
+
+    am = np.array([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], np.int64)
+    pop, batch, P = 2, 3, 2
+    f = packing_feeds(am, pop, shared_prefix=P)
+    np.testing.assert_array_equal(f["packed_token_index"], packing_feeds(am, pop)["packed_token_index"])
+    tokens = [(c, b, j) for c in range(pop) for b in range(batch) for j in range(int(am[b].sum()))]
+    kept = [i for i, (c, b, j) in enumerate(tokens) if not (b > 0 and j < P)]
+    np.testing.assert_array_equal(f["packed_compact_index"], kept)
+    for t, (c, b, j) in enumerate(tokens):
+        src = tokens.index((c, 0, j)) if b > 0 and j < P else t
+        assert f["packed_token_rows"][t] == kept.index(src), (t, c, b, j)
+    assert f["packed_compact_index"].dtype == np.int64 and f["packed_token_rows"].dtype == np.int32
+    assert len(f["packed_compact_index"]) == len(tokens) - pop * (batch - 1) * P
+    assert "packed_token_rows" not in packing_feeds(am, pop)  # no prefix: the three inputs only
+    with pytest.raises(ConfigError, match="shares the first 4 positions of every row; a row holds 3 tokens"):
+        packing_feeds(am, pop, shared_prefix=4)
+
+
+@pytest.mark.parametrize(("kernel", "ffn", "front"), [("pipe_qkv", "cublaslt", "fused"),
+                                                      ("short_qkv", "matmul", "gather")])
+def test_shared_prefix_first_layer_matches_unpacked(packed_pair, tmp_path, kernel, ffn, front):
+    """prefix=True: the first packed layer projects Q, K and V on the compact rows (a Gather at
+    packed_compact_index before its projection) and its RaggedAttention reads them through packed_token_rows (7th
+    input); the other layers are unchanged. The logits are the unpacked graph's; the manifest records
+    shared_prefix = n_prompt + 1; other layouts are refused."""
+    import collections
+    import copy
+
+    from cliptune_export.packing import PackingError, pack_export, pack_graph
+    from onnx.reference import ReferenceEvaluator
+
+    from cliptune_ort.engine import PREFIX_INPUTS, packing_feeds
+
+    src = packed_pair[0]
+    man, layers, feeds, _host, ops, m = _ffn_case(src, seed=29)
+    _randomize(m, {n.input[2] for n in m.graph.node if n.op_type == "Attention"} | _skip_ln_biases(m),
+               np.random.default_rng(4))
+    ref = ReferenceEvaluator(m, new_ops=ops).run(None, feeds)[0]
+    g = copy.deepcopy(m)
+    assert pack_graph(g, host_offsets=True, kernel=kernel, ffn=ffn, front=front, prefix=True) == layers - 1
+    gathers = [n for n in g.graph.node if n.op_type == "Gather" and PREFIX_INPUTS[0] in n.input]
+    atts = [n for n in g.graph.node if n.op_type == "RaggedAttention"]
+    assert len(gathers) == 1 and [len(n.input) for n in atts] == [7] + [6] * (layers - 2)
+    assert atts[0].input[6] == PREFIX_INPUTS[1]
+    proj = [n for n in g.graph.node if gathers[0].output[0] in n.input]
+    assert len(proj) == 1 and proj[0].op_type == ("FusedDense" if ffn != "matmul" else "MatMul")
+    assert set(PREFIX_INPUTS) <= {i.name for i in g.graph.input}
+    P = man.n_prompt + 1
+    host = {**feeds, **packing_feeds(feeds["attention_mask"], 2, shared_prefix=P)}
+    assert len(host["packed_compact_index"]) < len(host["packed_token_index"])  # the projection's rows shrink
+    got = ReferenceEvaluator(g, new_ops=ops).run(None, host)[0]
+    err = float(np.abs(got - ref).max())
+    assert err < 1e-3, err
+    # the first layer's attention output, against the same packing without the shared prefix: equal, and another
+    # map (every token reading the first row) is far off (this tiny random model's logits move little, so the
+    # check is on the layer itself)
+    from onnx import TensorProto, helper
+
+    plain = copy.deepcopy(m)
+    pack_graph(plain, host_offsets=True, kernel=kernel, ffn=ffn, front=front)
+    first = atts[0].output[0]
+    for model in (g, plain):
+        model.graph.output.append(helper.make_tensor_value_info(first, TensorProto.FLOAT16, None))
+    want = ReferenceEvaluator(plain, new_ops=ops).run([first], {**feeds, **packing_feeds(feeds["attention_mask"], 2)})[0]
+    mine = ReferenceEvaluator(g, new_ops=ops).run([first], host)[0]
+    np.testing.assert_allclose(mine.astype(np.float32), want.astype(np.float32), atol=2e-3)
+    wrong = dict(host, packed_token_rows=np.zeros_like(host["packed_token_rows"]))
+    off = ReferenceEvaluator(g, new_ops=ops).run([first], wrong)[0]
+    assert float(np.abs(off.astype(np.float32) - want).max()) > 0.1
+    assert collections.Counter(n.op_type for n in g.graph.node)["RaggedAttention"] == layers - 1
+    for bad in ({"kernel": "flash"}, {"kernel": "short"}, {"kernel": kernel, "host_offsets": False}):
+        with pytest.raises(PackingError, match="shared-prefix first layer needs host offsets"):
+            pack_graph(copy.deepcopy(m), **{"host_offsets": True, "ffn": ffn, **bad}, prefix=True)
+    pman = pack_export(src, tmp_path / "sp", host_offsets=True, kernel=kernel, ffn=ffn, front=front, prefix=True)
+    loaded = load_manifest(tmp_path / "sp")
+    assert pman["shared_prefix"] == P and loaded.shared_prefix == P and loaded.host_packing
+
+
+def test_export_option_share_prefix_with_packed(tiny_roberta_src, tmp_path):
+    """`--share-prefix` with `--packed host --packed-kernel pipe_qkv`: the traced graph keeps ORT's fusions (no
+    shared projection in it), the packing shares the first layer's rows (a Gather before its projection), and
+    the manifest asks the runtime for it (shared_prefix = n_prompt + 1); with another layout it is refused in one
+    line."""
+    import onnx
+    from cliptune_export import ExportOptions, export_model
+
+    from cliptune_ort.engine import PREFIX_INPUTS
+
+    for packed, kernel in (("host", "flash"), ("host", "short"), (True, "pipe_qkv")):
+        with pytest.raises(ConfigError, match="--share-prefix with --packed needs --packed host and --packed-kernel "
+                                              "short_qkv or pipe_qkv"):
+            export_model(str(tiny_roberta_src), tmp_path / "bad",
+                         ExportOptions(k=1, precision="fp16", packed=packed, packed_kernel=kernel, share_prefix=True))
+    assert not (tmp_path / "bad").exists()
+    man_d = export_model(str(tiny_roberta_src), tmp_path / "sp",
+                         ExportOptions(k=1, p=0.2, seed=5, n_prompt=10, precision="fp16", packed="host",
+                                       packed_kernel="pipe_qkv", packed_ffn="cublaslt", packed_front="fused",
+                                       share_prefix=True))
+    man = load_manifest(tmp_path / "sp")
+    assert man_d["shared_prefix"] == 11 and man.shared_prefix == 11 and man.packed_kernel == "pipe_qkv"
+    for g in man.data["graphs"]:
+        m = onnx.load(str(tmp_path / "sp" / g["file"]), load_external_data=False)
+        assert set(PREFIX_INPUTS) <= {i.name for i in m.graph.input}
+        assert sum(n.op_type == "Attention" for n in m.graph.node) == 0  # every full layer packed (fusions held)
+        assert [n for n in m.graph.node if n.op_type == "Gather" and PREFIX_INPUTS[0] in n.input]
