@@ -70,7 +70,8 @@ def test_gpu_script_cpu_dry_run(tmp_path):
     assert not data["ratios"]["pop20"]["ort_mode"].endswith("+z")
     assert data["ratios"]["pop20_from_z"]["ort_mode"].endswith("+z")
     assert any(k.startswith("stacked generation from candidates z") for k in data["targets"])
-    assert data["host_fp16_cast_pop20"]["p50_ms"] > 0
+    up = data["prompt_upload_pop20"]  # the host path's copy of the float32 prompts into the bound buffer
+    assert up["p50_ms"] > 0 and up["bytes"] == 20 * 50 * 64 * 4 and up["device"] == "cpu"  # the dry run: hidden 64
     assert data["tune_variant"]["attention"] == "auto" and "attention_kernels" not in data  # a CUDA-only cell
     assert data["tune"]["bbt"]["attention_kernel"] == "auto"
     assert data["tune"]["bbt"]["calls"] == 40 and data["tune"]["bbt"]["variant"] == "padded"
