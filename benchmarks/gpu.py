@@ -641,11 +641,12 @@ def markdown(data: dict) -> str:
         lines.append("")
     if data.get("prompt_upload_pop20"):
         up = data["prompt_upload_pop20"]
-        lines += [f"Copy of 20 candidates' float32 prompts ({up['bytes']} bytes, host -> {up['device']}: what the Engine "
-                  f"does before a bound call on host prompts): p50 {up['p50_ms']} ms.", ""]
+        lines += [(f"Copy of 20 candidates' float32 prompts ({up['bytes']} bytes, host -> {up['device']}: what the "
+                   f"Engine does before a bound call on host prompts): p50 {up['p50_ms']} ms."), ""]
     elif data.get("host_fp16_cast_pop20"):  # run 11 and before timed a cast the Engine does not do (float32 graphs)
-        lines += [f"Host float32 -> float16 cast of 20 candidates' prompts: p50 {data['host_fp16_cast_pop20']['p50_ms']} "
-                  "ms (not a step of the Engine: its graphs take float32 prompts).", ""]
+        cast = data["host_fp16_cast_pop20"]["p50_ms"]
+        lines += [(f"Host float32 -> float16 cast of 20 candidates' prompts: p50 {cast} ms (not a step of the Engine: "
+                   "its graphs take float32 prompts)."), ""]
     if data.get("ratios"):
         head = ("Best ORT fp16 vs best PyTorch fp16 + SDPA (each over modes and bucketings; `_from_z`: from candidates z "
                 "projected on the device, as a tune runs):")
@@ -1336,7 +1337,7 @@ def main(argv=None) -> int:
     up20 = ort.OrtValue.ortvalue_from_numpy(np.zeros_like(pr20), "cuda" if device == "cuda" else "cpu", 0)
     res.data["prompt_upload_pop20"] = {"bytes": pr20.nbytes, "device": device,
                                        **summarize(time_iters(lambda: up20.update_inplace(pr20), warmup, iters))}
-    del up20
+    up20 = None  # its 4 MB on the device
     # cliptune's attention kernels on rows of edge lengths against numpy, before any layout uses them (a child
     # process: new native code must not end the run)
     if device == "cuda" and any(load_manifest(d).packed_kernel in OWN_KERNELS for d in packed_dirs.values()
