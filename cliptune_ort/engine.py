@@ -47,6 +47,14 @@ PACKING_INPUTS = ("packed_token_index", "packed_token_offset", "packed_cu_seqlen
 PREFIX_INPUTS = ("packed_compact_index", "packed_token_rows")
 
 
+def layout_inputs(manifest) -> tuple[str, ...]:
+    """The inputs a manifest's layout adds to the graph contract: the packing of "packed_host" graphs, and the
+    shared-prefix packing where such a graph's first layer shares its rows (shared_prefix > 0)."""
+    if not manifest.host_packing:
+        return ()
+    return PACKING_INPUTS + (PREFIX_INPUTS if manifest.shared_prefix else ())
+
+
 def disabled_optimizers(manifest) -> tuple[str, ...]:
     """ORT optimizers a layout must not get. The flash kernel's query projection is MatMul + Add (bias):
     MatMulAddFusion makes it a Gemm, which ORT's CUDA provider runs as a bias broadcast into the output
@@ -271,8 +279,7 @@ class Engine:
     def _make(self, g: int, spec: SessionSpec):
         path = self.manifest.graph_path(g)
         sess = make_session(path, spec, self.shared)
-        check_contract(sess, path, self.manifest.hidden,
-                       extra=PACKING_INPUTS if self.manifest.host_packing else ())
+        check_contract(sess, path, self.manifest.hidden, extra=layout_inputs(self.manifest))
         meta = sess.get_modelmeta().custom_metadata_map
         want = self.manifest.data["export_id"]
         got_id, got_index = meta.get("cliptune.export_id"), meta.get("cliptune.graph_index")

@@ -709,6 +709,16 @@ def test_shared_prefix_first_layer_matches_unpacked(packed_pair, tmp_path, kerne
     pman = pack_export(src, tmp_path / "sp", host_offsets=True, kernel=kernel, ffn=ffn, front=front, prefix=True)
     loaded = load_manifest(tmp_path / "sp")
     assert pman["shared_prefix"] == P and loaded.shared_prefix == P and loaded.host_packing
+    # the inputs the Engine's contract check expects are the packed graphs' own (it opens them on CUDA only)
+    import onnx
+
+    from cliptune_ort.engine import layout_inputs
+
+    contract = {"input_ids", "attention_mask", "mask_pos", "prompt_embeds", "verbalizer_ids"}
+    for d in (tmp_path / "sp", packed_pair[2], src):
+        man_d = load_manifest(d)
+        names = {i.name for i in onnx.load(str(man_d.graph_path(0)), load_external_data=False).graph.input}
+        assert names == contract | set(layout_inputs(man_d)), d
 
 
 def test_export_option_share_prefix_with_packed(tiny_roberta_src, tmp_path):
