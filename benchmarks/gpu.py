@@ -437,13 +437,17 @@ PACKED_LAYOUTS = {"packed": (False, "fused", "matmul"), "packed_host": (True, "f
                   "packed_host_shortqkv_lt": (True, "short_qkv", "cublaslt"),
                   "packed_host_shortqkv_ltpa": (True, "short_qkv", "cublaslt"),
                   "packed_host_pipeqkv_ltpa": (True, "pipe_qkv", "cublaslt"),
-                  "packed_host_pipeqkv_ltpasp": (True, "pipe_qkv", "cublaslt")}
+                  "packed_host_pipeqkv_ltpasp": (True, "pipe_qkv", "cublaslt"),
+                  "packed_host_pipeqkv_ltpasp16": (True, "pipe_qkv", "cublaslt")}
 #: the layouts whose first packed layer's input is made by cliptune's PackAdd (packing.FRONTS; others: "gather")
 LAYOUT_FRONTS = {"packed_host_shortqkv_ltpa": "fused", "packed_host_pipeqkv_ltpa": "fused",
-                 "packed_host_pipeqkv_ltpasp": "fused"}
+                 "packed_host_pipeqkv_ltpasp": "fused", "packed_host_pipeqkv_ltpasp16": "fused"}
 #: the layouts whose first layer projects Q, K and V of the rows' shared [CLS] + prompt positions once per
 #: candidate (packing.pack_export(prefix=True): a Gather before the projection, RaggedAttention's token map)
-LAYOUT_PREFIX = {"packed_host_pipeqkv_ltpasp"}
+LAYOUT_PREFIX = {"packed_host_pipeqkv_ltpasp", "packed_host_pipeqkv_ltpasp16"}
+#: the layouts whose graphs take float16 prompts (packing.pack_export(prompt_dtype="float16"): host prompts are
+#: cast on the host, engine.host_cast, and sent in half the bytes)
+LAYOUT_PROMPT16 = {"packed_host_pipeqkv_ltpasp16"}
 #: tune variants: name -> (packed layout or None for the padded export, CUDA graphs): each layout as it is, and
 #: the host-packed ones also under CUDA graphs ("<layout>_cg")
 TUNE_VARIANTS = {"padded": (None, False), "padded_cg": (None, True),
@@ -643,6 +647,11 @@ def markdown(data: dict) -> str:
         up = data["prompt_upload_pop20"]
         lines += [(f"Copy of 20 candidates' float32 prompts ({up['bytes']} bytes, host -> {up['device']}: what the "
                    f"Engine does before a bound call on host prompts): p50 {up['p50_ms']} ms."), ""]
+        if data.get("prompt_upload_pop20_fp16"):
+            h = data["prompt_upload_pop20_fp16"]
+            lines += [(f"The same for graphs that take float16 prompts (host cast, then {h['bytes']} bytes): p50 "
+                       f"{h['p50_ms']} ms; the cast alone (engine.host_cast) p50 {data['host_cast_pop20']['p50_ms']} ms."),
+                      ""]
     elif data.get("host_fp16_cast_pop20"):  # run 11 and before timed a cast the Engine does not do (float32 graphs)
         cast = data["host_fp16_cast_pop20"]["p50_ms"]
         lines += [(f"Host float32 -> float16 cast of 20 candidates' prompts: p50 {cast} ms (not a step of the Engine: "
@@ -1141,7 +1150,8 @@ def main(argv=None) -> int:
                                       "kernel pipelined (impl 2; --packed-kernel pipe_qkv); *_ltpa = *_lt with "
                                       "cliptune's PackAdd making the first packed layer's input; *_ltpasp = *_ltpa "
                                       "with the first layer's QKV projection run once per candidate on the [CLS] + "
-                                      "prompt positions its examples share (export --share-prefix)",
+                                      "prompt positions its examples share (export --share-prefix); *_ltpasp16 = "
+                                      "*_ltpasp taking float16 prompts (export --prompt-dtype float16)",
                          "torch": "ContractModel(hf_layers=True): the HF layers' own attention (eager or SDPA), "
                                   "the same gather-at-mask head and last layer at the mask as the export; "
                                   "torch.backends.cuda.matmul.allow_tf32 left at its default (see versions)",
@@ -1292,9 +1302,11 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             front = LAYOUT_FRONTS.get(name, "gather")
             pman = pack_export(fp16_dir, pdir, overwrite=True, host_offsets=host, kernel=kernel, ffn=ffn, front=front,
-                               prefix=name in LAYOUT_PREFIX)
+                               prefix=name in LAYOUT_PREFIX,
+                               prompt_dtype="float16" if name in LAYOUT_PROMPT16 else "float32")
             res.data["export"][name] = {"wall_seconds": round(time.perf_counter() - t, 1), "kernel": kernel, "ffn": ffn,
                                         "front": front, "shared_prefix": pman["shared_prefix"],
+                                        "prompt_dtype": pman["prompt_dtype"],
                                         "packed_attention_nodes": [g["packed_attention_nodes"] for g in pman["graphs"]]}
             log(f"{name} copy of the fp16 export in {res.data['export'][name]['wall_seconds']} s")
         except Exception as e:
@@ -1337,7 +1349,15 @@ def main(argv=None) -> int:
     up20 = ort.OrtValue.ortvalue_from_numpy(np.zeros_like(pr20), "cuda" if device == "cuda" else "cpu", 0)
     res.data["prompt_upload_pop20"] = {"bytes": pr20.nbytes, "device": device,
                                        **summarize(time_iters(lambda: up20.update_inplace(pr20), warmup, iters))}
-    up20 = None  # its 4 MB on the device
+    # the same for graphs that take float16 prompts (*_ltpasp16): the host cast (engine.host_cast), then 2 MB
+    from cliptune_ort.engine import host_cast
+
+    up16 = ort.OrtValue.ortvalue_from_numpy(np.zeros(pr20.shape, np.float16), "cuda" if device == "cuda" else "cpu", 0)
+    res.data["prompt_upload_pop20_fp16"] = {
+        "bytes": pr20.nbytes // 2, "device": device,
+        **summarize(time_iters(lambda: up16.update_inplace(host_cast(pr20, np.float16)), warmup, iters))}
+    res.data["host_cast_pop20"] = summarize(time_iters(lambda: host_cast(pr20, np.float16), warmup, iters))
+    up20 = up16 = None  # their 6 MB on the device
     # cliptune's attention kernels on rows of edge lengths against numpy, before any layout uses them (a child
     # process: new native code must not end the run)
     if device == "cuda" and any(load_manifest(d).packed_kernel in OWN_KERNELS for d in packed_dirs.values()

@@ -74,7 +74,7 @@ _TUNE_KEYS = ("task", "method", "optimizer", "cma_eigen", "seed", "model_dir", "
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .manifest import PACKED_FRONTS, PACKED_KERNELS
+    from .manifest import PACKED_FRONTS, PACKED_KERNELS, PROMPT_DTYPES
 
     ap = _Parser(prog="cliptune", description="Clip-Tuning on ONNX Runtime: derivative-free prompt learning")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --packed host: 'fused' = the first packed layer's input (the embeddings plus each "
                         "candidate's prompt, real tokens only) made in one pass by cliptune's PackAdd op instead of "
                         "ORT's Add over the padded sum and a Gather (`cliptune build-ops`; default: gather)")
+    e.add_argument("--prompt-dtype", choices=PROMPT_DTYPES, default="float32",
+                   help="with --packed: the graphs' prompt_embeds type; 'float16' sends host prompts to the device in "
+                        "half the bytes, cast on the host with the graph's own rounding (default: float32)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
     t = sub.add_parser("tune", help="tune a soft prompt (default: SST-2 on the embedded model)")
@@ -220,6 +223,7 @@ def cmd_export(a) -> int:
         opts.packed_kernel = a.packed_kernel
     opts.packed_ffn = a.packed_ffn
     opts.packed_front = a.packed_front
+    opts.prompt_dtype = a.prompt_dtype
     if a.atol is not None:
         opts.atol = a.atol
     try:

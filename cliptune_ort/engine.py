@@ -42,6 +42,44 @@ _BATCH_IDS = itertools.count(1)
 PROJECTION_DIR = Path(__file__).resolve().parent / "assets" / "projection"
 #: extra inputs of "packed_host" graphs (export/packing.py HOST_INPUTS)
 PACKING_INPUTS = ("packed_token_index", "packed_token_offset", "packed_cu_seqlens")
+#: float32 -> float16 on the host through ONNX Runtime's CPU Cast (built by export/projection.py)
+CAST_PATH = PROJECTION_DIR / "cast_fp16.onnx"
+#: arrays below this many elements are cast by numpy (a session run costs more than the cast there)
+CAST_MIN = 1 << 14
+_cast = {"session": None, "failed": False}
+_cast_lock = threading.Lock()
+
+
+def host_cast(a, dtype) -> np.ndarray:
+    """``np.ascontiguousarray(a, dtype=dtype)``, the same bits, faster for float32 -> float16 arrays of
+    :data:`CAST_MIN` elements or more: ONNX Runtime's CPU Cast (MLAS's vectorised conversion) where numpy
+    converts one element at a time (20 candidates' prompts, 20 x 50 x 1024: 0.10 against 2.7 ms on the 2-core
+    machine). An Engine whose graphs take float16 prompts does this to every prompt array that comes from the
+    host. Where the cast graph cannot load, numpy's cast (one warning)."""
+    a = np.asarray(a)
+    if np.dtype(dtype) != np.float16 or a.dtype != np.float32 or a.size < CAST_MIN:
+        return np.ascontiguousarray(a, dtype=dtype)
+    sess = _cast["session"]
+    if sess is None and not _cast["failed"]:
+        with _cast_lock:
+            if _cast["session"] is None and not _cast["failed"]:
+                try:
+                    import onnxruntime as ort
+
+                    so = ort.SessionOptions()
+                    so.intra_op_num_threads = 1
+                    so.inter_op_num_threads = 1
+                    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                    _cast["session"] = ort.InferenceSession(str(CAST_PATH), so, providers=["CPUExecutionProvider"])
+                except Exception as e:  # noqa: BLE001 - an optimisation: numpy's cast is the same
+                    _cast["failed"] = True
+                    warn(f"the host cast graph did not load ({str(e)[:200]}): prompts are cast to float16 by numpy")
+            sess = _cast["session"]
+    if sess is None:
+        return np.ascontiguousarray(a, dtype=dtype)
+    return sess.run(None, {"x": np.ascontiguousarray(a)})[0]
+
+
 #: the two more of "packed_host" graphs whose first layer projects the rows' shared prefix once per candidate
 #: (manifest shared_prefix > 0; export/packing.py, prefix=True)
 PREFIX_INPUTS = ("packed_compact_index", "packed_token_rows")
@@ -279,7 +317,8 @@ class Engine:
     def _make(self, g: int, spec: SessionSpec):
         path = self.manifest.graph_path(g)
         sess = make_session(path, spec, self.shared)
-        check_contract(sess, path, self.manifest.hidden, extra=layout_inputs(self.manifest))
+        check_contract(sess, path, self.manifest.hidden, extra=layout_inputs(self.manifest),
+                       prompt_dtype=self.manifest.prompt_dtype)
         meta = sess.get_modelmeta().custom_metadata_map
         want = self.manifest.data["export_id"]
         got_id, got_index = meta.get("cliptune.export_id"), meta.get("cliptune.graph_index")
@@ -441,7 +480,7 @@ class Engine:
                 prompts = prompts.host()
             step = max(1, min(self.cands_per_call, pop))
             for c0 in range(0, pop, step):
-                chunk = np.ascontiguousarray(prompts[c0:c0 + step], dtype=self.dtype)
+                chunk = host_cast(prompts[c0:c0 + step], self.dtype)
                 for part, (idx, feeds) in enumerate(batch.parts):
                     units.append((j, graph, c0, chunk, idx, part))
             self.forward_passes += pop

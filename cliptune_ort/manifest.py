@@ -74,6 +74,9 @@ LIBRARY_KERNELS = ("cudnn", "short", "short_qkv", "pipe_qkv")
 #: them that read one QKV projection in place
 OWN_KERNELS = {"short": 1, "short_qkv": 1, "pipe_qkv": 2}
 QKV_KERNELS = ("short_qkv", "pipe_qkv")
+#: the graphs' prompt_embeds type: float32 (every export's default), or float16 (fp16 packed exports; the runtime
+#: casts host prompts itself, export/packing.py prompt_input_fp16)
+PROMPT_DTYPES = ("float32", "float16")
 #: how a packed_host graph makes its first layer's input: "gather" (Add over the padded sum, then Gather) or
 #: "fused" (cliptune's PackAdd: one pass; custom-op library)
 PACKED_FRONTS = ("gather", "fused")
@@ -108,6 +111,11 @@ class Manifest:
     @property
     def precision(self) -> str:
         return str(self.data["precision"])
+
+    @property
+    def prompt_dtype(self) -> str:
+        """The graphs' prompt_embeds type: "float32" or "float16" (exports before it was added: float32)."""
+        return str(self.data.get("prompt_dtype", "float32"))
 
     @property
     def shared_prefix(self) -> int:
@@ -211,6 +219,9 @@ def _check_structure(mpath: Path, data: dict[str, Any]) -> None:
         raise bad("packed_ffn", "'matmul', 'moe', 'cublaslt' or 'cublaslt_res'")
     if data.get("packed_front", "gather") not in PACKED_FRONTS:
         raise bad("packed_front", "'gather' or 'fused'")
+    pdt = data.get("prompt_dtype", "float32")
+    if pdt not in PROMPT_DTYPES or (pdt == "float16" and data["precision"] != "fp16"):
+        raise bad("prompt_dtype", "'float32', or 'float16' for an fp16 export")
     sp = data.get("shared_prefix", 0)
     if not is_int(sp) or sp > data["n_prompt"] + 1:
         raise bad("shared_prefix", f"an integer in 0..{data['n_prompt'] + 1} (n_prompt + 1)")

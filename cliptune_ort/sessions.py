@@ -228,9 +228,11 @@ def make_session(path: str | Path, spec: SessionSpec, shared: SharedWeights | No
     return sess
 
 
-def check_contract(sess: ort.InferenceSession, path: str | Path, hidden: int, extra: tuple[str, ...] = ()) -> None:
+def check_contract(sess: ort.InferenceSession, path: str | Path, hidden: int, extra: tuple[str, ...] = (),
+                   prompt_dtype: str = "float32") -> None:
     """Refuse a graph whose inputs/outputs are not the contract's (e.g. an unrelated ONNX file);
-    ``extra``: further inputs the manifest's layout adds (packed_host graphs)."""
+    ``extra``: further inputs the manifest's layout adds (packed_host graphs); ``prompt_dtype``: the type of
+    prompt_embeds the manifest records."""
     want = {"input_ids", "attention_mask", "mask_pos", "prompt_embeds", "verbalizer_ids", *extra}
     got = {i.name for i in sess.get_inputs()}
     outs = [o.name for o in sess.get_outputs()]
@@ -241,6 +243,10 @@ def check_contract(sess: ort.InferenceSession, path: str | Path, hidden: int, ex
     if isinstance(pe.shape[2], int) and pe.shape[2] != hidden:
         raise ModelDirError(f"{path} takes prompt_embeds of hidden size {pe.shape[2]}, the manifest says {hidden}: "
                             "graph from another model; re-export")
+    want_type = {"float32": "tensor(float)", "float16": "tensor(float16)"}[prompt_dtype]
+    if pe.type != want_type:
+        raise ModelDirError(f"{path} takes prompt_embeds as {pe.type}, the manifest says {prompt_dtype} "
+                            f"({want_type}): a graph from another export; re-export")
 
 
 def warn(msg: str) -> None:

@@ -74,6 +74,9 @@ class ExportOptions:
     # packing.FRONTS ("host" packing only): "gather" (ORT's Add over the padded sum, then Gather) | "fused"
     # (cliptune's PackAdd op: the packed first-layer input in one pass; custom-op library)
     packed_front: str = "gather"
+    # the graphs' prompt_embeds type (manifest prompt_dtype): "float32", or "float16" (packed fp16 exports: a call
+    # on host prompts sends half the bytes; the runtime casts them on the host; packing.prompt_input_fp16)
+    prompt_dtype: str = "float32"
 
     def validate(self) -> None:
         if not isinstance(self.k, int) or self.k < 0:
@@ -108,7 +111,13 @@ class ExportOptions:
         if self.packed and self.precision != "fp16":
             raise ConfigError("--packed needs --precision fp16 (ORT fuses Attention only there; packed attention "
                               "runs on the CUDA provider only)")
-        from .packing import QKV_KERNELS
+        from .packing import PROMPT_DTYPES, QKV_KERNELS
+
+        if self.prompt_dtype not in PROMPT_DTYPES:
+            raise ConfigError(f"--prompt-dtype must be one of {', '.join(PROMPT_DTYPES)}, got {self.prompt_dtype!r}")
+        if self.prompt_dtype == "float16" and not self.packed:
+            raise ConfigError("--prompt-dtype float16 needs --packed (packed fp16 graphs run on CUDA, where host prompts "
+                              "are copied to the device; unpacked graphs keep float32 prompts)")
 
         if self.packed and self.share_prefix and (self.packed != "host" or self.packed_kernel not in QKV_KERNELS):
             raise ConfigError("--share-prefix with --packed needs --packed host and --packed-kernel "
@@ -423,7 +432,8 @@ def export_model(model: str, out: str | os.PathLike, opts: ExportOptions | None 
                 g["packed_attention_nodes"] = pack_graph_file(tmp / g["file"], host_offsets=opts.packed == "host",
                                                               kernel=opts.packed_kernel, ffn=opts.packed_ffn,
                                                               front=opts.packed_front,
-                                                              prefix=opts.resolved_share_prefix())
+                                                              prefix=opts.resolved_share_prefix(),
+                                                              prompt_fp16=opts.prompt_dtype == "float16")
         for g in graphs:
             g["sha256"] = pin_sha256(tmp / g["file"])
         manifest = {
@@ -460,6 +470,7 @@ def export_model(model: str, out: str | os.PathLike, opts: ExportOptions | None 
             "attention": ("packed_host" if opts.packed == "host" else "packed") if opts.packed else "padded",
             **({"packed_kernel": opts.packed_kernel, "packed_ffn": opts.packed_ffn,
                 "packed_front": opts.packed_front} if opts.packed else {}),
+            "prompt_dtype": opts.prompt_dtype,
             # positions 0..L projected once per candidate in the first layer: every row of a batch must
             # hold the same ids there (the runtime checks); 0 = no such requirement
             "shared_prefix": opts.n_prompt + 1 if opts.resolved_share_prefix() else 0,

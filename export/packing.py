@@ -88,6 +88,7 @@ from cliptune_ort.manifest import (
     OWN_KERNELS,
     PACKED_FRONTS,
     PACKED_KERNELS,
+    PROMPT_DTYPES,
     QKV_KERNELS,
     SPLIT_KERNELS,
 )
@@ -166,13 +167,14 @@ def topo_sort(graph) -> None:
 
 def pack_graph(model, host_offsets: bool = False, kernel: str = DEFAULT_KERNEL,
                base_dir: str | os.PathLike | None = None, ffn: str = DEFAULT_FFN, front: str = DEFAULT_FRONT,
-               prefix: bool = False) -> int:
+               prefix: bool = False, prompt_fp16: bool = False) -> int:
     """Rewrite ``model`` (onnx.ModelProto, fused fp16 graph of the contract) in place for packed
     attention (``host_offsets``: the packing comes in as graph inputs; ``kernel``: see :data:`KERNELS`;
     ``base_dir``: where external weights live, which the "flash" kernel reads to fold the value bias;
     ``ffn``: the packed layers' feed-forward block, see :data:`FFNS`; ``front``: how the first packed layer's
     input is made, see :data:`FRONTS`; ``prefix``: the first layer's QKV projection runs once per candidate on
-    the positions its examples share, see :func:`_prefix_nodes`);
+    the positions its examples share, see :func:`_prefix_nodes`; ``prompt_fp16``: the graph takes its prompts as
+    float16, see :func:`prompt_input_fp16`);
     returns the number of Attention nodes converted. Raises :class:`PackingError` with the
     reason when the graph does not have the expected structure (then only the node order may have changed:
     a topological sort, same graph)."""
@@ -375,7 +377,52 @@ def pack_graph(model, host_offsets: bool = False, kernel: str = DEFAULT_KERNEL,
     if ((ffn in LT_FFNS or kernel in LIBRARY_KERNELS or pack_add is not None)
             and not any(o.domain == LT_DOMAIN for o in model.opset_import)):
         model.opset_import.append(helper.make_opsetid(LT_DOMAIN, 1))
+    if prompt_fp16:
+        prompt_input_fp16(model)
     return len(atts)
+
+
+#: the prompt input of the graph contract
+PROMPT = "prompt_embeds"
+
+
+def prompt_input_fp16(model) -> None:
+    """``model`` (onnx.ModelProto, an fp16 graph of the contract) takes ``prompt_embeds`` as float16, in place.
+
+    ONNX Runtime's float16 conversion keeps the graph's inputs float32 (``keep_io_types``) and casts the prompts
+    to float16 first thing, on the device. A call on host prompts then copies 4 MB host -> device for 20
+    candidates of roberta-large's shape (20 x 50 x 1024 float32); taking float16, 2 MB, which the runtime casts on
+    the host with the same rounding (``cliptune_ort.engine.host_cast``; float32 -> float16 -> the graph is the
+    graph's own cast, bit for bit). The input's type becomes float16 and the Casts to float16 that read it go, their
+    readers reading the input. Raises :class:`PackingError` where something else reads the prompts."""
+    from onnx import TensorProto, helper
+
+    g = model.graph
+    inp = next((i for i in g.input if i.name == PROMPT), None)
+    if inp is None:
+        raise PackingError(f"the graph has no {PROMPT} input: not a graph of the contract")
+    if inp.type.tensor_type.elem_type == TensorProto.FLOAT16:
+        return
+    readers = [n for n in g.node if PROMPT in n.input]
+    casts = [n for n in readers if n.op_type == "Cast"
+             and any(a.name == "to" and helper.get_attribute_value(a) == TensorProto.FLOAT16 for a in n.attribute)]
+    if not casts or len(casts) != len(readers):
+        raise PackingError(f"{PROMPT} is read by {sorted({n.op_type for n in readers})}: float16 prompts need it read by "
+                           "Casts to float16 only (ORT's float16 conversion with keep_io_types)")
+    gone = {c.output[0] for c in casts}
+    if any(o.name in gone for o in g.output):
+        raise PackingError(f"a cast of {PROMPT} is a graph output")
+    keep = [n for n in g.node if not any(n is c for c in casts)]
+    for n in keep:
+        for k, i in enumerate(n.input):
+            if i in gone:
+                n.input[k] = PROMPT
+    del g.node[:]
+    g.node.extend(keep)
+    vi = [v for v in g.value_info if v.name not in gone]
+    del g.value_info[:]
+    g.value_info.extend(vi)
+    inp.type.tensor_type.elem_type = TensorProto.FLOAT16
 
 
 def _const_ints(g, name: str) -> list[int] | None:
@@ -764,13 +811,14 @@ def _apply_moe(g, moe: dict) -> None:
 
 def pack_graph_file(path: str | os.PathLike, out: str | os.PathLike | None = None, host_offsets: bool = False,
                     kernel: str = DEFAULT_KERNEL, ffn: str = DEFAULT_FFN, front: str = DEFAULT_FRONT,
-                    prefix: bool = False) -> int:
+                    prefix: bool = False, prompt_fp16: bool = False) -> int:
     """:func:`pack_graph` on a graph file (weights stay where they are); writes ``out`` or in place."""
     import onnx
 
     path = Path(path)
     m = onnx.load(str(path), load_external_data=False)
-    n = pack_graph(m, host_offsets, kernel, base_dir=path.parent, ffn=ffn, front=front, prefix=prefix)
+    n = pack_graph(m, host_offsets, kernel, base_dir=path.parent, ffn=ffn, front=front, prefix=prefix,
+                   prompt_fp16=prompt_fp16)
     target = Path(out) if out else path
     tmp = target.with_name(target.name + ".tmp")
     onnx.save(m, str(tmp))
@@ -780,12 +828,12 @@ def pack_graph_file(path: str | os.PathLike, out: str | os.PathLike | None = Non
 
 def pack_export(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False,
                 host_offsets: bool = False, kernel: str = DEFAULT_KERNEL, ffn: str = DEFAULT_FFN,
-                front: str = DEFAULT_FRONT, prefix: bool = False) -> dict:
+                front: str = DEFAULT_FRONT, prefix: bool = False, prompt_dtype: str = "float32") -> dict:
     """A packed copy of the fp16 export ``src`` in ``out``: graphs rewritten, the weights file
     copied, the manifest re-sealed with ``attention: packed`` (``packed_host`` with
     ``host_offsets``), ``packed_kernel``, ``packed_ffn`` and ``packed_front``, and with ``prefix``
     ``shared_prefix: n_prompt + 1`` (the runtime then groups rows by their first n_prompt + 1 ids and feeds the
-    shared-prefix packing). Returns the manifest."""
+    shared-prefix packing), and ``prompt_dtype`` (float16: :func:`prompt_input_fp16`). Returns the manifest."""
     from cliptune_ort.errors import ConfigError
     from cliptune_ort.fileio import atomic_write_json
     from cliptune_ort.manifest import (
@@ -796,6 +844,8 @@ def pack_export(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool 
     )
 
     src, out = Path(src), Path(out)
+    if prompt_dtype not in PROMPT_DTYPES:
+        raise ConfigError(f"prompt_dtype must be one of {', '.join(PROMPT_DTYPES)}, got {prompt_dtype!r}")
     man = load_manifest(src)
     if man.precision != "fp16":
         raise ConfigError(f"{src} is a {man.precision} export: packed attention needs --precision fp16 "
@@ -815,13 +865,14 @@ def pack_export(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool 
             shutil.copy2(src / f, tmp / f)  # not a hard link: onnx refuses external data with several links
         for gr in data["graphs"]:
             gr["packed_attention_nodes"] = pack_graph_file(src / gr["file"], tmp / gr["file"], host_offsets, kernel,
-                                                           ffn, front, prefix)
+                                                           ffn, front, prefix, prompt_dtype == "float16")
             gr["sha256"] = pin_sha256(tmp / gr["file"])
         data["attention"] = "packed_host" if host_offsets else "packed"
         data["packed_kernel"] = kernel
         data["packed_ffn"] = ffn
         data["packed_front"] = front
         data["shared_prefix"] = data["n_prompt"] + 1 if prefix else 0
+        data["prompt_dtype"] = prompt_dtype
         data["packed_from"] = str(src)
         atomic_write_json(tmp / MANIFEST_NAME, seal_manifest(data))
         load_manifest(tmp)  # the result must load and verify

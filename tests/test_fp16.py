@@ -252,3 +252,84 @@ def test_np_to_float16_is_ort_s_rule_bit_for_bit(dtype):
         got = _np_to_float16(arr)
         assert got.dtype == np.float16 and want.dtype == np.float16
         np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
+def _fp16_prompt_copy(src, out):
+    """A copy of the fp16 export ``src`` whose graphs take float16 prompts (packing.prompt_input_fp16), manifest
+    re-sealed with prompt_dtype float16: the unpacked form of what `--packed --prompt-dtype float16` writes."""
+    import json
+    import shutil
+
+    import onnx
+    from cliptune_export.packing import prompt_input_fp16
+
+    from cliptune_ort.manifest import MANIFEST_NAME, pin_sha256, seal_manifest
+
+    shutil.copytree(src, out)
+    data = json.loads((out / MANIFEST_NAME).read_text())
+    for g in data["graphs"]:
+        m = onnx.load(str(out / g["file"]), load_external_data=False)
+        prompt_input_fp16(m)
+        onnx.save(m, str(out / g["file"]))
+        g["sha256"] = pin_sha256(out / g["file"])
+    data["prompt_dtype"] = "float16"
+    (out / MANIFEST_NAME).write_text(json.dumps(seal_manifest(data)))
+    return out
+
+
+def test_float16_prompts_give_the_float32_graph_s_logits_bit_for_bit(fp16_dirs, tmp_path, monkeypatch):
+    """prompt_input_fp16: the graph takes float16 prompts (its Cast from float32 gone). An Engine over it casts host
+    prompts with engine.host_cast (ONNX Runtime's CPU Cast) and gives the float32-prompt export's logits bit for
+    bit: the graph's own cast and the host's round alike. The contract check refuses a graph whose prompt type
+    is not the manifest's; a graph whose prompts are read other than by a Cast to float16 is refused."""
+    import onnx
+    from cliptune_export.packing import PackingError, prompt_input_fp16
+
+    import cliptune_ort.engine as engine_mod
+    from cliptune_ort.encoding import Encoded
+    from cliptune_ort.errors import ModelDirError
+
+    src = fp16_dirs["roberta"][0]
+    half = _fp16_prompt_copy(src, tmp_path / "half")
+    m = onnx.load(str(half / "graph_0.onnx"), load_external_data=False)
+    pe = next(i for i in m.graph.input if i.name == "prompt_embeds")
+    assert pe.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert not [n for n in m.graph.node if "prompt_embeds" in n.input and n.op_type == "Cast"]
+    man, man_h = load_manifest(src), load_manifest(half)
+    assert man.prompt_dtype == "float32" and man_h.prompt_dtype == "float16"
+    feeds = contract_inputs(man, pop=3, batch=5, extra=9, seed=4)
+    enc = Encoded(ids=feeds["input_ids"], attention_mask=feeds["attention_mask"], mask_pos=feeds["mask_pos"],
+                  labels=np.zeros(5, np.int64), lengths=feeds["attention_mask"].sum(1), n_truncated=0)
+    enc.min_seq = man.n_prompt + 1
+    prompts = feeds["prompt_embeds"].astype(np.float32)
+    verb = feeds["verbalizer_ids"]
+    monkeypatch.setattr(engine_mod, "CAST_MIN", 1)  # this model's prompts are small
+    monkeypatch.setattr(engine_mod, "_cast", {"session": None, "failed": False})
+    e32, e16 = Engine(man, [0, 1], device="cpu", cands_per_call=3), Engine(man_h, [0, 1], device="cpu", cands_per_call=3)
+    assert e32.dtype == np.float32 and e16.dtype == np.float16
+    for g in (0, 1):
+        want = e32.logits(g, prompts, e32.prepare(enc, 2), verb)
+        got = e16.logits(g, prompts, e16.prepare(enc, 2), verb)
+        np.testing.assert_array_equal(got, want)
+    assert engine_mod._cast["session"] is not None  # the host cast ran through ONNX Runtime
+    e32.close()
+    e16.close()
+    # the manifest must say what the graphs take
+    import json
+
+    from cliptune_ort.manifest import MANIFEST_NAME, seal_manifest
+
+    data = json.loads((half / MANIFEST_NAME).read_text())
+    data["prompt_dtype"] = "float32"
+    (half / MANIFEST_NAME).write_text(json.dumps(seal_manifest(data)))
+    with pytest.raises(ModelDirError, match=r"takes prompt_embeds as tensor\(float16\), the manifest says float32"):
+        Engine(load_manifest(half), [0], device="cpu")
+    data["prompt_dtype"] = "float64"
+    (half / MANIFEST_NAME).write_text(json.dumps(seal_manifest(data)))
+    with pytest.raises(ModelDirError, match="prompt_dtype"):
+        load_manifest(half)
+    # prompts read by something else than a Cast to float16: refused
+    m = onnx.load(str(src / "graph_0.onnx"), load_external_data=False)
+    m.graph.node.append(onnx.helper.make_node("Identity", ["prompt_embeds"], ["stray"]))
+    with pytest.raises(PackingError, match=r"prompt_embeds is read by \['Cast', 'Identity'\]"):
+        prompt_input_fp16(m)

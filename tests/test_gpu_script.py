@@ -59,6 +59,9 @@ def test_gpu_script_cpu_dry_run(tmp_path):
     assert pipe["shared_prefix"] == 0
     sp = data["export"]["packed_host_pipeqkv_ltpasp"]  # + the first layer's shared rows projected once
     assert sp["kernel"] == "pipe_qkv" and sp["front"] == "fused" and sp["shared_prefix"] > 1
+    assert sp["prompt_dtype"] == "float32"
+    sp16 = data["export"]["packed_host_pipeqkv_ltpasp16"]  # + float16 prompts
+    assert sp16["shared_prefix"] > 1 and sp16["prompt_dtype"] == "float16"
     assert "CUDA provider" in data["packed_note"]
     assert not any(c["mode"].startswith("packed") for c in data["cells"])
     assert data["tune_variant"]["used"] == "padded"
@@ -72,6 +75,7 @@ def test_gpu_script_cpu_dry_run(tmp_path):
     assert any(k.startswith("stacked generation from candidates z") for k in data["targets"])
     up = data["prompt_upload_pop20"]  # the host path's copy of the float32 prompts into the bound buffer
     assert up["p50_ms"] > 0 and up["bytes"] == 20 * 50 * 64 * 4 and up["device"] == "cpu"  # the dry run: hidden 64
+    assert data["prompt_upload_pop20_fp16"]["bytes"] == up["bytes"] // 2 and data["host_cast_pop20"]["p50_ms"] > 0
     assert data["tune_variant"]["attention"] == "auto" and "attention_kernels" not in data  # a CUDA-only cell
     assert data["tune"]["bbt"]["attention_kernel"] == "auto"
     assert data["tune"]["bbt"]["calls"] == 40 and data["tune"]["bbt"]["variant"] == "padded"

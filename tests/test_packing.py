@@ -737,14 +737,52 @@ def test_export_option_share_prefix_with_packed(tiny_roberta_src, tmp_path):
             export_model(str(tiny_roberta_src), tmp_path / "bad",
                          ExportOptions(k=1, precision="fp16", packed=packed, packed_kernel=kernel, share_prefix=True))
     assert not (tmp_path / "bad").exists()
+    with pytest.raises(ConfigError, match="--prompt-dtype float16 needs --packed"):
+        export_model(str(tiny_roberta_src), tmp_path / "bad", ExportOptions(k=1, precision="fp16",
+                                                                            prompt_dtype="float16"))
     man_d = export_model(str(tiny_roberta_src), tmp_path / "sp",
                          ExportOptions(k=1, p=0.2, seed=5, n_prompt=10, precision="fp16", packed="host",
                                        packed_kernel="pipe_qkv", packed_ffn="cublaslt", packed_front="fused",
-                                       share_prefix=True))
+                                       share_prefix=True, prompt_dtype="float16"))
     man = load_manifest(tmp_path / "sp")
     assert man_d["shared_prefix"] == 11 and man.shared_prefix == 11 and man.packed_kernel == "pipe_qkv"
+    assert man.prompt_dtype == "float16"
     for g in man.data["graphs"]:
         m = onnx.load(str(tmp_path / "sp" / g["file"]), load_external_data=False)
         assert set(PREFIX_INPUTS) <= {i.name for i in m.graph.input}
+        pe = next(i for i in m.graph.input if i.name == "prompt_embeds")
+        assert pe.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
         assert sum(n.op_type == "Attention" for n in m.graph.node) == 0  # every full layer packed (fusions held)
         assert [n for n in m.graph.node if n.op_type == "Gather" and PREFIX_INPUTS[0] in n.input]
+
+
+def test_packed_float16_prompts_match_unpacked(packed_pair, tmp_path):
+    """prompt_fp16=True on a packed graph (the shared-prefix pipelined layout): the prompts come in as float16, no
+    Cast reads them, and the logits on the same prompts, rounded to float16, are the unpacked graph's; pack_export
+    records prompt_dtype and refuses an unknown one."""
+    import copy
+
+    from cliptune_export.packing import pack_export, pack_graph
+    from onnx import TensorProto
+    from onnx.reference import ReferenceEvaluator
+
+    from cliptune_ort.engine import packing_feeds
+
+    src = packed_pair[0]
+    man, _layers, feeds, _host, ops, m = _ffn_case(src, seed=31)
+    ref = ReferenceEvaluator(m, new_ops=ops).run(None, feeds)[0]
+    g = copy.deepcopy(m)
+    pack_graph(g, host_offsets=True, kernel="pipe_qkv", ffn="cublaslt", front="fused", prefix=True, prompt_fp16=True)
+    pe = next(i for i in g.graph.input if i.name == "prompt_embeds")
+    assert pe.type.tensor_type.elem_type == TensorProto.FLOAT16
+    assert all(n.op_type != "Cast" for n in g.graph.node if "prompt_embeds" in n.input)
+    host = {**feeds, **packing_feeds(feeds["attention_mask"], 2, shared_prefix=man.n_prompt + 1),
+            "prompt_embeds": feeds["prompt_embeds"].astype(np.float16)}
+    got = ReferenceEvaluator(g, new_ops=ops).run(None, host)[0]
+    np.testing.assert_allclose(got, ref, atol=1e-3)
+    pman = pack_export(src, tmp_path / "h", host_offsets=True, kernel="pipe_qkv", ffn="cublaslt", front="fused",
+                       prefix=True, prompt_dtype="float16")
+    assert pman["prompt_dtype"] == "float16" and load_manifest(tmp_path / "h").prompt_dtype == "float16"
+    with pytest.raises(ConfigError, match="prompt_dtype must be one of float32, float16, got 'bfloat16'"):
+        pack_export(src, tmp_path / "x", host_offsets=True, kernel="pipe_qkv", prompt_dtype="bfloat16")
+    assert not (tmp_path / "x").exists()

@@ -32,6 +32,53 @@ def test_shipped_graphs_are_what_the_exporter_builds():
                                                     "python -m cliptune_export.projection")
 
 
+def test_shipped_cast_graph_is_what_the_exporter_builds():
+    pytest.importorskip("onnx")
+    from cliptune_export.projection import CAST_NAME, cast_model
+
+    from cliptune_ort.engine import CAST_PATH
+
+    assert CAST_PATH == PROJECTION_DIR / CAST_NAME
+    assert CAST_PATH.read_bytes() == cast_model(), f"{CAST_PATH} is stale: python -m cliptune_export.projection"
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # numpy's, on the edge values
+def test_host_cast_is_numpy_s_cast_bit_for_bit(tmp_path, monkeypatch):
+    """engine.host_cast (ONNX Runtime's CPU Cast for float32 -> float16 arrays of CAST_MIN elements or more) gives
+    numpy's bits: rounding to nearest even, the subnormals, 65504 and the overflow band to inf, -0, inf, NaN;
+    on a non-contiguous view too. Small arrays and other types take numpy's cast; a cast graph that does not
+    load falls back to numpy with one warning."""
+    import cliptune_ort.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "_cast", {"session": None, "failed": False})
+    rng = np.random.default_rng(12)
+    a = (rng.standard_normal((20, 50, 64)) * 10.0 ** rng.integers(-9, 7, (20, 50, 64))).astype(np.float32)
+    edge = np.array([0.0, -0.0, 1e-9, -1e-9, 2.98e-8, 2.99e-8, 5.96e-8, 8.9e-8, 6.1e-5, 6.104e-5, 1 / 3, 0.1,
+                     2049.0, 2051.0, 65504.0, 65519.99, 65520.0, 1e6, -1e6, 3.4e38, np.inf, -np.inf, 1e-40],
+                    np.float32)
+    a.flat[:len(edge)] = edge
+    a.flat[len(edge)] = np.nan
+    got = engine_mod.host_cast(a, np.float16)
+    assert engine_mod._cast["session"] is not None  # ONNX Runtime's path ran
+    want = a.astype(np.float16)
+    assert got.dtype == np.float16 and got.shape == a.shape and got.flags.c_contiguous
+    fin = ~np.isnan(want)
+    np.testing.assert_array_equal(got[fin].view(np.uint16), want[fin].view(np.uint16))
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    view = a[:, ::3]
+    np.testing.assert_array_equal(engine_mod.host_cast(view, np.float16)[~np.isnan(view)].view(np.uint16),
+                                  view.astype(np.float16)[~np.isnan(view)].view(np.uint16))
+    for small in (a[0, :2], a.astype(np.float64)):  # numpy's path: the same values
+        out = engine_mod.host_cast(small, np.float16)
+        assert out.dtype == np.float16 and np.array_equal(out, small.astype(np.float16), equal_nan=True)
+    assert engine_mod.host_cast(a, np.float32) is a  # no cast, no copy (numpy's ascontiguousarray)
+    monkeypatch.setattr(engine_mod, "_cast", {"session": None, "failed": False})
+    monkeypatch.setattr(engine_mod, "CAST_PATH", tmp_path / "missing.onnx")
+    with pytest.warns(RuntimeWarning, match="host cast graph did not load"):
+        out = engine_mod.host_cast(a, np.float16)
+    assert np.array_equal(out, want, equal_nan=True) and engine_mod._cast["failed"]
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_projection_graph_is_z_times_at(dtype):
     rng = np.random.default_rng(0)
