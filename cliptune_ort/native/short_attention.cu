@@ -6,7 +6,9 @@
 //   Q, K, V fp16: [tokens, heads * 64] each, or one [tokens, 3 * heads * 64] tensor (RaggedAttention qkv = 1:
 //   one QKV projection; the caller passes its column 0, hidden and 2 hidden as q, k, v and in_ld = 3 hidden)
 //   seq_len int32 [rows]; ragged int32 [rows + 1]: where each row starts in O, in elements (token * hidden)
-//   token_rows int32 [tokens] or null: token t's Q, K and V are row token_rows[t] of q, k, v (else row t)
+//   token_rows int32 [tokens] or null: token t's Q, K and V are row token_rows[t] of q, k, v (else row t); every
+//   value must be a row of q, k, v: the kernels do not check (the runtime makes the map, engine.packing_feeds; the
+//   CPU build checks)
 //
 // Why: a stacked call of the tune holds 640 rows of 59 to 106 tokens. FlashAttention's varlen kernel in
 // ONNX Runtime runs one 128 x 128 tile per (row, head), and cuDNN's ragged kernel two 64 x 128 tiles; both
@@ -411,21 +413,29 @@ constexpr int kDevices = 64;  // device ordinals the pipelined kernel's grid siz
 int PipeGrid(int cap) {
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kDevices) {
-    cudaGetLastError();
+    cudaGetLastError();  // a failed query leaves no error for the caller's launch check
     return 0;
   }
   static std::mutex mu;
   static int limit[kDevices];                   // the shared-memory opt-in set for the kernel (0: not yet)
-  static int grid[kDevices][kMaxSeq / 16 + 1];  // 0: not asked yet; -1: does not fit
+  static int grid[kDevices][kMaxSeq / 16 + 1];  // 0: not asked yet; -1: does not fit (kept: impl 1 runs then)
   std::lock_guard<std::mutex> lock(mu);
   if (limit[dev] == 0) {  // once per device, the most any cap needs (the attribute is the launch's ceiling)
     int optin = 0;
-    cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-    const int want = std::min(optin, 2 * 3 * kMaxSeq * kPitch * static_cast<int>(sizeof(__half)));
-    limit[dev] = cudaFuncSetAttribute(PipeAttentionKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, want) ==
-                         cudaSuccess
+    const int want = std::min(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) ==
+                                      cudaSuccess
+                                  ? optin
+                                  : 0,
+                              2 * 3 * kMaxSeq * kPitch * static_cast<int>(sizeof(__half)));
+    // the carveout: a hint that the SM's unified memory go to shared memory (two blocks of two stages each)
+    limit[dev] = want > 0 &&
+                         cudaFuncSetAttribute(PipeAttentionKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, want) ==
+                             cudaSuccess &&
+                         cudaFuncSetAttribute(PipeAttentionKernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                              cudaSharedmemCarveoutMaxShared) == cudaSuccess
                      ? want
                      : -1;
+    if (limit[dev] < 0) cudaGetLastError();
   }
   int& g = grid[dev][cap / 16];
   if (g == 0) {
@@ -438,19 +448,39 @@ int PipeGrid(int cap) {
       g = per_sm * sms;
     } else {
       g = -1;
+      cudaGetLastError();
     }
   }
-  cudaGetLastError();  // a failed query leaves no error for the caller's launch check
   return g > 0 ? g : 0;
+}
+
+// ShortAttentionKernel's opt-in to over 48 KB of dynamic shared memory (rows over 112 tokens), once per device (the
+// attribute belongs to the device's context)
+void ShortOptIn() {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kDevices) {
+    cudaGetLastError();
+    return;
+  }
+  static std::mutex mu;
+  static bool done[kDevices];
+  std::lock_guard<std::mutex> lock(mu);
+  if (done[dev]) return;
+  done[dev] = true;
+  if (cudaFuncSetAttribute(ShortAttentionKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           3 * kMaxSeq * kPitch * static_cast<int>(sizeof(__half))) != cudaSuccess) {
+    cudaGetLastError();  // a launch over 48 KB then fails and says so
+  }
 }
 
 }  // namespace
 
 // 0: launched; 1: a shape these kernels do not handle (head size other than 64: hidden not heads * 64);
-// 2: the launch failed (cudaGetLastError). in_ld: the row stride of Q, K and V in elements (hidden, or
-// 3 hidden for one QKV tensor); O's is hidden. token_rows: null, or int32 [tokens] (token t reads row token_rows[t]
-// of q, k and v). pipelined = 1 (RaggedAttention impl 2): PipeAttentionKernel for
-// rows of at most 128 tokens, where the card's shared memory holds its two stages (else ShortAttentionKernel).
+// 2: the launch failed (its error left pending: the caller's cudaGetLastError says why). in_ld: the row stride
+// of Q, K and V in elements (hidden, or 3 hidden for one QKV tensor); O's is hidden. token_rows: null, or int32
+// [tokens] (token t reads row token_rows[t] of q, k and v). pipelined = 1 (RaggedAttention impl 2):
+// PipeAttentionKernel for rows of at most 128 tokens, where the card's shared memory holds its two stages (else
+// ShortAttentionKernel).
 extern "C" int cliptune_short_attention(const void* q, const void* k, const void* v, int64_t in_ld, void* o,
                                         const int32_t* seq_len, const int32_t* ragged, int rows, int heads,
                                         int hidden, int max_seq, float scale, int pipelined, const int32_t* token_rows,
@@ -464,7 +494,7 @@ extern "C" int cliptune_short_attention(const void* q, const void* k, const void
     LongAttentionKernel<<<grid, 128, 0, stream>>>(
         static_cast<const __half*>(q), static_cast<const __half*>(k), static_cast<const __half*>(v), in_ld,
         static_cast<__half*>(o), seq_len, ragged, hidden, scale_log2, token_rows);
-    return cudaGetLastError() == cudaSuccess ? 0 : 2;
+    return cudaPeekAtLastError() == cudaSuccess ? 0 : 2;
   }
   const int cap = (max_seq + 15) & ~15;
   if (static_cast<int64_t>(rows) * heads > 0x7fffffff) return 1;
@@ -476,17 +506,13 @@ extern "C" int cliptune_short_attention(const void* q, const void* k, const void
       PipeAttentionKernel<<<static_cast<unsigned>(std::min(grid, items)), kPipeWarps * 32, bytes, stream>>>(
           static_cast<const __half*>(q), static_cast<const __half*>(k), static_cast<const __half*>(v), in_ld,
           static_cast<__half*>(o), seq_len, ragged, hidden, cap, scale_log2, items, token_rows);
-      return cudaGetLastError() == cudaSuccess ? 0 : 2;
+      return cudaPeekAtLastError() == cudaSuccess ? 0 : 2;
     }
   }
   const size_t bytes = 3 * static_cast<size_t>(cap) * kPitch * sizeof(__half);
-  static std::once_flag big;  // over 48 KB of shared memory (rows over 112 tokens) needs the opt-in, once
-  std::call_once(big, [] {
-    cudaFuncSetAttribute(ShortAttentionKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         3 * kMaxSeq * kPitch * static_cast<int>(sizeof(__half)));
-  });
+  ShortOptIn();
   ShortAttentionKernel<<<static_cast<unsigned>(items), kWarps * 32, bytes, stream>>>(
       static_cast<const __half*>(q), static_cast<const __half*>(k), static_cast<const __half*>(v), in_ld,
       static_cast<__half*>(o), seq_len, ragged, hidden, cap, scale_log2, token_rows);
-  return cudaGetLastError() == cudaSuccess ? 0 : 2;
+  return cudaPeekAtLastError() == cudaSuccess ? 0 : 2;
 }
