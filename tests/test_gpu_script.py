@@ -65,6 +65,10 @@ def test_gpu_script_cpu_dry_run(tmp_path):
     assert "CUDA provider" in data["packed_note"]
     assert not any(c["mode"].startswith("packed") for c in data["cells"])
     assert data["tune_variant"]["used"] == "padded"
+    # variants are compared as the tunes call them: pop 20 from candidates z, where that cell was timed
+    zpad = [c for c in data["cells"] if c["engine"] == "ort" and c["mode"] == "iobinding+z" and c["pop"] == 20
+            and c["n_buckets"] == 4]
+    assert zpad and data["tune_variant"]["candidates"]["padded"]["pop20_ms"] == zpad[0]["p50_ms"]
     # the generation as a tune makes it (z projected on the device) timed beside each host-prompt cell, and
     # ratioed apart: the headline ratios stay on host prompts
     zc = [c for c in data["cells"] if c.get("from_z")]
