@@ -438,14 +438,14 @@ PACKED_LAYOUTS = {"packed": (False, "fused", "matmul"), "packed_host": (True, "f
                   "packed_host_shortqkv_lt": (True, "short_qkv", "cublaslt"),
                   "packed_host_shortqkv_ltpa": (True, "short_qkv", "cublaslt"),
                   "packed_host_pipeqkv_ltpa": (True, "pipe_qkv", "cublaslt"),
-                  "packed_host_pipeqkv_ltpasp": (True, "pipe_qkv", "cublaslt"),
+                  "packed_host_shortqkv_ltpasp": (True, "short_qkv", "cublaslt"),
                   "packed_host_pipeqkv_ltpasp16": (True, "pipe_qkv", "cublaslt")}
 #: the layouts whose first packed layer's input is made by cliptune's PackAdd (packing.FRONTS; others: "gather")
 LAYOUT_FRONTS = {"packed_host_shortqkv_ltpa": "fused", "packed_host_pipeqkv_ltpa": "fused",
-                 "packed_host_pipeqkv_ltpasp": "fused", "packed_host_pipeqkv_ltpasp16": "fused"}
+                 "packed_host_shortqkv_ltpasp": "fused", "packed_host_pipeqkv_ltpasp16": "fused"}
 #: the layouts whose first layer projects Q, K and V of the rows' shared [CLS] + prompt positions once per
 #: candidate (packing.pack_export(prefix=True): a Gather before the projection, RaggedAttention's token map)
-LAYOUT_PREFIX = {"packed_host_pipeqkv_ltpasp", "packed_host_pipeqkv_ltpasp16"}
+LAYOUT_PREFIX = {"packed_host_shortqkv_ltpasp", "packed_host_pipeqkv_ltpasp16"}
 #: the layouts whose graphs take float16 prompts (packing.pack_export(prompt_dtype="float16"): host prompts are
 #: cast on the host, engine.host_cast, and sent in half the bytes)
 LAYOUT_PROMPT16 = {"packed_host_pipeqkv_ltpasp16"}
@@ -1152,7 +1152,7 @@ def main(argv=None) -> int:
                                       "cliptune's PackAdd making the first packed layer's input; *_ltpasp = *_ltpa "
                                       "with the first layer's QKV projection run once per candidate on the [CLS] + "
                                       "prompt positions its examples share (export --share-prefix); *_ltpasp16 = "
-                                      "*_ltpasp taking float16 prompts (export --prompt-dtype float16)",
+                                      "*_ltpasp also taking float16 prompts (export --prompt-dtype float16)",
                          "torch": "ContractModel(hf_layers=True): the HF layers' own attention (eager or SDPA), "
                                   "the same gather-at-mask head and last layer at the mask as the export; "
                                   "torch.backends.cuda.matmul.allow_tf32 left at its default (see versions)",
