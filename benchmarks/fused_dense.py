@@ -15,7 +15,10 @@ against a float64 numpy reference on a slice of rows.
 Writes ``DIR/fused_dense_<device>[_<tag>].json`` (p50/p90/p99 per case, the providers that ran, parity).
 Cases: the feed-forward up-projection (bias + GELU), the query projection (bias) and the feed-forward
 down-projection (no bias), each as ORT's ops, as FusedDense, and as FusedDense timing up to 16 of cuBLASLt's
-candidate algorithms on its first call ("tuned"; $CLIPTUNE_FUSED_DENSE_ALGOS).
+candidate algorithms on its first call ("tuned"; $CLIPTUNE_FUSED_DENSE_ALGOS). Also the one QKV projection of the
+``short_qkv`` layouts ([hidden, 3 hidden]) with its bias [query bias, 0, 0] and without one (``qkv_plain``):
+``qkv_bias_cost_ms_p50`` is what the bias epilogue costs there over ORT's plain MatMul, the most that adding
+the query bias inside the attention kernel could save. ``--cases`` picks projections.
 """
 
 from __future__ import annotations
@@ -116,17 +119,12 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=0, help="rows of X (default 45,400; dry run 300)")
     ap.add_argument("--iters", type=int, default=0, help="timed runs per case (default 50; dry run 3)")
     ap.add_argument("--tag", default="", help="suffix of the result file (fused_dense_<device>_<tag>.json)")
+    ap.add_argument("--cases", default="", help=f"comma list of projections (default: all of {', '.join(PROJECTIONS)})")
     a = ap.parse_args(argv)
-    import onnxruntime as ort
-
     cpu = a.cpu_dry_run
-    device = "cpu" if cpu else "cuda"
-    tokens = a.tokens or (300 if cpu else 45_400)
-    hidden, ffn = (64, 256) if cpu else (1024, 4096)
-    iters, warmup = (a.iters or (3 if cpu else 50)), (1 if cpu else 5)
-    dtype = np.float32 if cpu else np.float16
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((tokens, hidden)).astype(dtype)  # a LayerNorm output: unit scale
+    picked = [c.strip() for c in a.cases.split(",") if c.strip()] or list(PROJECTIONS)
+    if set(picked) - set(PROJECTIONS):
+        raise SystemExit(f"--cases: unknown {sorted(set(picked) - set(PROJECTIONS))}; known: {', '.join(PROJECTIONS)}")
     name = "cpu-dry-run"
     if not cpu:
         try:
@@ -135,14 +133,48 @@ def main(argv=None) -> int:
             name = torch.cuda.get_device_name(0)
         except Exception:  # noqa: BLE001 - the name is informational
             name = "cuda"
-    out = {"device": name, "onnxruntime": ort.__version__, "tokens": tokens, "hidden": hidden, "ffn": ffn,
+    out = measure(picked, "cpu" if cpu else "cuda", a.tokens, a.iters, name)
+    os.makedirs(a.out, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    path = Path(a.out) / (f"fused_dense_{slug}" + (f"_{a.tag}" if a.tag else "") + ".json")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(out, indent=1))
+    os.replace(tmp, path)
+    print(f"[fused_dense] wrote {path}: {json.dumps({k: v for k, v in out.items() if k.endswith('_ms_p50')})}",
+          flush=True)
+    return 1 if out["errors"] else 0
+
+
+#: the projections of a packed layer, by name: (input width, output width, kind) in units of (hidden, ffn):
+#: feed-forward up (bias + GELU), query (bias), feed-forward down (no bias: SkipLayerNormalization adds it;
+#: FusedDense gets zeros), the one QKV projection of the short_qkv layouts (bias [query bias, 0, 0]) and the
+#: same without a bias (ORT's MatMul alone; FusedDense with zeros)
+PROJECTIONS = {"ffn_up": ("hidden", "ffn", "gelu"), "query": ("hidden", "hidden", "bias"),
+               "ffn_down": ("ffn", "hidden", "plain"), "qkv": ("hidden", "3hidden", "bias"),
+               "qkv_plain": ("hidden", "3hidden", "plain")}
+
+
+def measure(projections, device: str, tokens: int = 0, iters: int = 0, name: str = "") -> dict:
+    """Every case of ``projections`` (names of :data:`PROJECTIONS`) on ``device`` ("cuda": fp16, 45,400 x 1024 by
+    default; "cpu": the CPU build, float32, small): timings, providers, parity, and the savings."""
+    import onnxruntime as ort
+
+    cpu = device != "cuda"
+    tokens = tokens or (300 if cpu else 45_400)
+    hidden, ffn = (64, 256) if cpu else (1024, 4096)
+    iters, warmup = (iters or (3 if cpu else 50)), (1 if cpu else 5)
+    dtype = np.float32 if cpu else np.float16
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((tokens, hidden)).astype(dtype)  # a LayerNorm output: unit scale
+    width = {"hidden": hidden, "ffn": ffn, "3hidden": 3 * hidden}
+    out = {"device": name or device, "onnxruntime": ort.__version__, "tokens": tokens, "hidden": hidden, "ffn": ffn,
            "dtype": np.dtype(dtype).name, "iters": iters, "warmup": warmup, "cases": {}, "parity": {}, "errors": []}
     ref_rows = 256
-    # the projections of a packed layer: feed-forward up (bias + GELU), query (bias), feed-forward down
-    # (no bias: SkipLayerNormalization adds it; FusedDense gets zeros); "lt_tuned" times up to 16 of
-    # cuBLASLt's candidate algorithms on the first call ($CLIPTUNE_FUSED_DENSE_ALGOS) instead of taking the first
-    for proj, k, n, kind in (("ffn_up", hidden, ffn, "gelu"), ("query", hidden, hidden, "bias"),
-                             ("ffn_down", ffn, hidden, "plain")):
+    # "lt_tuned" times up to 16 of cuBLASLt's candidate algorithms on the first call ($CLIPTUNE_FUSED_DENSE_ALGOS)
+    # instead of taking the first
+    for proj in projections:
+        kk, nn, kind = PROJECTIONS[proj]
+        k, n = width[kk], width[nn]
         w = (rng.standard_normal((k, n)) / math.sqrt(k)).astype(dtype)
         b = (rng.standard_normal(n) * 0.5).astype(dtype) if kind != "plain" else np.zeros(n, dtype)
         xk = x if k == hidden else rng.standard_normal((tokens, k)).astype(dtype)
@@ -181,15 +213,11 @@ def main(argv=None) -> int:
             out[f"{proj}_saved_ms_p50"] = round(o["p50_ms"] - f["p50_ms"], 3)
         if o and t:
             out[f"{proj}_tuned_saved_ms_p50"] = round(o["p50_ms"] - t["p50_ms"], 3)
-    os.makedirs(a.out, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-    path = Path(a.out) / (f"fused_dense_{slug}" + (f"_{a.tag}" if a.tag else "") + ".json")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(out, indent=1))
-    os.replace(tmp, path)
-    print(f"[fused_dense] wrote {path}: {json.dumps({k: v for k, v in out.items() if k.endswith('_ms_p50')})}",
-          flush=True)
-    return 1 if out["errors"] else 0
+    best = "_cg" if not cpu else ""
+    biased, plain = out["cases"].get("qkv_lt_bias" + best), out["cases"].get("qkv_plain_ort_plain" + best)
+    if biased and plain:  # what short_qkv's biased projection costs over ORT's plain MatMul of the same shape
+        out["qkv_bias_cost_ms_p50"] = round(biased["p50_ms"] - plain["p50_ms"], 3)
+    return out
 
 
 if __name__ == "__main__":

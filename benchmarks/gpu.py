@@ -795,6 +795,17 @@ def attention_kernels_cell(model_dir: Path, device: str, mode: str, kernels=("au
     return out
 
 
+def qkv_projection_cell(device: str, iters: int = 30) -> dict:
+    """The short_qkv layouts' one QKV projection ([45,400, 1024] x [1024, 3072] fp16 on CUDA) as FusedDense with its
+    bias epilogue, against ORT's plain MatMul of the same shape (benchmarks/fused_dense.py's cases "qkv" and
+    "qkv_plain", CUDA graphs): ``qkv_bias_cost_ms_p50`` per layer is the most that adding the query bias inside
+    the attention kernel could save (run 10's kernel split: the biased projection ran at about 655 TFLOP/s, the
+    plain output projections at about 700)."""
+    import fused_dense
+
+    return fused_dense.measure(["qkv", "qkv_plain"], device, iters=iters)
+
+
 def cell_in_child(func: str, kwargs: dict, device: str, timeout_s: float) -> dict:
     """``gpu.<func>(**kwargs)`` in a fresh process (CUDA libraries loaded first on a GPU): new native code or
     an experimental mode that breaks the CUDA context must not end the run. Returns its JSON result."""
@@ -1053,7 +1064,7 @@ def parse_args(argv=None):
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny random RoBERTa, CPU provider, 2 timed calls")
     ap.add_argument("--skip", default="",
                     help="comma list: export,torch,ort,fp32,packed,flash,moe,attention,kernels,profile,cma,concurrent,bbt,"
-                         "clip,session_open,from_z")
+                         "clip,session_open,from_z,qkv")
     ap.add_argument("--layouts", default="",
                     help="comma list of packed layouts to copy and time (default: all but the moe one; "
                          f"{', '.join(PACKED_LAYOUTS)})")
@@ -1486,6 +1497,15 @@ def main(argv=None) -> int:
                 del eng
             except Exception as e:
                 res.error(f"kernels {label}", e)
+        if device == "cuda" and "qkv" not in skip:  # the QKV projection with and without its bias epilogue
+            try:
+                qp = cell_in_child("qkv_projection_cell", {"device": device}, device, 180)
+                res.data["qkv_projection"] = qp
+                log(f"QKV projection: FusedDense + bias {qp['cases'].get('qkv_lt_bias_cg', {}).get('p50_ms')} ms, "
+                    f"ORT MatMul {qp['cases'].get('qkv_plain_ort_plain_cg', {}).get('p50_ms')} ms a layer; bias cost "
+                    f"{qp.get('qkv_bias_cost_ms_p50')} ms")
+            except Exception as e:  # noqa: BLE001 - recorded
+                res.error("qkv projection", e)
         if m16 is not None and pr20 is not None:
             try:
                 tc = TorchCall(m16, enc, verb, 4, device)

@@ -598,13 +598,35 @@ def test_fused_dense_benchmark_dry_run(cpu_ops, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads((tmp_path / "fused_dense_cpu-dry-run.json").read_text())
     assert data["errors"] == [] and set(data["cases"]) == {"ffn_up_ort_gelu", "ffn_up_lt_gelu", "query_ort_bias",
-                                                           "query_lt_bias", "ffn_down_ort_plain", "ffn_down_lt_plain"}
+                                                           "query_lt_bias", "ffn_down_ort_plain", "ffn_down_lt_plain",
+                                                           "qkv_ort_bias", "qkv_lt_bias", "qkv_plain_ort_plain",
+                                                           "qkv_plain_lt_plain"}
+    assert "qkv_bias_cost_ms_p50" in data  # the biased QKV projection against ORT's plain MatMul of that shape
+    assert data["parity"]["qkv_lt_bias"]["max_abs_vs_float64_first_rows"] < 1e-4
     assert {c["provider"] for c in data["cases"].values()} == {"CPUExecutionProvider"}
     par = data["parity"]
     assert par["ffn_up_lt_gelu"]["max_abs_vs_float64_first_rows"] < 1e-4
     assert par["query_lt_bias"]["max_abs_vs_float64_first_rows"] < 1e-4
     assert par["ffn_down_lt_plain"]["max_abs_vs_float64_first_rows"] < 1e-4 and par["ffn_down_lt_vs_ort_max_abs"] < 1e-4
     assert 1e-4 < par["ffn_up_lt_vs_ort_max_abs"] < 2e-3  # tanh vs erf GELU: seen, and small
+
+
+def test_gpu_qkv_projection_cell_on_the_cpu_build(cpu_ops, monkeypatch):
+    """benchmarks/gpu.py's QKV-projection cell (fused_dense.measure on the cases "qkv" and "qkv_plain"): both
+    forms run, their outputs match a float64 reference, and the bias epilogue's cost is reported."""
+    import sys
+
+    monkeypatch.setenv("CLIPTUNE_OPS_DIR", str(cpu_ops.parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import gpu
+    finally:
+        sys.path.pop(0)
+    out = gpu.qkv_projection_cell("cpu", iters=1)
+    assert out["errors"] == [] and set(out["cases"]) == {"qkv_ort_bias", "qkv_lt_bias", "qkv_plain_ort_plain",
+                                                         "qkv_plain_lt_plain"}
+    assert all(p["max_abs_vs_float64_first_rows"] < 1e-4 for k, p in out["parity"].items() if isinstance(p, dict))
+    assert isinstance(out["qkv_bias_cost_ms_p50"], float)
 
 
 def test_gpu_ragged_kernel_check_on_the_cpu_build(cpu_ops, tmp_path, monkeypatch):
