@@ -438,17 +438,19 @@ PACKED_LAYOUTS = {"packed": (False, "fused", "matmul"), "packed_host": (True, "f
                   "packed_host_shortqkv_lt": (True, "short_qkv", "cublaslt"),
                   "packed_host_shortqkv_ltpa": (True, "short_qkv", "cublaslt"),
                   "packed_host_pipeqkv_ltpa": (True, "pipe_qkv", "cublaslt"),
-                  "packed_host_shortqkv_ltpasp": (True, "short_qkv", "cublaslt"),
-                  "packed_host_pipeqkv_ltpasp16": (True, "pipe_qkv", "cublaslt")}
+                  "packed_host_shortqkv_ltpa_spqb": (True, "short_qkv", "cublaslt"),
+                  "packed_host_pipeqkv_ltpa_spqb16": (True, "pipe_qkv", "cublaslt")}
 #: the layouts whose first packed layer's input is made by cliptune's PackAdd (packing.FRONTS; others: "gather")
 LAYOUT_FRONTS = {"packed_host_shortqkv_ltpa": "fused", "packed_host_pipeqkv_ltpa": "fused",
-                 "packed_host_shortqkv_ltpasp": "fused", "packed_host_pipeqkv_ltpasp16": "fused"}
+                 "packed_host_shortqkv_ltpa_spqb": "fused", "packed_host_pipeqkv_ltpa_spqb16": "fused"}
 #: the layouts whose first layer projects Q, K and V of the rows' shared [CLS] + prompt positions once per
 #: candidate (packing.pack_export(prefix=True): a Gather before the projection, RaggedAttention's token map)
-LAYOUT_PREFIX = {"packed_host_shortqkv_ltpasp", "packed_host_pipeqkv_ltpasp16"}
+LAYOUT_PREFIX = {"packed_host_shortqkv_ltpa_spqb", "packed_host_pipeqkv_ltpa_spqb16"}
+#: the layouts whose QKV projection is a plain MatMul, RaggedAttention adding the query bias (pack_export(qbias=True))
+LAYOUT_QBIAS = {"packed_host_shortqkv_ltpa_spqb", "packed_host_pipeqkv_ltpa_spqb16"}
 #: the layouts whose graphs take float16 prompts (packing.pack_export(prompt_dtype="float16"): host prompts are
 #: cast on the host, engine.host_cast, and sent in half the bytes)
-LAYOUT_PROMPT16 = {"packed_host_pipeqkv_ltpasp16"}
+LAYOUT_PROMPT16 = {"packed_host_pipeqkv_ltpa_spqb16"}
 #: tune variants: name -> (packed layout or None for the padded export, CUDA graphs): each layout as it is, and
 #: the host-packed ones also under CUDA graphs ("<layout>_cg")
 TUNE_VARIANTS = {"padded": (None, False), "padded_cg": (None, True),
@@ -890,8 +892,9 @@ RAGGED_CHECK_LENS = ((1, 15, 16, 17, 63, 64, 65, 106, 112, 127, 128), (150, 3, 1
 def ragged_kernel_check(device: str, work: str, heads: int = 4, lens_sets=RAGGED_CHECK_LENS) -> dict:
     """RaggedAttention with impl 1 (cliptune's short-row kernel, its long-row one past 128 tokens) and impl 2 (the
     short-row kernel pipelined) on rows of edge lengths, with separate Q, K, V and with one QKV tensor (qkv = 1;
-    also read through token_rows, its rows shuffled), against numpy attention per row and head. CUDA: fp16 through the custom-op library (``CLIPTUNE_OPS_DIR``);
-    CPU: the library's fp32 loop (which ignores impl). ``ok_impl``: passed, per impl."""
+    also read through token_rows, its rows shuffled, with a query bias), against numpy attention per row and
+    head. CUDA: fp16 through the custom-op library (``CLIPTUNE_OPS_DIR``); CPU: the library's fp32 loop (which
+    ignores impl). ``ok_impl``: passed, per impl."""
     import numpy as np
     from cliptune_export.projection import IR_VERSION
     from onnx import TensorProto, helper, save
@@ -911,30 +914,38 @@ def ragged_kernel_check(device: str, work: str, heads: int = 4, lens_sets=RAGGED
         for qkv in (0, 1):
             packed = rng.standard_normal((tokens, 3 * hidden)).astype(dt)
             q, k, v = packed[:, :hidden], packed[:, hidden:2 * hidden], packed[:, 2 * hidden:]
-            want = np.empty((tokens, hidden), np.float32)
-            for r, n in enumerate(lens):
-                rows = slice(cu[r], cu[r] + n)
-                for h in range(heads):
-                    cols = slice(h * head, (h + 1) * head)
-                    qs, ks, vs = (x[rows, cols].astype(np.float32) for x in (q, k, v))
-                    sc = qs @ ks.T * scale
-                    p = np.exp(sc - sc.max(axis=1, keepdims=True))
-                    want[rows, cols] = (p / p.sum(axis=1, keepdims=True)) @ vs
+            def reference(qq, k=k, v=v, lens=lens, cu=cu, tokens=tokens):
+                want = np.empty((tokens, hidden), np.float32)
+                for r, n in enumerate(lens):
+                    rows = slice(cu[r], cu[r] + n)
+                    for h in range(heads):
+                        cols = slice(h * head, (h + 1) * head)
+                        qs, ks, vs = (x[rows, cols].astype(np.float32) for x in (qq, k, v))
+                        sc = qs @ ks.T * scale
+                        p = np.exp(sc - sc.max(axis=1, keepdims=True))
+                        want[rows, cols] = (p / p.sum(axis=1, keepdims=True)) @ vs
+                return want
+
+            want = reference(q)
             names = ["qkv"] * 3 if qkv else ["q", "k", "v"]
             base = {"len": lens_a, "rag": cu * hidden, "off": np.zeros((len(lens), max(lens)), np.int32)}
             base.update({"qkv": packed} if qkv else {"q": np.ascontiguousarray(q), "k": np.ascontiguousarray(k),
                                                      "v": np.ascontiguousarray(v)})
-            # one QKV tensor also through token_rows (the shared-prefix first layer): its rows shuffled, token t
-            # reading row perm[t]; the same attention
+            # one QKV tensor also through token_rows (the shared-prefix first layer), its rows shuffled, token t
+            # reading row perm[t], and with a query bias added first (q_bias): attention of (Q + b, K, V), the sum
+            # rounded to the tensors' type as the kernels round it
             for mapped in (False, True) if qkv else (False,):
-                feeds = dict(base)
+                feeds, want_case = dict(base), want
                 if mapped:
                     perm = rng.permutation(tokens).astype(np.int32)
                     shuffled = np.empty_like(packed)
                     shuffled[perm] = packed
-                    feeds.update(qkv=shuffled, rows=perm)
+                    qb = (rng.standard_normal(hidden) * 0.5).astype(dt)
+                    feeds.update(qkv=shuffled, rows=perm, qb=qb)
+                    want_case = reference((q.astype(np.float32) + qb.astype(np.float32)).astype(dt))
                 for impl in (1, 2):
-                    node = helper.make_node("RaggedAttention", [*names, "len", "rag", "off", *(["rows"] if mapped else [])],
+                    node = helper.make_node("RaggedAttention",
+                                            [*names, "len", "rag", "off", *(["rows", "qb"] if mapped else [])],
                                             ["o"], domain="ai.cliptune", num_heads=heads, scale=float(scale),
                                             impl=impl, qkv=qkv)
                     width = 3 * hidden if qkv else hidden
@@ -943,7 +954,8 @@ def ragged_kernel_check(device: str, work: str, heads: int = 4, lens_sets=RAGGED
                             helper.make_tensor_value_info("rag", TensorProto.INT32, ["rows_plus_1"]),
                             helper.make_tensor_value_info("off", TensorProto.INT32, ["rows", "seq"])]
                     if mapped:
-                        ins.append(helper.make_tensor_value_info("rows", TensorProto.INT32, ["tokens"]))
+                        ins += [helper.make_tensor_value_info("rows", TensorProto.INT32, ["tokens"]),
+                                helper.make_tensor_value_info("qb", et, [hidden])]
                     graph = helper.make_graph([node], "ragged_check", ins, [helper.make_tensor_value_info("o", et, None)])
                     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                                      helper.make_opsetid("ai.cliptune", 1)])
@@ -952,8 +964,8 @@ def ragged_kernel_check(device: str, work: str, heads: int = 4, lens_sets=RAGGED
                     save(model, str(path))
                     sess = make_session(path, SessionSpec(device=device, threads=1, ops_library=device))
                     got = sess.run(None, feeds)[0].astype(np.float32)
-                    err = float(np.abs(got - want).max()) if np.isfinite(got).all() else float("inf")
-                    out["cases"].append({"impl": impl, "qkv": qkv, "token_rows": mapped,
+                    err = float(np.abs(got - want_case).max()) if np.isfinite(got).all() else float("inf")
+                    out["cases"].append({"impl": impl, "qkv": qkv, "token_rows": mapped, "q_bias": mapped,
                                          "provider": sess.get_providers()[0],
                                          "lens": list(lens) if len(lens) <= 16
                                          else f"{len(lens)} rows of {min(lens)} to {max(lens)} tokens",
@@ -1160,10 +1172,12 @@ def main(argv=None) -> int:
                                       "cliptune's kernel for rows of up to 128 tokens (impl 1; --packed-kernel "
                                       "short); *_shortqkv_* the same on one QKV projection; *_pipeqkv_* that "
                                       "kernel pipelined (impl 2; --packed-kernel pipe_qkv); *_ltpa = *_lt with "
-                                      "cliptune's PackAdd making the first packed layer's input; *_ltpasp = *_ltpa "
-                                      "with the first layer's QKV projection run once per candidate on the [CLS] + "
-                                      "prompt positions its examples share (export --share-prefix); *_ltpasp16 = "
-                                      "*_ltpasp also taking float16 prompts (export --prompt-dtype float16)",
+                                      "cliptune's PackAdd making the first packed layer's input; *_ltpa_spqb = "
+                                      "*_ltpa with the first layer's QKV projection run once per candidate on the "
+                                      "[CLS] + prompt positions its examples share (export --share-prefix) and every "
+                                      "QKV projection a plain MatMul, RaggedAttention adding the query bias "
+                                      "(pack_export(qbias=True)); *_spqb16 = the same also taking float16 prompts "
+                                      "(export --prompt-dtype float16)",
                          "torch": "ContractModel(hf_layers=True): the HF layers' own attention (eager or SDPA), "
                                   "the same gather-at-mask head and last layer at the mask as the export; "
                                   "torch.backends.cuda.matmul.allow_tf32 left at its default (see versions)",
@@ -1314,11 +1328,11 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             front = LAYOUT_FRONTS.get(name, "gather")
             pman = pack_export(fp16_dir, pdir, overwrite=True, host_offsets=host, kernel=kernel, ffn=ffn, front=front,
-                               prefix=name in LAYOUT_PREFIX,
+                               prefix=name in LAYOUT_PREFIX, qbias=name in LAYOUT_QBIAS,
                                prompt_dtype="float16" if name in LAYOUT_PROMPT16 else "float32")
             res.data["export"][name] = {"wall_seconds": round(time.perf_counter() - t, 1), "kernel": kernel, "ffn": ffn,
                                         "front": front, "shared_prefix": pman["shared_prefix"],
-                                        "prompt_dtype": pman["prompt_dtype"],
+                                        "prompt_dtype": pman["prompt_dtype"], "q_bias": pman["packed_q_bias"],
                                         "packed_attention_nodes": [g["packed_attention_nodes"] for g in pman["graphs"]]}
             log(f"{name} copy of the fp16 export in {res.data['export'][name]['wall_seconds']} s")
         except Exception as e:

@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --packed host: 'fused' = the first packed layer's input (the embeddings plus each "
                         "candidate's prompt, real tokens only) made in one pass by cliptune's PackAdd op instead of "
                         "ORT's Add over the padded sum and a Gather (`cliptune build-ops`; default: gather)")
+    e.add_argument("--packed-q-bias", choices=("projection", "attention"), default="projection",
+                   help="with --packed and --packed-kernel short_qkv or pipe_qkv: 'attention' = the QKV projection "
+                        "without a bias epilogue, RaggedAttention adding the query bias (default: projection)")
     e.add_argument("--prompt-dtype", choices=PROMPT_DTYPES, default="float32",
                    help="with --packed: the graphs' prompt_embeds type; 'float16' sends host prompts to the device in "
                         "half the bytes, cast on the host with the graph's own rounding (default: float32)")
@@ -224,6 +227,7 @@ def cmd_export(a) -> int:
     opts.packed_ffn = a.packed_ffn
     opts.packed_front = a.packed_front
     opts.prompt_dtype = a.prompt_dtype
+    opts.packed_q_bias = a.packed_q_bias
     if a.atol is not None:
         opts.atol = a.atol
     try:

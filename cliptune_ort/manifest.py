@@ -219,6 +219,9 @@ def _check_structure(mpath: Path, data: dict[str, Any]) -> None:
         raise bad("packed_ffn", "'matmul', 'moe', 'cublaslt' or 'cublaslt_res'")
     if data.get("packed_front", "gather") not in PACKED_FRONTS:
         raise bad("packed_front", "'gather' or 'fused'")
+    if data.get("packed_q_bias", "projection") not in ("projection", "attention") or (
+            data.get("packed_q_bias") == "attention" and data.get("packed_kernel") not in QKV_KERNELS):
+        raise bad("packed_q_bias", "'projection', or 'attention' with a QKV kernel (" + ", ".join(QKV_KERNELS) + ")")
     pdt = data.get("prompt_dtype", "float32")
     if pdt not in PROMPT_DTYPES or (pdt == "float16" and data["precision"] != "fp16"):
         raise bad("prompt_dtype", "'float32', or 'float16' for an fp16 export")

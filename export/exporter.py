@@ -77,6 +77,9 @@ class ExportOptions:
     # the graphs' prompt_embeds type (manifest prompt_dtype): "float32", or "float16" (packed fp16 exports: a call
     # on host prompts sends half the bytes; the runtime casts them on the host; packing.prompt_input_fp16)
     prompt_dtype: str = "float32"
+    # where a QKV kernel's query bias is added: "projection" (the QKV GEMM's bias epilogue) | "attention"
+    # (RaggedAttention adds it; the GEMM runs without an epilogue; packing.pack_graph qbias)
+    packed_q_bias: str = "projection"
 
     def validate(self) -> None:
         if not isinstance(self.k, int) or self.k < 0:
@@ -115,6 +118,12 @@ class ExportOptions:
 
         if self.prompt_dtype not in PROMPT_DTYPES:
             raise ConfigError(f"--prompt-dtype must be one of {', '.join(PROMPT_DTYPES)}, got {self.prompt_dtype!r}")
+        if self.packed_q_bias not in ("projection", "attention"):
+            raise ConfigError(f"--packed-q-bias must be projection or attention, got {self.packed_q_bias!r}")
+        if self.packed_q_bias == "attention" and not (self.packed and self.packed_kernel in QKV_KERNELS):
+            raise ConfigError("--packed-q-bias attention needs --packed and --packed-kernel "
+                              + " or ".join(QKV_KERNELS) + f", got --packed-kernel {self.packed_kernel}"
+                              + ("" if self.packed else " without --packed"))
         if self.prompt_dtype == "float16" and not self.packed:
             raise ConfigError("--prompt-dtype float16 needs --packed (packed fp16 graphs run on CUDA, where host prompts "
                               "are copied to the device; unpacked graphs keep float32 prompts)")
@@ -433,7 +442,8 @@ def export_model(model: str, out: str | os.PathLike, opts: ExportOptions | None 
                                                               kernel=opts.packed_kernel, ffn=opts.packed_ffn,
                                                               front=opts.packed_front,
                                                               prefix=opts.resolved_share_prefix(),
-                                                              prompt_fp16=opts.prompt_dtype == "float16")
+                                                              prompt_fp16=opts.prompt_dtype == "float16",
+                                                              qbias=opts.packed_q_bias == "attention")
         for g in graphs:
             g["sha256"] = pin_sha256(tmp / g["file"])
         manifest = {
@@ -471,6 +481,7 @@ def export_model(model: str, out: str | os.PathLike, opts: ExportOptions | None 
             **({"packed_kernel": opts.packed_kernel, "packed_ffn": opts.packed_ffn,
                 "packed_front": opts.packed_front} if opts.packed else {}),
             "prompt_dtype": opts.prompt_dtype,
+            **({"packed_q_bias": opts.packed_q_bias} if opts.packed else {}),
             # positions 0..L projected once per candidate in the first layer: every row of a batch must
             # hold the same ids there (the runtime checks); 0 = no such requirement
             "shared_prefix": opts.n_prompt + 1 if opts.resolved_share_prefix() else 0,

@@ -167,14 +167,16 @@ def topo_sort(graph) -> None:
 
 def pack_graph(model, host_offsets: bool = False, kernel: str = DEFAULT_KERNEL,
                base_dir: str | os.PathLike | None = None, ffn: str = DEFAULT_FFN, front: str = DEFAULT_FRONT,
-               prefix: bool = False, prompt_fp16: bool = False) -> int:
+               prefix: bool = False, prompt_fp16: bool = False, qbias: bool = False) -> int:
     """Rewrite ``model`` (onnx.ModelProto, fused fp16 graph of the contract) in place for packed
     attention (``host_offsets``: the packing comes in as graph inputs; ``kernel``: see :data:`KERNELS`;
     ``base_dir``: where external weights live, which the "flash" kernel reads to fold the value bias;
     ``ffn``: the packed layers' feed-forward block, see :data:`FFNS`; ``front``: how the first packed layer's
     input is made, see :data:`FRONTS`; ``prefix``: the first layer's QKV projection runs once per candidate on
     the positions its examples share, see :func:`_prefix_nodes`; ``prompt_fp16``: the graph takes its prompts as
-    float16, see :func:`prompt_input_fp16`);
+    float16, see :func:`prompt_input_fp16`; ``qbias``: the one QKV projection runs as a plain MatMul and
+    RaggedAttention adds the query bias to Q itself, where cuBLASLt's bias epilogue cost about 7 % of that GEMM on an
+    H100 (run 10: 655 against about 700 TFLOP/s); QKV kernels only);
     returns the number of Attention nodes converted. Raises :class:`PackingError` with the
     reason when the graph does not have the expected structure (then only the node order may have changed:
     a topological sort, same graph)."""
@@ -189,6 +191,9 @@ def pack_graph(model, host_offsets: bool = False, kernel: str = DEFAULT_KERNEL,
     if front == "fused" and not host_offsets:
         raise PackingError("the fused front (PackAdd) reads the host's packed_token_index: pack with host offsets "
                            "(packed_host)")
+    if qbias and kernel not in QKV_KERNELS:
+        raise PackingError(f"the query bias in the attention op needs a QKV kernel ({', '.join(QKV_KERNELS)}), "
+                           f"got kernel {kernel!r}")
     if prefix and not (host_offsets and kernel in QKV_KERNELS):
         raise PackingError("a shared-prefix first layer needs host offsets (packed_host) and a kernel that reads one "
                            f"QKV projection ({', '.join(QKV_KERNELS)}), got kernel {kernel!r}"
@@ -345,7 +350,7 @@ def pack_graph(model, host_offsets: bool = False, kernel: str = DEFAULT_KERNEL,
             if kernel in RAGGED_IMPL and n is atts[0]:
                 new_nodes.extend(_ragged_index_nodes(cum, flash[n.name]["hid"]))
             layer = _flash_nodes(n, flash[n.name], offset, cum, epilogue=ffn in LT_FFNS,
-                                 ragged=RAGGED_IMPL.get(kernel), qkv=kernel in QKV_KERNELS)
+                                 ragged=RAGGED_IMPL.get(kernel), qkv=kernel in QKV_KERNELS, qbias=qbias)
             if prefix and n is atts[0]:
                 layer = _prefix_nodes(g, layer)
             new_nodes.extend(layer)
@@ -361,7 +366,7 @@ def pack_graph(model, host_offsets: bool = False, kernel: str = DEFAULT_KERNEL,
             new_nodes.append(helper.make_node("RestorePadding", [t_packed, offset], [t_last],
                                               name="cliptune_RestorePadding", domain=MS))
     if flash:  # before the node list is rebuilt: extend() copies the nodes
-        _apply_flash(g, flash, qkv=kernel in QKV_KERNELS)
+        _apply_flash(g, flash, qkv=kernel in QKV_KERNELS, qbias=qbias)
     if moe:
         _apply_moe(g, moe)
     if pack_add is not None:  # the padded sum's Unsqueezes and shape arithmetic are left unread
@@ -571,11 +576,13 @@ def _ragged_index_nodes(cum: str, hidden: int) -> list:
 
 
 def _flash_nodes(att, p: dict, offset: str, cum: str, epilogue: bool = False, ragged: int | None = None,
-                 qkv: bool = False) -> list:
+                 qkv: bool = False, qbias: bool = False) -> list:
     """Q/K/V projections (slices of the fused weight; no key or value bias) + PackedMultiHeadAttention
     (``ragged``: cliptune's RaggedAttention with that impl, :data:`RAGGED_IMPL`); ``epilogue``: the query
     projection and its bias as one FusedDense (cuBLASLt's BIAS epilogue); ``qkv``: one projection with the
-    fused weight and the bias [query bias, 0, 0], read in place by RaggedAttention (qkv = 1)."""
+    fused weight and the bias [query bias, 0, 0], read in place by RaggedAttention (qkv = 1); ``qbias`` (with
+    ``qkv``): that projection without a bias (a plain MatMul) and RaggedAttention adding the query bias (its 8th
+    input), see :func:`pack_graph`."""
     from onnx import helper
 
     x, w, name, h = att.input[0], att.input[1], att.name, p["hid"]
@@ -589,7 +596,10 @@ def _flash_nodes(att, p: dict, offset: str, cum: str, epilogue: bool = False, ra
             out.extend([helper.make_node("MatMul", [x, weight], [y + "_nobias"], name=f"{name}_matmul_{tag}"),
                         helper.make_node("Add", [y + "_nobias", bias], [y], name=f"{name}_bias_{tag}")])
 
-    if qkv:  # one projection, read in place
+    if qkv and qbias:  # one plain projection; the query bias goes to the attention op
+        out.append(helper.make_node("MatMul", [x, w], [f"{name}__qkv"], name=f"{name}_matmul_qkv"))
+        ins = [f"{name}__qkv"] * 3
+    elif qkv:  # one projection, read in place
         biased(w, f"{name}__b_qkv", f"{name}__qkv", "qkv")
         ins = [f"{name}__qkv"] * 3
     else:
@@ -611,6 +621,8 @@ def _flash_nodes(att, p: dict, offset: str, cum: str, epilogue: bool = False, ra
             node.attribute.append(helper.make_attribute("impl", ragged))
         if qkv:
             node.attribute.append(helper.make_attribute("qkv", 1))
+        if qbias:  # token_rows (7th) left empty here (_prefix_nodes fills it), the query bias 8th
+            node.input.extend(["", f"{name}__b_q"])
         out.append(node)
         return out
     mha = helper.make_node("PackedMultiHeadAttention", [*ins, "", offset, cum],
@@ -642,15 +654,19 @@ def _prefix_nodes(g, layer: list) -> list:
     x = proj.input[0]
     gather = helper.make_node("Gather", [x, compact_index], [x + "__compact"], name=x + "_compact", axis=0)
     proj.input[0] = x + "__compact"
-    att.input.append(token_rows)
+    if len(att.input) > 6:  # the slot left for it (a query bias follows)
+        att.input[6] = token_rows
+    else:
+        att.input.append(token_rows)
     g.input.extend([helper.make_tensor_value_info(compact_index, TensorProto.INT64, ["packed_compact_tokens"]),
                     helper.make_tensor_value_info(token_rows, TensorProto.INT32, ["packed_tokens"])])
     return [gather, *layer]
 
 
-def _apply_flash(g, plan: dict, qkv: bool = False) -> None:
+def _apply_flash(g, plan: dict, qkv: bool = False, qbias: bool = False) -> None:
     """The new initializers (query biases, output biases with the value bias folded in, slice bounds; ``qkv``:
-    the one projection's bias [query bias, 0, 0] in place of the query bias)."""
+    the one projection's bias [query bias, 0, 0] in place of the query bias, or with ``qbias`` the query bias
+    alone, which RaggedAttention adds)."""
     import numpy as np
     from onnx import numpy_helper
 
@@ -658,7 +674,9 @@ def _apply_flash(g, plan: dict, qkv: bool = False) -> None:
     bounds = {0}
     for name, p in plan.items():
         h = p["hid"]
-        if qkv:
+        if qkv and qbias:
+            g.initializer.append(numpy_helper.from_array(p["b_q"], f"{name}__b_q"))
+        elif qkv:
             b = np.concatenate([p["b_q"], np.zeros(2 * h, p["b_q"].dtype)])
             g.initializer.append(numpy_helper.from_array(b, f"{name}__b_qkv"))
         else:
@@ -811,14 +829,14 @@ def _apply_moe(g, moe: dict) -> None:
 
 def pack_graph_file(path: str | os.PathLike, out: str | os.PathLike | None = None, host_offsets: bool = False,
                     kernel: str = DEFAULT_KERNEL, ffn: str = DEFAULT_FFN, front: str = DEFAULT_FRONT,
-                    prefix: bool = False, prompt_fp16: bool = False) -> int:
+                    prefix: bool = False, prompt_fp16: bool = False, qbias: bool = False) -> int:
     """:func:`pack_graph` on a graph file (weights stay where they are); writes ``out`` or in place."""
     import onnx
 
     path = Path(path)
     m = onnx.load(str(path), load_external_data=False)
     n = pack_graph(m, host_offsets, kernel, base_dir=path.parent, ffn=ffn, front=front, prefix=prefix,
-                   prompt_fp16=prompt_fp16)
+                   prompt_fp16=prompt_fp16, qbias=qbias)
     target = Path(out) if out else path
     tmp = target.with_name(target.name + ".tmp")
     onnx.save(m, str(tmp))
@@ -828,12 +846,14 @@ def pack_graph_file(path: str | os.PathLike, out: str | os.PathLike | None = Non
 
 def pack_export(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False,
                 host_offsets: bool = False, kernel: str = DEFAULT_KERNEL, ffn: str = DEFAULT_FFN,
-                front: str = DEFAULT_FRONT, prefix: bool = False, prompt_dtype: str = "float32") -> dict:
+                front: str = DEFAULT_FRONT, prefix: bool = False, prompt_dtype: str = "float32",
+                qbias: bool = False) -> dict:
     """A packed copy of the fp16 export ``src`` in ``out``: graphs rewritten, the weights file
     copied, the manifest re-sealed with ``attention: packed`` (``packed_host`` with
     ``host_offsets``), ``packed_kernel``, ``packed_ffn`` and ``packed_front``, and with ``prefix``
     ``shared_prefix: n_prompt + 1`` (the runtime then groups rows by their first n_prompt + 1 ids and feeds the
-    shared-prefix packing), and ``prompt_dtype`` (float16: :func:`prompt_input_fp16`). Returns the manifest."""
+    shared-prefix packing), ``prompt_dtype`` (float16: :func:`prompt_input_fp16`), and with ``qbias``
+    ``packed_q_bias: attention`` (:func:`pack_graph`). Returns the manifest."""
     from cliptune_ort.errors import ConfigError
     from cliptune_ort.fileio import atomic_write_json
     from cliptune_ort.manifest import (
@@ -865,7 +885,7 @@ def pack_export(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool 
             shutil.copy2(src / f, tmp / f)  # not a hard link: onnx refuses external data with several links
         for gr in data["graphs"]:
             gr["packed_attention_nodes"] = pack_graph_file(src / gr["file"], tmp / gr["file"], host_offsets, kernel,
-                                                           ffn, front, prefix, prompt_dtype == "float16")
+                                                           ffn, front, prefix, prompt_dtype == "float16", qbias)
             gr["sha256"] = pin_sha256(tmp / gr["file"])
         data["attention"] = "packed_host" if host_offsets else "packed"
         data["packed_kernel"] = kernel
@@ -873,6 +893,7 @@ def pack_export(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool 
         data["packed_front"] = front
         data["shared_prefix"] = data["n_prompt"] + 1 if prefix else 0
         data["prompt_dtype"] = prompt_dtype
+        data["packed_q_bias"] = "attention" if qbias else "projection"
         data["packed_from"] = str(src)
         atomic_write_json(tmp / MANIFEST_NAME, seal_manifest(data))
         load_manifest(tmp)  # the result must load and verify

@@ -57,11 +57,12 @@ def test_gpu_script_cpu_dry_run(tmp_path):
     pipe = data["export"]["packed_host_pipeqkv_ltpa"]  # the same with the pipelined kernel (impl 2)
     assert pipe["kernel"] == "pipe_qkv" and pipe["front"] == "fused" and pipe["packed_attention_nodes"] == [2, 2, 2]
     assert pipe["shared_prefix"] == 0
-    sp = data["export"]["packed_host_shortqkv_ltpasp"]  # impl 1 + the first layer's shared rows projected once
+    sp = data["export"]["packed_host_shortqkv_ltpa_spqb"]  # impl 1 + the shared rows + the query bias in the op
     assert sp["kernel"] == "short_qkv" and sp["front"] == "fused" and sp["shared_prefix"] > 1
-    assert sp["prompt_dtype"] == "float32"
-    sp16 = data["export"]["packed_host_pipeqkv_ltpasp16"]  # impl 2 + the shared rows + float16 prompts
+    assert sp["prompt_dtype"] == "float32" and sp["q_bias"] == "attention" and pipe["q_bias"] == "projection"
+    sp16 = data["export"]["packed_host_pipeqkv_ltpa_spqb16"]  # impl 2 + the shared rows + query bias + float16 prompts
     assert sp16["kernel"] == "pipe_qkv" and sp16["shared_prefix"] > 1 and sp16["prompt_dtype"] == "float16"
+    assert sp16["q_bias"] == "attention"
     assert "CUDA provider" in data["packed_note"]
     assert not any(c["mode"].startswith("packed") for c in data["cells"])
     assert data["tune_variant"]["used"] == "padded"

@@ -380,6 +380,25 @@ def test_library_ragged_attention_token_rows(cpu_ops):
         _session(model(True), cpu_ops).run(None, {**base, "qkv": qkv, "rows": bad})
     with pytest.raises(Exception, match=r"RaggedAttention: expected token_rows int32 \[tokens\]"):
         _session(model(True, ("a", "b")), cpu_ops).run(None, {**base, "qkv": qkv, "rows": rows.reshape(1, -1)})
+    # q_bias (8th input; here without token_rows: an empty 7th): the attention of Q + b, K, V
+    qb = rng.standard_normal(hidden).astype(np.float32)
+    node = helper.make_node("RaggedAttention", ["qkv", "qkv", "qkv", "len", "rag", "off", "", "qb"], ["o"],
+                            domain="ai.cliptune", num_heads=heads, scale=0.0, impl=1, qkv=1)
+    ins = [helper.make_tensor_value_info("qkv", TensorProto.FLOAT, ["rows_in", 3 * hidden]),
+           helper.make_tensor_value_info("len", TensorProto.INT32, ["rows"]),
+           helper.make_tensor_value_info("rag", TensorProto.INT32, ["rows_plus_1"]),
+           helper.make_tensor_value_info("off", TensorProto.INT32, ["rows", "seq"]),
+           helper.make_tensor_value_info("qb", TensorProto.FLOAT, ["qb_width"])]
+    g = helper.make_graph([node], "attn_qb", ins, [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.cliptune", 1)])
+    full = qkv[rows]
+    got = _session(m, cpu_ops).run(None, {**base, "qkv": full, "qb": qb})[0]
+    shifted = full.copy()
+    shifted[:, :hidden] += qb
+    np.testing.assert_allclose(got, _session(model(False), cpu_ops).run(None, {**base, "qkv": shifted})[0], atol=1e-6)
+    assert not np.allclose(got, expanded, atol=1e-3)  # the bias moved it
+    with pytest.raises(Exception, match=r"RaggedAttention: expected q_bias \[8\] \(8th input\)"):
+        _session(m, cpu_ops).run(None, {**base, "qkv": full, "qb": qb[:4]})
 
 
 def test_library_pack_add_is_the_numpy_op(cpu_ops):

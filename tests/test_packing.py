@@ -130,10 +130,10 @@ def _reference_ops():
     class RaggedAttention(OpRun):  # cliptune's custom op: attention within packed rows (cuDNN or its own kernel)
         op_domain = "ai.cliptune"
 
-        def _run(self, q, k, v, seq_len, ragged, token_offset, token_rows=None, num_heads=None, scale=None,
-                 impl=None, qkv=None):
+        def _run(self, q, k, v, seq_len, ragged, token_offset, token_rows=None, q_bias=None, num_heads=None,
+                 scale=None, impl=None, qkv=None):
             assert impl in (None, 0, 1, 2) and qkv in (None, 0, 1) and (not qkv or impl in (1, 2)), (impl, qkv)
-            assert token_rows is None or impl in (1, 2), impl  # the map: cliptune's kernels only
+            assert (token_rows is None and q_bias is None) or impl in (1, 2), impl  # cliptune's kernels only
             assert len(ragged) == len(seq_len) + 1 == token_offset.shape[0] + 1
             if qkv:  # one [tokens, 3 * hidden] tensor read in place
                 assert q is k is v or (np.array_equal(q, k) and np.array_equal(q, v))
@@ -142,6 +142,9 @@ def _reference_ops():
                 assert token_rows.dtype == np.int32 and token_rows.ndim == 1
                 assert token_rows.min() >= 0 and token_rows.max() < len(q)
                 q, k, v = q[token_rows], k[token_rows], v[token_rows]
+            if q_bias is not None:  # added to Q first, the sum rounded to Q's type once
+                assert q_bias.shape == (q.shape[1],) and q_bias.dtype == q.dtype
+                q = (q.astype(np.float32) + q_bias.astype(np.float32)).astype(q.dtype)
             hidden = q.shape[1]
             assert np.array_equal(ragged[:-1] // hidden + seq_len, ragged[1:] // hidden)  # rows back to back
             cu = (ragged // hidden).astype(np.int64)
@@ -737,16 +740,20 @@ def test_export_option_share_prefix_with_packed(tiny_roberta_src, tmp_path):
             export_model(str(tiny_roberta_src), tmp_path / "bad",
                          ExportOptions(k=1, precision="fp16", packed=packed, packed_kernel=kernel, share_prefix=True))
     assert not (tmp_path / "bad").exists()
+    with pytest.raises(ConfigError, match="--packed-q-bias attention needs --packed and --packed-kernel short_qkv or "
+                                          "pipe_qkv, got --packed-kernel flash"):
+        export_model(str(tiny_roberta_src), tmp_path / "bad", ExportOptions(k=1, precision="fp16", packed="host",
+                                                                            packed_q_bias="attention"))
     with pytest.raises(ConfigError, match="--prompt-dtype float16 needs --packed"):
         export_model(str(tiny_roberta_src), tmp_path / "bad", ExportOptions(k=1, precision="fp16",
                                                                             prompt_dtype="float16"))
     man_d = export_model(str(tiny_roberta_src), tmp_path / "sp",
                          ExportOptions(k=1, p=0.2, seed=5, n_prompt=10, precision="fp16", packed="host",
                                        packed_kernel="pipe_qkv", packed_ffn="cublaslt", packed_front="fused",
-                                       share_prefix=True, prompt_dtype="float16"))
+                                       share_prefix=True, prompt_dtype="float16", packed_q_bias="attention"))
     man = load_manifest(tmp_path / "sp")
     assert man_d["shared_prefix"] == 11 and man.shared_prefix == 11 and man.packed_kernel == "pipe_qkv"
-    assert man.prompt_dtype == "float16"
+    assert man.prompt_dtype == "float16" and man.data["packed_q_bias"] == "attention"
     for g in man.data["graphs"]:
         m = onnx.load(str(tmp_path / "sp" / g["file"]), load_external_data=False)
         assert set(PREFIX_INPUTS) <= {i.name for i in m.graph.input}
@@ -786,3 +793,61 @@ def test_packed_float16_prompts_match_unpacked(packed_pair, tmp_path):
     with pytest.raises(ConfigError, match="prompt_dtype must be one of float32, float16, got 'bfloat16'"):
         pack_export(src, tmp_path / "x", host_offsets=True, kernel="pipe_qkv", prompt_dtype="bfloat16")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("prefix", [False, True])
+def test_query_bias_in_the_attention_op_matches_unpacked(packed_pair, tmp_path, prefix):
+    """qbias=True: each packed layer's one QKV projection is a plain MatMul and RaggedAttention adds the query bias
+    (its 8th input; the 7th, token_rows, empty or the shared-prefix map). The logits are the unpacked graph's with
+    random biases; the manifest records packed_q_bias; other kernels are refused."""
+    import copy
+
+    from cliptune_export.packing import PackingError, pack_export, pack_graph
+    from onnx.reference import ReferenceEvaluator
+
+    from cliptune_ort.engine import PREFIX_INPUTS, packing_feeds
+
+    src = packed_pair[0]
+    man, layers, feeds, _host, ops, m = _ffn_case(src, seed=37)
+    _randomize(m, {n.input[2] for n in m.graph.node if n.op_type == "Attention"} | _skip_ln_biases(m),
+               np.random.default_rng(8))
+    ref = ReferenceEvaluator(m, new_ops=ops).run(None, feeds)[0]
+    g = copy.deepcopy(m)
+    pack_graph(g, host_offsets=True, kernel="pipe_qkv", ffn="cublaslt", front="fused", prefix=prefix, qbias=True)
+    atts = [n for n in g.graph.node if n.op_type == "RaggedAttention"]
+    assert len(atts) == layers - 1 and all(len(n.input) == 8 and n.input[7].endswith("__b_q") for n in atts)
+    assert [n.input[6] for n in atts] == [PREFIX_INPUTS[1] if prefix else ""] + [""] * (layers - 2)
+    producers = {o: n for n in g.graph.node for o in n.output}
+    assert all(producers[n.input[0]].op_type == "MatMul" for n in atts)  # no bias epilogue before them
+    assert not any(t.name.endswith("__b_qkv") for t in g.graph.initializer)
+    host = {**feeds, **packing_feeds(feeds["attention_mask"], 2, shared_prefix=man.n_prompt + 1 if prefix else 0)}
+    got = ReferenceEvaluator(g, new_ops=ops).run(None, host)[0]
+    np.testing.assert_allclose(got, ref, atol=1e-3)
+    # the layers themselves (this tiny random model's logits move little): every attention output equals that of
+    # the packing with the biased projection
+    from onnx import TensorProto, helper, numpy_helper
+
+    plain = copy.deepcopy(m)
+    pack_graph(plain, host_offsets=True, kernel="pipe_qkv", ffn="cublaslt", front="fused", prefix=prefix)
+    outs = [n.output[0] for n in atts]
+    for model in (g, plain):
+        model.graph.output.extend(helper.make_tensor_value_info(o, TensorProto.FLOAT16, None) for o in outs)
+    want = ReferenceEvaluator(plain, new_ops=ops).run(outs, host)
+    mine = ReferenceEvaluator(g, new_ops=ops).run(outs, host)
+    for w_, m_ in zip(want, mine):
+        np.testing.assert_allclose(m_.astype(np.float32), w_.astype(np.float32), atol=2e-3)
+    # each layer's op adds that layer's query bias: the first third of its fused Attention's QKV bias (the
+    # numbers above move little on this model's near-uniform attention, so the wiring is checked exactly)
+    inits = {t.name: numpy_helper.to_array(t) for t in g.graph.initializer}
+    orig = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    fused = [n for n in m.graph.node if n.op_type == "Attention"]
+    assert len(fused) == len(atts)
+    for a_node, f_node in zip(atts, fused):
+        assert a_node.input[7] == f"{f_node.name}__b_q"
+        qkv_bias = orig[f_node.input[2]]
+        np.testing.assert_array_equal(inits[a_node.input[7]], qkv_bias[:len(qkv_bias) // 3])
+    if not prefix:
+        with pytest.raises(PackingError, match="the query bias in the attention op needs a QKV kernel"):
+            pack_graph(copy.deepcopy(m), host_offsets=True, kernel="short", qbias=True)
+        pman = pack_export(src, tmp_path / "qb", host_offsets=True, kernel="short_qkv", ffn="cublaslt", qbias=True)
+        assert pman["packed_q_bias"] == "attention" and load_manifest(tmp_path / "qb").data["packed_q_bias"] == "attention"

@@ -334,7 +334,9 @@ def test_pipelined_kernel_source_is_what_the_replay_mirrors():
                  "TileOutput(qs + 2 * cap * kPitch, qs, qt, cur.n, npad, lane, s, l0, l1, o, cur.base, hidden);",
                  "cur = next;", "at ^= 1;"):
         assert line in src, line
-    assert body.count("__syncthreads();") == 2  # after the wait, and before the stage is loaded again
+    # after the wait, after the query bias (where there is one: q_bias is the same for the whole grid), and before
+    # the stage is loaded again
+    assert body.count("__syncthreads();") == 3
     assert "PipeAttentionKernel<<<static_cast<unsigned>(std::min(grid, items)), kPipeWarps * 32, bytes, stream>>>" in src
     assert "const size_t bytes = 2 * 3 * static_cast<size_t>(cap) * kPitch * sizeof(__half);" in src
 
@@ -409,3 +411,27 @@ def test_token_rows_replay_matches_attention(qkv):
             stage = [one, one.copy(), one.copy()]
             load_item(stage, q, k, v, start[r], n, h, cap, rows)
             assert np.isfinite(stage[0][:n, :HEAD]).all()  # no prefix row read where it was removed
+
+
+def test_query_bias_is_added_to_the_stage_before_any_warp_reads_q():
+    """q_bias (RaggedAttention's 8th input): both short-row kernels add it to the stage's Q rows between two
+    barriers, after Q has arrived and before TileScores; the add is fp32, rounded once (as the projection's epilogue
+    would), 16 bytes at a time, the head's 64 values at ``col``; the long-row kernel adds it in the same way."""
+    src = KERNEL.read_text()
+    body1 = src[src.index("    ShortAttentionKernel(const __half*"):src.index("// One (row, head) of the pipelined kernel")]
+    body2 = src[src.index("PipeAttentionKernel(const __half*"):src.index("// Rows over 128 tokens")]
+    for body, add in ((body1, "AddQueryBias(qs, q_bias, col, npad, tid, kWarps * 32);"),
+                      (body2, "AddQueryBias(qs, q_bias, cur.col, (cur.n + 15) & ~15, tid, kPipeWarps * 32);")):
+        wait = body.index('cp.async.wait_group 1;')
+        at = body.index(add)
+        assert wait < body.index("__syncthreads();", wait) < at < body.index("__syncthreads();", at) \
+            < body.index("TileScores(")
+    helper = src[src.index("__device__ __forceinline__ void AddQueryBias"):src.index("// A row longer than")]
+    assert "__floats2half2_rn(xf.x + bf.x, xf.y + bf.y)" in helper and "q_bias + col + c" in helper
+    assert "__float2half(__half2float(qi[c]) + __half2float(q_bias[col + c]))" in src  # the long-row kernel
+    # the replayed rounding: fp32 sum, one fp16 rounding
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((5, HEAD)).astype(np.float16)
+    b = rng.standard_normal(HEAD).astype(np.float16)
+    once = (q.astype(np.float32) + b.astype(np.float32)).astype(np.float16)
+    assert np.array_equal(once, q + b)  # fp16 + fp16 in numpy rounds the exact sum once too

@@ -64,7 +64,7 @@ void* cudnn_dlhandle = nullptr;  // the frontend's handle on libcudnn (its dynam
 extern "C" int cliptune_short_attention(const void* q, const void* k, const void* v, int64_t in_ld, void* o,
                                         const int32_t* seq_len, const int32_t* ragged, int rows, int heads,
                                         int hidden, int max_seq, float scale, int pipelined, const int32_t* token_rows,
-                                        cudaStream_t stream);
+                                        const void* q_bias, cudaStream_t stream);
 #endif
 #ifdef CLIPTUNE_PACK_ADD
 // pack_add.cu (compiled by nvcc, linked in)
@@ -456,6 +456,9 @@ using DenseCudaOp = DenseOp<DenseCudaKernel, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
 //   inputs 0-2, which may then hold fewer rows than O ([in_rows, ...]). A packed first layer whose rows share
 //   their first positions (the [CLS] and prompt positions of one candidate) projects those once per candidate
 //   and points every row's prefix tokens at them.
+//   q_bias (optional 8th input, [heads * head] of Q's type; impl 1 or 2): added to Q first, so the projection
+//   before the op runs without a bias epilogue (run 10 on an H100: the biased QKV projection at about 655 TFLOP/s,
+//   the plain projections of the same call at about 700).
 //
 // Why: ONNX Runtime's PackedMultiHeadAttention runs FlashAttention's 128 x 128 tiles on rows of about 70
 // tokens (6.9 of 53 ms of a stacked call on an H100, run 7); cuDNN's fused attention for Hopper takes the
@@ -468,6 +471,7 @@ struct AttnDims {
   int64_t tokens = 0, hidden = 0, rows = 0, seq = 0, heads = 0, head = 0;
   int64_t in_rows = 0;                 // rows of Q, K and V: tokens, or fewer with token_rows
   const int32_t* token_rows = nullptr;  // the optional 7th input: token t reads row token_rows[t]
+  bool q_bias = false;                  // the optional 8th input: a query bias [hidden]
   int64_t in_ld = 0;  // row stride of Q, K and V: hidden, or 3 * hidden for one QKV tensor (qkv = 1)
   float scale = 0.0f;
 };
@@ -481,6 +485,7 @@ AttnDims CheckAttn(Ort::KernelContext& ctx, int64_t heads, float scale, bool qkv
   if (mapped && map.size() != 1) {
     ORT_CXX_API_THROW("RaggedAttention: expected token_rows int32 [tokens] (7th input)", ORT_INVALID_ARGUMENT);
   }
+  const bool biased = ctx.GetInputCount() > 7 && static_cast<const OrtValue*>(ctx.GetInput(7)) != nullptr;
   if (q.size() != 2 || k != q || v != q || len.size() != 1 || rag.size() != 1 || off.size() != 2 ||
       rag[0] != len[0] + 1 || off[0] != len[0] || heads <= 0 || q[1] % (heads * parts) != 0) {
     ORT_CXX_API_THROW(std::string("RaggedAttention: expected Q, K, V [tokens, ") + (qkv ? "3 * " : "") +
@@ -493,6 +498,7 @@ AttnDims CheckAttn(Ort::KernelContext& ctx, int64_t heads, float scale, bool qkv
   d.in_rows = q[0];
   d.tokens = mapped ? map[0] : q[0];
   d.token_rows = mapped ? ctx.GetInput(6).GetTensorData<int32_t>() : nullptr;
+  d.q_bias = biased;
   d.in_ld = q[1];
   d.hidden = q[1] / parts;
   d.rows = len[0];
@@ -500,6 +506,10 @@ AttnDims CheckAttn(Ort::KernelContext& ctx, int64_t heads, float scale, bool qkv
   d.heads = heads;
   d.head = d.hidden / heads;
   d.scale = scale > 0.0f ? scale : 1.0f / std::sqrt(static_cast<float>(d.head));
+  if (biased && shape(7) != std::vector<int64_t>{d.hidden}) {
+    ORT_CXX_API_THROW("RaggedAttention: expected q_bias [" + std::to_string(d.hidden) + "] (8th input)",
+                      ORT_INVALID_ARGUMENT);
+  }
   if (d.tokens * d.hidden > INT32_MAX) {
     ORT_CXX_API_THROW("RaggedAttention: more than 2^31 elements (int32 ragged offsets)", ORT_INVALID_ARGUMENT);
   }
@@ -510,12 +520,12 @@ template <typename Kernel, ONNXTensorElementDataType kType>
 struct AttnOp : OpCommon<AttnOp<Kernel, kType>, Kernel, kType> {
   explicit AttnOp(const char* provider) : OpCommon<AttnOp<Kernel, kType>, Kernel, kType>(provider) {}
   const char* GetName() const { return kAttnName; }
-  size_t GetInputTypeCount() const { return 7; }
-  ONNXTensorElementDataType GetInputType(size_t i) const {  // Q, K, V; seq_len, ragged, token_offset, token_rows
-    return i < 3 ? kType : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+  size_t GetInputTypeCount() const { return 8; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {  // Q, K, V; seq_len, ragged, token_offset, token_rows; q_bias
+    return i < 3 || i == 7 ? kType : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
   }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
-    return index == 6 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;  // token_rows
+    return index >= 6 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;  // token_rows, q_bias
   }
 };
 
@@ -574,7 +584,8 @@ struct AttnCpuKernel : AttnAttrs {
         }
         return r;
       };
-      std::vector<float> p;
+      const float* qb = d.q_bias ? ctx.GetInput(7).GetTensorData<float>() : nullptr;
+      std::vector<float> p, qrow(static_cast<size_t>(d.head));
       for (int64_t b = 0; b < d.rows; ++b) {
         const int64_t start = rag[b] / d.hidden, n = len[b];
         if (start < 0 || n < 0 || start + n > d.tokens) {
@@ -584,6 +595,10 @@ struct AttnCpuKernel : AttnAttrs {
         for (int64_t h = 0; h < d.heads; ++h) {
           for (int64_t i = 0; i < n; ++i) {
             const float* q = Q + in_row(start + i) * d.in_ld + h * d.head;
+            if (qb != nullptr) {  // the query bias, added first
+              for (int64_t c = 0; c < d.head; ++c) qrow[c] = q[c] + qb[h * d.head + c];
+              q = qrow.data();
+            }
             float mx = -INFINITY, sum = 0.0f;
             for (int64_t j = 0; j < n; ++j) {
               const float* kr = K + in_row(start + j) * d.in_ld + h * d.head;
@@ -754,7 +769,8 @@ struct AttnCudaKernel : AttnAttrs {
             qkv ? base + 2 * d.hidden : ctx.GetInput(2).GetTensorRawData(), d.in_ld, out.GetTensorMutableRawData(),
             ctx.GetInput(3).GetTensorData<int32_t>(), ctx.GetInput(4).GetTensorData<int32_t>(),
             static_cast<int>(d.rows), static_cast<int>(d.heads), static_cast<int>(d.hidden),
-            static_cast<int>(std::min<int64_t>(d.seq, INT32_MAX)), d.scale, impl == 2 ? 1 : 0, d.token_rows, stream);
+            static_cast<int>(std::min<int64_t>(d.seq, INT32_MAX)), d.scale, impl == 2 ? 1 : 0, d.token_rows,
+            d.q_bias ? ctx.GetInput(7).GetTensorRawData() : nullptr, stream);
         if (rc == 0) return;
         if (rc == 2) {
           ORT_CXX_API_THROW("RaggedAttention: the short-row kernel did not launch: " +
@@ -780,9 +796,9 @@ struct AttnCudaKernel : AttnAttrs {
         }
 #endif
       }
-      if (d.token_rows != nullptr) {
-        ORT_CXX_API_THROW("RaggedAttention: token_rows (7th input) needs impl 1 or 2 and head size 64 (cuDNN's "
-                          "kernel reads Q, K and V rows in order)",
+      if (d.token_rows != nullptr || d.q_bias) {
+        ORT_CXX_API_THROW("RaggedAttention: token_rows (7th input) and q_bias (8th) need impl 1 or 2 and head size 64 "
+                          "(cuDNN's kernel reads Q, K and V as they are)",
                           ORT_INVALID_ARGUMENT);
       }
 #ifdef CLIPTUNE_CUDNN

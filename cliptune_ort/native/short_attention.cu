@@ -6,6 +6,7 @@
 //   Q, K, V fp16: [tokens, heads * 64] each, or one [tokens, 3 * heads * 64] tensor (RaggedAttention qkv = 1:
 //   one QKV projection; the caller passes its column 0, hidden and 2 hidden as q, k, v and in_ld = 3 hidden)
 //   seq_len int32 [rows]; ragged int32 [rows + 1]: where each row starts in O, in elements (token * hidden)
+//   q_bias fp16 [heads * 64] or null: added to Q first (the QKV projection then runs without a bias epilogue)
 //   token_rows int32 [tokens] or null: token t's Q, K and V are row token_rows[t] of q, k, v (else row t); every
 //   value must be a row of q, k, v: the kernels do not check (the runtime makes the map, engine.packing_feeds; the
 //   CPU build checks)
@@ -206,6 +207,25 @@ __device__ __forceinline__ void TileOutput(const __half* vs, __half* qs, int qt,
   }
 }
 
+// Q rows 0 .. npad - 1 of a stage += the head's query bias (fp32 sums, rounded once to fp16); every thread of the
+// block takes 16-byte chunks in turn. The caller puts barriers around it.
+__device__ __forceinline__ void AddQueryBias(__half* qs, const __half* __restrict__ q_bias, int64_t col, int npad,
+                                             int tid, int step) {
+  for (int i = tid; i < npad * 8; i += step) {
+    const int r = i >> 3, c = (i & 7) * 8;
+    uint4 x = *reinterpret_cast<const uint4*>(qs + r * kPitch + c);
+    const uint4 b = *reinterpret_cast<const uint4*>(q_bias + col + c);
+    __half2* xh = reinterpret_cast<__half2*>(&x);
+    const __half2* bh = reinterpret_cast<const __half2*>(&b);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float2 xf = __half22float2(xh[e]), bf = __half22float2(bh[e]);
+      xh[e] = __floats2half2_rn(xf.x + bf.x, xf.y + bf.y);
+    }
+    *reinterpret_cast<uint4*>(qs + r * kPitch + c) = x;
+  }
+}
+
 // A row longer than the caller's longest (cap): NaN over the row's O, which the tuner refuses, not a silent
 // wrong value
 __device__ __forceinline__ void RowNan(__half* __restrict__ o, int64_t base, int n, int hidden, int tid, int step) {
@@ -218,7 +238,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     ShortAttentionKernel(const __half* __restrict__ q, const __half* __restrict__ k, const __half* __restrict__ v,
                          int64_t in_ld, __half* __restrict__ o, const int32_t* __restrict__ seq_len,
                          const int32_t* __restrict__ ragged, int hidden, int cap, float scale_log2,
-                         const int32_t* __restrict__ token_rows) {
+                         const int32_t* __restrict__ token_rows, const __half* __restrict__ q_bias) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __half* qs = reinterpret_cast<__half*>(smem_raw);  // [cap][kPitch] each; cap = longest row rounded up to 16
   __half* ks = qs + cap * kPitch;
@@ -252,6 +272,10 @@ __global__ void __launch_bounds__(kWarps * 32)
   asm volatile("cp.async.commit_group;\n" ::);
   asm volatile("cp.async.wait_group 1;\n" ::);
   __syncthreads();
+  if (q_bias != nullptr) {  // the query bias (uniform over the block)
+    AddQueryBias(qs, q_bias, col, npad, tid, kWarps * 32);
+    __syncthreads();
+  }
 
   const int warp = tid >> 5, lane = tid & 31;
   const int tiles = npad >> 4;
@@ -317,7 +341,7 @@ __global__ void __launch_bounds__(kPipeWarps * 32, 2)
     PipeAttentionKernel(const __half* __restrict__ q, const __half* __restrict__ k, const __half* __restrict__ v,
                         int64_t in_ld, __half* __restrict__ o, const int32_t* __restrict__ seq_len,
                         const int32_t* __restrict__ ragged, int hidden, int cap, float scale_log2, int items,
-                        const int32_t* __restrict__ token_rows) {
+                        const int32_t* __restrict__ token_rows, const __half* __restrict__ q_bias) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __half* stages = reinterpret_cast<__half*>(smem_raw);  // 2 stages of Q, K, V [cap][kPitch]
   const int stage = 3 * cap * kPitch;
@@ -341,6 +365,10 @@ __global__ void __launch_bounds__(kPipeWarps * 32, 2)
     asm volatile("cp.async.wait_group 1;\n" ::);   // every group but the newest: cur's copies of this thread
     __syncthreads();                               // ... and of every thread
     __half* qs = stages + at * stage;
+    if (q_bias != nullptr) {  // the query bias (uniform over the block), before any warp reads Q
+      if (cur.n > 0 && cur.n <= cap) AddQueryBias(qs, q_bias, cur.col, (cur.n + 15) & ~15, tid, kPipeWarps * 32);
+      __syncthreads();
+    }
     if (cur.n > cap) {
       RowNan(o, cur.base, cur.n, hidden, tid, kPipeWarps * 32);
     } else if (cur.n > 0) {
@@ -365,7 +393,7 @@ __global__ void __launch_bounds__(128)
     LongAttentionKernel(const __half* __restrict__ q, const __half* __restrict__ k, const __half* __restrict__ v,
                         int64_t in_ld, __half* __restrict__ o, const int32_t* __restrict__ seq_len,
                         const int32_t* __restrict__ ragged, int hidden, float scale_log2,
-                        const int32_t* __restrict__ token_rows) {
+                        const int32_t* __restrict__ token_rows, const __half* __restrict__ q_bias) {
   const int row = blockIdx.x, i = blockIdx.z * 128 + threadIdx.x;
   const int n = seq_len[row];
   if (i >= n) return;
@@ -375,7 +403,9 @@ __global__ void __launch_bounds__(128)
   const __half* qi = q + InRow(token_rows, t0 + i) * in_ld + col;
 #pragma unroll
   for (int c = 0; c < kHead; ++c) {
-    qv[c] = __half2float(qi[c]) * scale_log2;
+    // the query bias as the projection's epilogue would add it: in fp32, rounded to fp16 once
+    qv[c] = __half2float(q_bias != nullptr ? __float2half(__half2float(qi[c]) + __half2float(q_bias[col + c])) : qi[c]) *
+            scale_log2;
     acc[c] = 0.0f;
   }
   float m = -INFINITY, l = 0.0f;
@@ -478,13 +508,15 @@ void ShortOptIn() {
 // 0: launched; 1: a shape these kernels do not handle (head size other than 64: hidden not heads * 64);
 // 2: the launch failed (its error left pending: the caller's cudaGetLastError says why). in_ld: the row stride
 // of Q, K and V in elements (hidden, or 3 hidden for one QKV tensor); O's is hidden. token_rows: null, or int32
-// [tokens] (token t reads row token_rows[t] of q, k and v). pipelined = 1 (RaggedAttention impl 2):
+// [tokens] (token t reads row token_rows[t] of q, k and v). q_bias: null, or fp16 [hidden], added to Q first
+// (16-byte aligned). pipelined = 1 (RaggedAttention impl 2):
 // PipeAttentionKernel for rows of at most 128 tokens, where the card's shared memory holds its two stages (else
 // ShortAttentionKernel).
 extern "C" int cliptune_short_attention(const void* q, const void* k, const void* v, int64_t in_ld, void* o,
                                         const int32_t* seq_len, const int32_t* ragged, int rows, int heads,
                                         int hidden, int max_seq, float scale, int pipelined, const int32_t* token_rows,
-                                        cudaStream_t stream) {
+                                        const void* q_bias, cudaStream_t stream) {
+  const auto* qb = static_cast<const __half*>(q_bias);
   if (heads <= 0 || hidden != heads * kHead || heads > 65535 || in_ld < hidden) return 1;
   if (rows <= 0 || max_seq < 1) return 0;
   const float scale_log2 = scale * 1.4426950408889634f;
@@ -493,7 +525,7 @@ extern "C" int cliptune_short_attention(const void* q, const void* k, const void
                     static_cast<unsigned>((max_seq + 127) / 128));
     LongAttentionKernel<<<grid, 128, 0, stream>>>(
         static_cast<const __half*>(q), static_cast<const __half*>(k), static_cast<const __half*>(v), in_ld,
-        static_cast<__half*>(o), seq_len, ragged, hidden, scale_log2, token_rows);
+        static_cast<__half*>(o), seq_len, ragged, hidden, scale_log2, token_rows, qb);
     return cudaPeekAtLastError() == cudaSuccess ? 0 : 2;
   }
   const int cap = (max_seq + 15) & ~15;
@@ -505,7 +537,7 @@ extern "C" int cliptune_short_attention(const void* q, const void* k, const void
       const size_t bytes = 2 * 3 * static_cast<size_t>(cap) * kPitch * sizeof(__half);
       PipeAttentionKernel<<<static_cast<unsigned>(std::min(grid, items)), kPipeWarps * 32, bytes, stream>>>(
           static_cast<const __half*>(q), static_cast<const __half*>(k), static_cast<const __half*>(v), in_ld,
-          static_cast<__half*>(o), seq_len, ragged, hidden, cap, scale_log2, items, token_rows);
+          static_cast<__half*>(o), seq_len, ragged, hidden, cap, scale_log2, items, token_rows, qb);
       return cudaPeekAtLastError() == cudaSuccess ? 0 : 2;
     }
   }
@@ -513,6 +545,6 @@ extern "C" int cliptune_short_attention(const void* q, const void* k, const void
   ShortOptIn();
   ShortAttentionKernel<<<static_cast<unsigned>(items), kWarps * 32, bytes, stream>>>(
       static_cast<const __half*>(q), static_cast<const __half*>(k), static_cast<const __half*>(v), in_ld,
-      static_cast<__half*>(o), seq_len, ragged, hidden, cap, scale_log2, token_rows);
+      static_cast<__half*>(o), seq_len, ragged, hidden, cap, scale_log2, token_rows, qb);
   return cudaPeekAtLastError() == cudaSuccess ? 0 : 2;
 }
