@@ -229,6 +229,17 @@ def _ffn_case(src, seed: int):
     return man, man.data["model"]["layers"], feeds, host, _reference_ops(), _with_weights(man.graph_path(0))
 
 
+def _attention_bias_case(src, seed: int, bias_seed: int):
+    """:func:`_ffn_case` with random Attention (QKV) and SkipLayerNormalization biases (random-init biases are
+    zero): (manifest, layers, contract feeds, numpy ops, graph 0, its logits through onnx.reference)."""
+    from onnx.reference import ReferenceEvaluator
+
+    man, layers, feeds, _host, ops, m = _ffn_case(src, seed=seed)
+    _randomize(m, {n.input[2] for n in m.graph.node if n.op_type == "Attention"} | _skip_ln_biases(m),
+               np.random.default_rng(bias_seed))
+    return man, layers, feeds, ops, m, ReferenceEvaluator(m, new_ops=ops).run(None, feeds)[0]
+
+
 def test_packed_graph_matches_unpacked(packed_pair):
     import collections
 
@@ -670,10 +681,7 @@ def test_shared_prefix_first_layer_matches_unpacked(packed_pair, tmp_path, kerne
     from cliptune_ort.engine import PREFIX_INPUTS, packing_feeds
 
     src = packed_pair[0]
-    man, layers, feeds, _host, ops, m = _ffn_case(src, seed=29)
-    _randomize(m, {n.input[2] for n in m.graph.node if n.op_type == "Attention"} | _skip_ln_biases(m),
-               np.random.default_rng(4))
-    ref = ReferenceEvaluator(m, new_ops=ops).run(None, feeds)[0]
+    man, layers, feeds, ops, m, ref = _attention_bias_case(src, seed=29, bias_seed=4)
     g = copy.deepcopy(m)
     assert pack_graph(g, host_offsets=True, kernel=kernel, ffn=ffn, front=front, prefix=True) == layers - 1
     gathers = [n for n in g.graph.node if n.op_type == "Gather" and PREFIX_INPUTS[0] in n.input]
@@ -808,10 +816,7 @@ def test_query_bias_in_the_attention_op_matches_unpacked(packed_pair, tmp_path, 
     from cliptune_ort.engine import PREFIX_INPUTS, packing_feeds
 
     src = packed_pair[0]
-    man, layers, feeds, _host, ops, m = _ffn_case(src, seed=37)
-    _randomize(m, {n.input[2] for n in m.graph.node if n.op_type == "Attention"} | _skip_ln_biases(m),
-               np.random.default_rng(8))
-    ref = ReferenceEvaluator(m, new_ops=ops).run(None, feeds)[0]
+    man, layers, feeds, ops, m, ref = _attention_bias_case(src, seed=37, bias_seed=8)
     g = copy.deepcopy(m)
     pack_graph(g, host_offsets=True, kernel="pipe_qkv", ffn="cublaslt", front="fused", prefix=prefix, qbias=True)
     atts = [n for n in g.graph.node if n.op_type == "RaggedAttention"]
