@@ -440,17 +440,15 @@ PACKED_LAYOUTS = {"packed": (False, "fused", "matmul"), "packed_host": (True, "f
                   "packed_host_pipeqkv_ltpa": (True, "pipe_qkv", "cublaslt"),
                   "packed_host_shortqkv_ltpa_spqb": (True, "short_qkv", "cublaslt"),
                   "packed_host_pipeqkv_ltpa_spqb16": (True, "pipe_qkv", "cublaslt")}
-#: the layouts whose first packed layer's input is made by cliptune's PackAdd (packing.FRONTS; others: "gather")
-LAYOUT_FRONTS = {"packed_host_shortqkv_ltpa": "fused", "packed_host_pipeqkv_ltpa": "fused",
-                 "packed_host_shortqkv_ltpa_spqb": "fused", "packed_host_pipeqkv_ltpa_spqb16": "fused"}
-#: the layouts whose first layer projects Q, K and V of the rows' shared [CLS] + prompt positions once per
-#: candidate (packing.pack_export(prefix=True): a Gather before the projection, RaggedAttention's token map)
-LAYOUT_PREFIX = {"packed_host_shortqkv_ltpa_spqb", "packed_host_pipeqkv_ltpa_spqb16"}
-#: the layouts whose QKV projection is a plain MatMul, RaggedAttention adding the query bias (pack_export(qbias=True))
-LAYOUT_QBIAS = {"packed_host_shortqkv_ltpa_spqb", "packed_host_pipeqkv_ltpa_spqb16"}
-#: the layouts whose graphs take float16 prompts (packing.pack_export(prompt_dtype="float16"): host prompts are
-#: cast on the host, engine.host_cast, and sent in half the bytes)
-LAYOUT_PROMPT16 = {"packed_host_pipeqkv_ltpa_spqb16"}
+#: pack_export's further options per layout (the others: its defaults): front "fused" = the first packed layer's
+#: input made by cliptune's PackAdd (packing.FRONTS; default "gather"); prefix = the first layer's Q, K and V of the
+#: rows' shared [CLS] + prompt positions projected once per candidate (a Gather before the projection,
+#: RaggedAttention's token map); qbias = the QKV projection a plain MatMul, RaggedAttention adding the query bias;
+#: prompt_dtype "float16" = the graphs take float16 prompts (cast on the host, engine.host_cast, half the bytes sent)
+_SPQB = {"front": "fused", "prefix": True, "qbias": True}
+LAYOUT_OPTIONS = {"packed_host_shortqkv_ltpa": {"front": "fused"}, "packed_host_pipeqkv_ltpa": {"front": "fused"},
+                  "packed_host_shortqkv_ltpa_spqb": _SPQB,
+                  "packed_host_pipeqkv_ltpa_spqb16": {**_SPQB, "prompt_dtype": "float16"}}
 #: tune variants: name -> (packed layout or None for the padded export, CUDA graphs): each layout as it is, and
 #: the host-packed ones also under CUDA graphs ("<layout>_cg")
 TUNE_VARIANTS = {"padded": (None, False), "padded_cg": (None, True),
@@ -889,6 +887,23 @@ RAGGED_CHECK_LENS = ((1, 15, 16, 17, 63, 64, 65, 106, 112, 127, 128), (150, 3, 1
                      tuple(random.Random(5).choices(range(1, 129), k=700)))
 
 
+def attention_by_row(q, k, v, lens, heads: int, head: int, scale: float):
+    """numpy attention within each packed row (row r: tokens cu[r] .. cu[r] + lens[r]) and head, float32."""
+    import numpy as np
+
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    out = np.empty((int(cu[-1]), heads * head), np.float32)
+    for r, n in enumerate(lens):
+        rows = slice(cu[r], cu[r] + n)
+        for h in range(heads):
+            cols = slice(h * head, (h + 1) * head)
+            qs, ks, vs = (x[rows, cols].astype(np.float32) for x in (q, k, v))
+            sc = qs @ ks.T * scale
+            p = np.exp(sc - sc.max(axis=1, keepdims=True))
+            out[rows, cols] = (p / p.sum(axis=1, keepdims=True)) @ vs
+    return out
+
+
 def ragged_kernel_check(device: str, work: str, heads: int = 4, lens_sets=RAGGED_CHECK_LENS) -> dict:
     """RaggedAttention with impl 1 (cliptune's short-row kernel, its long-row one past 128 tokens) and impl 2 (the
     short-row kernel pipelined) on rows of edge lengths, with separate Q, K, V and with one QKV tensor (qkv = 1;
@@ -914,19 +929,7 @@ def ragged_kernel_check(device: str, work: str, heads: int = 4, lens_sets=RAGGED
         for qkv in (0, 1):
             packed = rng.standard_normal((tokens, 3 * hidden)).astype(dt)
             q, k, v = packed[:, :hidden], packed[:, hidden:2 * hidden], packed[:, 2 * hidden:]
-            def reference(qq, k=k, v=v, lens=lens, cu=cu, tokens=tokens):
-                want = np.empty((tokens, hidden), np.float32)
-                for r, n in enumerate(lens):
-                    rows = slice(cu[r], cu[r] + n)
-                    for h in range(heads):
-                        cols = slice(h * head, (h + 1) * head)
-                        qs, ks, vs = (x[rows, cols].astype(np.float32) for x in (qq, k, v))
-                        sc = qs @ ks.T * scale
-                        p = np.exp(sc - sc.max(axis=1, keepdims=True))
-                        want[rows, cols] = (p / p.sum(axis=1, keepdims=True)) @ vs
-                return want
-
-            want = reference(q)
+            want = attention_by_row(q, k, v, lens, heads, head, scale)
             names = ["qkv"] * 3 if qkv else ["q", "k", "v"]
             base = {"len": lens_a, "rag": cu * hidden, "off": np.zeros((len(lens), max(lens)), np.int32)}
             base.update({"qkv": packed} if qkv else {"q": np.ascontiguousarray(q), "k": np.ascontiguousarray(k),
@@ -942,7 +945,8 @@ def ragged_kernel_check(device: str, work: str, heads: int = 4, lens_sets=RAGGED
                     shuffled[perm] = packed
                     qb = (rng.standard_normal(hidden) * 0.5).astype(dt)
                     feeds.update(qkv=shuffled, rows=perm, qb=qb)
-                    want_case = reference((q.astype(np.float32) + qb.astype(np.float32)).astype(dt))
+                    want_case = attention_by_row((q.astype(np.float32) + qb.astype(np.float32)).astype(dt), k, v,
+                                                 lens, heads, head, scale)
                 for impl in (1, 2):
                     node = helper.make_node("RaggedAttention",
                                             [*names, "len", "rag", "off", *(["rows", "qb"] if mapped else [])],
@@ -1326,12 +1330,10 @@ def main(argv=None) -> int:
             from cliptune_export.packing import pack_export
 
             t = time.perf_counter()
-            front = LAYOUT_FRONTS.get(name, "gather")
-            pman = pack_export(fp16_dir, pdir, overwrite=True, host_offsets=host, kernel=kernel, ffn=ffn, front=front,
-                               prefix=name in LAYOUT_PREFIX, qbias=name in LAYOUT_QBIAS,
-                               prompt_dtype="float16" if name in LAYOUT_PROMPT16 else "float32")
+            pman = pack_export(fp16_dir, pdir, overwrite=True, host_offsets=host, kernel=kernel, ffn=ffn,
+                               **LAYOUT_OPTIONS.get(name, {}))
             res.data["export"][name] = {"wall_seconds": round(time.perf_counter() - t, 1), "kernel": kernel, "ffn": ffn,
-                                        "front": front, "shared_prefix": pman["shared_prefix"],
+                                        "front": pman["packed_front"], "shared_prefix": pman["shared_prefix"],
                                         "prompt_dtype": pman["prompt_dtype"], "q_bias": pman["packed_q_bias"],
                                         "packed_attention_nodes": [g["packed_attention_nodes"] for g in pman["graphs"]]}
             log(f"{name} copy of the fp16 export in {res.data['export'][name]['wall_seconds']} s")

@@ -74,7 +74,7 @@ _TUNE_KEYS = ("task", "method", "optimizer", "cma_eigen", "seed", "model_dir", "
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .manifest import PACKED_FRONTS, PACKED_KERNELS, PROMPT_DTYPES
+    from .manifest import PACKED_FRONTS, PACKED_KERNELS, PROMPT_DTYPES, Q_BIAS_PLACES
 
     ap = _Parser(prog="cliptune", description="Clip-Tuning on ONNX Runtime: derivative-free prompt learning")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --packed host: 'fused' = the first packed layer's input (the embeddings plus each "
                         "candidate's prompt, real tokens only) made in one pass by cliptune's PackAdd op instead of "
                         "ORT's Add over the padded sum and a Gather (`cliptune build-ops`; default: gather)")
-    e.add_argument("--packed-q-bias", choices=("projection", "attention"), default="projection",
+    e.add_argument("--packed-q-bias", choices=Q_BIAS_PLACES, default="projection",
                    help="with --packed and --packed-kernel short_qkv or pipe_qkv: 'attention' = the QKV projection "
                         "without a bias epilogue, RaggedAttention adding the query bias (default: projection)")
     e.add_argument("--prompt-dtype", choices=PROMPT_DTYPES, default="float32",

@@ -262,8 +262,8 @@ class Engine:
         if self.cuda_graph:
             self.iobinding = True
         self.cands_per_call = int(cands_per_call) if cands_per_call else (1 if self.device == "cpu" else 10**9)
-        pe = next(i for i in next(iter(self.sessions.values())).get_inputs() if i.name == "prompt_embeds")
-        self.dtype = np.float16 if pe.type == "tensor(float16)" else np.float32
+        # the prompts' type: the manifest's, which check_contract held every graph's prompt_embeds input to
+        self.dtype = np.float16 if self.manifest.prompt_dtype == "float16" else np.float32
         self.forward_passes = 0  # candidate x example-set passes through one graph
         self.session_runs = 0
         self.session_seconds = 0.0

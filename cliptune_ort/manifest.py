@@ -77,6 +77,9 @@ QKV_KERNELS = ("short_qkv", "pipe_qkv")
 #: the graphs' prompt_embeds type: float32 (every export's default), or float16 (fp16 packed exports; the runtime
 #: casts host prompts itself, export/packing.py prompt_input_fp16)
 PROMPT_DTYPES = ("float32", "float16")
+#: where a QKV kernel's query bias is added (manifest packed_q_bias): in the QKV projection's GEMM epilogue, or by
+#: RaggedAttention (the projection then a plain MatMul; export/packing.py pack_graph qbias)
+Q_BIAS_PLACES = ("projection", "attention")
 #: how a packed_host graph makes its first layer's input: "gather" (Add over the padded sum, then Gather) or
 #: "fused" (cliptune's PackAdd: one pass; custom-op library)
 PACKED_FRONTS = ("gather", "fused")
@@ -219,7 +222,7 @@ def _check_structure(mpath: Path, data: dict[str, Any]) -> None:
         raise bad("packed_ffn", "'matmul', 'moe', 'cublaslt' or 'cublaslt_res'")
     if data.get("packed_front", "gather") not in PACKED_FRONTS:
         raise bad("packed_front", "'gather' or 'fused'")
-    if data.get("packed_q_bias", "projection") not in ("projection", "attention") or (
+    if data.get("packed_q_bias", "projection") not in Q_BIAS_PLACES or (
             data.get("packed_q_bias") == "attention" and data.get("packed_kernel") not in QKV_KERNELS):
         raise bad("packed_q_bias", "'projection', or 'attention' with a QKV kernel (" + ", ".join(QKV_KERNELS) + ")")
     pdt = data.get("prompt_dtype", "float32")

@@ -114,12 +114,14 @@ class ExportOptions:
         if self.packed and self.precision != "fp16":
             raise ConfigError("--packed needs --precision fp16 (ORT fuses Attention only there; packed attention "
                               "runs on the CUDA provider only)")
+        from cliptune_ort.manifest import Q_BIAS_PLACES
+
         from .packing import PROMPT_DTYPES, QKV_KERNELS
 
         if self.prompt_dtype not in PROMPT_DTYPES:
             raise ConfigError(f"--prompt-dtype must be one of {', '.join(PROMPT_DTYPES)}, got {self.prompt_dtype!r}")
-        if self.packed_q_bias not in ("projection", "attention"):
-            raise ConfigError(f"--packed-q-bias must be projection or attention, got {self.packed_q_bias!r}")
+        if self.packed_q_bias not in Q_BIAS_PLACES:
+            raise ConfigError(f"--packed-q-bias must be {' or '.join(Q_BIAS_PLACES)}, got {self.packed_q_bias!r}")
         if self.packed_q_bias == "attention" and not (self.packed and self.packed_kernel in QKV_KERNELS):
             raise ConfigError("--packed-q-bias attention needs --packed and --packed-kernel "
                               + " or ".join(QKV_KERNELS) + f", got --packed-kernel {self.packed_kernel}"

@@ -408,7 +408,8 @@ def prompt_input_fp16(model) -> None:
         raise PackingError(f"the graph has no {PROMPT} input: not a graph of the contract")
     if inp.type.tensor_type.elem_type == TensorProto.FLOAT16:
         return
-    readers = [n for n in g.node if PROMPT in n.input]
+    nodes = list(g.node)
+    readers = [n for n in nodes if PROMPT in n.input]
     casts = [n for n in readers if n.op_type == "Cast"
              and any(a.name == "to" and helper.get_attribute_value(a) == TensorProto.FLOAT16 for a in n.attribute)]
     if not casts or len(casts) != len(readers):
@@ -417,7 +418,8 @@ def prompt_input_fp16(model) -> None:
     gone = {c.output[0] for c in casts}
     if any(o.name in gone for o in g.output):
         raise PackingError(f"a cast of {PROMPT} is a graph output")
-    keep = [n for n in g.node if not any(n is c for c in casts)]
+    cast_ids = {id(c) for c in casts}
+    keep = [n for n in nodes if id(n) not in cast_ids]
     for n in keep:
         for k, i in enumerate(n.input):
             if i in gone:
