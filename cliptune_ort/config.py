@@ -135,6 +135,10 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
+#: pycma (4.x) adapts sigma by two-point adaptation (TPA) from this dimension on (cma.evolution_strategy.TPA_dimension)
+CMA_TPA_DIMENSION = 300
+
+
 def build_config(file: str | Path | None = None, **overrides: Any) -> TuneConfig:
     """Defaults <- JSON config file <- overrides (None values are ignored); validated."""
     values: dict[str, Any] = {}
@@ -211,6 +215,12 @@ def validate(cfg: TuneConfig) -> None:
         raise ConfigError(f"p must be in (0, 1), got {cfg.p!r}")
     if cfg.popsize < 2:
         raise ConfigError(f"popsize must be >= 2 (CMA-ES needs a population), got {cfg.popsize}")
+    if cfg.optimizer == "cma" and cfg.popsize < 3 and cfg.d >= CMA_TPA_DIMENSION:
+        # pycma adapts its step size by two-point adaptation from d = 300 on, which spends two candidates of every
+        # generation on its own probe directions (and mirrored sampling one more below pop 6): pop 2 fails in tell
+        raise ConfigError(f"popsize 2 is too small for CMA-ES at d = {cfg.d} (from d = {CMA_TPA_DIMENSION} on, pycma's "
+                          "step-size adaptation uses two candidates per generation): pass --popsize 3 or more "
+                          f"(default 20), or --d below {CMA_TPA_DIMENSION}")
     if cfg.budget < cfg.popsize:
         raise ConfigError(f"budget ({cfg.budget}) must be at least one generation (popsize {cfg.popsize})")
     if cfg.seed >= 2**31:

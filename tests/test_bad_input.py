@@ -141,6 +141,11 @@ def popsize_one(c):
 
 
 @case
+def popsize_two_at_d_500(c):  # pycma's two-point step-size adaptation (d >= 300) failed in tell with a traceback
+    return c.tune("--popsize", "2", "--d", "500"), "popsize 2 is too small for CMA-ES at d = 500"
+
+
+@case
 def p_out_of_range(c):
     return c.tune("--p", "1.5"), "p must be in (0, 1), got 1.5"
 

@@ -211,3 +211,28 @@ def test_runs_leave_numpys_global_random_state_alone(eigen):
     after = np.random.get_state()
     assert before[2:] == after[2:] and np.array_equal(before[1], after[1])
     assert np.random.randint.__self__ is np.random.mtrand._rand  # the check's swap is undone
+
+
+@pytest.mark.parametrize("d, pop, ok", [(299, 2, True), (300, 2, False), (500, 3, True)])
+def test_smallest_population_the_config_allows_runs(d, pop, ok):
+    """The config's pop-2 refusal follows pycma: two-point step-size adaptation from d = 300 on spends two
+    candidates a generation (its tell fails at pop 2); below that, and at pop 3 above it, CMA-ES runs."""
+    if not ok:
+        with pytest.raises(ConfigError, match="popsize 2 is too small for CMA-ES"):
+            build_config(None, popsize=pop, d=d, budget=40)
+        with pytest.raises(ValueError, match="unused injected direction"):  # what the refusal spares a user
+            _run_generations(CMAES(d, pop, 1.0, 3), 3)
+        return
+    build_config(None, popsize=pop, d=d, budget=40)
+    opt = CMAES(d, pop, 1.0, 3)
+    fit = _run_generations(opt, 6)
+    assert np.all(np.isfinite(fit)) and opt.es.countiter == 6
+
+
+def _run_generations(opt, n):
+    fit = None
+    for _ in range(n):
+        z = opt.ask()
+        fit = np.sum(z ** 2, axis=1)
+        opt.tell(z, fit)
+    return fit
