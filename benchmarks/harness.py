@@ -32,6 +32,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from cliptune_ort import bench
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SPLADE = ROOT / "cliptune_ort" / "assets" / "models" / "splade-tiny"
@@ -137,37 +139,14 @@ def wait_for_quiet(max_load: float = 1.5, timeout_s: float = 900.0, poll_s: floa
 
 def time_calls(fn: Callable[[], Any], warmup: int = 1, min_iters: int = 3, max_iters: int = 50,
                max_seconds: float = 30.0) -> list[float]:
-    """Seconds per call of ``fn``: warm-up calls untimed, then timed calls (see module docstring)."""
-    for _ in range(warmup):
-        fn()
-    samples: list[float] = []
-    spent = 0.0
-    while len(samples) < max_iters and (len(samples) < min_iters or spent < max_seconds):
-        t0 = time.perf_counter()
-        fn()
-        dt = time.perf_counter() - t0
-        samples.append(dt)
-        spent += dt
-    return samples
+    """Seconds per call of ``fn``: warm-up calls untimed, then timed calls (see module docstring); the
+    package's own timer (``cliptune bench`` uses it too)."""
+    return bench.time_calls(fn, warmup=warmup, min_calls=min_iters, max_calls=max_iters, seconds=max_seconds)
 
 
-def percentile(samples: list[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default), q in [0, 100]."""
-    return float(np.percentile(np.asarray(samples, dtype=np.float64), q))
-
-
-def summarize(samples: list[float], items_per_call: float | None = None, item: str = "examples") -> dict[str, Any]:
-    """n, p50/p90/p99/mean/min/max/std in ms, and throughput (items per second at the p50)."""
-    s = np.asarray(samples, dtype=np.float64)
-    out: dict[str, Any] = {"n": int(s.size)}
-    for name, v in (("p50", percentile(samples, 50)), ("p90", percentile(samples, 90)),
-                    ("p99", percentile(samples, 99)), ("mean", float(s.mean())), ("min", float(s.min())),
-                    ("max", float(s.max())), ("std", float(s.std()))):
-        out[f"{name}_ms"] = round(v * 1e3, 3)
-    out["calls_per_s"] = round(1.0 / float(np.median(s)), 3)
-    if items_per_call:
-        out[f"{item}_per_s"] = round(items_per_call / float(np.median(s)), 2)
-    return out
+#: linear-interpolated percentile; n, p50/p90/p99/mean/min/max/std in ms and throughput (the package's own)
+percentile = bench.percentile
+summarize = bench.summarize
 
 
 def peak_rss_mb() -> float:

@@ -1,4 +1,4 @@
-"""The ``cliptune`` command: export | tune | eval | predict | deploy | env.
+"""The ``cliptune`` command: export | tune | bench | eval | predict | deploy | env.
 
 Every deliberate error is a :class:`CliptuneError`: printed as one line, exit status 2.
 """
@@ -131,6 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--force-resume", action="store_true", help="resume even if settings or model differ")
     t.add_argument("--overwrite", action="store_true", help="delete an existing run in --out first")
     t.add_argument("--quiet", action="store_true", help="no progress output")
+
+    b = sub.add_parser("bench", help="time a tune's generations on this machine (p50/p90/p99, the projected run "
+                                     "time) without tuning; same settings as tune")
+    _add_tune_args(b)
+    b.add_argument("--pops", default=None, help="population sizes to time, comma-separated (default: 1 and the "
+                                                "run's popsize)")
+    b.add_argument("--seconds", type=float, default=None, help="seconds of timed calls per part (default 3)")
+    b.add_argument("--min-calls", type=int, default=None, help="timed calls per part, at least (default 5)")
+    b.add_argument("--max-calls", type=int, default=None, help="timed calls per part, at most (default 1000)")
+    b.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 2)")
+    b.add_argument("--out", help="result file (default runs/bench_<task>_<method>_<device>.json; a .md beside it)")
+    b.add_argument("--quiet", action="store_true", help="no progress lines")
 
     v = sub.add_parser("eval", help="evaluate a run's best prompt on a split with the full network")
     v.add_argument("run_dir")
@@ -280,6 +292,34 @@ def _print_result(res: dict, out: Path) -> None:
     print(json.dumps(line))
 
 
+def cmd_bench(a) -> int:
+    from . import bench
+    from .config import build_config
+    from .fileio import atomic_write_json, atomic_write_text
+
+    cfg = build_config(a.config, **{k: getattr(a, k) for k in _TUNE_KEYS if k != "config"})
+    pops = bench.parse_pops(a.pops) if a.pops else sorted({1, cfg.popsize})
+    if a.out and (Path(a.out).suffix != ".json" or Path(a.out).is_dir()):
+        raise ConfigError(f"--out {a.out}: expected a .json file path (the table goes beside it as .md)")
+
+    def log(msg: str) -> None:
+        if not a.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    opts = {k: v for k, v in (("seconds", a.seconds), ("min_calls", a.min_calls), ("max_calls", a.max_calls),
+                              ("warmup", a.warmup)) if v is not None}
+    res = bench.run_bench(cfg, pops, log=log, **opts)
+    out = Path(a.out) if a.out else Path("runs") / f"bench_{cfg.task}_{cfg.method}_{res['device']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, res)
+    atomic_write_text(out.with_suffix(".md"), bench.markdown(res))
+    proj = res["projected_tune_s"]
+    print(json.dumps({"out": str(out), "provider": res["provider"],
+                      "generation_p50_ms": {p: g["p50_ms"] for p, g in res["generation"].items()},
+                      "projected_tune_s": proj["total"] if proj else None}))
+    return 0
+
+
 def cmd_eval(a) -> int:
     from .predict import evaluate_run
 
@@ -346,8 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     from .native import run_build
 
-    handlers = {"export": cmd_export, "tune": cmd_tune, "eval": cmd_eval, "predict": cmd_predict, "env": cmd_env,
-                "deploy": cmd_deploy, "build-ops": run_build}
+    handlers = {"export": cmd_export, "tune": cmd_tune, "bench": cmd_bench, "eval": cmd_eval, "predict": cmd_predict,
+                "env": cmd_env, "deploy": cmd_deploy, "build-ops": run_build}
     debug = bool(os.environ.get("CLIPTUNE_DEBUG"))
 
     def error(msg: str) -> None:
