@@ -157,8 +157,8 @@ def run_bench(cfg: TuneConfig, pops: list[int] | tuple[int, ...] = DEFAULT_POPS,
             out["losses"][str(pop)] = [float(f) for f in first]
             say(f"bench: pop {pop}: p50 {st['p50_ms']:.3f} ms, p90 {st['p90_ms']:.3f}, p99 {st['p99_ms']:.3f} "
                 f"({st['n']} calls; {st['candidates_per_s']:.1f} candidates/s)")
-        eigen = eigen_mode(cfg, eng.provider, None)
-        opt = make_optimizer(cfg.optimizer, cfg.d, cfg.popsize, cfg.sigma0, cfg.seed, eigen)
+        eigen = eigen_mode(cfg, eng.provider, None) if cfg.optimizer == "cma" else None
+        opt = make_optimizer(cfg.optimizer, cfg.d, cfg.popsize, cfg.sigma0, cfg.seed, eigen or "sync")
         rng = np.random.default_rng([cfg.seed, 1])
         try:
             def ask_tell():
@@ -173,8 +173,8 @@ def run_bench(cfg: TuneConfig, pops: list[int] | tuple[int, ...] = DEFAULT_POPS,
         say(f"bench: {cfg.optimizer} ask+tell (d {cfg.d}, pop {cfg.popsize}): p50 {st['p50_ms']:.3f} ms, "
             f"p99 {st['p99_ms']:.3f}")
         z1 = np.random.default_rng([cfg.seed, 0]).standard_normal((1, cfg.d)) * cfg.sigma0
-        st = summarize(time_calls(lambda: evaluate(ws, ws.prompts(z1), ws.dev), warmup, min_calls,
-                                  max(min_calls, max_calls // 10), seconds), ws.dev.n)
+        st = summarize(time_calls(lambda: evaluate(ws, ws.prompts(z1), ws.dev), warmup, min_calls, max_calls,
+                                  seconds), ws.dev.n)
         out["dev_eval"] = st
         say(f"bench: one dev evaluation ({ws.dev.n} rows): p50 {st['p50_ms']:.3f} ms")
         out["projected_tune_s"] = _project(cfg, out, graphs, ws.test.n if ws.test is not None else 0, ws.dev.n)
