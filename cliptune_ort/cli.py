@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--pops", default=None, help="population sizes to time, comma-separated (default: 1 and the "
                                                 "run's popsize)")
     b.add_argument("--seconds", type=float, default=None, help="seconds of timed calls per part (default 3)")
-    b.add_argument("--min-calls", type=int, default=None, help="timed calls per part, at least (default 5)")
+    b.add_argument("--min-calls", type=int, default=None, help="timed calls per part, at least (default 10)")
     b.add_argument("--max-calls", type=int, default=None, help="timed calls per part, at most (default 1000)")
     b.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 2)")
     b.add_argument("--out", help="result file (default runs/bench_<task>_<method>_<device>.json; a .md beside it)")
