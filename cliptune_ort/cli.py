@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--min-calls", type=int, default=None, help="timed calls per part, at least (default 10)")
     b.add_argument("--max-calls", type=int, default=None, help="timed calls per part, at most (default 1000)")
     b.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 2)")
-    b.add_argument("--out", help="result file (default runs/bench_<task>_<method>_<device>.json; a .md beside it)")
+    b.add_argument("--out", help="result file, or a folder for the default name (default runs/bench_<task>_<method>_"
+                                 "<device>.json; a .md beside it)")
     b.add_argument("--quiet", action="store_true", help="no progress lines")
 
     v = sub.add_parser("eval", help="evaluate a run's best prompt on a split with the full network")
@@ -299,8 +300,9 @@ def cmd_bench(a) -> int:
 
     cfg = build_config(a.config, **{k: getattr(a, k) for k in _TUNE_KEYS if k != "config"})
     pops = bench.parse_pops(a.pops) if a.pops else sorted({1, cfg.popsize})
-    if a.out and (Path(a.out).suffix != ".json" or Path(a.out).is_dir()):
-        raise ConfigError(f"--out {a.out}: expected a .json file path (the table goes beside it as .md)")
+    into = a.out is not None and (Path(a.out).is_dir() or a.out.endswith(("/", os.sep)))  # a folder: default name
+    if a.out and not into and Path(a.out).suffix != ".json":
+        raise ConfigError(f"--out {a.out}: expected a .json file path (the table goes beside it as .md) or a folder")
 
     def log(msg: str) -> None:
         if not a.quiet:
@@ -309,7 +311,8 @@ def cmd_bench(a) -> int:
     opts = {k: v for k, v in (("seconds", a.seconds), ("min_calls", a.min_calls), ("max_calls", a.max_calls),
                               ("warmup", a.warmup)) if v is not None}
     res = bench.run_bench(cfg, pops, log=log, **opts)
-    out = Path(a.out) if a.out else Path("runs") / f"bench_{cfg.task}_{cfg.method}_{res['device']}.json"
+    name = f"bench_{cfg.task}_{cfg.method}_{res['device']}.json"
+    out = Path(a.out) / name if into else Path(a.out) if a.out else Path("runs") / name
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, res)
     atomic_write_text(out.with_suffix(".md"), bench.markdown(res))

@@ -133,3 +133,25 @@ def test_bench_bad_input_is_one_line(args, expected, capsys, tmp_path, monkeypat
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and expected in err[0] and err[0].startswith("cliptune: error:")
     assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()
+
+
+@needs_export
+def test_bench_script_for_the_card_writes_into_a_folder(splade_dir, tmp_path):
+    """benchmarks/cliptune_bench.py (the GPU machine: gpu_run.sh puts ``--out $OUT``, a folder, first) and
+    ``python -m cliptune_ort``."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, str(root / "benchmarks" / "cliptune_bench.py"), "--out", str(tmp_path),
+                        "--model-dir", str(splade_dir), "--method", "bbt", "--popsize", "4", "--budget", "8",
+                        "--device", "cpu", "--seconds", "0", "--min-calls", "1", "--max-calls", "1", "--warmup", "1",
+                        "--quiet"], capture_output=True, text=True, timeout=300, check=False)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads((tmp_path / "bench_sst2_bbt_cpu.json").read_text())
+    assert json.loads(p.stdout.strip().splitlines()[-1])["out"] == str(tmp_path / "bench_sst2_bbt_cpu.json")
+    assert res["provider"] == "CPUExecutionProvider" and (tmp_path / "bench_sst2_bbt_cpu.md").is_file()
+    h = subprocess.run([sys.executable, "-m", "cliptune_ort", "bench", "--help"], capture_output=True, text=True,
+                       timeout=120, check=False)
+    assert h.returncode == 0 and "--pops" in h.stdout
