@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from .config import TuneConfig
-from .errors import ConfigError
+from .errors import ConfigError, NumericError
 
 #: what one bench times by default
 DEFAULT_POPS = (1, 20)
@@ -148,7 +148,8 @@ def run_bench(cfg: TuneConfig, pops: list[int] | tuple[int, ...] = DEFAULT_POPS,
             first = generation()
             first_ms = (time.perf_counter() - t0) * 1e3
             if not np.all(np.isfinite(first)):
-                raise ConfigError(f"pop {pop}: the losses are not finite ({first[:4]}): check the model dir")
+                raise NumericError(f"expected finite losses, found {first[~np.isfinite(first)][:4]} at pop {pop}: lower "
+                                   "--sigma0 or check the model dir")
             samples = time_calls(generation, warmup - 1, min_calls, max_calls, seconds)
             st = summarize(samples, pop, "candidates")
             st["forward_passes_per_s"] = round(pop * graphs / (st["p50_ms"] / 1e3), 1)

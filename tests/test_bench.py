@@ -155,3 +155,12 @@ def test_bench_script_for_the_card_writes_into_a_folder(splade_dir, tmp_path):
     h = subprocess.run([sys.executable, "-m", "cliptune_ort", "bench", "--help"], capture_output=True, text=True,
                        timeout=120, check=False)
     assert h.returncode == 0 and "--pops" in h.stdout
+
+
+@needs_export
+def test_bench_stops_on_non_finite_losses(bench_cfg, monkeypatch):
+    from cliptune_ort import tuner
+
+    monkeypatch.setattr(tuner, "score", lambda ws, prompts: np.full(prompts.shape[0], np.nan))
+    with pytest.raises(bench.NumericError, match=r"expected finite losses, found \[nan\] at pop 1"):
+        bench.run_bench(bench_cfg, pops=[1], seconds=0.0, min_calls=1, max_calls=1, warmup=1)
