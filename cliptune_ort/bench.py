@@ -120,10 +120,10 @@ def run_bench(cfg: TuneConfig, pops: list[int] | tuple[int, ...] = DEFAULT_POPS,
     setup_s = time.perf_counter() - t_start
     eng, man = ws.engine, ws.manifest
     try:
-        graphs = len(ws.graphs_train) if cfg.method == "clip" and cfg.mixture != "assign" else 1
-        tokens = int(sum(int(f["attention_mask"].sum()) for _, f in ws.train.parts))
+        tokens = int(ws.train.enc.lengths.sum())
         say(f"bench: {cfg.task} {cfg.method} on {eng.provider} ({man.precision}, {eng.device}); set-up "
-            f"{setup_s:.2f} s; {ws.train.n} train rows, {tokens} tokens, {graphs} graph(s) per candidate")
+            f"{setup_s:.2f} s; {ws.train.n} train rows, {tokens} tokens")
+        graphs = 1  # forward passes per candidate, as the engine counts them in the first call
         out: dict[str, Any] = {
             "benchmark": "cliptune bench", "cliptune_ort": __version__, "task": cfg.task, "method": cfg.method,
             "k": cfg.k if cfg.method == "clip" else 0, "mixture": cfg.mixture if cfg.method == "clip" else None,
@@ -131,11 +131,10 @@ def run_bench(cfg: TuneConfig, pops: list[int] | tuple[int, ...] = DEFAULT_POPS,
             "budget_unit": cfg.budget_unit, "model_dir": str(man.root), "precision": man.precision,
             "packed": bool(man.packed), "device": eng.device, "provider": eng.provider,
             "cuda_graph": bool(eng.cuda_graph), "train_rows": ws.train.n, "train_tokens": tokens,
-            "padded_fraction": round(float(ws.train.padded_fraction), 4), "graphs_per_candidate": graphs,
+            "padded_fraction": round(float(ws.train.padded_fraction), 4),
             "plan": plan, "setup_s": round(setup_s, 4), "setup_by_phase_s": ws.setup_seconds,
             "session_open_s": eng.open_wall_seconds,
-            "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                        "processor": platform.processor() or platform.machine()},
+            "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine()},
             "versions": versions(), "generation": {}, "losses": {}}
         for pop in pops:
             # the candidates CMA-ES's first generation would draw (x0 = 0, sigma0), the same every bench
@@ -144,9 +143,10 @@ def run_bench(cfg: TuneConfig, pops: list[int] | tuple[int, ...] = DEFAULT_POPS,
             def generation(z=z):
                 return score(ws, ws.prompts(z))
 
-            t0 = time.perf_counter()
+            t0, passes0 = time.perf_counter(), eng.forward_passes
             first = generation()
             first_ms = (time.perf_counter() - t0) * 1e3
+            graphs = (eng.forward_passes - passes0) // pop
             if not np.all(np.isfinite(first)):
                 raise NumericError(f"expected finite losses, found {first[~np.isfinite(first)][:4]} at pop {pop}: lower "
                                    "--sigma0 or check the model dir")
@@ -159,6 +159,7 @@ def run_bench(cfg: TuneConfig, pops: list[int] | tuple[int, ...] = DEFAULT_POPS,
             out["losses"][str(pop)] = [float(f) for f in first]
             say(f"bench: pop {pop}: p50 {st['p50_ms']:.3f} ms, p90 {st['p90_ms']:.3f}, p99 {st['p99_ms']:.3f} "
                 f"({st['n']} calls; {st['candidates_per_s']:.1f} candidates/s)")
+        out["graphs_per_candidate"] = graphs
         eigen = eigen_mode(cfg, eng.provider, None) if cfg.optimizer == "cma" else None
         opt = make_optimizer(cfg.optimizer, cfg.d, cfg.popsize, cfg.sigma0, cfg.seed, eigen or "sync")
         rng = np.random.default_rng([cfg.seed, 1])

@@ -73,6 +73,11 @@ _TUNE_KEYS = ("task", "method", "optimizer", "cma_eigen", "seed", "model_dir", "
               "cands_per_call", "iobinding", "cuda_graph", "n_buckets", "threads", "workers", "max_len", "template", "verbalizer", "verbalizer_policy")
 
 
+def _tune_flags(a) -> dict:
+    """The tune settings given on the command line (None where not given), for ``build_config``."""
+    return {k: getattr(a, k) for k in _TUNE_KEYS}
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .manifest import PACKED_FRONTS, PACKED_KERNELS, PROMPT_DTYPES, Q_BIAS_PLACES
 
@@ -262,7 +267,7 @@ def cmd_tune(a) -> int:
     from .config import build_config
     from .tuner import RunInterrupted, tune
 
-    flags = {k: getattr(a, k) for k in _TUNE_KEYS if k != "config"}
+    flags = _tune_flags(a)
     cfg = build_config(a.config, **flags)
     out = Path(a.out) if a.out else _default_run_dir(cfg)
     if a.resume and (out / "config.json").is_file():
@@ -298,7 +303,7 @@ def cmd_bench(a) -> int:
     from .config import build_config
     from .fileio import atomic_write_json, atomic_write_text
 
-    cfg = build_config(a.config, **{k: getattr(a, k) for k in _TUNE_KEYS if k != "config"})
+    cfg = build_config(a.config, **_tune_flags(a))
     pops = bench.parse_pops(a.pops) if a.pops else sorted({1, cfg.popsize})
     into = a.out is not None and (Path(a.out).is_dir() or a.out.endswith(("/", os.sep)))  # a folder: default name
     if a.out and not into and Path(a.out).suffix != ".json":
