@@ -121,11 +121,11 @@ def run_bench(cfg: TuneConfig, pops: list[int] | tuple[int, ...] = DEFAULT_POPS,
     eng, man = ws.engine, ws.manifest
     try:
         tokens = int(ws.train.enc.lengths.sum())
-        say(f"bench: {cfg.task} {cfg.method} on {eng.provider} ({man.precision}, {eng.device}); set-up "
+        say(f"bench: {ws.task.name} {cfg.method} on {eng.provider} ({man.precision}, {eng.device}); set-up "
             f"{setup_s:.2f} s; {ws.train.n} train rows, {tokens} tokens")
         graphs = 1  # forward passes per candidate, as the engine counts them in the first call
         out: dict[str, Any] = {
-            "benchmark": "cliptune bench", "cliptune_ort": __version__, "task": cfg.task, "method": cfg.method,
+            "benchmark": "cliptune bench", "cliptune_ort": __version__, "task": ws.task.name, "method": cfg.method,
             "k": cfg.k if cfg.method == "clip" else 0, "mixture": cfg.mixture if cfg.method == "clip" else None,
             "seed": cfg.seed, "d": cfg.d, "popsize": cfg.popsize, "budget": cfg.budget,
             "budget_unit": cfg.budget_unit, "model_dir": str(man.root), "precision": man.precision,

@@ -31,7 +31,9 @@ class _Parser(argparse.ArgumentParser):
 def _add_tune_args(p: argparse.ArgumentParser) -> None:
     from .config import BUDGET_UNITS, CMA_EIGEN, METHODS, MIXTURES, OPTIMIZERS
 
-    p.add_argument("--task", help="task name (default sst2): sst2, yelp_polarity, ag_news, dbpedia, mrpc, rte, snli")
+    p.add_argument("--task", help="task name (default sst2): sst2, yelp_polarity, ag_news, dbpedia, mrpc, rte, snli; "
+                                  "or your own task's file (*.json: template, verbalizer, train file; README, 'Your "
+                                  "own task')")
     p.add_argument("--method", choices=METHODS, help="clip (default) | bbt | manual")
     p.add_argument("--optimizer", choices=OPTIMIZERS, help="cma (default) | random")
     p.add_argument("--cma-eigen", choices=CMA_EIGEN, help="when CMA-ES's eigendecomposition runs: sync (pycma's "
@@ -179,8 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _task_name(cfg) -> str:
+    """The task's name (a task file's ``name``, not its path) for default file names."""
+    from .tasks import get_task
+
+    return get_task(cfg.task).name
+
+
 def _default_run_dir(cfg) -> Path:
-    return Path("runs") / f"{cfg.task}_{cfg.method}_seed{cfg.seed}"
+    return Path("runs") / f"{_task_name(cfg)}_{cfg.method}_seed{cfg.seed}"
 
 
 def _check_export_source(model: str, out: str, random_init: bool, tokenizer: str | None = None) -> None:
@@ -274,7 +283,7 @@ def cmd_tune(a) -> int:
         # resume with the run's own settings; flags given now override them (and are checked)
         from .predict import read_run_config
 
-        base = read_run_config(out)
+        base = read_run_config(out, check_task_file=False)  # tune() compares a task file's digest itself
         if a.config is not None:
             base.update(json.loads(Path(a.config).read_text(encoding="utf-8")))
         cfg = build_config(None, **{**base, **{k: v for k, v in flags.items() if v is not None}})
@@ -316,7 +325,7 @@ def cmd_bench(a) -> int:
     opts = {k: v for k, v in (("seconds", a.seconds), ("min_calls", a.min_calls), ("max_calls", a.max_calls),
                               ("warmup", a.warmup)) if v is not None}
     res = bench.run_bench(cfg, pops, log=log, **opts)
-    name = f"bench_{cfg.task}_{cfg.method}_{res['device']}.json"
+    name = f"bench_{_task_name(cfg)}_{cfg.method}_{res['device']}.json"
     out = Path(a.out) / name if into else Path(a.out) if a.out else Path("runs") / name
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, res)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .tasks import is_task_file, task_file_sha256
 
 METHODS = ("clip", "bbt", "manual")
 OPTIMIZERS = ("cma", "random")
@@ -24,7 +25,7 @@ DEVICES = ("auto", "cpu", "cuda")
 
 @dataclass
 class TuneConfig:
-    task: str = "sst2"  # task name from the task table (cliptune_ort.tasks)
+    task: str = "sst2"  # task name from the task table (cliptune_ort.tasks), or a task file's path (*.json)
     method: str = "clip"  # clip: K thinned nets | bbt: full network only | manual: no soft prompt
     optimizer: str = "cma"  # cma (CMA-ES, the `cma` package) | random (Gaussian local random search)
     # when CMA-ES's eigendecomposition runs: sync (pycma's schedule, in the ask where it falls due) | ahead (on a
@@ -80,6 +81,8 @@ class TuneConfig:
         another machine); a resume compares the export's fingerprint (export id and sha256s) instead.
         """
         d = self.to_dict()
+        if is_task_file(self.task):  # a task file's content defines the run, not only its path
+            d["task_file_sha256"] = task_file_sha256(self.task)
         # cma_eigen is left out too: a resume continues with the schedule its checkpoint records (tuner.eigen_mode)
         for k in ("device", "threads", "workers", "checkpoint_every", "plot", "eval_chunk", "iobinding",
                   "cuda_graph", "model_dir", "cma_eigen"):
@@ -132,6 +135,10 @@ def _coerce(name: str, value: Any) -> Any:
         return v
     if not isinstance(value, str):
         raise ConfigError(f"{name} must be a string, got {value!r:.80}")
+    if name == "task" and is_task_file(value):  # a task file: kept as an absolute path (a run dir may be used elsewhere)
+        if "\0" in value:
+            raise ConfigError(f"task must be a task name or a task file's path, got {value!r:.80}")
+        return str(Path(value).expanduser().resolve())
     return value
 
 
@@ -191,6 +198,9 @@ def validate(cfg: TuneConfig) -> None:
         get_task(cfg.task)
     except TaskError as e:
         raise ConfigError(str(e)) from None
+    if is_task_file(cfg.task) and cfg.data_dir is not None:
+        raise ConfigError(f"data_dir does not apply to task file {cfg.task}: its data paths are relative to the "
+                          "file's folder; drop --data-dir")
     _choice("method", cfg.method, METHODS)
     _choice("optimizer", cfg.optimizer, OPTIMIZERS)
     _choice("cma_eigen", cfg.cma_eigen, CMA_EIGEN)

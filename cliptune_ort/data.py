@@ -8,7 +8,9 @@ Few-shot protocol (BBT, Sun et al. 2022; LM-BFF style): a seed shuffles the full
 order, the first ``per_class`` examples of each label are train and the next ``per_class`` of each label are
 dev (:func:`bbt_sample`). Tasks whose full train split is not offline (ag_news, dbpedia, yelp_polarity) use
 the fixed RLPrompt splits ``fewshot_rlprompt/<per_class>-<seed>/{train,dev}.jsonl`` instead. The test split
-is the task's original evaluation split (``TaskSpec.local_test`` / ``TaskSpec.hub_test_split``).
+is the task's original evaluation split (``TaskSpec.local_test`` / ``TaskSpec.hub_test_split``). A task file
+(``--task my_task.json``) names its own files, relative to itself: a train file sampled as above, or train and
+dev files used whole (``fewshot == "given"``); its rows' labels may be label names.
 
 Only numpy is imported at module load; ``datasets`` is imported lazily by :func:`load_hub_split`.
 """
@@ -118,9 +120,11 @@ def _parse_line(path: Path, lineno: int, line: str) -> Any:
 
 
 def _read_jsonl(
-    path: Path, n_labels: int | None, pair: bool, drop_labels: Collection[int]
+    path: Path, n_labels: int | None, pair: bool, drop_labels: Collection[int],
+    label_names: Sequence[str] | None = None,
 ) -> tuple[list[dict[str, Any]], int]:
     """:func:`read_jsonl`'s work; also returns how many rows were dropped (label in drop_labels)."""
+    label_ids = {n: i for i, n in enumerate(label_names)} if label_names else {}
     if not path.is_file():
         raise DataError(f"{path}: data file not found; expected a JSON Lines file there (pass --data-dir "
                         "pointing at a folder with one sub-folder per task)")
@@ -153,10 +157,15 @@ def _read_jsonl(
             raise DataError(f"{path}:{lineno}: expected a JSON object per line, found a JSON "
                             f"{type(row).__name__}; write one {{\"text\": ..., \"label\": ...}} object per line")
         label = row.get("label")
+        if type(label) is str and label_ids:  # a label name: its id
+            if label not in label_ids:
+                raise DataError(f"{path}:{lineno}: expected a label id or one of the label names "
+                                f"{list(label_ids)}, found {label!r:.60}; fix the row or the task's label_names")
+            label = row["label"] = label_ids[label]
         if type(label) is not int:  # bool is an int subclass: rejected too
             found = "no 'label' field" if "label" not in row else f"label {label!r}"
             raise DataError(f"{path}:{lineno}: expected an int 'label' field, found {found}; "
-                            "labels must be integer class ids")
+                            "labels must be integer class ids" + (" or label names" if label_ids else ""))
         if label in drop:
             continue
         if n_labels is not None and not 0 <= label < n_labels:
@@ -186,11 +195,13 @@ def read_jsonl(
     n_labels: int | None = None,
     pair: bool = False,
     drop_labels: Collection[int] = (),
+    label_names: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Read and validate a JSON Lines file (``.jsonl``, or gzipped when the name ends in ``.gz``).
 
     Each non-blank line must be a JSON object with a string ``text`` and an int ``label`` (in
-    ``range(n_labels)`` when ``n_labels`` is given), plus a string ``text_b`` when ``pair`` is true. Rows
+    ``range(n_labels)`` when ``n_labels`` is given; with ``label_names``, a label may also be one of those
+    names, and the returned row holds its id), plus a string ``text_b`` when ``pair`` is true. Rows
     whose label is in ``drop_labels`` (SNLI's -1 = no gold label) are skipped. The file must be strict
     UTF-8 and hold at least one row.
 
@@ -207,7 +218,7 @@ def read_jsonl(
             unreadable file, a corrupt gzip stream, non-UTF-8 bytes, a line that is not a JSON object, a
             missing or mistyped field, a label out of range, or an empty file.
     """
-    rows, _ = _read_jsonl(Path(path), n_labels, pair, drop_labels)
+    rows, _ = _read_jsonl(Path(path), n_labels, pair, drop_labels, label_names)
     return rows
 
 
@@ -220,6 +231,11 @@ def _resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path:
 
 
 def _task_dir(spec: TaskSpec, data_dir: str | os.PathLike[str] | None) -> Path:
+    if spec.source_file is not None:  # a task file: its paths are relative to its own folder
+        if data_dir is not None:
+            raise ConfigError(f"--data-dir does not apply to task file {spec.source_file}: its data paths are "
+                              "relative to the file's folder; drop --data-dir")
+        return Path(spec.local_dir)
     folder = _resolve_data_dir(data_dir) / spec.local_dir
     if not folder.is_dir():
         raise DataError(f"task folder {folder} not found; expected the {spec.name} data in "
@@ -229,7 +245,7 @@ def _task_dir(spec: TaskSpec, data_dir: str | os.PathLike[str] | None) -> Path:
 
 def _load_local(spec: TaskSpec, path: Path) -> tuple[list[Example], int]:
     """Examples of one local file of ``spec`` and the number of rows dropped for having no gold label."""
-    rows, dropped = _read_jsonl(path, spec.n_labels, spec.pair, spec.drop_labels)
+    rows, dropped = _read_jsonl(path, spec.n_labels, spec.pair, spec.drop_labels, spec.label_names)
     if not rows:
         raise DataError(f"{path}: expected at least one labelled example, found none (all {dropped} rows "
                         f"have a label in {sorted(spec.drop_labels)}); restore the file")
@@ -289,6 +305,9 @@ def _one_line(e: BaseException, limit: int = 200) -> str:
 
 def _load_hub(spec: TaskSpec, split: str) -> tuple[list[Example], int, str]:
     """Examples of a hub split, rows dropped for having no gold label, and a description of the source."""
+    if not spec.hub_path:
+        raise DataError(f"task file {spec.source_file} names no hub dataset: add \"hub_path\" (and \"hub_text\", "
+                        "\"hub_config\", ...) to it, or use its local files (--data-source local)")
     hub_split = spec.hub_test_split if split == "test" else split
     where = f"hub dataset {spec.hub_path}" + (f"/{spec.hub_config}" if spec.hub_config else "")
     where += f" split {hub_split!r}"
@@ -466,6 +485,25 @@ def _predrawn(spec: TaskSpec, folder: Path, seed: int, per_class: int) -> tuple[
     return train, dev, pdir
 
 
+def _source(spec: TaskSpec, folder: Path, path: Path) -> str:
+    """How ``info`` names a data file: under the data dir for a built-in task, whole for a task file's."""
+    if spec.source_file is not None:
+        return os.path.normpath(path)
+    return path.relative_to(folder.parent).as_posix()
+
+
+def _given(spec: TaskSpec, folder: Path, split: str) -> list[Example]:
+    """A task file's train or dev file, whole; every label must occur (a prompt learns nothing about a label
+    its train set lacks, and dev could not select for it)."""
+    path = folder / (spec.local_train if split == "train" else spec.local_dev)
+    examples = _load_local(spec, path)[0]
+    counts = _counts(examples, spec.n_labels)
+    if not all(counts):
+        raise DataError(f"{path}: expected at least one {split} example of every label, found {counts} (per label "
+                        f"id: {', '.join(spec.label_names)}); add examples of the missing labels")
+    return examples
+
+
 def load_fewshot(
     task_name_or_spec: str | TaskSpec,
     seed: int,
@@ -507,12 +545,18 @@ def load_fewshot(
                     train_note="", test_note=f"hub split {spec.hub_test_split!r}, BBT's test split")
     else:
         folder = _task_dir(spec, data_dir)
-        info.update(data_dir=str(folder.parent), train_note=spec.train_note, test_note=spec.test_note)
+        info.update(data_dir=str(folder if spec.source_file else folder.parent), train_note=spec.train_note,
+                    test_note=spec.test_note)
         if spec.fewshot == "sample":
             path = _split_path(spec, folder, "train")
             pool, dropped = _load_local(spec, path)
             train_idx, dev_idx = bbt_sample_indices([e.label for e in pool], spec.n_labels, seed, per_class)
-            info.update(fewshot="sampled", train_source=path.relative_to(folder.parent).as_posix())
+            info.update(fewshot="sampled", train_source=_source(spec, folder, path))
+        elif spec.fewshot == "given":  # a task file's own train and dev files, used whole
+            train = _given(spec, folder, "train")
+            dev = _given(spec, folder, "dev")
+            info.update(fewshot="given", train_source=_source(spec, folder, folder / spec.local_train),
+                        dev_source=_source(spec, folder, folder / spec.local_dev))
         else:
             train, dev, pdir = _predrawn(spec, folder, seed, per_class)
             info.update(fewshot="predrawn", train_source=pdir.relative_to(folder.parent).as_posix())
@@ -522,7 +566,7 @@ def load_fewshot(
         else:
             test_path = _split_path(spec, folder, "test")
             test = _load_local(spec, test_path)[0]
-            info["test_source"] = test_path.relative_to(folder.parent).as_posix()
+            info["test_source"] = _source(spec, folder, test_path)
 
     if info["fewshot"] == "sampled":
         train = [pool[i] for i in train_idx]

@@ -9,12 +9,14 @@ import numpy as np
 
 from .config import build_config
 from .data import Example
-from .errors import ConfigError
+from .errors import ConfigError, TaskError
+from .tasks import is_task_file, task_file_sha256
 from .tuner import evaluate, prepare
 
 
-def read_run_config(run_dir: str | Path, keep_model_dir: bool = False) -> dict:
-    """The settings a run dir was started with (config.json), as build_config keywords."""
+def read_run_config(run_dir: str | Path, keep_model_dir: bool = False, check_task_file: bool = True) -> dict:
+    """The settings a run dir was started with (config.json), as build_config keywords. A run on a task file
+    is refused (``check_task_file``) where the file has changed since: its prompt was tuned for the old one."""
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.json"
     if not cfg_path.is_file():
@@ -27,6 +29,15 @@ def read_run_config(run_dir: str | Path, keep_model_dir: bool = False) -> dict:
         raise ConfigError(f"{cfg_path} holds a {type(raw).__name__}, expected the JSON object `cliptune tune` writes")
     model_dir = raw.pop("resolved_model_dir", None)
     raw.pop("loss_used", None)
+    digest = raw.pop("task_file_sha256", None)  # a task file's digest when the run started
+    if check_task_file and digest is not None and is_task_file(raw.get("task")):
+        try:
+            now = task_file_sha256(raw["task"])
+        except TaskError as e:
+            raise ConfigError(f"{e}; the run {run_dir} was tuned on it: restore the file there") from None
+        if now != digest:
+            raise ConfigError(f"task file {raw['task']} has changed since run {run_dir} was tuned on it (sha256 "
+                              f"{digest[:12]}..., now {now[:12]}...): restore that file, or tune again")
     if keep_model_dir:
         raw["resolved_model_dir"] = model_dir
     return raw
@@ -57,10 +68,10 @@ def _load_run(run_dir: str | Path, device: str | None):
 
 def evaluate_run(run_dir: str | Path, split: str = "test", device: str | None = None) -> dict:
     """Metric and loss of the run's best prompt on ``split`` with the full network."""
-    cfg, ws, prompt = _load_run(run_dir, device)
+    _, ws, prompt = _load_run(run_dir, device)
     batch = {"train": ws.train, "dev": ws.dev, "test": ws.test}[split]
     if batch is None:
-        raise ConfigError(f"task {cfg.task} has no {split} split offline: pick another --split")
+        raise ConfigError(f"task {ws.task.name} has no {split} split offline: pick another --split")
     return {"run_dir": str(run_dir), "split": split, "metric_name": ws.task.metric, **evaluate(ws, prompt, batch)}
 
 
@@ -76,7 +87,7 @@ def predict(run_dir: str | Path, texts: list[str], texts_b: list[str] | None = N
         return predict_deployed(run_dir, texts, texts_b)
     cfg, ws, prompt = _load_run(run_dir, device)
     if ws.task.pair and (not texts_b or len(texts_b) != len(texts)):
-        raise ConfigError(f"task {cfg.task} classifies text pairs: pass one --text-b per --text")
+        raise ConfigError(f"task {ws.task.name} classifies text pairs: pass one --text-b per --text")
     exs = [Example(t, 0, texts_b[i] if texts_b else None) for i, t in enumerate(texts)]
     enc = ws.ptok.encode(ws.task.template, exs, use_prompt=cfg.method != "manual")
     batch = ws.engine.prepare(enc, 1)

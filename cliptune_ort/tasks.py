@@ -5,6 +5,10 @@ Tasks are data, not classes: one frozen :class:`TaskSpec` per task in :data:`TAS
 candidate is scored (``loss``, ``metric``), where the data comes from (the vendored offline copy under
 ``cliptune_ort/assets/data/<local_dir>`` or the Hugging Face hub) and how the few-shot split is made.
 
+A user's own task is a task file (``*.json``, :func:`load_task_file`), which ``get_task`` reads when given its
+path: the same spec, its data paths relative to the file, its few-shot split drawn by BBT's sampler or given
+whole as train and dev files.
+
 Templates and verbalizers are BBT's (Sun et al., 2022), see DESIGN.md. Label ids follow the Hugging Face
 ``datasets`` conventions (the vendored data uses the same ids; each task's README in the data folder states
 the mapping), and ``verbalizer[i]`` / ``label_names[i]`` belong to label id ``i``.
@@ -12,8 +16,13 @@ the mapping), and ``verbalizer[i]`` / ``label_names[i]`` belong to label id ``i`
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import re
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from cliptune_ort.errors import TaskError
 
@@ -54,8 +63,9 @@ class TaskSpec:
     # Folder name of this task under the data dir (default: cliptune_ort/assets/data).
     local_dir: str
     # How the few-shot train/dev split is made offline: "sample" = BBT's seeded sampler over the full
-    # local train split; "predrawn" = the fixed RLPrompt splits in fewshot_rlprompt/<k>-<seed>/.
-    fewshot: Literal["sample", "predrawn"]
+    # local train split; "predrawn" = the fixed RLPrompt splits in fewshot_rlprompt/<k>-<seed>/;
+    # "given" = a task file's own train and dev files, used whole (local_train and local_dev).
+    fewshot: Literal["sample", "predrawn", "given"]
     # File (under local_dir) holding the train split sampled from; None for predrawn tasks.
     local_train: str | None
     # How the offline few-shot train/dev examples differ from BBT's (partial train file, predrawn
@@ -69,6 +79,10 @@ class TaskSpec:
     pair: bool
     # Label ids of rows that have no gold label and are dropped on load (SNLI's "-" rows are -1).
     drop_labels: tuple[int, ...] = ()
+    # File (under local_dir) holding the dev split, for fewshot "given" only.
+    local_dev: str | None = None
+    # The task file this spec was read from (absolute path); None for the built-in tasks.
+    source_file: str | None = None
 
     def __post_init__(self) -> None:
         """Check the spec is self-consistent (a programming error in the table if not)."""
@@ -89,10 +103,11 @@ class TaskSpec:
                 f"task {self.name!r}: pair={self.pair} disagrees with its template / hub_text_b; "
                 "fix the entry in cliptune_ort/tasks.py"
             )
-        if (self.fewshot == "sample") != (self.local_train is not None):
+        if (self.fewshot != "predrawn") != (self.local_train is not None) or \
+                (self.fewshot == "given") != (self.local_dev is not None):
             raise TaskError(
-                f"task {self.name!r}: fewshot={self.fewshot!r} needs local_train set exactly when "
-                "sampling; fix the entry in cliptune_ort/tasks.py"
+                f"task {self.name!r}: fewshot={self.fewshot!r} needs local_train set exactly when sampling or "
+                "given, and local_dev exactly when given; fix the entry in cliptune_ort/tasks.py"
             )
 
     @property
@@ -272,12 +287,147 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
+def is_task_file(name: object) -> bool:
+    """True when ``name`` names a task file (a path ending in ``.json``) rather than a built-in task."""
+    return isinstance(name, str) and name.lower().endswith(".json")
+
+
 def get_task(name: str) -> TaskSpec:
-    """Return the :class:`TaskSpec` called ``name``; raise :class:`TaskError` for an unknown name."""
+    """Return the :class:`TaskSpec` called ``name``, or read from the task file ``name`` (``*.json``, see
+    :func:`load_task_file`); raise :class:`TaskError` for an unknown name or a bad task file."""
+    if is_task_file(name):
+        return load_task_file(name)
     spec = TASKS.get(name) if isinstance(name, str) else None
     if spec is None:
         raise TaskError(
-            f"unknown task {name!r}: expected one of {', '.join(sorted(TASKS))}; "
-            "pass --task with one of these"
+            f"unknown task {name!r}: expected one of {', '.join(sorted(TASKS))}, or the path of a task file "
+            "(*.json, see the README's 'Your own task'); pass --task with one of these"
         )
     return spec
+
+
+# --------------------------------------------------------------------------------------------- task files
+
+#: Keys of a task file: the required ones, then the optional ones with their defaults.
+TASK_FILE_REQUIRED = ("template", "verbalizer", "train")
+TASK_FILE_OPTIONAL: dict[str, Any] = {
+    "name": None,  # default: the file's name without .json
+    "label_names": None,  # default: the verbalizer words
+    "dev": None,  # a dev file used whole; without it train and dev are sampled from train (BBT's sampler)
+    "test": None,
+    "loss": "ce",
+    "metric": "acc",
+    "hub_path": None, "hub_config": None, "hub_text": "text", "hub_text_b": None, "hub_test_split": "test",
+    "description": "",
+}
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+
+
+def task_file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a task file's bytes (a resume of a run on a task file refuses a changed file)."""
+    if not Path(path).is_file():
+        raise TaskError(f"task file {path} not found; pass --task with the path of an existing task file")
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError as e:
+        raise TaskError(f"task file {path}: cannot be read ({e.strerror or e}); pass --task with the path of an "
+                        "existing task file") from None
+
+
+def load_task_file(path: str | os.PathLike[str]) -> TaskSpec:
+    """Read a task file: your own classification task as data.
+
+    A task file is a JSON object. Required: ``template`` (``<P>``, ``{text}``, optionally ``{text_b}`` for a
+    sentence-pair task, and one ``[MASK]``), ``verbalizer`` (one word per label, in label-id order) and ``train``
+    (a JSON Lines file of ``{"text": ..., "label": ...}`` rows, ``text_b`` too for pairs; labels are ids or
+    label names). Optional: ``name`` (default: the file's stem), ``label_names`` (default: the verbalizer),
+    ``dev`` (a dev file used whole; without it the few-shot train and dev sets are drawn from ``train`` by
+    BBT's seeded sampler, ``per_class`` of each label each), ``test``, ``loss`` ("ce" or "hinge"), ``metric``
+    ("acc" or "f1": binary F1 of label 1), ``hub_*`` (a Hugging Face dataset for ``--data-source hub``) and
+    ``description``. File paths are relative to the task file's folder.
+
+    Raises:
+        TaskError: one line naming the file and the key: unreadable file or JSON, unknown or missing key, a
+            value of the wrong type, a template or verbalizer that does not fit.
+    """
+    p = Path(path).expanduser()
+    where = f"task file {p}"
+    if not p.is_file():
+        raise TaskError(f"{where} not found: expected a JSON task file there (see the README's 'Your own task'); "
+                        "pass --task with its path, or a built-in task name")
+    try:
+        raw = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise TaskError(f"{where}: cannot be read as UTF-8 text ({e}); fix the file") from None
+    except json.JSONDecodeError as e:
+        raise TaskError(f"{where}: expected a JSON object, found invalid JSON ({e.msg} at line {e.lineno}, column "
+                        f"{e.colno}); fix the file") from None
+    if not isinstance(raw, dict):
+        raise TaskError(f"{where}: expected a JSON object, found a JSON {type(raw).__name__}; write "
+                        '{"template": ..., "verbalizer": [...], "train": ...}')
+    unknown = sorted(set(raw) - set(TASK_FILE_REQUIRED) - set(TASK_FILE_OPTIONAL))
+    if unknown:
+        raise TaskError(f"{where}: unknown key(s) {unknown}; expected keys from "
+                        f"{list(TASK_FILE_REQUIRED) + list(TASK_FILE_OPTIONAL)}")
+    missing = [k for k in TASK_FILE_REQUIRED if k not in raw]
+    if missing:
+        raise TaskError(f"{where}: missing key(s) {missing}; a task file needs a template, a verbalizer (one word "
+                        "per label) and a train file")
+    v = {**TASK_FILE_OPTIONAL, **raw}
+
+    def text(key: str, optional: bool = False) -> str | None:
+        val = v[key]
+        if optional and val is None:
+            return None
+        if not isinstance(val, str) or (not val.strip() and key != "description"):
+            raise TaskError(f"{where}: {key!r} must be a non-empty string{' or null' if optional else ''}, found "
+                            f"{val!r:.60}")
+        return val
+
+    def words(key: str) -> tuple[str, ...]:
+        val = v[key]
+        if not isinstance(val, list) or not all(isinstance(w, str) and w.strip() for w in val):
+            raise TaskError(f"{where}: {key!r} must be a list of non-empty strings (one per label, in label-id "
+                            f"order), found {val!r:.80}")
+        if len(set(val)) != len(val):
+            raise TaskError(f"{where}: {key!r} has repeated entries {val!r:.80}; give each label its own")
+        return tuple(val)
+
+    name = text("name", optional=True) or p.name[: -len(".json")]
+    if not _NAME_RE.match(name) or name in TASKS:
+        raise TaskError(f"{where}: name {name!r} must be 1-64 letters, digits, '_', '-' or '.' and not a built-in "
+                        f"task's ({', '.join(sorted(TASKS))}); set \"name\" in the file")
+    verbalizer = words("verbalizer")
+    label_names = words("label_names") if v["label_names"] is not None else verbalizer
+    for key, options in (("loss", ("ce", "hinge")), ("metric", ("acc", "f1"))):
+        if v[key] not in options:
+            raise TaskError(f"{where}: {key!r} must be one of {', '.join(options)}, found {v[key]!r:.40}")
+    if v["metric"] == "f1" and len(label_names) != 2:
+        raise TaskError(f"{where}: metric 'f1' is binary F1 of label 1, but the task has {len(label_names)} labels; "
+                        "use metric 'acc'")
+    template = text("template")
+    pair = "{text_b}" in template
+    hub_path = text("hub_path", optional=True)
+    hub_text_b = text("hub_text_b", optional=True)
+    if hub_path is not None and pair != (hub_text_b is not None):
+        raise TaskError(f"{where}: a pair task's template ({{text_b}}) needs 'hub_text_b' with 'hub_path', and a "
+                        "single-text task none; fix the file")
+    files = {key: text(key, optional=key != "train") for key in ("train", "dev", "test")}
+    folder = p.resolve().parent
+    rel = {key: None if f is None else os.path.relpath((folder / Path(f).expanduser()).resolve(), folder)
+           for key, f in files.items()}
+    try:
+        return TaskSpec(
+            name=name, template=template, verbalizer=verbalizer, label_names=label_names, loss=v["loss"],
+            metric=v["metric"], hub_path=hub_path or "", hub_config=text("hub_config", optional=True),
+            hub_text=text("hub_text"), hub_text_b=hub_text_b if hub_path is not None else (
+                "text_b" if pair else None),
+            hub_test_split=text("hub_test_split"), local_dir=str(folder),
+            fewshot="given" if rel["dev"] is not None else "sample", local_train=rel["train"],
+            train_note=f"task file {p.resolve()}" + (": train and dev files used whole" if rel["dev"] else ""),
+            local_test=rel["test"], local_dev=rel["dev"],
+            test_note=f"{files['test']} (task file)" if rel["test"] else
+            f"no test file in {p.name}; add \"test\" to the task file to report test metrics",
+            pair=pair, source_file=str(p.resolve()))
+    except TaskError as e:
+        raise TaskError(f"{where}: {str(e).split('; fix')[0]}; fix the file") from None

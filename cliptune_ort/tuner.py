@@ -652,7 +652,8 @@ def _tune(cfg: TuneConfig, run_dir: str | Path, resume: bool, overwrite: bool, f
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         locks.append(_lock_run_dir(run_dir))
-        atomic_write_json(run_dir / "config.json", {**cfg.to_dict(),
+        # new_key adds a task file's sha256 to the settings (what a resume compares with)
+        atomic_write_json(run_dir / "config.json", {**cfg.to_dict(), **new_key,
                                                     "resolved_model_dir": str(ws.manifest.root.resolve()),
                                                     "loss_used": ws.loss})
 
@@ -854,7 +855,8 @@ def _finish(ws: Workspace, run_dir: Path, state: dict | None, stop_reason: str |
     wall = time.perf_counter() - t_start + (elapsed0 or 0.0)
     timing["session_run_seconds"] = ws.engine.session_seconds
     result = {
-        "task": cfg.task, "method": cfg.method, "optimizer": cfg.optimizer, "seed": cfg.seed,
+        "task": ws.task.name, "task_file": ws.task.source_file, "method": cfg.method, "optimizer": cfg.optimizer,
+        "seed": cfg.seed,
         "k": cfg.k if cfg.method == "clip" else 0, "mixture": cfg.mixture if cfg.method == "clip" else None,
         "p": ws.manifest.data["p"] if cfg.method == "clip" else None, "loss": ws.loss, "metric": ws.task.metric,
         "train": train, "dev": {**dev, "best_at_calls": state["best_dev_calls"] if state else None},
@@ -883,7 +885,7 @@ def _finish(ws: Workspace, run_dir: Path, state: dict | None, stop_reason: str |
     atomic_write_json(run_dir / "result.json", result)
     if cfg.plot and evals:
         try:
-            plot_convergence(evals, run_dir / "convergence.png", f"{cfg.task} {cfg.method} seed {cfg.seed}")
+            plot_convergence(evals, run_dir / "convergence.png", f"{ws.task.name} {cfg.method} seed {cfg.seed}")
         except ImportError:
             warnings.warn("matplotlib is not installed: no convergence.png", RuntimeWarning, stacklevel=2)
     return result

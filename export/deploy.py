@@ -225,14 +225,11 @@ def _load_run(run_dir: Path, model_dir_override: str | None = None):
     an unpacked export with the run's weights (a run tuned on packed-attention graphs needs one)."""
     from cliptune_ort.config import build_config
     from cliptune_ort.manifest import load_manifest
+    from cliptune_ort.predict import read_run_config
     from cliptune_ort.tuner import prepare
 
-    cfg_path = run_dir / "config.json"
-    if not run_dir.is_dir() or not cfg_path.is_file():
-        raise ConfigError(f"{run_dir} has no config.json: expected a run dir written by `cliptune tune`")
-    raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+    raw = read_run_config(run_dir, keep_model_dir=True)
     model_dir = raw.pop("resolved_model_dir", None)
-    raw.pop("loss_used", None)
     raw["device"] = "cpu"
     raw["plot"] = False
     cfg = build_config(**raw)

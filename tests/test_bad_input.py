@@ -306,8 +306,23 @@ def data_label_out_of_range(c):
 
 @case
 def data_label_not_an_int(c):
-    rows = [{"text": "x", "label": "positive"}]
-    return c.tune("--data-dir", str(c.data(test=rows))), "expected an int 'label' field, found label 'positive'"
+    rows = [{"text": "x", "label": 1.0}]  # a label name is taken (its id), a float is not
+    return c.tune("--data-dir", str(c.data(test=rows))), ("expected an int 'label' field, found label 1.0; labels "
+                                                          "must be integer class ids or label names")
+
+
+@case
+def data_label_not_a_label_name(c):
+    rows = [{"text": "x", "label": "pos"}]
+    return c.tune("--data-dir", str(c.data(test=rows))), ("validation.jsonl:1: expected a label id or one of the label "
+                                                          "names ['negative', 'positive'], found 'pos'")
+
+
+@case
+def task_file_without_a_verbalizer(c):
+    f = c.tmp / "mine.json"
+    f.write_text('{"template": "<P> {text} [MASK]", "train": "t.jsonl"}', encoding="utf-8")
+    return c.tune("--task", str(f)), "mine.json: missing key(s) ['verbalizer']; a task file needs a template"
 
 
 @case

@@ -180,7 +180,8 @@ def test_unknown_task_raises_task_error() -> None:
     msg = str(exc.value)
     assert "\n" not in msg
     assert msg == ("unknown task 'foo': expected one of ag_news, dbpedia, mrpc, rte, snli, sst2, "
-                   "yelp_polarity; pass --task with one of these")
+                   "yelp_polarity, or the path of a task file (*.json, see the README's 'Your own task'); pass "
+                   "--task with one of these")
     with pytest.raises(TaskError):
         load_fewshot("sst-2", seed=13)
     assert isinstance(exc.value, CliptuneError)

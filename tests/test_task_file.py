@@ -1,0 +1,195 @@
+"""Your own task: a task file (*.json) in place of a built-in task name."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cliptune_ort.config import build_config
+from cliptune_ort.data import load_fewshot, read_jsonl
+from cliptune_ort.errors import ConfigError, DataError, TaskError
+from cliptune_ort.tasks import get_task, load_task_file, task_file_sha256
+
+from .conftest import ROOT, needs_export
+
+SST2 = ROOT / "cliptune_ort" / "assets" / "data" / "sst2"
+EXAMPLE = ROOT / "examples" / "support_topics" / "task.json"
+
+
+def write(path: Path, obj) -> Path:
+    path.write_text(obj if isinstance(obj, str) else json.dumps(obj), encoding="utf-8")
+    return path
+
+
+def sst2_copy(folder: Path, **extra) -> Path:
+    """A task file that is the built-in sst2, spelled out (its data files through relative paths)."""
+    sst = get_task("sst2")
+    rel = Path(os.path.relpath(SST2.resolve(), folder.resolve()))  # relative to the task file: ../../.../sst2
+    return write(folder / "mysst.json", {"name": "mysst", "template": sst.template, "verbalizer": list(sst.verbalizer),
+                                          "label_names": list(sst.label_names), "train": str(rel / sst.local_train),
+                                          "test": str(SST2 / sst.local_test), **extra})
+
+
+def rows(path: Path, items) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in items), encoding="utf-8")
+    return path
+
+
+def test_defaults_and_what_the_spec_holds(tmp_path):
+    f = write(tmp_path / "reviews.json", {"template": "<P> {text} It was [MASK] .", "verbalizer": ["bad", "good"],
+                                          "train": "data/train.jsonl"})
+    spec = load_task_file(f)
+    assert spec.name == "reviews" and spec.label_names == ("bad", "good") and spec.verbalizer == ("bad", "good")
+    assert spec.loss == "ce" and spec.metric == "acc" and not spec.pair and spec.fewshot == "sample"
+    assert spec.local_dir == str(tmp_path.resolve()) and spec.local_train == str(Path("data") / "train.jsonl")
+    assert spec.local_test is None and "add \"test\"" in spec.test_note and spec.source_file == str(f.resolve())
+    pair = write(tmp_path / "pairs.json", {"template": "<P> {text} ? [MASK] , {text_b}", "verbalizer": ["No", "Yes"],
+                                           "train": "t.jsonl", "dev": "d.jsonl", "loss": "hinge", "metric": "f1"})
+    ps = get_task(str(pair))  # get_task reads a *.json name as a task file
+    assert ps.pair and ps.fewshot == "given" and ps.local_dev == "d.jsonl" and ps.metric == "f1"
+
+
+BAD = [
+    ("not json {", "invalid JSON"),
+    ([1, 2], "found a JSON list"),
+    ({"template": "<P> {text} [MASK]", "verbalizer": ["a", "b"]}, "missing key(s) ['train']"),
+    ({"template": "<P> {text} [MASK]", "verbalizer": ["a", "b"], "train": "t", "labels": 2}, "unknown key(s) ['labels']"),
+    ({"template": "<P> {text} [MASK]", "verbalizer": "a,b", "train": "t"}, "'verbalizer' must be a list"),
+    ({"template": "<P> {text} [MASK]", "verbalizer": ["a", "a"], "train": "t"}, "repeated entries"),
+    ({"template": "<P> {text} [MASK]", "verbalizer": ["a"], "train": "t"}, "one verbalizer word per label (>= 2)"),
+    ({"template": "<P> {text} [MASK]", "verbalizer": ["a", "b"], "label_names": ["x"], "train": "t"},
+     "found 2 words for 1 labels"),
+    ({"template": "<P> {text}", "verbalizer": ["a", "b"], "train": "t"}, "'[MASK]' exactly once"),
+    ({"template": "<P> {text} [MASK]", "verbalizer": ["a", "b", "c"], "train": "t", "metric": "f1"}, "binary F1"),
+    ({"template": "<P> {text} [MASK]", "verbalizer": ["a", "b"], "train": "t", "loss": "mse"}, "'loss' must be one of"),
+    ({"template": "<P> {text} [MASK]", "verbalizer": ["a", "b"], "train": "t", "name": "sst2"}, "not a built-in"),
+    ({"template": "<P> {text} [MASK]", "verbalizer": ["a", "b"], "train": "t", "name": "a b"}, "name 'a b'"),
+    ({"template": "<P> {text} [MASK]", "verbalizer": ["a", "b"], "train": ""}, "'train' must be a non-empty string"),
+    ({"template": "<P> {text} [MASK] {text_b}", "verbalizer": ["a", "b"], "train": "t", "hub_path": "glue"},
+     "needs 'hub_text_b'"),
+]
+
+
+@pytest.mark.parametrize("content, expected", BAD)
+def test_a_bad_task_file_is_one_line_naming_it(tmp_path, content, expected):
+    f = write(tmp_path / "task.json", content)
+    with pytest.raises(TaskError) as e:
+        load_task_file(f)
+    msg = str(e.value)
+    assert expected in msg and str(f) in msg and "\n" not in msg and "cliptune_ort/tasks.py" not in msg
+    with pytest.raises(ConfigError, match="task file"):  # through the config: the same line, as a ConfigError
+        build_config(task=str(f))
+
+
+def test_missing_task_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"task file .*nope\.json not found"):
+        build_config(task=str(tmp_path / "nope.json"))
+    with pytest.raises(ConfigError, match=r"or the path of a task file"):
+        build_config(task="sst3")
+
+
+def test_a_task_file_copy_of_sst2_gives_the_same_split(tmp_path):
+    f = sst2_copy(tmp_path)
+    a, b = load_fewshot("sst2", 13), load_fewshot(str(f), 13)
+    assert a.train == b.train and a.dev == b.dev and a.test == b.test
+    assert b.info["task"] == "mysst" and b.info["train_indices"] == a.info["train_indices"]
+    assert b.info["train_source"] == str((SST2 / "train.jsonl.gz").resolve())  # whole, normalised
+    with pytest.raises(ConfigError, match="data_dir does not apply"):
+        build_config(task=str(f), data_dir=str(tmp_path))
+    with pytest.raises(DataError, match="names no hub dataset"):
+        load_fewshot(str(f), 13, source="hub")
+
+
+def test_label_names_in_the_data_and_given_splits(tmp_path):
+    rows(tmp_path / "train.jsonl", [{"text": "t1", "label": "pos"}, {"text": "t2", "label": 0},
+                                    {"text": "t3", "label": "neg"}])
+    rows(tmp_path / "dev.jsonl", [{"text": "d1", "label": "neg"}, {"text": "d2", "label": "pos"}])
+    f = write(tmp_path / "t.json", {"template": "<P> {text} [MASK]", "verbalizer": ["bad", "good"],
+                                    "label_names": ["neg", "pos"], "train": "train.jsonl", "dev": "dev.jsonl"})
+    fs = load_fewshot(str(f), 0, per_class=16)  # given: used whole, per_class does not apply
+    assert [(e.text, e.label) for e in fs.train] == [("t1", 1), ("t2", 0), ("t3", 0)]
+    assert [(e.text, e.label) for e in fs.dev] == [("d1", 0), ("d2", 1)]
+    assert fs.info["fewshot"] == "given" and fs.info["train_counts"] == [2, 1] and fs.test is None
+    rows(tmp_path / "dev.jsonl", [{"text": "d1", "label": "neg"}])
+    with pytest.raises(DataError, match=r"dev\.jsonl: expected at least one dev example of every label, found \[1, 0\]"):
+        load_fewshot(str(f), 0)
+    rows(tmp_path / "dev.jsonl", [{"text": "d1", "label": "neg"}, {"text": "d2", "label": "positive"}])
+    with pytest.raises(DataError, match=r"dev\.jsonl:2: expected a label id or one of the label names"):
+        load_fewshot(str(f), 0)
+    # the built-in tasks' readers take names too, and keep refusing what is neither
+    assert read_jsonl(tmp_path / "train.jsonl", n_labels=2, label_names=("neg", "pos"))[0]["label"] == 1
+    with pytest.raises(DataError, match="expected an int 'label' field"):
+        read_jsonl(tmp_path / "train.jsonl", n_labels=2)
+
+
+def test_the_config_keeps_an_absolute_path_and_the_file_digest(tmp_path, monkeypatch):
+    f = sst2_copy(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    cfg = build_config(task="mysst.json")
+    assert cfg.task == str(f.resolve())
+    key = cfg.run_key()
+    assert key["task_file_sha256"] == task_file_sha256(f) and "task_file_sha256" not in build_config().run_key()
+    sst2_copy(tmp_path, description="changed")
+    assert cfg.run_key()["task_file_sha256"] != key["task_file_sha256"]
+
+
+@needs_export
+def test_tune_eval_predict_deploy_on_a_task_file(splade_dir, tmp_path, capsys):
+    """A task file that spells out sst2 tunes to the same prompt as sst2 itself; the run's files and commands take
+    the task's name; a changed task file is refused on resume and on use."""
+    from cliptune_ort.cli import main
+
+    f = sst2_copy(tmp_path)
+    common = ["--model-dir", str(splade_dir), "--budget", "40", "--popsize", "4", "--d", "20", "--eval-every", "20",
+              "--method", "bbt", "--quiet"]
+    own, ref = tmp_path / "own", tmp_path / "ref"
+    assert main(["tune", "--task", str(f), "--out", str(own), *common]) == 0
+    assert main(["tune", "--task", "sst2", "--out", str(ref), *common]) == 0
+    capsys.readouterr()
+    a, b = (json.loads((d / "result.json").read_text()) for d in (own, ref))
+    assert a["task"] == "mysst" and a["task_file"] == str(f.resolve()) and b["task_file"] is None
+    assert a["dev"] == b["dev"] and a["test"] == b["test"] and a["best_train_fitness"] == b["best_train_fitness"]
+    assert np.array_equal(np.load(own / "best_prompt.npy"), np.load(ref / "best_prompt.npy"))
+    assert json.loads((own / "config.json").read_text())["task_file_sha256"] == task_file_sha256(f)
+    # a resume with nothing changed returns the run; eval and predict work from the run dir
+    assert main(["tune", "--resume", "--out", str(own), "--quiet"]) == 0
+    assert main(["eval", str(own), "--split", "dev"]) == 0
+    ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ev["metric"] == a["dev"]["metric"]
+    assert main(["predict", str(own), "--text", "a fine film"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["label_name"] in ("negative", "positive")
+    # the task file changes: the prompt was tuned for the old one
+    sst2_copy(tmp_path, verbalizer=["awful", "great"])
+    (own / "result.json").unlink()
+    assert main(["tune", "--resume", "--out", str(own), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "task_file_sha256" in err and "--force-resume" in err
+    assert main(["predict", str(own), "--text", "x"]) == 2
+    assert "has changed since run" in capsys.readouterr().err
+    f.unlink()
+    assert main(["eval", str(own)]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+@needs_export
+def test_the_example_task_runs(splade_dir, tmp_path, monkeypatch, capsys):
+    """examples/support_topics: label names in its files, its own train and dev files, the default run dir named
+    after the task."""
+    from cliptune_ort.cli import main
+
+    spec = load_task_file(EXAMPLE)
+    fs = load_fewshot(spec, 42)
+    assert fs.info["fewshot"] == "given" and fs.info["train_counts"] == [8, 8, 8] and fs.info["test_counts"] == [12] * 3
+    monkeypatch.chdir(tmp_path)
+    assert main(["tune", "--task", str(EXAMPLE), "--model-dir", str(splade_dir), "--method", "clip", "--k", "2",
+                 "--budget", "24", "--popsize", "4", "--d", "20", "--eval-every", "12", "--quiet"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    run = tmp_path / "runs" / "support_topics_clip_seed42"
+    assert line["run_dir"] == str(Path("runs") / "support_topics_clip_seed42") and run.is_dir()
+    res = json.loads((run / "result.json").read_text())
+    assert res["calls"] == 24 and res["test"]["n"] == 36 and 0.0 <= res["test"]["metric"] <= 1.0
+    assert res["fewshot"]["dev_counts"] == [8, 8, 8]
