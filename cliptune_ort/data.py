@@ -17,6 +17,7 @@ Only numpy is imported at module load; ``datasets`` is imported lazily by :func:
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -504,6 +505,32 @@ def _given(spec: TaskSpec, folder: Path, split: str) -> list[Example]:
     return examples
 
 
+#: hints in data errors that speak of the vendored data, and what they mean for a task file's own files
+_VENDORED_HINTS = (
+    ("restore the file (check it against SHA256SUMS)", "fix the file"),
+    ("; restore the file", "; fix the file"),
+    ("(pass --data-dir pointing at a folder with one sub-folder per task)",
+     "(fix its path in the task file: paths are relative to the task file's folder)"),
+    ("use a larger train split or a smaller per_class",
+     "add examples, lower per_class (a --config file), or give the task file a \"dev\" file to use train and dev "
+     "whole"),
+)
+
+
+@contextlib.contextmanager
+def _task_file_hints(spec: TaskSpec):
+    """Data errors about a task file's own files, with hints for them (not for the vendored data)."""
+    try:
+        yield
+    except DataError as e:
+        if spec.source_file is None:
+            raise
+        msg = str(e)
+        for old, new in _VENDORED_HINTS:
+            msg = msg.replace(old, new)
+        raise DataError(msg) from e
+
+
 def load_fewshot(
     task_name_or_spec: str | TaskSpec,
     seed: int,
@@ -544,29 +571,30 @@ def load_fewshot(
         info.update(data_dir=None, fewshot="sampled", train_source=where, test_source=test_where,
                     train_note="", test_note=f"hub split {spec.hub_test_split!r}, BBT's test split")
     else:
-        folder = _task_dir(spec, data_dir)
-        info.update(data_dir=str(folder if spec.source_file else folder.parent), train_note=spec.train_note,
-                    test_note=spec.test_note)
-        if spec.fewshot == "sample":
-            path = _split_path(spec, folder, "train")
-            pool, dropped = _load_local(spec, path)
-            train_idx, dev_idx = bbt_sample_indices([e.label for e in pool], spec.n_labels, seed, per_class)
-            info.update(fewshot="sampled", train_source=_source(spec, folder, path))
-        elif spec.fewshot == "given":  # a task file's own train and dev files, used whole
-            train = _given(spec, folder, "train")
-            dev = _given(spec, folder, "dev")
-            info.update(fewshot="given", train_source=_source(spec, folder, folder / spec.local_train),
-                        dev_source=_source(spec, folder, folder / spec.local_dev))
-        else:
-            train, dev, pdir = _predrawn(spec, folder, seed, per_class)
-            info.update(fewshot="predrawn", train_source=pdir.relative_to(folder.parent).as_posix())
-        if spec.local_test is None:
-            test = None
-            info["test_source"] = None
-        else:
-            test_path = _split_path(spec, folder, "test")
-            test = _load_local(spec, test_path)[0]
-            info["test_source"] = _source(spec, folder, test_path)
+        with _task_file_hints(spec):  # a task file's own files get hints for them
+            folder = _task_dir(spec, data_dir)
+            info.update(data_dir=str(folder if spec.source_file else folder.parent), train_note=spec.train_note,
+                        test_note=spec.test_note)
+            if spec.fewshot == "sample":
+                path = _split_path(spec, folder, "train")
+                pool, dropped = _load_local(spec, path)
+                train_idx, dev_idx = bbt_sample_indices([e.label for e in pool], spec.n_labels, seed, per_class)
+                info.update(fewshot="sampled", train_source=_source(spec, folder, path))
+            elif spec.fewshot == "given":  # a task file's own train and dev files, used whole
+                train = _given(spec, folder, "train")
+                dev = _given(spec, folder, "dev")
+                info.update(fewshot="given", train_source=_source(spec, folder, folder / spec.local_train),
+                            dev_source=_source(spec, folder, folder / spec.local_dev))
+            else:
+                train, dev, pdir = _predrawn(spec, folder, seed, per_class)
+                info.update(fewshot="predrawn", train_source=pdir.relative_to(folder.parent).as_posix())
+            if spec.local_test is None:
+                test = None
+                info["test_source"] = None
+            else:
+                test_path = _split_path(spec, folder, "test")
+                test = _load_local(spec, test_path)[0]
+                info["test_source"] = _source(spec, folder, test_path)
 
     if info["fewshot"] == "sampled":
         train = [pool[i] for i in train_idx]

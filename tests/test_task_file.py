@@ -193,3 +193,20 @@ def test_the_example_task_runs(splade_dir, tmp_path, monkeypatch, capsys):
     res = json.loads((run / "result.json").read_text())
     assert res["calls"] == 24 and res["test"]["n"] == 36 and 0.0 <= res["test"]["metric"] <= 1.0
     assert res["fewshot"]["dev_counts"] == [8, 8, 8]
+
+
+@pytest.mark.parametrize("train, expected", [
+    ("", "found an empty file; fix the file"),
+    ('{"text": "a", "label": 0}\n{"text": "b", "label": 1}\n',
+     'add examples, lower per_class (a --config file), or give the task file a "dev" file'),
+    (None, "data file not found; expected a JSON Lines file there (fix its path in the task file: paths are relative"),
+])
+def test_data_errors_of_a_task_file_speak_of_its_files(tmp_path, train, expected):
+    """The vendored data's hints (restore from SHA256SUMS, pass --data-dir) do not fit a user's own files."""
+    if train is not None:
+        (tmp_path / "train.jsonl").write_text(train, encoding="utf-8")
+    f = write(tmp_path / "t.json", {"template": "<P> {text} [MASK]", "verbalizer": ["bad", "good"],
+                                    "train": "train.jsonl"})
+    with pytest.raises(DataError) as e:
+        load_fewshot(str(f), 0)
+    assert expected in str(e.value) and "SHA256SUMS" not in str(e.value) and "--data-dir" not in str(e.value)
