@@ -43,6 +43,8 @@ def _add_tune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-dir", help="exported model dir (default: the embedded splade-tiny, exported on demand)")
     p.add_argument("--data-dir", help="data folder (default: the vendored data)")
     p.add_argument("--data-source", choices=("local", "hub"), help="local JSONL (default) or the HF hub (online)")
+    p.add_argument("--per-class", type=int, help="few-shot examples per label drawn for train and for dev each "
+                                                 "(default 16, BBT's; a task file with a dev file uses its files whole)")
     p.add_argument("--k", type=int, help="thinned networks per candidate (default 4)")
     p.add_argument("--p", type=float, help="dropout rate of the embedded model's export (default 0.1)")
     p.add_argument("--precision", choices=("fp32", "int8", "fp16"),
@@ -70,7 +72,7 @@ def _add_tune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="JSON file of settings (CLI flags override it)")
 
 
-_TUNE_KEYS = ("task", "method", "optimizer", "cma_eigen", "seed", "model_dir", "data_dir", "data_source", "k", "p", "precision", "mixture",
+_TUNE_KEYS = ("task", "method", "optimizer", "cma_eigen", "seed", "model_dir", "data_dir", "data_source", "per_class", "k", "p", "precision", "mixture",
               "loss", "d", "popsize", "sigma0", "budget", "budget_unit", "eval_every", "checkpoint_every", "device",
               "cands_per_call", "iobinding", "cuda_graph", "n_buckets", "threads", "workers", "max_len", "template", "verbalizer", "verbalizer_policy")
 

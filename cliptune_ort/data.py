@@ -512,7 +512,7 @@ _VENDORED_HINTS = (
     ("(pass --data-dir pointing at a folder with one sub-folder per task)",
      "(fix its path in the task file: paths are relative to the task file's folder)"),
     ("use a larger train split or a smaller per_class",
-     "add examples, lower per_class (a --config file), or give the task file a \"dev\" file to use train and dev "
+     "add examples, lower --per-class, or give the task file a \"dev\" file to use train and dev "
      "whole"),
 )
 

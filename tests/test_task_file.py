@@ -198,7 +198,7 @@ def test_the_example_task_runs(splade_dir, tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("train, expected", [
     ("", "found an empty file; fix the file"),
     ('{"text": "a", "label": 0}\n{"text": "b", "label": 1}\n',
-     'add examples, lower per_class (a --config file), or give the task file a "dev" file'),
+     'add examples, lower --per-class, or give the task file a "dev" file'),
     (None, "data file not found; expected a JSON Lines file there (fix its path in the task file: paths are relative"),
 ])
 def test_data_errors_of_a_task_file_speak_of_its_files(tmp_path, train, expected):
@@ -210,3 +210,24 @@ def test_data_errors_of_a_task_file_speak_of_its_files(tmp_path, train, expected
     with pytest.raises(DataError) as e:
         load_fewshot(str(f), 0)
     assert expected in str(e.value) and "SHA256SUMS" not in str(e.value) and "--data-dir" not in str(e.value)
+
+
+@needs_export
+def test_per_class_flag_draws_that_many(splade_dir, tmp_path, capsys):
+    from cliptune_ort.cli import main
+
+    rows(tmp_path / "train.jsonl", [{"text": f"text number {i}", "label": ("neg", "pos")[i % 2]} for i in range(10)])
+    f = write(tmp_path / "t.json", {"template": "<P> {text} It was [MASK] .", "verbalizer": ["bad", "great"],
+                                    "label_names": ["neg", "pos"], "train": "train.jsonl"})
+    run = tmp_path / "run"
+    args = ["tune", "--task", str(f), "--model-dir", str(splade_dir), "--method", "bbt", "--budget", "8",
+            "--popsize", "4", "--d", "10", "--eval-every", "4", "--out", str(run), "--quiet"]
+    assert main([*args, "--per-class", "3"]) == 2  # 5 of each label: 3 + 3 do not fit
+    assert "expected at least 6 examples of every label" in capsys.readouterr().err
+    assert main([*args, "--per-class", "2"]) == 0
+    fs = json.loads((run / "result.json").read_text())["fewshot"]
+    assert fs["per_class"] == 2 and fs["train_counts"] == [2, 2] and fs["dev_counts"] == [2, 2]
+    assert not set(fs["train_indices"]) & set(fs["dev_indices"])
+    (run / "result.json").unlink()
+    assert main(["tune", "--resume", "--out", str(run), "--per-class", "1", "--quiet"]) == 2  # defines the run
+    assert "per_class 2, now 1" in capsys.readouterr().err
