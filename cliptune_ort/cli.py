@@ -6,6 +6,7 @@ Every deliberate error is a :class:`CliptuneError`: printed as one line, exit st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -153,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="result file, or a folder for the default name (default runs/bench_<task>_<method>_"
                                  "<device>.json; a .md beside it)")
     b.add_argument("--quiet", action="store_true", help="no progress lines")
+
+    ts = sub.add_parser("tasks", help="list the built-in tasks; with task names or task files, check each as a run "
+                                      "with these settings would see it (split, verbalizer tokens, lengths)")
+    ts.add_argument("tasks", nargs="*", help="built-in task names or task files (*.json); none: list the built-ins")
+    _add_tune_args(ts)
 
     v = sub.add_parser("eval", help="evaluate a run's best prompt on a split with the full network")
     v.add_argument("run_dir")
@@ -339,6 +345,25 @@ def cmd_bench(a) -> int:
     return 0
 
 
+def cmd_tasks(a) -> int:
+    """One JSON line per task: the built-ins' specs, or each named task checked as a run would see it."""
+    from .config import build_config
+    from .taskinfo import check, describe
+    from .tasks import TASKS
+    from .tuner import task_for
+
+    names = list(a.tasks) + ([a.task] if a.task else [])
+    if not names:
+        for spec in TASKS.values():
+            print(json.dumps(describe(spec)))
+        return 0
+    flags = _tune_flags(a)
+    for name in names:
+        cfg = build_config(a.config, **{**flags, "task": name})
+        print(json.dumps(check(cfg, task_for(cfg))), flush=True)
+    return 0
+
+
 def cmd_eval(a) -> int:
     from .predict import evaluate_run
 
@@ -406,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     from .native import run_build
 
     handlers = {"export": cmd_export, "tune": cmd_tune, "bench": cmd_bench, "eval": cmd_eval, "predict": cmd_predict,
-                "env": cmd_env, "deploy": cmd_deploy, "build-ops": run_build}
+                "env": cmd_env, "deploy": cmd_deploy, "build-ops": run_build, "tasks": cmd_tasks}
     debug = bool(os.environ.get("CLIPTUNE_DEBUG"))
 
     def error(msg: str) -> None:
@@ -437,6 +462,10 @@ def main(argv: list[str] | None = None) -> int:
             error("out of memory: expected the work to fit in RAM; lower --popsize, --d, --eval-chunk or "
                   "--cands-per-call, or use a smaller model (CLIPTUNE_DEBUG=1 shows the traceback)")
             return 2
+        except BrokenPipeError:  # the reader went away (`cliptune tasks | head`): stop quietly, as a Unix tool does
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+            return 141
         except OSError as e:  # disk full, permissions, a path that vanished: the environment, not a bug
             if debug:
                 raise

@@ -472,10 +472,14 @@ def _predrawn(spec: TaskSpec, folder: Path, seed: int, per_class: int) -> tuple[
     if not pdir.is_dir():
         seeds = sorted(int(d.name.split("-", 1)[1]) for d in base.glob(f"{per_class}-*")
                        if d.is_dir() and d.name.split("-", 1)[1].isdigit()) if base.is_dir() else []
-        found = ", ".join(map(str, seeds)) if seeds else "none"
+        if not seeds:  # no split of this size at all: the size is what to change
+            shots = sorted({d.name.split("-", 1)[0] for d in base.glob("*-*") if d.is_dir()}) if base.is_dir() else []
+            raise DataError(f"task {spec.name!r} has no predrawn {per_class}-shot splits (expected {pdir}); "
+                            f"available: {', '.join(s + '-shot' for s in shots) or 'none'}; pass --per-class with "
+                            "one of these, or use --data-source hub to sample from the full train split")
         raise DataError(f"task {spec.name!r} has no predrawn {per_class}-shot split for seed {seed} (expected "
-                        f"{pdir}); available seeds: {found}; pass --seed with one of these, or use "
-                        "source='hub' to sample from the full train split")
+                        f"{pdir}); available seeds: {', '.join(map(str, seeds))}; pass --seed with one of these, or "
+                        "use --data-source hub to sample from the full train split")
     train = _load_local(spec, pdir / "train.jsonl")[0]
     dev = _load_local(spec, pdir / "dev.jsonl")[0]
     for name, part in (("train", train), ("dev", dev)):
@@ -512,8 +516,7 @@ _VENDORED_HINTS = (
     ("(pass --data-dir pointing at a folder with one sub-folder per task)",
      "(fix its path in the task file: paths are relative to the task file's folder)"),
     ("use a larger train split or a smaller per_class",
-     "add examples, lower --per-class, or give the task file a \"dev\" file to use train and dev "
-     "whole"),
+     'add examples, lower --per-class, or give the task file a "dev" file to use train and dev whole'),
 )
 
 

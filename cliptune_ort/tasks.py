@@ -406,6 +406,9 @@ def load_task_file(path: str | os.PathLike[str]) -> TaskSpec:
         raise TaskError(f"{where}: metric 'f1' is binary F1 of label 1, but the task has {len(label_names)} labels; "
                         "use metric 'acc'")
     template = text("template")
+    if not template.lstrip().startswith(PROMPT_TOKEN):
+        raise TaskError(f"{where}: template {template!r:.80} must start with {PROMPT_TOKEN} (the prompt takes positions "
+                        "1..L, right after [CLS]); fix the file")
     pair = "{text_b}" in template
     hub_path = text("hub_path", optional=True)
     hub_text_b = text("hub_text_b", optional=True)

@@ -302,8 +302,10 @@ def test_fewshot_is_deterministic_and_seed_dependent() -> None:
 def test_per_class_other_than_16() -> None:
     fs = load_fewshot("rte", 13, per_class=4)
     assert Counter(e.label for e in fs.train) == Counter(e.label for e in fs.dev) == {0: 4, 1: 4}
-    with pytest.raises(DataError, match=r"no predrawn 8-shot split for seed 13"):
-        load_fewshot("ag_news", 13, per_class=8)
+    with pytest.raises(DataError, match=r"no predrawn 8-shot splits .*; available: 16-shot; pass --per-class"):
+        load_fewshot("ag_news", 13, per_class=8)  # no split of that size at all: the size is what to change
+    with pytest.raises(DataError, match=r"no predrawn 16-shot split for seed 1 .*available seeds: 13, 21, 42, 87, 100"):
+        load_fewshot("ag_news", 1)
 
 
 def test_sst2_train_loads_fast() -> None:

@@ -64,6 +64,7 @@ BAD = [
     ({"template": "<P> {text} [MASK]", "verbalizer": ["a", "b"], "label_names": ["x"], "train": "t"},
      "found 2 words for 1 labels"),
     ({"template": "<P> {text}", "verbalizer": ["a", "b"], "train": "t"}, "'[MASK]' exactly once"),
+    ({"template": "{text} <P> [MASK]", "verbalizer": ["a", "b"], "train": "t"}, "must start with <P>"),
     ({"template": "<P> {text} [MASK]", "verbalizer": ["a", "b", "c"], "train": "t", "metric": "f1"}, "binary F1"),
     ({"template": "<P> {text} [MASK]", "verbalizer": ["a", "b"], "train": "t", "loss": "mse"}, "'loss' must be one of"),
     ({"template": "<P> {text} [MASK]", "verbalizer": ["a", "b"], "train": "t", "name": "sst2"}, "not a built-in"),
@@ -231,3 +232,65 @@ def test_per_class_flag_draws_that_many(splade_dir, tmp_path, capsys):
     (run / "result.json").unlink()
     assert main(["tune", "--resume", "--out", str(run), "--per-class", "1", "--quiet"]) == 2  # defines the run
     assert "per_class 2, now 1" in capsys.readouterr().err
+
+
+def test_tasks_lists_the_built_ins(capsys):
+    from cliptune_ort.cli import main
+    from cliptune_ort.tasks import TASKS
+
+    assert main(["tasks"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert [x["task"] for x in lines] == list(TASKS)
+    for x in lines:
+        spec = TASKS[x["task"]]
+        assert x["labels"] == list(spec.label_names) and x["verbalizer"] == list(spec.verbalizer)
+        assert x["template"] == spec.template and x["fewshot"] == spec.fewshot and x["task_file"] is None
+
+
+def test_tasks_stops_quietly_when_its_reader_goes(monkeypatch, capsys):
+    """`cliptune tasks | head -1`: no error line when the pipe closes."""
+    import sys
+
+    from cliptune_ort.cli import main
+
+    class Closed:
+        def write(self, _):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def fileno(self):
+            raise OSError("no descriptor")
+
+    monkeypatch.setattr(sys, "stdout", Closed())
+    assert main(["tasks"]) == 141
+    assert capsys.readouterr().err == ""
+
+
+@needs_export
+def test_tasks_checks_a_task_as_the_run_sees_it(splade_dir, capsys):
+    """`cliptune tasks NAME|FILE`: the split, verbalizer ids and token lengths it reports are the run's own."""
+    from cliptune_ort.cli import main
+    from cliptune_ort.tuner import prepare
+
+    assert main(["tasks", str(EXAMPLE), "sst2", "--model-dir", str(splade_dir)]) == 0
+    own, sst = (json.loads(x) for x in capsys.readouterr().out.strip().splitlines())
+    assert own["task"] == "support_topics" and own["split"] == "given" and own["per_class"] is None
+    assert own["verbalizer_tokens"] == ["delivery", "payment", "account"] and own["test"]["per_label"] == [12] * 3
+    assert own["first_train_example"] == ("[CLS] <P> x 50 customer message : my parcel was supposed to arrive on "
+                                          "monday and it is still not here . topic : [MASK] . [SEP]")
+    assert sst["split"] == "sampled" and sst["per_class"] == 16 and sst["train_source"] == "sst2/train.jsonl.gz"
+    for got, task in ((own, str(EXAMPLE)), (sst, "sst2")):
+        ws = prepare(build_config(task=task, method="bbt"), splade_dir)
+        try:
+            assert got["verbalizer_ids"] == ws.verbalizer_ids.tolist()
+            for name in ("train", "dev", "test"):
+                enc = getattr(ws, name).enc
+                assert got[name]["rows"] == len(enc) and got[name]["tokens_max"] == int(enc.lengths.max())
+                assert got[name]["per_label"] == np.bincount(enc.labels).tolist()
+                assert got[name]["tokens_mean"] == round(float(enc.lengths.mean()), 1)
+        finally:
+            ws.engine.close()
+    assert main(["tasks", "sst2", "--verbalizer", "bad,wonderfully", "--model-dir", str(splade_dir)]) == 2
+    assert "verbalizer word 'wonderfully' is 2 tokens" in capsys.readouterr().err
