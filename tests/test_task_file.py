@@ -294,3 +294,26 @@ def test_tasks_checks_a_task_as_the_run_sees_it(splade_dir, capsys):
             ws.engine.close()
     assert main(["tasks", "sst2", "--verbalizer", "bad,wonderfully", "--model-dir", str(splade_dir)]) == 2
     assert "verbalizer word 'wonderfully' is 2 tokens" in capsys.readouterr().err
+
+
+def test_a_task_file_can_name_a_hub_dataset(tmp_path, monkeypatch):
+    """hub_* keys: the same hub loader as the built-ins (datasets.load_dataset faked: no network here)."""
+    from cliptune_ort.data import load_hub_split
+
+    from .test_data import _fake_hub
+
+    calls = _fake_hub(monkeypatch, {
+        ("me/reviews", "en", "train"): ({"review": ["fine", "awful"], "label": [1, 0]}, ("neg", "pos")),
+        ("me/reviews", "en", "holdout"): ({"review": ["meh"], "label": [0]}, ("neg", "pos")),
+    })
+    f = write(tmp_path / "r.json", {"template": "<P> {text} It was [MASK] .", "verbalizer": ["bad", "great"],
+                                    "label_names": ["neg", "pos"], "train": "train.jsonl", "hub_path": "me/reviews",
+                                    "hub_config": "en", "hub_text": "review", "hub_test_split": "holdout"})
+    spec = load_task_file(f)
+    assert [(e.text, e.label) for e in load_hub_split(spec, "train")] == [("fine", 1), ("awful", 0)]
+    assert [(e.text, e.label) for e in load_hub_split(spec, "test")] == [("meh", 0)]
+    assert calls == [("me/reviews", "en", "train"), ("me/reviews", "en", "holdout")]
+    wrong = write(tmp_path / "w.json", {**json.loads(f.read_text()), "label_names": ["pos", "neg"],
+                                        "verbalizer": ["great", "bad"]})
+    with pytest.raises(DataError, match="expected label names"):  # ids would not match the verbalizer
+        load_hub_split(load_task_file(wrong), "train")
