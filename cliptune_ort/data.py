@@ -10,7 +10,8 @@ dev (:func:`bbt_sample`). Tasks whose full train split is not offline (ag_news, 
 the fixed RLPrompt splits ``fewshot_rlprompt/<per_class>-<seed>/{train,dev}.jsonl`` instead. The test split
 is the task's original evaluation split (``TaskSpec.local_test`` / ``TaskSpec.hub_test_split``). A task file
 (``--task my_task.json``) names its own files, relative to itself: a train file sampled as above, or train and
-dev files used whole (``fewshot == "given"``); its rows' labels may be label names.
+dev files used whole (``fewshot == "given"``); they may be CSV or TSV files with a header row, their fields may
+have other names (``TaskSpec.columns``), and their rows' labels may be label names.
 
 Only numpy is imported at module load; ``datasets`` is imported lazily by :func:`load_hub_split`.
 """
@@ -18,7 +19,9 @@ Only numpy is imported at module load; ``datasets`` is imported lazily by :func:
 from __future__ import annotations
 
 import contextlib
+import csv
 import gzip
+import io
 import json
 import os
 import re
@@ -120,12 +123,20 @@ def _parse_line(path: Path, lineno: int, line: str) -> Any:
                         f"({e.msg} at column {e.colno}); fix or remove that line") from e
 
 
-def _read_jsonl(
-    path: Path, n_labels: int | None, pair: bool, drop_labels: Collection[int],
-    label_names: Sequence[str] | None = None,
-) -> tuple[list[dict[str, Any]], int]:
-    """:func:`read_jsonl`'s work; also returns how many rows were dropped (label in drop_labels)."""
-    label_ids = {n: i for i, n in enumerate(label_names)} if label_names else {}
+#: the default names of a data row's fields: its text, its second text (pair tasks) and its label
+DEFAULT_COLUMNS = ("text", "text_b", "label")
+#: file endings read as delimited text (a task file's own data), with their delimiter
+_DELIMITED = {".csv": ",", ".tsv": "\t"}
+_INT = re.compile(r"^-?[0-9]+$")
+
+
+def _delimiter(path: Path) -> str | None:
+    name = path.name.removesuffix(".gz")
+    return next((d for ext, d in _DELIMITED.items() if name.lower().endswith(ext)), None)
+
+
+def _read_text(path: Path) -> str:
+    """A data file's text: read, gunzipped where its name ends in .gz, decoded as strict UTF-8."""
     if not path.is_file():
         raise DataError(f"{path}: data file not found; expected a JSON Lines file there (pass --data-dir "
                         "pointing at a folder with one sub-folder per task)")
@@ -134,59 +145,105 @@ def _read_jsonl(
         if path.name.endswith(".gz"):
             raw = gzip.decompress(raw)
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-        raise DataError(f"{path}: expected a gzip-compressed JSON Lines file, found a corrupt or truncated "
+        kind = "CSV/TSV" if _delimiter(path) else "JSON Lines"
+        raise DataError(f"{path}: expected a gzip-compressed {kind} file, found a corrupt or truncated "
                         f"gzip stream ({e}); restore the file (check it against SHA256SUMS)") from e
     except OSError as e:
         raise DataError(f"{path}: cannot read the data file ({e}); check that it is a readable file") from e
     try:
-        content = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise DataError(f"{path}:{line}: expected UTF-8 text, found invalid byte(s) "
                         f"{raw[e.start:e.end]!r}; re-encode the file as UTF-8") from e
 
+
+def _records(path: Path, content: str, columns: Sequence[str]):
+    """(line number, row dict) of each record: a JSON object per line, or a CSV/TSV row under its header."""
+    delimiter = _delimiter(path)
+    if delimiter is None:
+        # split("\n"), not splitlines(): U+2028 and friends may legally occur inside JSON strings.
+        for lineno, line in enumerate(content.split("\n"), start=1):
+            if not line.strip():
+                continue
+            row = _parse_line(path, lineno, line)
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object per line, found a JSON "
+                                f"{type(row).__name__}; write one {{\"text\": ..., \"label\": ...}} object per line")
+            yield lineno, row
+        return
+    reader = csv.DictReader(io.StringIO(content, newline=""), delimiter=delimiter, strict=True)
+    try:
+        header = reader.fieldnames or []
+        need = [c for c in (columns[0], columns[2]) if c not in header]
+        if header and need:
+            raise DataError(f"{path}:1: expected a header row naming the columns {need}, found {header}; add them "
+                            "or map yours with the task file's \"columns\"")
+        for row in reader:
+            if None in row:  # DictReader's key for fields beyond the header
+                raise DataError(f"{path}:{reader.line_num}: expected {len(header)} fields as in the header, found "
+                                f"{len(header) + len(row[None])}; quote a text that holds the delimiter")
+            if None in row.values() and any(row.values()):
+                raise DataError(f"{path}:{reader.line_num}: expected {len(header)} fields as in the header, found "
+                                f"{sum(v is not None for v in row.values())}; fix that row")
+            if any(row.values()):  # a blank line is no record
+                yield reader.line_num, row
+    except csv.Error as e:
+        raise DataError(f"{path}: expected {'CSV' if delimiter == ',' else 'TSV'} rows, found malformed quoting after "
+                        f"line {reader.line_num} ({e}); close or escape (\"\") the quotes there") from e
+
+
+def _read_jsonl(
+    path: Path, n_labels: int | None, pair: bool, drop_labels: Collection[int],
+    label_names: Sequence[str] | None = None, columns: Sequence[str] = DEFAULT_COLUMNS,
+) -> tuple[list[dict[str, Any]], int]:
+    """:func:`read_jsonl`'s work; also returns how many rows were dropped (label in drop_labels)."""
+    label_ids = {n: i for i, n in enumerate(label_names)} if label_names else {}
+    text_col, text_b_col, label_col = columns
+    delimited = _delimiter(path) is not None
     drop = frozenset(drop_labels)
     rows: list[dict[str, Any]] = []
     n_objects = 0
-    # split("\n"), not splitlines(): U+2028 and friends may legally occur inside JSON strings.
-    for lineno, line in enumerate(content.split("\n"), start=1):
-        if not line.strip():
-            continue
+    for lineno, row in _records(path, _read_text(path), columns):
         n_objects += 1
-        row = _parse_line(path, lineno, line)
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object per line, found a JSON "
-                            f"{type(row).__name__}; write one {{\"text\": ..., \"label\": ...}} object per line")
-        label = row.get("label")
-        if type(label) is str and label_ids:  # a label name: its id
-            if label not in label_ids:
-                raise DataError(f"{path}:{lineno}: expected a label id or one of the label names "
-                                f"{list(label_ids)}, found {label!r:.60}; fix the row or the task's label_names")
-            label = row["label"] = label_ids[label]
+        label = row.get(label_col)
+        if type(label) is str and label_ids and label in label_ids:  # a label name: its id
+            label = label_ids[label]
+        elif type(label) is str and label_ids and not delimited:
+            raise DataError(f"{path}:{lineno}: expected a label id or one of the label names "
+                            f"{list(label_ids)}, found {label!r:.60}; fix the row or the task's label_names")
+        elif type(label) is str and delimited and _INT.match(label.strip()):  # CSV/TSV: all fields are text
+            label = int(label)
         if type(label) is not int:  # bool is an int subclass: rejected too
-            found = "no 'label' field" if "label" not in row else f"label {label!r}"
-            raise DataError(f"{path}:{lineno}: expected an int 'label' field, found {found}; "
-                            "labels must be integer class ids" + (" or label names" if label_ids else ""))
+            found = f"no {label_col!r} field" if label_col not in row else f"label {label!r:.60}"
+            raise DataError(f"{path}:{lineno}: expected an int {label_col!r} field, found {found}; labels must be "
+                            "integer class ids" + (f" or one of the label names {list(label_ids)}" if label_ids else ""))
         if label in drop:
             continue
         if n_labels is not None and not 0 <= label < n_labels:
             raise DataError(f"{path}:{lineno}: expected a label in 0..{n_labels - 1}, found {label}; "
                             "use the task's label ids (see the task's README)")
-        text = row.get("text")
+        text = row.get(text_col)
         if not isinstance(text, str):
-            found = "no 'text' field" if "text" not in row else f"{type(text).__name__} {text!r:.40}"
-            raise DataError(f"{path}:{lineno}: expected a string 'text' field, found {found}; "
-                            "every row needs its input text in 'text'")
+            found = f"no {text_col!r} field" if text_col not in row else f"{type(text).__name__} {text!r:.40}"
+            raise DataError(f"{path}:{lineno}: expected a string {text_col!r} field, found {found}; "
+                            f"every row needs its input text in {text_col!r}")
+        text_b = None
         if pair:
-            text_b = row.get("text_b")
+            text_b = row.get(text_b_col)
             if not isinstance(text_b, str):
-                found = "no 'text_b' field" if "text_b" not in row else f"{type(text_b).__name__} {text_b!r:.40}"
-                raise DataError(f"{path}:{lineno}: expected a string 'text_b' field (sentence-pair task), "
-                                f"found {found}; every row needs its second sentence in 'text_b'")
+                found = (f"no {text_b_col!r} field" if text_b_col not in row
+                         else f"{type(text_b).__name__} {text_b!r:.40}")
+                raise DataError(f"{path}:{lineno}: expected a string {text_b_col!r} field (sentence-pair task), "
+                                f"found {found}; every row needs its second sentence in {text_b_col!r}")
+        if (text_col, text_b_col, label_col) != DEFAULT_COLUMNS or delimited:
+            row = {**row, "text": text, "label": label, **({"text_b": text_b} if pair else {})}
+        else:
+            row["label"] = label
         rows.append(row)
     if n_objects == 0:
-        raise DataError(f"{path}: expected JSON Lines rows, found an empty file; restore the file (check "
-                        "it against SHA256SUMS)")
+        raise DataError(f"{path}: expected {'CSV/TSV' if delimited else 'JSON Lines'} rows, found an empty file; "
+                        "restore the file (check it against SHA256SUMS)")
     return rows, n_objects - len(rows)
 
 
@@ -246,7 +303,7 @@ def _task_dir(spec: TaskSpec, data_dir: str | os.PathLike[str] | None) -> Path:
 
 def _load_local(spec: TaskSpec, path: Path) -> tuple[list[Example], int]:
     """Examples of one local file of ``spec`` and the number of rows dropped for having no gold label."""
-    rows, dropped = _read_jsonl(path, spec.n_labels, spec.pair, spec.drop_labels, spec.label_names)
+    rows, dropped = _read_jsonl(path, spec.n_labels, spec.pair, spec.drop_labels, spec.label_names, spec.columns)
     if not rows:
         raise DataError(f"{path}: expected at least one labelled example, found none (all {dropped} rows "
                         f"have a label in {sorted(spec.drop_labels)}); restore the file")

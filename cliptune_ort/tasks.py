@@ -83,6 +83,8 @@ class TaskSpec:
     local_dev: str | None = None
     # The task file this spec was read from (absolute path); None for the built-in tasks.
     source_file: str | None = None
+    # Names of a local data row's text, second text and label fields (a task file's "columns").
+    columns: tuple[str, str, str] = ("text", "text_b", "label")
 
     def __post_init__(self) -> None:
         """Check the spec is self-consistent (a programming error in the table if not)."""
@@ -318,6 +320,7 @@ TASK_FILE_OPTIONAL: dict[str, Any] = {
     "loss": "ce",
     "metric": "acc",
     "hub_path": None, "hub_config": None, "hub_text": "text", "hub_text_b": None, "hub_test_split": "test",
+    "columns": None,  # {"text": ..., "text_b": ..., "label": ...}: the data files' own field names
     "description": "",
 }
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
@@ -415,6 +418,12 @@ def load_task_file(path: str | os.PathLike[str]) -> TaskSpec:
     if hub_path is not None and pair != (hub_text_b is not None):
         raise TaskError(f"{where}: a pair task's template ({{text_b}}) needs 'hub_text_b' with 'hub_path', and a "
                         "single-text task none; fix the file")
+    cols = v["columns"] if v["columns"] is not None else {}
+    if not isinstance(cols, dict) or set(cols) - {"text", "text_b", "label"} or \
+            not all(isinstance(c, str) and c.strip() for c in cols.values()):
+        raise TaskError(f"{where}: 'columns' must map some of text, text_b, label to the data files' field names, "
+                        f"found {cols!r:.80}; e.g. {{\"text\": \"review\", \"label\": \"stars\"}}")
+    columns = (cols.get("text", "text"), cols.get("text_b", "text_b"), cols.get("label", "label"))
     files = {key: text(key, optional=key != "train") for key in ("train", "dev", "test")}
     folder = p.resolve().parent
     rel = {key: None if f is None else os.path.relpath((folder / Path(f).expanduser()).resolve(), folder)
@@ -431,6 +440,6 @@ def load_task_file(path: str | os.PathLike[str]) -> TaskSpec:
             local_test=rel["test"], local_dev=rel["dev"],
             test_note=f"{files['test']} (task file)" if rel["test"] else
             f"no test file in {p.name}; add \"test\" to the task file to report test metrics",
-            pair=pair, source_file=str(p.resolve()))
+            pair=pair, source_file=str(p.resolve()), columns=columns)
     except TaskError as e:
         raise TaskError(f"{where}: {str(e).split('; fix')[0]}; fix the file") from None

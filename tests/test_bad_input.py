@@ -308,7 +308,8 @@ def data_label_out_of_range(c):
 def data_label_not_an_int(c):
     rows = [{"text": "x", "label": 1.0}]  # a label name is taken (its id), a float is not
     return c.tune("--data-dir", str(c.data(test=rows))), ("expected an int 'label' field, found label 1.0; labels "
-                                                          "must be integer class ids or label names")
+                                                          "must be integer class ids or one of the label names "
+                                                          "['negative', 'positive']")
 
 
 @case

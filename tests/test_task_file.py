@@ -317,3 +317,52 @@ def test_a_task_file_can_name_a_hub_dataset(tmp_path, monkeypatch):
                                         "verbalizer": ["great", "bad"]})
     with pytest.raises(DataError, match="expected label names"):  # ids would not match the verbalizer
         load_hub_split(load_task_file(wrong), "train")
+
+
+def test_csv_and_tsv_files_with_their_own_column_names(tmp_path):
+    import gzip
+
+    (tmp_path / "train.csv").write_text('review,stars,id\n"Great, really great",pos,7\nawful,neg,8\n'
+                                        '"meh ""ok""",0,9\n\nfine,1,10\n', encoding="utf-8")
+    (tmp_path / "dev.tsv.gz").write_bytes(gzip.compress(b"stars\treview\npos\tgood\nneg\tbad\n"))
+    f = write(tmp_path / "t.json", {"template": "<P> {text} It was [MASK] .", "verbalizer": ["bad", "great"],
+                                    "label_names": ["neg", "pos"], "train": "train.csv", "dev": "dev.tsv.gz",
+                                    "columns": {"text": "review", "label": "stars"}})
+    fs = load_fewshot(str(f), 0)
+    assert [(e.text, e.label) for e in fs.train] == [("Great, really great", 1), ("awful", 0), ('meh "ok"', 0),
+                                                     ("fine", 1)]
+    assert [(e.text, e.label) for e in fs.dev] == [("good", 1), ("bad", 0)]
+    # a pair task's second text through its own column name
+    (tmp_path / "pairs.tsv").write_text("s1\ts2\tlabel\na\tb\t1\nc\td\t0\n", encoding="utf-8")
+    pf = write(tmp_path / "p.json", {"template": "<P> {text} ? [MASK] , {text_b}", "verbalizer": ["No", "Yes"],
+                                     "train": "pairs.tsv", "dev": "pairs.tsv",
+                                     "columns": {"text": "s1", "text_b": "s2"}})
+    assert [(e.text, e.text_b, e.label) for e in load_fewshot(str(pf), 0).train] == [("a", "b", 1), ("c", "d", 0)]
+
+
+@pytest.mark.parametrize("body, expected", [
+    ("text,label\nx,1\n", r"train\.csv:1: expected a header row naming the columns \['review', 'stars'\]"),
+    ("review,stars\nx,1,extra\n", r"train\.csv:2: expected 2 fields as in the header, found 3; quote a text"),
+    ("review,stars\nx\n", r"train\.csv:2: expected 2 fields as in the header, found 1"),
+    ('review,stars\n"x,1\n', r"found malformed quoting after line \d+ \(unexpected end of data\)"),
+    ("review,stars\nx,maybe\n", (r"train\.csv:2: expected an int 'stars' field, found label 'maybe'; labels must be "
+                                 r"integer class ids or one of the label names \['neg', 'pos'\]")),
+    ("review,stars\nx,2\n", r"train\.csv:2: expected a label in 0\.\.1, found 2"),
+    ("review,stars\n", r"expected CSV/TSV rows, found an empty file; fix the file"),
+])
+def test_bad_csv_is_one_line_naming_the_place(tmp_path, body, expected):
+    (tmp_path / "train.csv").write_text(body, encoding="utf-8")
+    f = write(tmp_path / "t.json", {"template": "<P> {text} [MASK]", "verbalizer": ["bad", "great"],
+                                    "label_names": ["neg", "pos"], "train": "train.csv", "dev": "train.csv",
+                                    "columns": {"text": "review", "label": "stars"}})
+    with pytest.raises(DataError, match=expected) as e:
+        load_fewshot(str(f), 0)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("columns", [["text"], {"txt": "a"}, {"text": ""}, {"label": 3}])
+def test_bad_columns_key(tmp_path, columns):
+    f = write(tmp_path / "t.json", {"template": "<P> {text} [MASK]", "verbalizer": ["a", "b"], "train": "t.csv",
+                                    "columns": columns})
+    with pytest.raises(TaskError, match=r"'columns' must map some of text, text_b, label"):
+        load_task_file(f)
