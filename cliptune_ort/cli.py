@@ -167,8 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="classify text with a tuned prompt (run dir or deployed .onnx)")
     pr.add_argument("run_dir", help="run dir, or a deployed classifier .onnx")
-    pr.add_argument("--text", action="append", required=True, help="text to classify (repeatable)")
+    pr.add_argument("--text", action="append", help="text to classify (repeatable)")
     pr.add_argument("--text-b", action="append", help="second text for pair tasks (repeatable)")
+    pr.add_argument("--input", help="file of texts to classify: .txt (one per line), or .jsonl / .csv / .tsv rows "
+                                    "with a text field (text_b for pairs; a task file's own column names); .gz too")
+    pr.add_argument("--output", help="write the predictions here (JSON Lines, atomically) instead of stdout")
     pr.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
 
     dp = sub.add_parser("deploy", help="write a standalone classifier .onnx (+ .json sidecar) from a run (needs onnx)")
@@ -373,11 +376,26 @@ def cmd_eval(a) -> int:
 
 
 def cmd_predict(a) -> int:
-    from .predict import predict
+    from .fileio import atomic_write_text
+    from .predict import predict, predict_file
 
-    rows = predict(a.run_dir, a.text, a.text_b, device=a.device)
+    if (a.text is None) == (a.input is None):
+        raise ConfigError("predict needs the texts: pass --text (repeatable) or --input FILE, not both")
+    if a.input is not None and a.text_b:
+        raise ConfigError("--text-b goes with --text; with --input, give each row its second text in the file")
+    if a.output is not None and (Path(a.output).is_dir() or Path(a.output).resolve() == Path(a.input or "").resolve()):
+        raise ConfigError(f"--output {a.output}: expected a new file path (not a folder, not the input file)")
+    rows = predict_file(a.run_dir, a.input, device=a.device) if a.input else \
+        predict(a.run_dir, a.text, a.text_b, device=a.device)
+    lines = "".join(json.dumps(r) + "\n" for r in rows)
+    if a.output is None:
+        sys.stdout.write(lines)
+        return 0
+    atomic_write_text(a.output, lines)
+    counts: dict[str, int] = {}
     for r in rows:
-        print(json.dumps(r))
+        counts[r["label_name"]] = counts.get(r["label_name"], 0) + 1
+    print(json.dumps({"output": a.output, "rows": len(rows), "per_label": counts}))
     return 0
 
 

@@ -135,11 +135,12 @@ def _delimiter(path: Path) -> str | None:
     return next((d for ext, d in _DELIMITED.items() if name.lower().endswith(ext)), None)
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, missing_hint: str = "") -> str:
     """A data file's text: read, gunzipped where its name ends in .gz, decoded as strict UTF-8."""
     if not path.is_file():
-        raise DataError(f"{path}: data file not found; expected a JSON Lines file there (pass --data-dir "
-                        "pointing at a folder with one sub-folder per task)")
+        raise DataError(f"{path}: data file not found; " + (missing_hint or "expected a JSON Lines file there (pass "
+                                                              "--data-dir pointing at a folder with one sub-folder per "
+                                                              "task)"))
     try:
         raw = path.read_bytes()
         if path.name.endswith(".gz"):
@@ -158,8 +159,9 @@ def _read_text(path: Path) -> str:
                         f"{raw[e.start:e.end]!r}; re-encode the file as UTF-8") from e
 
 
-def _records(path: Path, content: str, columns: Sequence[str]):
-    """(line number, row dict) of each record: a JSON object per line, or a CSV/TSV row under its header."""
+def _records(path: Path, content: str, columns: Sequence[str], need: Sequence[str] | None = None):
+    """(line number, row dict) of each record: a JSON object per line, or a CSV/TSV row under its header (which
+    must name the columns ``need``, default the text and the label)."""
     delimiter = _delimiter(path)
     if delimiter is None:
         # split("\n"), not splitlines(): U+2028 and friends may legally occur inside JSON strings.
@@ -175,9 +177,9 @@ def _records(path: Path, content: str, columns: Sequence[str]):
     reader = csv.DictReader(io.StringIO(content, newline=""), delimiter=delimiter, strict=True)
     try:
         header = reader.fieldnames or []
-        need = [c for c in (columns[0], columns[2]) if c not in header]
-        if header and need:
-            raise DataError(f"{path}:1: expected a header row naming the columns {need}, found {header}; add them "
+        missing = [c for c in (need or (columns[0], columns[2])) if c not in header]
+        if header and missing:
+            raise DataError(f"{path}:1: expected a header row naming the columns {missing}, found {header}; add them "
                             "or map yours with the task file's \"columns\"")
         for row in reader:
             if None in row:  # DictReader's key for fields beyond the header
@@ -245,6 +247,43 @@ def _read_jsonl(
         raise DataError(f"{path}: expected {'CSV/TSV' if delimited else 'JSON Lines'} rows, found an empty file; "
                         "restore the file (check it against SHA256SUMS)")
     return rows, n_objects - len(rows)
+
+
+def read_texts(
+    path: str | os.PathLike[str], pair: bool = False, columns: Sequence[str] = DEFAULT_COLUMNS
+) -> tuple[list[str], list[str] | None]:
+    """Texts to classify, from a file: ``.txt`` (one text per non-blank line; single-text tasks), or JSON Lines,
+    CSV or TSV rows (optionally gzipped) holding the text field (and the second text for a pair task) under
+    ``columns``' names; other fields, a label among them, are ignored. Returns ``(texts, texts_b or None)``.
+
+    Raises:
+        DataError: one line naming the file (and line): not found, unreadable, not UTF-8, a row without its
+            text field(s), no text at all.
+    """
+    path = Path(path)
+    content = _read_text(path, "expected a file of texts there (.txt, .jsonl, .csv or .tsv); check the path")
+    name = path.name.removesuffix(".gz").lower()
+    text_col, text_b_col = columns[0], columns[1]
+    texts: list[str] = []
+    texts_b: list[str] = []
+    if name.endswith(".txt"):
+        if pair:
+            raise DataError(f"{path}: a pair task needs two texts per example: give a JSON Lines, CSV or TSV file with "
+                            f"{text_col!r} and {text_b_col!r} fields instead of plain lines")
+        texts = [line.rstrip("\r") for line in content.split("\n") if line.strip()]
+    else:
+        need = (text_col, text_b_col) if pair else (text_col,)
+        for lineno, row in _records(path, content, columns, need=need):
+            for col, out in zip(need, (texts, texts_b)):
+                value = row.get(col)
+                if not isinstance(value, str):
+                    found = f"no {col!r} field" if col not in row else f"{type(value).__name__} {value!r:.40}"
+                    raise DataError(f"{path}:{lineno}: expected a string {col!r} field, found {found}; every row "
+                                    f"needs its text in {col!r}")
+                out.append(value)
+    if not texts:
+        raise DataError(f"{path}: expected texts to classify, found none; add one per line (or row)")
+    return texts, (texts_b if pair else None)
 
 
 def read_jsonl(

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 
 from .config import build_config
-from .data import Example
+from .data import DEFAULT_COLUMNS, Example, read_texts
 from .errors import ConfigError, TaskError
 from .tasks import is_task_file, task_file_sha256
-from .tuner import evaluate, prepare
+from .tuner import eval_batch, evaluate, prepare, task_for
 
 
 def read_run_config(run_dir: str | Path, keep_model_dir: bool = False, check_task_file: bool = True) -> dict:
@@ -88,9 +88,11 @@ def predict(run_dir: str | Path, texts: list[str], texts_b: list[str] | None = N
     cfg, ws, prompt = _load_run(run_dir, device)
     if ws.task.pair and (not texts_b or len(texts_b) != len(texts)):
         raise ConfigError(f"task {ws.task.name} classifies text pairs: pass one --text-b per --text")
+    if not texts:
+        raise ConfigError("no text to classify: pass at least one --text, or --input FILE")
     exs = [Example(t, 0, texts_b[i] if texts_b else None) for i, t in enumerate(texts)]
     enc = ws.ptok.encode(ws.task.template, exs, use_prompt=cfg.method != "manual")
-    batch = ws.engine.prepare(enc, 1)
+    batch = eval_batch(ws.engine, enc, cfg.eval_chunk)  # length-sorted chunks: bounded memory for a large input
     p = ws.zero_prompt() if prompt is None else prompt[None].astype(np.float32)
     logits = ws.engine.logits(0, p, batch, ws.verbalizer_ids)[0]
     z = logits - logits.max(axis=-1, keepdims=True)
@@ -102,3 +104,23 @@ def predict(run_dir: str | Path, texts: list[str], texts_b: list[str] | None = N
                     "verbalizer": ws.task.verbalizer[j],
                     "probs": {ws.task.label_names[c]: round(float(probs[i, c]), 6) for c in range(probs.shape[1])}})
     return out
+
+
+def input_format(target: str | Path) -> tuple[bool, tuple[str, str, str]]:
+    """(pair task?, field names of text, text_b, label) that ``target`` (a run dir or a deployed .onnx) reads
+    an input file with: a run's task file's own ``columns``, else text / text_b / label."""
+    if str(target).endswith(".onnx"):
+        from .deploy import load_sidecar
+
+        return bool(load_sidecar(target)["pair"]), DEFAULT_COLUMNS
+    spec = task_for(build_config(**read_run_config(target)))
+    return spec.pair, spec.columns
+
+
+def predict_file(target: str | Path, input_path: str | Path, device: str | None = None) -> list[dict]:
+    """:func:`predict` on every text of ``input_path`` (:func:`cliptune_ort.data.read_texts`: .txt lines, or
+    JSON Lines / CSV / TSV rows)."""
+    pair, columns = input_format(target)
+    texts, texts_b = read_texts(input_path, pair, columns)
+    return predict(target, texts, texts_b, device=device)
+

@@ -366,3 +366,66 @@ def test_bad_columns_key(tmp_path, columns):
                                     "columns": columns})
     with pytest.raises(TaskError, match=r"'columns' must map some of text, text_b, label"):
         load_task_file(f)
+
+
+def test_read_texts_from_every_format(tmp_path):
+    import gzip
+
+    from cliptune_ort.data import read_texts
+
+    (tmp_path / "a.txt").write_text("first text\r\n\nsecond, with a comma\n", encoding="utf-8")
+    assert read_texts(tmp_path / "a.txt") == (["first text", "second, with a comma"], None)
+    rows(tmp_path / "b.jsonl", [{"text": "x", "label": 1}, {"text": "y"}])  # a label, if any, is ignored
+    assert read_texts(tmp_path / "b.jsonl") == (["x", "y"], None)
+    (tmp_path / "c.csv.gz").write_bytes(gzip.compress(b'review,s2\n"a, b",c\nd,e\n'))
+    assert read_texts(tmp_path / "c.csv.gz", pair=True, columns=("review", "s2", "label")) == (["a, b", "d"], ["c", "e"])
+    with pytest.raises(DataError, match=r"a pair task needs two texts per example"):
+        read_texts(tmp_path / "a.txt", pair=True)
+    with pytest.raises(DataError, match=r"c\.csv\.gz:1: expected a header row naming the columns \['text'\]"):
+        read_texts(tmp_path / "c.csv.gz")
+    with pytest.raises(DataError, match=r"b\.jsonl:1: expected a string 'text_b' field, found no 'text_b' field"):
+        read_texts(tmp_path / "b.jsonl", pair=True)
+    (tmp_path / "e.txt").write_text("\n \n", encoding="utf-8")
+    with pytest.raises(DataError, match="expected texts to classify, found none"):
+        read_texts(tmp_path / "e.txt")
+    with pytest.raises(DataError, match=r"data file not found; expected a file of texts there"):
+        read_texts(tmp_path / "nope.csv")
+
+
+@needs_export
+def test_predict_a_file_in_chunks(splade_dir, tmp_path, capsys):
+    """`cliptune predict --input`: the same probabilities as one text at a time, in chunks of the run's eval_chunk
+    (bounded memory), to stdout or atomically to --output; a deployed classifier reads the same file."""
+    from cliptune_ort.cli import main
+    from cliptune_ort.predict import predict
+    from cliptune_ort.tuner import tune
+
+    cfg = build_config(task=str(EXAMPLE), method="bbt", budget=8, popsize=4, d=10, eval_every=4, eval_chunk=5,
+                       plot=False)
+    run = tmp_path / "run"
+    tune(cfg, run, model_dir=splade_dir, progress=False)
+    test = ROOT / "examples" / "support_topics" / "test.jsonl"
+    assert main(["predict", str(run), "--input", str(test)]) == 0
+    got = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    texts = [json.loads(x)["text"] for x in test.read_text().splitlines()]
+    assert [g["text"] for g in got] == texts and len(texts) == 36  # 8 chunks of at most 5 rows, in input order
+    for g, t in zip(got[:6], texts[:6]):
+        one = predict(run, [t])[0]
+        assert one["label"] == g["label"]
+        assert max(abs(one["probs"][k] - g["probs"][k]) for k in one["probs"]) < 1e-5
+    out = tmp_path / "preds.jsonl"
+    assert main(["predict", str(run), "--input", str(test), "--output", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["rows"] == 36 and sum(summary["per_label"].values()) == 36
+    assert [json.loads(x) for x in out.read_text().splitlines()] == got
+    assert main(["deploy", str(run), "--out", str(tmp_path / "c.onnx")]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "c.onnx"), "--input", str(test)]) == 0
+    dep = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert [d["label"] for d in dep] == [g["label"] for g in got]
+    for args, msg in ((["--text", "x", "--input", str(test)], "pass --text (repeatable) or --input FILE, not both"),
+                      ([], "pass --text (repeatable) or --input FILE"),
+                      (["--input", str(test), "--text-b", "y"], "--text-b goes with --text"),
+                      (["--input", str(test), "--output", str(tmp_path)], "expected a new file path")):
+        assert main(["predict", str(run), *args]) == 2
+        assert msg in capsys.readouterr().err
