@@ -162,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("eval", help="evaluate a run's best prompt on a split with the full network")
     v.add_argument("run_dir")
-    v.add_argument("--split", choices=("train", "dev", "test"), default="test")
+    v.add_argument("--split", choices=("train", "dev", "test"), default=None, help="default test")
+    v.add_argument("--input", help="evaluate on this labelled file instead of a split (the task's data format: "
+                                   ".jsonl / .csv / .tsv rows with text and label)")
     v.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
 
     pr = sub.add_parser("predict", help="classify text with a tuned prompt (run dir or deployed .onnx)")
@@ -370,7 +372,9 @@ def cmd_tasks(a) -> int:
 def cmd_eval(a) -> int:
     from .predict import evaluate_run
 
-    res = evaluate_run(a.run_dir, a.split, device=a.device)
+    if a.input is not None and a.split is not None:
+        raise ConfigError("eval takes --split or --input FILE, not both")
+    res = evaluate_run(a.run_dir, a.split or "test", device=a.device, input_path=a.input)
     print(json.dumps(res))
     return 0
 

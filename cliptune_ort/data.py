@@ -351,6 +351,17 @@ def _load_local(spec: TaskSpec, path: Path) -> tuple[list[Example], int]:
     return [Example(r["text"], r["label"]) for r in rows], dropped
 
 
+def load_labelled(task: str | TaskSpec, path: str | os.PathLike[str]) -> list[Example]:
+    """Labelled examples of any file in ``task``'s format (JSON Lines, CSV or TSV; its label names, columns and
+    pair fields), e.g. a held-out set to evaluate a tuned prompt on."""
+    spec, path = _spec(task), Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found; expected a file of labelled examples there (.jsonl, .csv or "
+                        ".tsv); check the path")
+    with _task_file_hints(spec, own_file=True):
+        return _load_local(spec, path)[0]
+
+
 def _split_path(spec: TaskSpec, folder: Path, split: str) -> Path:
     """Local file of ``split``: "train"/"test" through the spec, else ``<split>`` or ``<split>.jsonl[.gz]``."""
     if split == "train":
@@ -617,12 +628,13 @@ _VENDORED_HINTS = (
 
 
 @contextlib.contextmanager
-def _task_file_hints(spec: TaskSpec):
-    """Data errors about a task file's own files, with hints for them (not for the vendored data)."""
+def _task_file_hints(spec: TaskSpec, own_file: bool = False):
+    """Data errors about a task file's own files (or, ``own_file``, any file a user gives), with hints for them
+    (not for the vendored data)."""
     try:
         yield
     except DataError as e:
-        if spec.source_file is None:
+        if spec.source_file is None and not own_file:
             raise
         msg = str(e)
         for old, new in _VENDORED_HINTS:

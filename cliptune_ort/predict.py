@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import build_config
-from .data import DEFAULT_COLUMNS, Example, read_texts
+from .data import DEFAULT_COLUMNS, Example, load_labelled, read_texts
 from .errors import ConfigError, TaskError
 from .tasks import is_task_file, task_file_sha256
 from .tuner import eval_batch, evaluate, prepare, task_for
@@ -66,12 +66,21 @@ def _load_run(run_dir: str | Path, device: str | None):
     return cfg, ws, prompt
 
 
-def evaluate_run(run_dir: str | Path, split: str = "test", device: str | None = None) -> dict:
-    """Metric and loss of the run's best prompt on ``split`` with the full network."""
-    _, ws, prompt = _load_run(run_dir, device)
+def evaluate_run(run_dir: str | Path, split: str = "test", device: str | None = None,
+                 input_path: str | Path | None = None) -> dict:
+    """Metric and loss of the run's best prompt on ``split`` with the full network, or on the labelled examples
+    of ``input_path`` (a data file in the task's format: JSON Lines, CSV or TSV rows with text and label)."""
+    cfg, ws, prompt = _load_run(run_dir, device)
+    if input_path is not None:
+        examples = load_labelled(ws.task, input_path)
+        enc = ws.ptok.encode(ws.task.template, examples, use_prompt=cfg.method != "manual")
+        batch = eval_batch(ws.engine, enc, cfg.eval_chunk)
+        return {"run_dir": str(run_dir), "input": str(input_path), "metric_name": ws.task.metric,
+                **evaluate(ws, prompt, batch)}
     batch = {"train": ws.train, "dev": ws.dev, "test": ws.test}[split]
     if batch is None:
-        raise ConfigError(f"task {ws.task.name} has no {split} split offline: pick another --split")
+        raise ConfigError(f"task {ws.task.name} has no {split} split offline: pick another --split, or pass "
+                          "--input FILE")
     return {"run_dir": str(run_dir), "split": split, "metric_name": ws.task.metric, **evaluate(ws, prompt, batch)}
 
 

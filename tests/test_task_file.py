@@ -429,3 +429,32 @@ def test_predict_a_file_in_chunks(splade_dir, tmp_path, capsys):
                       (["--input", str(test), "--output", str(tmp_path)], "expected a new file path")):
         assert main(["predict", str(run), *args]) == 2
         assert msg in capsys.readouterr().err
+
+
+@needs_export
+def test_eval_on_a_labelled_file(splade_dir, tmp_path, capsys):
+    """`cliptune eval RUN --input FILE`: the task's own format and label names; on the run's test file it gives
+    the run's own test numbers."""
+    from cliptune_ort.cli import main
+    from cliptune_ort.tuner import tune
+
+    run = tmp_path / "run"
+    res = tune(build_config(task=str(EXAMPLE), method="bbt", budget=8, popsize=4, d=10, eval_every=4, plot=False),
+               run, model_dir=splade_dir, progress=False)
+    test = ROOT / "examples" / "support_topics" / "test.jsonl"
+    assert main(["eval", str(run), "--input", str(test)]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["n"] == 36 and got["input"] == str(test)
+    assert abs(got["metric"] - res["test"]["metric"]) < 1e-12 and abs(got["loss"] - res["test"]["loss"]) < 1e-6
+    # a CSV of its own with label names, through the task's columns (text, label)
+    lines = [json.loads(x) for x in test.read_text().splitlines()][:6]
+    csv_file = tmp_path / "held.csv"
+    csv_file.write_text("text,label\n" + "".join(f'"{r["text"]}",{r["label"]}\n' for r in lines), encoding="utf-8")
+    assert main(["eval", str(run), "--input", str(csv_file)]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 6
+    (tmp_path / "empty.jsonl").write_text("", encoding="utf-8")
+    for args, msg in ((["--input", str(tmp_path / "empty.jsonl")], "found an empty file; fix the file"),
+                      (["--input", str(tmp_path / "nope.csv")], "expected a file of labelled examples there"),
+                      (["--input", str(csv_file), "--split", "dev"], "eval takes --split or --input FILE, not both")):
+        assert main(["eval", str(run), *args]) == 2
+        assert msg in capsys.readouterr().err
