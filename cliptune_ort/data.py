@@ -25,6 +25,7 @@ import io
 import json
 import os
 import re
+import warnings
 import zlib
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -604,11 +605,21 @@ def _source(spec: TaskSpec, folder: Path, path: Path) -> str:
     return path.relative_to(folder.parent).as_posix()
 
 
+#: a task file's train or dev file used whole with more rows than this gets a warning (each candidate scores them)
+GIVEN_ROWS_WARN = 1000
+
+
 def _given(spec: TaskSpec, folder: Path, split: str) -> list[Example]:
     """A task file's train or dev file, whole; every label must occur (a prompt learns nothing about a label
     its train set lacks, and dev could not select for it)."""
     path = folder / (spec.local_train if split == "train" else spec.local_dev)
     examples = _load_local(spec, path)[0]
+    if len(examples) > GIVEN_ROWS_WARN:
+        cost = ("every candidate is scored on all of them" if split == "train" else
+                "every dev evaluation (each --eval-every calls) scores all of them")
+        warnings.warn(f"{path}: {len(examples):,} {split} examples, used whole: {cost}; Clip-Tuning is few-shot: drop "
+                      "\"dev\" from the task file to draw --per-class examples per label from train instead "
+                      "(`cliptune bench` projects the run's time)", RuntimeWarning, stacklevel=3)
     counts = _counts(examples, spec.n_labels)
     if not all(counts):
         raise DataError(f"{path}: expected at least one {split} example of every label, found {counts} (per label "

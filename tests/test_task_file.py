@@ -458,3 +458,17 @@ def test_eval_on_a_labelled_file(splade_dir, tmp_path, capsys):
                       (["--input", str(csv_file), "--split", "dev"], "eval takes --split or --input FILE, not both")):
         assert main(["eval", str(run), *args]) == 2
         assert msg in capsys.readouterr().err
+
+
+def test_a_large_given_train_file_warns(tmp_path, monkeypatch):
+    """Train and dev files used whole are scored by every candidate: a full training set there gets a warning."""
+    import cliptune_ort.data as data
+
+    monkeypatch.setattr(data, "GIVEN_ROWS_WARN", 5)
+    rows(tmp_path / "train.jsonl", [{"text": f"t{i}", "label": i % 2} for i in range(6)])
+    rows(tmp_path / "dev.jsonl", [{"text": f"d{i}", "label": i % 2} for i in range(4)])
+    f = write(tmp_path / "t.json", {"template": "<P> {text} [MASK]", "verbalizer": ["bad", "great"],
+                                    "train": "train.jsonl", "dev": "dev.jsonl"})
+    with pytest.warns(RuntimeWarning, match=r"train\.jsonl: 6 train examples, used whole: every candidate is scored"):
+        fs = load_fewshot(str(f), 0)
+    assert len(fs.train) == 6 and len(fs.dev) == 4
