@@ -462,7 +462,7 @@ def test_eval_on_a_labelled_file(splade_dir, tmp_path, capsys):
 
 def test_a_large_given_train_file_warns(tmp_path, monkeypatch):
     """Train and dev files used whole are scored by every candidate: a full training set there gets a warning."""
-    import cliptune_ort.data as data
+    from cliptune_ort import data
 
     monkeypatch.setattr(data, "GIVEN_ROWS_WARN", 5)
     rows(tmp_path / "train.jsonl", [{"text": f"t{i}", "label": i % 2} for i in range(6)])
