@@ -136,7 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tune", help="tune a soft prompt (default: SST-2 on the embedded model)")
     _add_tune_args(t)
-    t.add_argument("--out", help="run dir (default runs/<task>_<method>_seed<seed>)")
+    t.add_argument("--out", help="run dir (default runs/<task>_<method>_seed<seed>; with --seeds, the folder of the "
+                                 "runs, default runs/<task>_<method>_seeds)")
+    t.add_argument("--seeds", help="comma-separated seeds (e.g. 13,21,42,87,100): one run each in OUT/seed<s>, then "
+                                   "OUT/summary.json with mean and std over the seeds")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     t.add_argument("--force-resume", action="store_true", help="resume even if settings or model differ")
     t.add_argument("--overwrite", action="store_true", help="delete an existing run in --out first")
@@ -285,13 +288,13 @@ def cmd_export(a) -> int:
     return 0
 
 
-def cmd_tune(a) -> int:
+def _tune_one(a, flags: dict, out: Path | None) -> tuple[dict, Path]:
+    """One run of ``cliptune tune``: its result and run dir (``out``, or the default for its settings)."""
     from .config import build_config
-    from .tuner import RunInterrupted, tune
+    from .tuner import tune
 
-    flags = _tune_flags(a)
     cfg = build_config(a.config, **flags)
-    out = Path(a.out) if a.out else _default_run_dir(cfg)
+    out = out or _default_run_dir(cfg)
     if a.resume and (out / "config.json").is_file():
         # resume with the run's own settings; flags given now override them (and are checked)
         from .predict import read_run_config
@@ -300,14 +303,100 @@ def cmd_tune(a) -> int:
         if a.config is not None:
             base.update(json.loads(Path(a.config).read_text(encoding="utf-8")))
         cfg = build_config(None, **{**base, **{k: v for k, v in flags.items() if v is not None}})
+    res = tune(cfg, out, resume=a.resume, overwrite=a.overwrite, force_resume=a.force_resume, progress=not a.quiet)
+    return res, out
+
+
+def cmd_tune(a) -> int:
+    from .tuner import RunInterrupted
+
+    if a.seeds is not None:
+        return _tune_seeds(a)
     try:
-        res = tune(cfg, out, resume=a.resume, overwrite=a.overwrite, force_resume=a.force_resume,
-                   progress=not a.quiet)
+        res, out = _tune_one(a, _tune_flags(a), Path(a.out) if a.out else None)
     except RunInterrupted as e:
         print(f"cliptune: {e}", file=sys.stderr)
         return 130
     _print_result(res, out)
     return 0
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds 13,21,42``: distinct non-negative integers, in the order given."""
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0 or max(seeds) >= 2**32:
+        raise ConfigError(f"--seeds {text!r}: expected distinct integers in 0..2**32-1, comma-separated, e.g. "
+                          "13,21,42,87,100 (BBT's five)")
+    return seeds
+
+
+def _spread(values: list[float]) -> dict | None:
+    import numpy as np
+
+    if not values:
+        return None
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "min": float(v.min()),
+            "max": float(v.max()), "n": len(v)}
+
+
+def _tune_seeds(a) -> int:
+    """``cliptune tune --seeds S1,S2,...``: one run per seed in OUT/seed<s>, then OUT/summary.json (and .md): each
+    run's metrics and their mean, sample std (ddof 1), min and max over the seeds. ``--resume`` continues every
+    seed's run (a finished one returns its result); the summary is rewritten after each run."""
+    from .config import build_config
+    from .fileio import atomic_write_json, atomic_write_text
+    from .tuner import RunInterrupted
+
+    if a.seed is not None:
+        raise ConfigError("pass --seed (one run) or --seeds (one run per seed), not both")
+    seeds = parse_seeds(a.seeds)
+    flags = _tune_flags(a)
+    first = build_config(a.config, **{**flags, "seed": seeds[0]})
+    root = Path(a.out) if a.out else Path("runs") / f"{_task_name(first)}_{first.method}_seeds"
+    runs: list[dict] = []
+    for seed in seeds:
+        try:
+            res, out = _tune_one(a, {**flags, "seed": seed}, root / f"seed{seed}")
+        except RunInterrupted as e:
+            print(f"cliptune: {e}", file=sys.stderr)
+            print(f"cliptune: to continue every seed: cliptune tune --seeds {a.seeds} --out {root} --resume",
+                  file=sys.stderr)
+            return 130
+        _print_result(res, out)
+        runs.append({"seed": seed, "run_dir": str(out), "train": res["train"]["metric"], "dev": res["dev"]["metric"],
+                     "test": res["test"]["metric"] if res.get("test") else None, "calls": res["calls"],
+                     "wall_seconds": res["wall_seconds"]})
+        summary = {"task": res["task"], "method": res["method"], "metric": res["metric"], "seeds": seeds,
+                   "finished": [r["seed"] for r in runs], "runs": runs,
+                   **{f"{k}_metric": _spread([r[k] for r in runs if r[k] is not None]) for k in ("train", "dev", "test")}}
+        atomic_write_json(root / "summary.json", summary)
+        atomic_write_text(root / "summary.md", _seeds_markdown(summary))
+    line = {"out": str(root), "task": summary["task"], "method": summary["method"], "seeds": seeds}
+    for k in ("dev", "test"):
+        sp = summary[f"{k}_metric"]
+        line[f"{k}_metric_mean"], line[f"{k}_metric_std"] = (sp["mean"], sp["std"]) if sp else (None, None)
+    print(json.dumps(line))
+    return 0
+
+
+def _seeds_markdown(s: dict) -> str:
+    def cell(v):
+        return "-" if v is None else f"{v:.4f}"
+
+    rows = [f"# {s['task']} {s['method']}: {len(s['finished'])} of {len(s['seeds'])} seeds ({s['metric']})", "",
+            "| seed | train | dev | test | calls | wall s |", "|---|---|---|---|---|---|"]
+    rows += [f"| {r['seed']} | {cell(r['train'])} | {cell(r['dev'])} | {cell(r['test'])} | {r['calls']} | "
+             f"{r['wall_seconds']:.1f} |" for r in s["runs"]]
+    for k in ("train", "dev", "test"):
+        sp = s[f"{k}_metric"]
+        if sp:
+            rows.append(f"\n{k}: mean {sp['mean']:.4f}, std {sp['std']:.4f} (ddof 1), min {sp['min']:.4f}, "
+                        f"max {sp['max']:.4f}, n {sp['n']}")
+    return "\n".join(rows) + "\n"
 
 
 def _print_result(res: dict, out: Path) -> None:
