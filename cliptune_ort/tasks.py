@@ -342,11 +342,12 @@ def load_task_file(path: str | os.PathLike[str]) -> TaskSpec:
 
     A task file is a JSON object. Required: ``template`` (``<P>``, ``{text}``, optionally ``{text_b}`` for a
     sentence-pair task, and one ``[MASK]``), ``verbalizer`` (one word per label, in label-id order) and ``train``
-    (a JSON Lines file of ``{"text": ..., "label": ...}`` rows, ``text_b`` too for pairs; labels are ids or
-    label names). Optional: ``name`` (default: the file's stem), ``label_names`` (default: the verbalizer),
-    ``dev`` (a dev file used whole; without it the few-shot train and dev sets are drawn from ``train`` by
-    BBT's seeded sampler, ``per_class`` of each label each), ``test``, ``loss`` ("ce" or "hinge"), ``metric``
-    ("acc" or "f1": binary F1 of label 1), ``hub_*`` (a Hugging Face dataset for ``--data-source hub``) and
+    (JSON Lines ``{"text": ..., "label": ...}`` rows, ``text_b`` too for pairs, or CSV / TSV with a header row,
+    optionally gzipped; labels are label names or ids). Optional: ``name`` (default: the file's stem),
+    ``label_names`` (default: the verbalizer), ``dev`` (a dev file used whole; without it the few-shot train and
+    dev sets are drawn from ``train`` by BBT's seeded sampler, ``per_class`` of each label each), ``test``,
+    ``loss`` ("ce" or "hinge"), ``metric`` ("acc" or "f1": binary F1 of label 1), ``columns`` (the data files'
+    own names for text, text_b and label), ``hub_*`` (a Hugging Face dataset for ``--data-source hub``) and
     ``description``. File paths are relative to the task file's folder.
 
     Raises:
@@ -396,6 +397,7 @@ def load_task_file(path: str | os.PathLike[str]) -> TaskSpec:
             raise TaskError(f"{where}: {key!r} has repeated entries {val!r:.80}; give each label its own")
         return tuple(val)
 
+    text("description")  # free text, but text
     name = text("name", optional=True) or p.name[: -len(".json")]
     if not _NAME_RE.match(name) or name in TASKS:
         raise TaskError(f"{where}: name {name!r} must be 1-64 letters, digits, '_', '-' or '.' and not a built-in "

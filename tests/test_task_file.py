@@ -70,6 +70,7 @@ BAD = [
     ({"template": "<P> {text} [MASK]", "verbalizer": ["a", "b"], "train": "t", "name": "sst2"}, "not a built-in"),
     ({"template": "<P> {text} [MASK]", "verbalizer": ["a", "b"], "train": "t", "name": "a b"}, "name 'a b'"),
     ({"template": "<P> {text} [MASK]", "verbalizer": ["a", "b"], "train": ""}, "'train' must be a non-empty string"),
+    ({"template": "<P> {text} [MASK]", "verbalizer": ["a", "b"], "train": "t", "description": 3}, "'description' must"),
     ({"template": "<P> {text} [MASK] {text_b}", "verbalizer": ["a", "b"], "train": "t", "hub_path": "glue"},
      "needs 'hub_text_b'"),
 ]
