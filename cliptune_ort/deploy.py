@@ -19,7 +19,8 @@ The graph inserts the L placeholder ids after position 0, extends the attention 
 [MASK] position itself, adds the baked prompt and computes only the verbalizer rows of the head.
 
 Sidecar (``classifier.json``): format/version, ``deploy_id`` (also stamped in the graph's metadata
-and checked here), task, label names, verbalizer, ``template`` (the run's, with ``<P>``) and
+and checked here), task, label names, verbalizer, ``columns`` (the task's field names for text, text_b
+and label, which ``cliptune predict --input`` reads), ``template`` (the run's, with ``<P>``) and
 ``plain_template`` (without it), special token ids, ``max_len`` (tokens incl. the prompt; the graph
 accepts at most ``max_input_tokens`` = max_len - L), the parity check done at deploy time, and the
 run's ``tokenizer.json`` as a string (``tokenizer_json``).

@@ -121,7 +121,8 @@ def input_format(target: str | Path) -> tuple[bool, tuple[str, str, str]]:
     if str(target).endswith(".onnx"):
         from .deploy import load_sidecar
 
-        return bool(load_sidecar(target)["pair"]), DEFAULT_COLUMNS
+        meta = load_sidecar(target)  # sidecars before the "columns" key read the default names
+        return bool(meta["pair"]), tuple(meta.get("columns") or DEFAULT_COLUMNS)
     spec = task_for(build_config(**read_run_config(target)))
     return spec.pair, spec.columns
 

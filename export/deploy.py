@@ -368,6 +368,7 @@ def deploy_run(run_dir: str | os.PathLike, out: str | os.PathLike, opts: DeployO
         "task": ws.task.name,
         "metric": ws.task.metric,
         "pair": ws.task.pair,
+        "columns": list(ws.task.columns),  # the task's field names for text, text_b, label (predict --input)
         "label_names": list(ws.task.label_names),
         "verbalizer": list(ws.task.verbalizer),
         "verbalizer_ids": [int(v) for v in ws.verbalizer_ids],

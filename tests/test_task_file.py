@@ -424,6 +424,22 @@ def test_predict_a_file_in_chunks(splade_dir, tmp_path, capsys):
     assert main(["predict", str(tmp_path / "c.onnx"), "--input", str(test)]) == 0
     dep = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
     assert [d["label"] for d in dep] == [g["label"] for g in got]
+    # a task's own column names travel in the sidecar: the deployed classifier reads the task's files
+    run2 = tmp_path / "run2"
+    (tmp_path / "msgs.csv").write_text("message,topic\n" + "".join(f'"{t}",x\n' for t in texts[:4]), encoding="utf-8")
+    for split in ("train", "dev"):  # the example's files as CSV under other column names
+        ex = [json.loads(x) for x in (EXAMPLE.parent / f"{split}.jsonl").read_text().splitlines()]
+        (tmp_path / f"{split}.csv").write_text("message,topic\n" + "".join(f'"{r["text"]}",{r["label"]}\n' for r in ex),
+                                               encoding="utf-8")
+    own = write(tmp_path / "own.json", {**json.loads(EXAMPLE.read_text()), "train": "train.csv", "dev": "dev.csv",
+                                        "test": None, "columns": {"text": "message", "label": "topic"}})
+    tune(build_config(task=str(own), method="bbt", budget=8, popsize=4, d=10, eval_every=4, plot=False), run2,
+         model_dir=splade_dir, progress=False)
+    assert main(["deploy", str(run2), "--out", str(tmp_path / "clf.onnx"), "--check-split", "dev"]) == 0
+    assert json.loads((tmp_path / "clf.json").read_text())["columns"] == ["message", "text_b", "topic"]
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "clf.onnx"), "--input", str(tmp_path / "msgs.csv")]) == 0
+    assert [json.loads(x)["text"] for x in capsys.readouterr().out.strip().splitlines()] == texts[:4]
     for args, msg in ((["--text", "x", "--input", str(test)], "pass --text (repeatable) or --input FILE, not both"),
                       ([], "pass --text (repeatable) or --input FILE"),
                       (["--input", str(test), "--text-b", "y"], "--text-b goes with --text"),
