@@ -40,7 +40,14 @@ def export_subprocess(model: str | Path, out: Path, k: int, p: float, seed: int 
     cmd = [sys.executable, "-m", "cliptune_export", str(model), "--out", str(out), "--k", str(k),
            "--p", repr(p), "--seed", str(seed), *(extra or [])]
     print(f"[cliptune] exporting {model} -> {out} (K={k}, p={p:g}); this happens once", file=sys.stderr, flush=True)
-    res = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+    try:  # the child's progress goes straight to our stderr where it is a file ...
+        sys.stderr.fileno()
+        target = sys.stderr
+    except (AttributeError, OSError, ValueError):  # ... not in Jupyter or under captured streams: relay it after
+        target = subprocess.PIPE
+    res = subprocess.run(cmd, stdout=target, stderr=subprocess.PIPE, text=True)
+    if target is subprocess.PIPE and res.stdout:
+        sys.stderr.write(res.stdout)
     if res.returncode != 0:
         tail = (res.stderr or "").strip().splitlines()
         last = tail[-1] if tail else f"exit {res.returncode}"

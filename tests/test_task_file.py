@@ -489,3 +489,20 @@ def test_a_large_given_train_file_warns(tmp_path, monkeypatch):
     with pytest.warns(RuntimeWarning, match=r"train\.jsonl: 6 train examples, used whole: every candidate is scored"):
         fs = load_fewshot(str(f), 0)
     assert len(fs.train) == 6 and len(fs.dev) == 4
+
+
+@needs_export
+def test_the_readmes_python_example_runs(tmp_path, monkeypatch, capsys):
+    """README, "From Python": the block runs as written (from a folder holding the examples)."""
+    import re
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"### From Python\n.*?```python\n(.*?)```", readme, re.S).group(1)
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md (From Python)", "exec"), {})
+    out = capsys.readouterr().out.strip().splitlines()
+    res = json.loads((tmp_path / "runs" / "topics_bbt" / "result.json").read_text())
+    assert out[0] == f"{res['dev']['metric']} {res['test']['metric']}" and res["calls"] == 400
+    assert out[1] in ("delivery", "payment", "account") and float(out[2]) == res["test"]["metric"]
+    assert (tmp_path / "topics.onnx").is_file() and (tmp_path / "topics.json").is_file()

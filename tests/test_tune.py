@@ -275,3 +275,26 @@ def test_the_next_ask_runs_ahead_without_changing_the_run(splade_dir, tmp_path, 
         assert (tmp_path / "ahead" / f).read_bytes() == (tmp_path / "in_turn" / f).read_bytes(), f
     ck = [json.loads((tmp_path / r / "checkpoint.json").read_text()) for r in ("ahead", "in_turn")]
     assert ck[0]["digests"] == ck[1]["digests"] and ck[0]["fitness"] == ck[1]["fitness"]
+
+
+def test_the_embedded_export_relays_its_output_where_stderr_has_no_descriptor(monkeypatch, tmp_path):
+    """In Jupyter (or under captured streams) sys.stderr is no file: the export child's progress is relayed
+    after it ends, instead of subprocess failing with io.UnsupportedOperation (found by the README's Python
+    example under pytest's capture)."""
+    import io
+    import subprocess
+    import sys
+
+    from cliptune_ort import models
+
+    seen = {}
+
+    def run(cmd, stdout=None, stderr=None, text=None):
+        seen["stdout"] = stdout
+        return subprocess.CompletedProcess(cmd, 0, stdout="[export] progress line\n", stderr="")
+
+    monkeypatch.setattr(subprocess, "run", run)
+    notebook = io.StringIO()  # like ipykernel's OutStream: fileno() raises io.UnsupportedOperation
+    monkeypatch.setattr(sys, "stderr", notebook)
+    models.export_subprocess("model", tmp_path / "out", 4, 0.1)
+    assert seen["stdout"] is subprocess.PIPE and "[export] progress line" in notebook.getvalue()
