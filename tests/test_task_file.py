@@ -497,10 +497,10 @@ def test_the_readmes_python_example_runs(tmp_path, monkeypatch, capsys):
     import re
 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    block = re.search(r"### From Python\n.*?```python\n(.*?)```", readme, re.S).group(1)
+    block = re.search(r"### From Python\n.*?```python\n(.*?)```", readme, re.DOTALL).group(1)
     (tmp_path / "examples").symlink_to(ROOT / "examples")
     monkeypatch.chdir(tmp_path)
-    exec(compile(block, "README.md (From Python)", "exec"), {})
+    exec(compile(block, "README.md (From Python)", "exec"), {})  # noqa: S102 (the README's own code)
     out = capsys.readouterr().out.strip().splitlines()
     res = json.loads((tmp_path / "runs" / "topics_bbt" / "result.json").read_text())
     assert out[0] == f"{res['dev']['metric']} {res['test']['metric']}" and res["calls"] == 400
