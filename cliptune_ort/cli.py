@@ -58,6 +58,8 @@ def _add_tune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=int, help="budget (default 8000)")
     p.add_argument("--budget-unit", choices=BUDGET_UNITS, help="calls (default) or forward passes")
     p.add_argument("--eval-every", type=int, help="calls between dev evaluations (default 100)")
+    p.add_argument("--patience", type=int, help="stop once this many dev evaluations in a row find no better dev "
+                                                "metric (default 0: off, the whole budget)")
     p.add_argument("--checkpoint-every", type=int, help="generations between checkpoints (default 10)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto (CUDA when present)")
     p.add_argument("--cands-per-call", type=int, help="candidates per session run (0 = 1 on CPU, all on CUDA)")
@@ -74,7 +76,7 @@ def _add_tune_args(p: argparse.ArgumentParser) -> None:
 
 
 _TUNE_KEYS = ("task", "method", "optimizer", "cma_eigen", "seed", "model_dir", "data_dir", "data_source", "per_class", "k", "p", "precision", "mixture",
-              "loss", "d", "popsize", "sigma0", "budget", "budget_unit", "eval_every", "checkpoint_every", "device",
+              "loss", "d", "popsize", "sigma0", "budget", "budget_unit", "eval_every", "patience", "checkpoint_every", "device",
               "cands_per_call", "iobinding", "cuda_graph", "n_buckets", "threads", "workers", "max_len", "template", "verbalizer", "verbalizer_policy")
 
 

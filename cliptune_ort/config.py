@@ -49,6 +49,9 @@ class TuneConfig:
     budget: int = 8000  # stop after this many calls (or forward passes, see budget_unit)
     budget_unit: str = "calls"  # calls: one candidate on the train set | forward: one pass through one graph
     eval_every: int = 100  # calls between dev evaluations of the best candidate so far
+    # early stop: end the run once this many dev evaluations in a row found no better dev metric (0 = off: the
+    # whole budget, as BBT and Clip-Tuning run)
+    patience: int = 0
     checkpoint_every: int = 10  # generations between checkpoints
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
     # candidates stacked per session run; 0 = 1 on CPU, all on CUDA. Measured (benchmarks/results/tune_time_sweep.json:
@@ -215,7 +218,7 @@ def validate(cfg: TuneConfig) -> None:
         _choice("loss", cfg.loss, ("ce", "hinge"))
     for name in ("per_class", "d", "popsize", "budget", "eval_every", "checkpoint_every", "n_buckets", "eval_chunk"):
         _positive(name, getattr(cfg, name))
-    for name in ("cands_per_call", "threads", "workers", "max_len", "seed"):
+    for name in ("cands_per_call", "threads", "workers", "max_len", "seed", "patience"):
         _positive(name, getattr(cfg, name), allow_zero=True)
     if cfg.method == "clip":
         _positive("k", cfg.k)

@@ -733,6 +733,9 @@ def _loop(cfg: TuneConfig, ws: Workspace, opt, state: dict, run_dir: Path, finge
         return out, time.perf_counter() - ta
 
     ahead = None  # the next generation's ask, running
+    patience_hit = patience_stop(cfg, state)  # a resumed run that had already stopped early stays stopped
+    if patience_hit:
+        return patience_hit
     with _Interrupt() as intr, contextlib.ExitStack() as stack:
         stack.callback(asker.shutdown, wait=True)
         while used() < cfg.budget:
@@ -785,14 +788,18 @@ def _loop(cfg: TuneConfig, ws: Workspace, opt, state: dict, run_dir: Path, finge
                 state["next_eval"] += cfg.eval_every
                 if used() >= cfg.budget:
                     break
+            patience_hit = patience_stop(cfg, state)
             bar.update(used(), state)
-            if last or state["generation"] % cfg.checkpoint_every == 0 or intr.hit or stop_early:
+            if last or state["generation"] % cfg.checkpoint_every == 0 or intr.hit or stop_early or patience_hit:
                 tc = time.perf_counter()
                 state["elapsed"] = elapsed0 + tc - t_loop
                 writer.checkpoint(state)
                 timing["checkpoint"] += time.perf_counter() - tc
             if reason is not None:
                 stop_reason = f"optimizer stopped: {reason}"
+                break
+            if patience_hit:  # an ask running ahead is dropped: nothing follows it
+                stop_reason = patience_hit
                 break
             if intr.hit:
                 bar.close()
@@ -804,6 +811,17 @@ def _loop(cfg: TuneConfig, ws: Workspace, opt, state: dict, run_dir: Path, finge
                 bar.close()
                 return {"stopped_after_generations": gens_this_process, "generation": state["generation"]}
     return stop_reason
+
+
+def patience_stop(cfg: TuneConfig, state: dict) -> str | None:
+    """The stop reason once ``cfg.patience`` dev evaluations in a row found no better dev metric (from the
+    evaluations the state records, so a resume sees the same), else None."""
+    if cfg.patience <= 0 or len(state["evals"]) < cfg.patience:
+        return None
+    if any(e["improved"] for e in state["evals"][-cfg.patience:]):
+        return None
+    return (f"patience: no better dev metric in {cfg.patience} evaluations (best {state['best_dev']} at "
+            f"{state['best_dev_calls']} calls)")
 
 
 def _dev_eval(ws: Workspace, state: dict, writer: _RunWriter, memo: dict) -> None:

@@ -298,3 +298,29 @@ def test_the_embedded_export_relays_its_output_where_stderr_has_no_descriptor(mo
     monkeypatch.setattr(sys, "stderr", notebook)
     models.export_subprocess("model", tmp_path / "out", 4, 0.1)
     assert seen["stdout"] is subprocess.PIPE and "[export] progress line" in notebook.getvalue()
+
+
+def test_patience_stops_early_and_a_resume_stays_stopped(splade_dir, tmp_path):
+    """--patience N ends the run once N dev evaluations in a row found no better dev metric; the run up to there
+    is the run a budget ending there makes, and a resume of it (result.json lost) adds no generation."""
+    cfg = _cfg(method="bbt", budget=600, popsize=4, d=20, eval_every=8, patience=4)
+    res = tune(cfg, tmp_path / "p", model_dir=splade_dir, progress=False)
+    assert res["stop_reason"].startswith("patience: no better dev metric in 4 evaluations") and res["calls"] < 600
+    evals = [json.loads(x) for x in (tmp_path / "p" / "history.jsonl").read_text().splitlines()]
+    assert [e["improved"] for e in evals[-4:]] == [False] * 4 and any(e["improved"] for e in evals)
+    cut = tune(_cfg(method="bbt", budget=res["calls"], popsize=4, d=20, eval_every=8), tmp_path / "b",
+               model_dir=splade_dir, progress=False)
+    assert cut["stop_reason"] is None and cut["dev"] == res["dev"] and cut["test"] == res["test"]
+    assert np.array_equal(np.load(tmp_path / "p" / "best_prompt.npy"), np.load(tmp_path / "b" / "best_prompt.npy"))
+    (tmp_path / "p" / "result.json").unlink()
+    again = tune(cfg, tmp_path / "p", model_dir=splade_dir, progress=False, resume=True)
+    assert again["calls"] == res["calls"] and again["stop_reason"] == res["stop_reason"]
+    assert again["test"] == res["test"]
+    from cliptune_ort.errors import CheckpointError, ConfigError
+
+    (tmp_path / "p" / "result.json").unlink()
+    with pytest.raises(CheckpointError, match="patience 4, now 8"):  # patience defines the run
+        tune(_cfg(method="bbt", budget=600, popsize=4, d=20, eval_every=8, patience=8), tmp_path / "p",
+             model_dir=splade_dir, progress=False, resume=True)
+    with pytest.raises(ConfigError, match="patience must be >= 0"):
+        _cfg(patience=-1)
