@@ -633,6 +633,7 @@ _VENDORED_HINTS = (
     ("; restore the file", "; fix the file"),
     ("(pass --data-dir pointing at a folder with one sub-folder per task)",
      "(fix its path in the task file: paths are relative to the task file's folder)"),
+    ("use the task's label ids (see the task's README)", "use ids in label_names order, or the label names"),
     ("use a larger train split or a smaller per_class",
      'add examples, lower --per-class, or give the task file a "dev" file to use train and dev whole'),
 )
