@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -58,7 +59,9 @@ def _load_run(run_dir: str | Path, device: str | None):
             prompt = np.load(run_dir / "best_prompt.npy", allow_pickle=False)
         except (OSError, ValueError) as e:
             raise ConfigError(f"{run_dir / 'best_prompt.npy'} is unreadable ({e}): resume or re-run the tuning") from None
-    ws = prepare(cfg, Path(model_dir) if model_dir else None)
+    # the full network (graph 0) is all a tuned prompt is used with: a clip run's K thinned graphs are not opened
+    ws = prepare(dataclasses.replace(cfg, method="bbt") if cfg.method == "clip" else cfg,
+                 Path(model_dir) if model_dir else None)
     want = (ws.manifest.n_prompt, ws.manifest.hidden)
     if prompt is not None and (prompt.shape != want or prompt.dtype.kind != "f" or not np.all(np.isfinite(prompt))):
         raise ConfigError(f"{run_dir / 'best_prompt.npy'} holds {prompt.dtype} {prompt.shape}, expected finite floats "
