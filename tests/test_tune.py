@@ -324,3 +324,18 @@ def test_patience_stops_early_and_a_resume_stays_stopped(splade_dir, tmp_path):
              model_dir=splade_dir, progress=False, resume=True)
     with pytest.raises(ConfigError, match="patience must be >= 0"):
         _cfg(patience=-1)
+
+
+def test_using_a_clip_run_opens_the_full_network_only(splade_dir, tmp_path):
+    """eval/predict need graph 0 alone: a clip run's K thinned graphs stay closed (start-up and memory)."""
+    from cliptune_ort.predict import _load_run, evaluate_run
+
+    run = tmp_path / "c"
+    res = tune(_cfg(method="clip", k=2, budget=24, popsize=4, d=10, eval_every=12), run, model_dir=splade_dir,
+               progress=False)
+    cfg, ws, _ = _load_run(run, None)
+    try:
+        assert cfg.method == "clip" and sorted(ws.engine.sessions) == [0]
+    finally:
+        ws.engine.close()
+    assert evaluate_run(run, "test")["metric"] == res["test"]["metric"]
