@@ -44,7 +44,7 @@ def read_run_config(run_dir: str | Path, keep_model_dir: bool = False, check_tas
     return raw
 
 
-def _load_run(run_dir: str | Path, device: str | None):
+def _load_run(run_dir: str | Path, device: str | None, splits: bool = True):
     run_dir = Path(run_dir)
     raw = read_run_config(run_dir, keep_model_dir=True)
     model_dir = raw.pop("resolved_model_dir", None)
@@ -61,7 +61,7 @@ def _load_run(run_dir: str | Path, device: str | None):
             raise ConfigError(f"{run_dir / 'best_prompt.npy'} is unreadable ({e}): resume or re-run the tuning") from None
     # the full network (graph 0) is all a tuned prompt is used with: a clip run's K thinned graphs are not opened
     ws = prepare(dataclasses.replace(cfg, method="bbt") if cfg.method == "clip" else cfg,
-                 Path(model_dir) if model_dir else None)
+                 Path(model_dir) if model_dir else None, splits=splits, draw=False)  # the prompt is given
     want = (ws.manifest.n_prompt, ws.manifest.hidden)
     if prompt is not None and (prompt.shape != want or prompt.dtype.kind != "f" or not np.all(np.isfinite(prompt))):
         raise ConfigError(f"{run_dir / 'best_prompt.npy'} holds {prompt.dtype} {prompt.shape}, expected finite floats "
@@ -97,7 +97,7 @@ def predict(run_dir: str | Path, texts: list[str], texts_b: list[str] | None = N
             raise ConfigError("a deployed classifier runs on the CPU provider: drop --device cuda, or predict "
                               "from the run dir to use the CUDA runtime")
         return predict_deployed(run_dir, texts, texts_b)
-    cfg, ws, prompt = _load_run(run_dir, device)
+    cfg, ws, prompt = _load_run(run_dir, device, splits=False)  # new text only: no split is read
     if ws.task.pair and (not texts_b or len(texts_b) != len(texts)):
         raise ConfigError(f"task {ws.task.name} classifies text pairs: pass one --text-b per --text")
     if not texts:

@@ -129,9 +129,13 @@ def _discard_engine(opening) -> None:
         opening.result().close()
 
 
-def prepare(cfg: TuneConfig, model_dir: Path | None = None) -> Workspace:
+def prepare(cfg: TuneConfig, model_dir: Path | None = None, splits: bool = True, draw: bool = True) -> Workspace:
     """Everything a run needs, built once; ``Workspace.setup_seconds`` says where the time went (model dir
-    resolved and verified, data read and tokenised, sessions made, projection drawn)."""
+    resolved and verified, data read and tokenised, sessions made, projection drawn).
+
+    Using a finished run's prompt needs less: ``splits=False`` reads no data (``fewshot``, ``train``, ``dev``
+    and ``test`` are None: predict), ``draw=False`` draws no projection (``at`` is None: eval, predict, deploy;
+    roberta-large's is 100 MB)."""
     phases: dict[str, float] = {}
     t = [time.perf_counter()]
 
@@ -161,11 +165,11 @@ def prepare(cfg: TuneConfig, model_dir: Path | None = None) -> Workspace:
         threads=cfg.threads, workers=cfg.workers, iobinding={"auto": None, "on": True, "off": False}[cfg.iobinding],
         cuda_graph=cfg.cuda_graph)
     drawing = opener.submit(projection, cfg.seed, cfg.d, manifest.n_prompt, manifest.hidden, manifest.embedding_std,
-                            cfg.sigma0) if use_prompt else None
+                            cfg.sigma0) if use_prompt and draw else None
     opener.shutdown(wait=False)
     try:
         fewshot = load_fewshot(task, cfg.seed, data_dir=cfg.data_dir, per_class=cfg.per_class,
-                               source=cfg.data_source)
+                               source=cfg.data_source) if splits else None
         lap("data")
         max_pos = int(manifest.data["model"]["max_positions"])
         if cfg.max_len > max_pos:
@@ -176,9 +180,11 @@ def prepare(cfg: TuneConfig, model_dir: Path | None = None) -> Workspace:
                                manifest.data["placeholder_ids"], max_len)
         verb = ptok.verbalizer_ids(task.verbalizer, cfg.verbalizer_policy)
         lap("tokenizer")
-        enc_train = ptok.encode(task.template, fewshot.train, use_prompt)
-        enc_dev = ptok.encode(task.template, fewshot.dev, use_prompt)
-        enc_test = ptok.encode(task.template, fewshot.test, use_prompt) if fewshot.test is not None else None
+        enc_train = enc_dev = enc_test = None
+        if fewshot is not None:
+            enc_train = ptok.encode(task.template, fewshot.train, use_prompt)
+            enc_dev = ptok.encode(task.template, fewshot.dev, use_prompt)
+            enc_test = ptok.encode(task.template, fewshot.test, use_prompt) if fewshot.test is not None else None
         lap("encode")
         at = drawing.result() if drawing is not None else None
         lap("projection")  # what the draw took beyond the work above
@@ -188,11 +194,13 @@ def prepare(cfg: TuneConfig, model_dir: Path | None = None) -> Workspace:
     engine = opening.result()  # the sessions' own error (provider, damaged graph), if any
     lap("sessions")  # what opening the sessions took beyond the work above (Engine.open_wall_seconds: all of it)
     try:
-        # packed-attention graphs skip padding themselves: the whole train set in one call
-        train = engine.prepare(enc_train, 1 if manifest.packed else cfg.n_buckets)
-        chunk = eval_chunk_rows(cfg, manifest, len(enc_train))
-        dev = eval_batch(engine, enc_dev, chunk)
-        test = eval_batch(engine, enc_test, chunk) if enc_test is not None else None
+        train = dev = test = None
+        if enc_train is not None:
+            # packed-attention graphs skip padding themselves: the whole train set in one call
+            train = engine.prepare(enc_train, 1 if manifest.packed else cfg.n_buckets)
+            chunk = eval_chunk_rows(cfg, manifest, len(enc_train))
+            dev = eval_batch(engine, enc_dev, chunk)
+            test = eval_batch(engine, enc_test, chunk) if enc_test is not None else None
         if at is not None:
             engine.enable_projection(at)
     except BaseException:

@@ -255,7 +255,7 @@ def _load_run(run_dir: Path, model_dir_override: str | None = None):
         hint = run_man.data.get("packed_from") or "DIR (the same model exported without --packed)"
         raise ConfigError(f"{run_dir} was tuned on packed-attention graphs, which run on CUDA only; a deployed "
                           f"classifier is built from unpacked graphs: add --model-dir {hint}")
-    ws = prepare(cfg, Path(model_dir) if model_dir else None)
+    ws = prepare(cfg, Path(model_dir) if model_dir else None, draw=False)  # the prompt is the run's: no projection
     return cfg, ws, prompt
 
 

@@ -441,6 +441,12 @@ def test_predict_a_file_in_chunks(splade_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["predict", str(tmp_path / "clf.onnx"), "--input", str(tmp_path / "msgs.csv")]) == 0
     assert [json.loads(x)["text"] for x in capsys.readouterr().out.strip().splitlines()] == texts[:4]
+    # predicting reads no split: the run dir predicts with its training files gone; evaluating needs them
+    (tmp_path / "train.csv").unlink()
+    assert main(["predict", str(run2), "--text", texts[0]]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == texts[0]
+    assert main(["eval", str(run2), "--split", "dev"]) == 2
+    assert "train.csv: data file not found" in capsys.readouterr().err
     for args, msg in ((["--text", "x", "--input", str(test)], "pass --text (repeatable) or --input FILE, not both"),
                       ([], "pass --text (repeatable) or --input FILE"),
                       (["--input", str(test), "--text-b", "y"], "--text-b goes with --text"),

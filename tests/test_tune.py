@@ -336,6 +336,12 @@ def test_using_a_clip_run_opens_the_full_network_only(splade_dir, tmp_path):
     cfg, ws, _ = _load_run(run, None)
     try:
         assert cfg.method == "clip" and sorted(ws.engine.sessions) == [0]
+        assert ws.at is None and ws.dev is not None  # no projection drawn (the prompt is the run's); eval's data read
+    finally:
+        ws.engine.close()
+    cfg, ws, _ = _load_run(run, None, splits=False)  # predict: new text only
+    try:
+        assert ws.fewshot is None and ws.train is None and ws.test is None and ws.at is None
     finally:
         ws.engine.close()
     assert evaluate_run(run, "test")["metric"] == res["test"]["metric"]
