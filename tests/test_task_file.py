@@ -348,8 +348,8 @@ def test_csv_and_tsv_files_with_their_own_column_names(tmp_path):
     ('review,stars\n"x,1\n', r"found malformed quoting after line \d+ \(unexpected end of data\)"),
     ("review,stars\nx,maybe\n", (r"train\.csv:2: expected an int 'stars' field, found label 'maybe'; labels must be "
                                  r"integer class ids or one of the label names \['neg', 'pos'\]")),
-    ("review,stars\nx,2\n", r"train\.csv:2: expected a label in 0\.\.1, found 2; use ids in label_names order, or "
-                            r"the label names"),
+    ("review,stars\nx,2\n", (r"train\.csv:2: expected a label in 0\.\.1, found 2; use ids in label_names order, or "
+                             r"the label names")),
     ("review,stars\n", r"expected CSV/TSV rows, found an empty file; fix the file"),
 ])
 def test_bad_csv_is_one_line_naming_the_place(tmp_path, body, expected):
