@@ -56,6 +56,7 @@ VALID = {
     "budget": st.integers(1000, 10**7),  # >= popsize
     "budget_unit": st.sampled_from(["calls", "forward"]),
     "eval_every": _pos,
+    "patience": _nonneg,
     "checkpoint_every": _pos,
     "device": st.sampled_from(["auto", "cpu", "cuda"]),
     "cands_per_call": _nonneg,
