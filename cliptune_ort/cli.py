@@ -479,7 +479,7 @@ def cmd_predict(a) -> int:
     if a.input is not None and a.text_b:
         raise ConfigError("--text-b goes with --text; with --input, give each row its second text in the file")
     if a.output is not None and (Path(a.output).is_dir() or Path(a.output).resolve() == Path(a.input or "").resolve()):
-        raise ConfigError(f"--output {a.output}: expected a new file path (not a folder, not the input file)")
+        raise ConfigError(f"--output {a.output}: expected a file path to write (not a folder, not the input file)")
     rows = predict_file(a.run_dir, a.input, device=a.device) if a.input else \
         predict(a.run_dir, a.text, a.text_b, device=a.device)
     lines = "".join(json.dumps(r) + "\n" for r in rows)

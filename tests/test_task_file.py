@@ -450,7 +450,7 @@ def test_predict_a_file_in_chunks(splade_dir, tmp_path, capsys):
     for args, msg in ((["--text", "x", "--input", str(test)], "pass --text (repeatable) or --input FILE, not both"),
                       ([], "pass --text (repeatable) or --input FILE"),
                       (["--input", str(test), "--text-b", "y"], "--text-b goes with --text"),
-                      (["--input", str(test), "--output", str(tmp_path)], "expected a new file path")):
+                      (["--input", str(test), "--output", str(tmp_path)], "expected a file path to write")):
         assert main(["predict", str(run), *args]) == 2
         assert msg in capsys.readouterr().err
 
