@@ -59,7 +59,7 @@ def cases(n: int = 14, seed: int = 21) -> list[dict]:
              "checkpoint_every": int(rng.integers(1, 4)), "n_buckets": int(rng.integers(1, 10)),
              "cands_per_call": int(rng.integers(0, 4)), "workers": int(rng.integers(0, 3)),
              "threads": int(rng.integers(0, 3)), "max_len": int(rng.choice([0, 60, 512])), "device": "cpu",
-             "plot": False}
+             "plot": False, "patience": (0, 1, 2)[i % 3]}  # cycled, not drawn: the drawn cases stay as they were
         per_gen = pop * (s["k"] if method == "clip" and s["mixture"] != "assign" and s["budget_unit"] == "forward"
                          else 1)
         s["budget"] = 2 * per_gen  # two generations
