@@ -471,6 +471,8 @@ def cmd_eval(a) -> int:
 
 
 def cmd_predict(a) -> int:
+    from collections import Counter
+
     from .fileio import atomic_write_text
     from .predict import predict, predict_file
 
@@ -487,10 +489,8 @@ def cmd_predict(a) -> int:
         sys.stdout.write(lines)
         return 0
     atomic_write_text(a.output, lines)
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[r["label_name"]] = counts.get(r["label_name"], 0) + 1
-    print(json.dumps({"output": a.output, "rows": len(rows), "per_label": counts}))
+    counts = Counter(r["label_name"] for r in rows)
+    print(json.dumps({"output": a.output, "rows": len(rows), "per_label": dict(counts)}))
     return 0
 
 

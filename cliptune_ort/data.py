@@ -18,7 +18,6 @@ Only numpy is imported at module load; ``datasets`` is imported lazily by :func:
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import gzip
 import io
@@ -28,7 +27,7 @@ import re
 import warnings
 import zlib
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -131,17 +130,38 @@ _DELIMITED = {".csv": ",", ".tsv": "\t"}
 _INT = re.compile(r"^-?[0-9]+$")
 
 
+@dataclass(frozen=True)
+class Hints:
+    """How a data error tells its reader to fix things: the vendored data's files are restored, a user's own
+    files (a task file's, ``--input``) are fixed."""
+
+    missing: str = "expected a JSON Lines file there (pass --data-dir pointing at a folder with one sub-folder per task)"
+    fix: str = "restore the file (check it against SHA256SUMS)"
+    ids: str = "use the task's label ids (see the task's README)"
+    few: str = "use a larger train split or a smaller per_class"
+
+
+VENDORED = Hints()
+OWN = Hints(missing="expected a JSON Lines file there (fix its path in the task file: paths are relative to the task "
+                    "file's folder)",
+            fix="fix the file", ids="use ids in label_names order, or the label names",
+            few='add examples, lower --per-class, or give the task file a "dev" file to use train and dev whole')
+
+
+def hints_for(spec: TaskSpec) -> Hints:
+    """A task file's data are the user's own; the built-in tasks' are the vendored copies."""
+    return VENDORED if spec.source_file is None else OWN
+
+
 def _delimiter(path: Path) -> str | None:
     name = path.name.removesuffix(".gz")
     return next((d for ext, d in _DELIMITED.items() if name.lower().endswith(ext)), None)
 
 
-def _read_text(path: Path, missing_hint: str = "") -> str:
+def _read_text(path: Path, hints: Hints = VENDORED) -> str:
     """A data file's text: read, gunzipped where its name ends in .gz, decoded as strict UTF-8."""
     if not path.is_file():
-        raise DataError(f"{path}: data file not found; " + (missing_hint or "expected a JSON Lines file there (pass "
-                                                              "--data-dir pointing at a folder with one sub-folder per "
-                                                              "task)"))
+        raise DataError(f"{path}: data file not found; {hints.missing}")
     try:
         raw = path.read_bytes()
         if path.name.endswith(".gz"):
@@ -149,7 +169,7 @@ def _read_text(path: Path, missing_hint: str = "") -> str:
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         kind = "CSV/TSV" if _delimiter(path) else "JSON Lines"
         raise DataError(f"{path}: expected a gzip-compressed {kind} file, found a corrupt or truncated "
-                        f"gzip stream ({e}); restore the file (check it against SHA256SUMS)") from e
+                        f"gzip stream ({e}); {hints.fix}") from e
     except OSError as e:
         raise DataError(f"{path}: cannot read the data file ({e}); check that it is a readable file") from e
     try:
@@ -198,7 +218,7 @@ def _records(path: Path, content: str, columns: Sequence[str], need: Sequence[st
 
 def _read_jsonl(
     path: Path, n_labels: int | None, pair: bool, drop_labels: Collection[int],
-    label_names: Sequence[str] | None = None, columns: Sequence[str] = DEFAULT_COLUMNS,
+    label_names: Sequence[str] | None = None, columns: Sequence[str] = DEFAULT_COLUMNS, hints: Hints = VENDORED,
 ) -> tuple[list[dict[str, Any]], int]:
     """:func:`read_jsonl`'s work; also returns how many rows were dropped (label in drop_labels)."""
     label_ids = {n: i for i, n in enumerate(label_names)} if label_names else {}
@@ -207,7 +227,7 @@ def _read_jsonl(
     drop = frozenset(drop_labels)
     rows: list[dict[str, Any]] = []
     n_objects = 0
-    for lineno, row in _records(path, _read_text(path), columns):
+    for lineno, row in _records(path, _read_text(path, hints), columns):
         n_objects += 1
         label = row.get(label_col)
         if type(label) is str and label_ids and label in label_ids:  # a label name: its id
@@ -224,8 +244,7 @@ def _read_jsonl(
         if label in drop:
             continue
         if n_labels is not None and not 0 <= label < n_labels:
-            raise DataError(f"{path}:{lineno}: expected a label in 0..{n_labels - 1}, found {label}; "
-                            "use the task's label ids (see the task's README)")
+            raise DataError(f"{path}:{lineno}: expected a label in 0..{n_labels - 1}, found {label}; {hints.ids}")
         text = row.get(text_col)
         if not isinstance(text, str):
             found = f"no {text_col!r} field" if text_col not in row else f"{type(text).__name__} {text!r:.40}"
@@ -246,7 +265,7 @@ def _read_jsonl(
         rows.append(row)
     if n_objects == 0:
         raise DataError(f"{path}: expected {'CSV/TSV' if delimited else 'JSON Lines'} rows, found an empty file; "
-                        "restore the file (check it against SHA256SUMS)")
+                        f"{hints.fix}")
     return rows, n_objects - len(rows)
 
 
@@ -262,7 +281,8 @@ def read_texts(
             text field(s), no text at all.
     """
     path = Path(path)
-    content = _read_text(path, "expected a file of texts there (.txt, .jsonl, .csv or .tsv); check the path")
+    content = _read_text(path, replace(
+        OWN, missing="expected a file of texts there (.txt, .jsonl, .csv or .tsv); check the path"))
     name = path.name.removesuffix(".gz").lower()
     text_col, text_b_col = columns[0], columns[1]
     texts: list[str] = []
@@ -341,12 +361,14 @@ def _task_dir(spec: TaskSpec, data_dir: str | os.PathLike[str] | None) -> Path:
     return folder
 
 
-def _load_local(spec: TaskSpec, path: Path) -> tuple[list[Example], int]:
+def _load_local(spec: TaskSpec, path: Path, hints: Hints | None = None) -> tuple[list[Example], int]:
     """Examples of one local file of ``spec`` and the number of rows dropped for having no gold label."""
-    rows, dropped = _read_jsonl(path, spec.n_labels, spec.pair, spec.drop_labels, spec.label_names, spec.columns)
+    hints = hints or hints_for(spec)
+    rows, dropped = _read_jsonl(path, spec.n_labels, spec.pair, spec.drop_labels, spec.label_names, spec.columns,
+                                hints)
     if not rows:
         raise DataError(f"{path}: expected at least one labelled example, found none (all {dropped} rows "
-                        f"have a label in {sorted(spec.drop_labels)}); restore the file")
+                        f"have a label in {sorted(spec.drop_labels)}); {hints.fix}")
     if spec.pair:
         return [Example(r["text"], r["label"], r["text_b"]) for r in rows], dropped
     return [Example(r["text"], r["label"]) for r in rows], dropped
@@ -359,8 +381,7 @@ def load_labelled(task: str | TaskSpec, path: str | os.PathLike[str]) -> list[Ex
     if not path.is_file():
         raise DataError(f"{path}: data file not found; expected a file of labelled examples there (.jsonl, .csv or "
                         ".tsv); check the path")
-    with _task_file_hints(spec, own_file=True):
-        return _load_local(spec, path)[0]
+    return _load_local(spec, path, OWN)[0]
 
 
 def _split_path(spec: TaskSpec, folder: Path, split: str) -> Path:
@@ -503,7 +524,7 @@ def load_hub_split(task: str | TaskSpec, split: str) -> list[Example]:
 
 
 def bbt_sample_indices(
-    labels: Sequence[int], n_labels: int, seed: int, per_class: int = 16
+    labels: Sequence[int], n_labels: int, seed: int, per_class: int = 16, hints: Hints = VENDORED
 ) -> tuple[list[int], list[int]]:
     """BBT's few-shot sampler on a list of label ids; returns ``(train_indices, dev_indices)``.
 
@@ -533,8 +554,7 @@ def bbt_sample_indices(
     short = {c: int(counts[c]) for c in range(n_labels) if counts[c] < 2 * per_class}
     if short:
         raise DataError(f"few-shot sampling: expected at least {2 * per_class} examples of every label "
-                        f"({per_class} train + {per_class} dev), found {short} (label: count); use a larger "
-                        "train split or a smaller per_class")
+                        f"({per_class} train + {per_class} dev), found {short} (label: count); {hints.few}")
 
     label_list = lab.tolist()
     train_left = [per_class] * n_labels
@@ -627,33 +647,6 @@ def _given(spec: TaskSpec, folder: Path, split: str) -> list[Example]:
     return examples
 
 
-#: hints in data errors that speak of the vendored data, and what they mean for a task file's own files
-_VENDORED_HINTS = (
-    ("restore the file (check it against SHA256SUMS)", "fix the file"),
-    ("; restore the file", "; fix the file"),
-    ("(pass --data-dir pointing at a folder with one sub-folder per task)",
-     "(fix its path in the task file: paths are relative to the task file's folder)"),
-    ("use the task's label ids (see the task's README)", "use ids in label_names order, or the label names"),
-    ("use a larger train split or a smaller per_class",
-     'add examples, lower --per-class, or give the task file a "dev" file to use train and dev whole'),
-)
-
-
-@contextlib.contextmanager
-def _task_file_hints(spec: TaskSpec, own_file: bool = False):
-    """Data errors about a task file's own files (or, ``own_file``, any file a user gives), with hints for them
-    (not for the vendored data)."""
-    try:
-        yield
-    except DataError as e:
-        if spec.source_file is None and not own_file:
-            raise
-        msg = str(e)
-        for old, new in _VENDORED_HINTS:
-            msg = msg.replace(old, new)
-        raise DataError(msg) from e
-
-
 def load_fewshot(
     task_name_or_spec: str | TaskSpec,
     seed: int,
@@ -694,30 +687,30 @@ def load_fewshot(
         info.update(data_dir=None, fewshot="sampled", train_source=where, test_source=test_where,
                     train_note="", test_note=f"hub split {spec.hub_test_split!r}, BBT's test split")
     else:
-        with _task_file_hints(spec):  # a task file's own files get hints for them
-            folder = _task_dir(spec, data_dir)
-            info.update(data_dir=str(folder if spec.source_file else folder.parent), train_note=spec.train_note,
-                        test_note=spec.test_note)
-            if spec.fewshot == "sample":
-                path = _split_path(spec, folder, "train")
-                pool, dropped = _load_local(spec, path)
-                train_idx, dev_idx = bbt_sample_indices([e.label for e in pool], spec.n_labels, seed, per_class)
-                info.update(fewshot="sampled", train_source=_source(spec, folder, path))
-            elif spec.fewshot == "given":  # a task file's own train and dev files, used whole
-                train = _given(spec, folder, "train")
-                dev = _given(spec, folder, "dev")
-                info.update(fewshot="given", train_source=_source(spec, folder, folder / spec.local_train),
-                            dev_source=_source(spec, folder, folder / spec.local_dev))
-            else:
-                train, dev, pdir = _predrawn(spec, folder, seed, per_class)
-                info.update(fewshot="predrawn", train_source=pdir.relative_to(folder.parent).as_posix())
-            if spec.local_test is None:
-                test = None
-                info["test_source"] = None
-            else:
-                test_path = _split_path(spec, folder, "test")
-                test = _load_local(spec, test_path)[0]
-                info["test_source"] = _source(spec, folder, test_path)
+        folder = _task_dir(spec, data_dir)
+        info.update(data_dir=str(folder if spec.source_file else folder.parent), train_note=spec.train_note,
+                    test_note=spec.test_note)
+        if spec.fewshot == "sample":
+            path = _split_path(spec, folder, "train")
+            pool, dropped = _load_local(spec, path)
+            train_idx, dev_idx = bbt_sample_indices([e.label for e in pool], spec.n_labels, seed, per_class,
+                                                    hints_for(spec))
+            info.update(fewshot="sampled", train_source=_source(spec, folder, path))
+        elif spec.fewshot == "given":  # a task file's own train and dev files, used whole
+            train = _given(spec, folder, "train")
+            dev = _given(spec, folder, "dev")
+            info.update(fewshot="given", train_source=_source(spec, folder, folder / spec.local_train),
+                        dev_source=_source(spec, folder, folder / spec.local_dev))
+        else:
+            train, dev, pdir = _predrawn(spec, folder, seed, per_class)
+            info.update(fewshot="predrawn", train_source=pdir.relative_to(folder.parent).as_posix())
+        if spec.local_test is None:
+            test = None
+            info["test_source"] = None
+        else:
+            test_path = _split_path(spec, folder, "test")
+            test = _load_local(spec, test_path)[0]
+            info["test_source"] = _source(spec, folder, test_path)
 
     if info["fewshot"] == "sampled":
         train = [pool[i] for i in train_idx]

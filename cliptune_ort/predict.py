@@ -12,7 +12,7 @@ from .config import build_config
 from .data import DEFAULT_COLUMNS, Example, load_labelled, read_texts
 from .errors import ConfigError, TaskError
 from .tasks import is_task_file, task_file_sha256
-from .tuner import eval_batch, evaluate, prepare, task_for
+from .tuner import eval_batch, evaluate, prepare
 
 
 def read_run_config(run_dir: str | Path, keep_model_dir: bool = False, check_task_file: bool = True) -> dict:
@@ -87,21 +87,41 @@ def evaluate_run(run_dir: str | Path, split: str = "test", device: str | None = 
     return {"run_dir": str(run_dir), "split": split, "metric_name": ws.task.metric, **evaluate(ws, prompt, batch)}
 
 
+def _deployed(path: str | Path, device: str | None):
+    from .deploy import DeployedClassifier
+
+    if device == "cuda":
+        raise ConfigError("a deployed classifier runs on the CPU provider: drop --device cuda, or predict "
+                          "from the run dir to use the CUDA runtime")
+    return DeployedClassifier(path)
+
+
 def predict(run_dir: str | Path, texts: list[str], texts_b: list[str] | None = None,
             device: str | None = None) -> list[dict]:
-    """Class probabilities for each text (pair tasks take ``texts_b``)."""
+    """Class probabilities for each text (pair tasks take ``texts_b``), from a run dir or a deployed .onnx."""
     if str(run_dir).endswith(".onnx"):
-        from .deploy import predict_deployed
-
-        if device == "cuda":
-            raise ConfigError("a deployed classifier runs on the CPU provider: drop --device cuda, or predict "
-                              "from the run dir to use the CUDA runtime")
-        return predict_deployed(run_dir, texts, texts_b)
-    cfg, ws, prompt = _load_run(run_dir, device, splits=False)  # new text only: no split is read
-    if ws.task.pair and (not texts_b or len(texts_b) != len(texts)):
-        raise ConfigError(f"task {ws.task.name} classifies text pairs: pass one --text-b per --text")
+        return _deployed(run_dir, device).predict(list(texts), list(texts_b) if texts_b else None)
     if not texts:
         raise ConfigError("no text to classify: pass at least one --text, or --input FILE")
+    return _classify(*_load_run(run_dir, device, splits=False), texts, texts_b)  # new text only: no split read
+
+
+def predict_file(target: str | Path, input_path: str | Path, device: str | None = None) -> list[dict]:
+    """:func:`predict` on every text of ``input_path`` (:func:`cliptune_ort.data.read_texts`: .txt lines, or
+    JSON Lines / CSV / TSV rows under the task's own field names: a run's task, or a deployed sidecar's)."""
+    if str(target).endswith(".onnx"):
+        clf = _deployed(target, device)  # sidecars before the "columns" key read the default names
+        texts, texts_b = read_texts(input_path, clf.pair, tuple(clf.meta.get("columns") or DEFAULT_COLUMNS))
+        return clf.predict(texts, texts_b)
+    cfg, ws, prompt = _load_run(target, device, splits=False)
+    texts, texts_b = read_texts(input_path, ws.task.pair, ws.task.columns)
+    return _classify(cfg, ws, prompt, texts, texts_b)
+
+
+def _classify(cfg, ws, prompt, texts: list[str], texts_b: list[str] | None) -> list[dict]:
+    """One dict per text: the label, its name and verbalizer word, and every label's probability."""
+    if ws.task.pair and (not texts_b or len(texts_b) != len(texts)):
+        raise ConfigError(f"task {ws.task.name} classifies text pairs: pass one --text-b per --text")
     exs = [Example(t, 0, texts_b[i] if texts_b else None) for i, t in enumerate(texts)]
     enc = ws.ptok.encode(ws.task.template, exs, use_prompt=cfg.method != "manual")
     batch = eval_batch(ws.engine, enc, cfg.eval_chunk)  # length-sorted chunks: bounded memory for a large input
@@ -116,24 +136,3 @@ def predict(run_dir: str | Path, texts: list[str], texts_b: list[str] | None = N
                     "verbalizer": ws.task.verbalizer[j],
                     "probs": {ws.task.label_names[c]: round(float(probs[i, c]), 6) for c in range(probs.shape[1])}})
     return out
-
-
-def input_format(target: str | Path) -> tuple[bool, tuple[str, str, str]]:
-    """(pair task?, field names of text, text_b, label) that ``target`` (a run dir or a deployed .onnx) reads
-    an input file with: a run's task file's own ``columns``, else text / text_b / label."""
-    if str(target).endswith(".onnx"):
-        from .deploy import load_sidecar
-
-        meta = load_sidecar(target)  # sidecars before the "columns" key read the default names
-        return bool(meta["pair"]), tuple(meta.get("columns") or DEFAULT_COLUMNS)
-    spec = task_for(build_config(**read_run_config(target)))
-    return spec.pair, spec.columns
-
-
-def predict_file(target: str | Path, input_path: str | Path, device: str | None = None) -> list[dict]:
-    """:func:`predict` on every text of ``input_path`` (:func:`cliptune_ort.data.read_texts`: .txt lines, or
-    JSON Lines / CSV / TSV rows)."""
-    pair, columns = input_format(target)
-    texts, texts_b = read_texts(input_path, pair, columns)
-    return predict(target, texts, texts_b, device=device)
-

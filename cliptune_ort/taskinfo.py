@@ -14,10 +14,10 @@ import numpy as np
 
 from .config import TuneConfig
 from .data import load_fewshot
-from .encoding import PromptTokenizer
 from .manifest import load_manifest
 from .models import resolve_model_dir
 from .tasks import TaskSpec
+from .tuner import prompt_tokenizer
 
 
 def describe(spec: TaskSpec) -> dict[str, Any]:
@@ -40,9 +40,7 @@ def check(cfg: TuneConfig, spec: TaskSpec) -> dict[str, Any]:
     model reads it (the prompt's positions shown as ``<P>`` x L). Raises the run's own one-line errors."""
     manifest = load_manifest(resolve_model_dir(cfg.model_dir, cfg.k, cfg.p, cfg.precision))
     fewshot = load_fewshot(spec, cfg.seed, data_dir=cfg.data_dir, per_class=cfg.per_class, source=cfg.data_source)
-    max_pos = int(manifest.data["model"]["max_positions"])
-    ptok = PromptTokenizer(manifest.tokenizer_path, manifest.data["tokenizer"], manifest.n_prompt,
-                           manifest.data["placeholder_ids"], min(cfg.max_len or max_pos, max_pos))
+    ptok = prompt_tokenizer(cfg, manifest)
     verb = ptok.verbalizer_ids(spec.verbalizer, cfg.verbalizer_policy)
     use_prompt = cfg.method != "manual"
     splits = {"train": fewshot.train, "dev": fewshot.dev, "test": fewshot.test}

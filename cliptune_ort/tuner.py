@@ -129,6 +129,17 @@ def _discard_engine(opening) -> None:
         opening.result().close()
 
 
+def prompt_tokenizer(cfg: TuneConfig, manifest: Manifest) -> PromptTokenizer:
+    """The run's tokenizer: the model dir's, with its prompt placeholders, cut at ``cfg.max_len`` (0 = the model's
+    positions; more than those is refused)."""
+    max_pos = int(manifest.data["model"]["max_positions"])
+    if cfg.max_len > max_pos:
+        raise ConfigError(f"max_len {cfg.max_len} is more than the model's {max_pos} positions: pass --max-len "
+                          f"{max_pos} or less (0 = the model's limit)")
+    return PromptTokenizer(manifest.tokenizer_path, manifest.data["tokenizer"], manifest.n_prompt,
+                           manifest.data["placeholder_ids"], cfg.max_len or max_pos)
+
+
 def prepare(cfg: TuneConfig, model_dir: Path | None = None, splits: bool = True, draw: bool = True) -> Workspace:
     """Everything a run needs, built once; ``Workspace.setup_seconds`` says where the time went (model dir
     resolved and verified, data read and tokenised, sessions made, projection drawn).
@@ -171,13 +182,7 @@ def prepare(cfg: TuneConfig, model_dir: Path | None = None, splits: bool = True,
         fewshot = load_fewshot(task, cfg.seed, data_dir=cfg.data_dir, per_class=cfg.per_class,
                                source=cfg.data_source) if splits else None
         lap("data")
-        max_pos = int(manifest.data["model"]["max_positions"])
-        if cfg.max_len > max_pos:
-            raise ConfigError(f"max_len {cfg.max_len} is more than the model's {max_pos} positions: pass --max-len "
-                              f"{max_pos} or less (0 = the model's limit)")
-        max_len = cfg.max_len or max_pos
-        ptok = PromptTokenizer(manifest.tokenizer_path, manifest.data["tokenizer"], manifest.n_prompt,
-                               manifest.data["placeholder_ids"], max_len)
+        ptok = prompt_tokenizer(cfg, manifest)
         verb = ptok.verbalizer_ids(task.verbalizer, cfg.verbalizer_policy)
         lap("tokenizer")
         enc_train = enc_dev = enc_test = None
