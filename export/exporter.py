@@ -250,77 +250,137 @@ def _dummy_inputs(rng: np.random.Generator, pop: int, batch: int, seq: int, n_pr
             "verbalizer_ids": verb}
 
 
+class WeightsWriter:
+    """The content-addressed ``weights.bin``, written as tensors come (a tensor is in memory only while it is
+    added): every tensor gets the name ``w_<sha256 prefix>`` of its dtype, shape and bytes, so identical tensors
+    in any graph share one name and one copy, at a 64-byte aligned offset, in order of first appearance."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._f = open(path, "wb")
+        self.table: dict[str, dict] = {}
+        self.offset = 0
+
+    @staticmethod
+    def name_of(arr: np.ndarray) -> str:
+        arr = np.ascontiguousarray(arr)
+        key = hashlib.sha256(str(arr.dtype).encode() + str(arr.shape).encode() + arr.data).hexdigest()
+        return f"w_{key[:24]}"
+
+    def add(self, arr: np.ndarray, name: str | None = None) -> str:
+        """Store ``arr`` unless a tensor of the same content is stored; returns its name (``name``: its
+        :meth:`name_of`, where the caller has it already)."""
+        arr = np.ascontiguousarray(arr)
+        name = name or self.name_of(arr)
+        if name not in self.table:
+            pad = (-self.offset) % 64  # 64-byte alignment for every tensor
+            if pad:
+                self._f.write(b"\0" * pad)
+                self.offset += pad
+            self.table[name] = {"name": name, "dtype": str(arr.dtype), "shape": list(arr.shape),
+                                "offset": self.offset, "length": arr.nbytes}
+            self._f.write(arr.data)
+            self.offset += arr.nbytes
+        return name
+
+    def external(self, name: str, data_type: int):
+        """A TensorProto that points at stored tensor ``name``."""
+        import onnx
+
+        ext = onnx.TensorProto()
+        ext.name = name
+        ext.data_type = data_type
+        ext.dims.extend(self.table[name]["shape"])
+        ext.data_location = onnx.TensorProto.EXTERNAL
+        for k, v in (("location", WEIGHTS_NAME), ("offset", str(self.table[name]["offset"])),
+                     ("length", str(self.table[name]["length"]))):
+            e = ext.external_data.add()
+            e.key, e.value = k, v
+        return ext
+
+    def close(self) -> list[dict]:
+        """Flush and fsync the file; returns the table of stored tensors: name, dtype, shape, offset, length."""
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        return list(self.table.values())
+
+
+def _externalised(inits, writer: WeightsWriter, names: dict | None = None) -> tuple[list, dict[str, str]]:
+    """Initializers ``inits`` with every one of at least EXTERNAL_MIN_BYTES moved into ``writer``: returns (the
+    initializers to keep, small ones and external references named by content, in order; {old name: content
+    name}). A tensor twice in one graph (tied weights) is kept once. ``names`` maps an initializer's index to
+    its content name where the caller knows it already (it is stored then; the template's unchanged tensors)."""
+    from onnx import numpy_helper
+
+    rename: dict[str, str] = {}
+    keep = []
+    seen_here: set[str] = set()
+    for i, init in enumerate(inits):
+        name = (names or {}).get(i)
+        if name is None:
+            arr = numpy_helper.to_array(init)
+            if arr.nbytes < EXTERNAL_MIN_BYTES:
+                keep.append(init)
+                continue
+            name = writer.add(arr)
+        rename[init.name] = name
+        if name in seen_here:
+            continue
+        seen_here.add(name)
+        keep.append(writer.external(name, init.data_type))
+    return keep, rename
+
+
+def _set_initializers(m, keep: list, rename: dict[str, str]) -> None:
+    """Give graph ``m`` the initializers ``keep`` and point its nodes' inputs at the new names."""
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(keep)
+    for node in m.graph.node:
+        for j, inp in enumerate(node.input):
+            if inp in rename:
+                node.input[j] = rename[inp]
+
+
+def _without_initializers(m):
+    """A copy of ModelProto ``m`` without its graph's initializers (field by field: the weights are not copied)."""
+    import onnx
+
+    out = onnx.ModelProto()
+    for field, value in m.ListFields():
+        if field.name != "graph":
+            _copy_field(out, field, value)
+    for field, value in m.graph.ListFields():
+        if field.name != "initializer":
+            _copy_field(out.graph, field, value)
+    return out
+
+
 def _share_weights(tmp: Path, graph_files: list[str]) -> list[dict]:
-    """Move every large initializer of every graph into one content-addressed ``weights.bin``.
+    """Move every large initializer of every graph into one content-addressed ``weights.bin``
+    (:class:`WeightsWriter`), one graph at a time.
 
     Identical tensors get identical names (``w_<sha256 prefix>``) in every graph, so the runtime can
     hand each tensor to all sessions once (``SessionOptions.add_initializer``). Returns the table of
     shared tensors: name, dtype, shape, offset, length.
     """
     import onnx
-    from onnx import numpy_helper
 
-    table: dict[str, dict] = {}
-    blobs: list[bytes] = []
-    offset = 0
-    models = []
-    for gf in graph_files:
-        m = onnx.load(str(tmp / gf), load_external_data=True)
-        rename: dict[str, str] = {}
-        keep = []
-        seen_here: set[str] = set()
-        for init in m.graph.initializer:
-            arr = numpy_helper.to_array(init)
-            if arr.nbytes < EXTERNAL_MIN_BYTES:
-                keep.append(init)
-                continue
-            arr = np.ascontiguousarray(arr)
-            key = hashlib.sha256(str(arr.dtype).encode() + str(arr.shape).encode() + arr.tobytes()).hexdigest()
-            name = f"w_{key[:24]}"
-            rename[init.name] = name
-            if name not in table:
-                pad = (-offset) % 64  # 64-byte alignment for every tensor
-                if pad:
-                    blobs.append(b"\0" * pad)
-                    offset += pad
-                data = arr.tobytes()
-                table[name] = {"name": name, "dtype": str(arr.dtype), "shape": list(arr.shape),
-                               "offset": offset, "length": len(data)}
-                blobs.append(data)
-                offset += len(data)
-            if name in seen_here:
-                continue  # the same tensor twice in one graph (tied weights): keep one
-            seen_here.add(name)
-            ext = onnx.TensorProto()
-            ext.name = name
-            ext.data_type = init.data_type
-            ext.dims.extend(arr.shape)
-            ext.data_location = onnx.TensorProto.EXTERNAL
-            for k, v in (("location", WEIGHTS_NAME), ("offset", str(table[name]["offset"])),
-                         ("length", str(table[name]["length"]))):
-                e = ext.external_data.add()
-                e.key, e.value = k, v
-            keep.append(ext)
-        del m.graph.initializer[:]
-        m.graph.initializer.extend(keep)
-        for node in m.graph.node:
-            for i, name in enumerate(node.input):
-                if name in rename:
-                    node.input[i] = rename[name]
-        models.append((gf, m))
-    with open(tmp / WEIGHTS_NAME, "wb") as f:
-        for b in blobs:
-            f.write(b)
-        f.flush()
-        os.fsync(f.fileno())
-    for gf, m in models:
-        for old in tmp.glob(gf + "*.data"):
-            old.unlink()
-        with open(tmp / gf, "wb") as f:
-            f.write(m.SerializeToString())
+    writer = WeightsWriter(tmp / WEIGHTS_NAME)
+    try:
+        for gf in graph_files:
+            m = onnx.load(str(tmp / gf), load_external_data=True)
+            _set_initializers(m, *_externalised(m.graph.initializer, writer))
+            for old in tmp.glob(gf + "*.data"):
+                old.unlink()
+            with open(tmp / gf, "wb") as f:
+                f.write(m.SerializeToString())
+            del m
+    finally:
+        table = writer.close()
     for leftover in tmp.glob("*.onnx.data"):
         leftover.unlink()
-    return list(table.values())
+    return table
 
 
 def export_model(model: str, out: str | os.PathLike, opts: ExportOptions | None = None) -> dict:
@@ -372,6 +432,7 @@ def export_model(model: str, out: str | os.PathLike, opts: ExportOptions | None 
         # write each graph with its own folded tensors (None: not applicable, trace every graph)
         template = Fp16Template.build(mlm, arch, tmp, args, opts) if (
             opts.precision == "fp16" and opts.resolved_fold()) else None
+        writer = WeightsWriter(tmp / WEIGHTS_NAME) if template is not None else None
         for g in graphs:
             gf = f"graph_{g['index']}.onnx"
             masks = None
@@ -380,8 +441,9 @@ def export_model(model: str, out: str | os.PathLike, opts: ExportOptions | None 
                 masks = {k: torch.from_numpy(v) for k, v in masks_np[g["index"]].items()}
             g["file"] = gf
             if template is not None:
-                _log(f"writing {gf} ({g['kind']}): the fused fp16 graph with this graph's folded tensors")
-                template.write(tmp / gf, masks_np.get(g["index"]))
+                _log(f"writing {gf} ({g['kind']}): the fused fp16 graph with this graph's folded tensors, "
+                     "its weights into the shared file")
+                template.write_shared(tmp / gf, masks_np.get(g["index"]), writer)
                 continue
             wrapped = ContractModel(copy.deepcopy(mlm), arch, masks, fold_masks=opts.resolved_fold(),
                                     share_prefix=opts.traced_share_prefix()).eval()
@@ -392,8 +454,11 @@ def export_model(model: str, out: str | os.PathLike, opts: ExportOptions | None 
                 _log(f"converting {gf} to {opts.precision}")
                 convert_precision(tmp / gf, opts.precision, cfg.num_attention_heads, hidden)
         del template
-        _log("sharing weights across graphs")
-        weights = _share_weights(tmp, [g["file"] for g in graphs])
+        if writer is not None:
+            weights = writer.close()
+        else:
+            _log("sharing weights across graphs")
+            weights = _share_weights(tmp, [g["file"] for g in graphs])
         _stamp_metadata(tmp, graphs, export_id)
         # tokenizer
         tok.backend_tokenizer.save(str(tmp / "tokenizer.json"))
@@ -545,6 +610,7 @@ class Fp16Template:
         self.model = model  # the converted ModelProto (all data inline)
         self.where = where  # (site, role) -> initializer proto in self.model
         self.originals = originals  # (site, role) -> float32 array in torch layout
+        self._names: dict[int, str] | None = None  # initializer index -> content name, for the unchanged ones
 
     @staticmethod
     def _site_tensors(parent) -> list[tuple[str, "object"]]:
@@ -613,8 +679,8 @@ class Fp16Template:
             where[key] = found[0]
         return cls(model, where, originals)
 
-    def write(self, path: Path, masks: dict[str, np.ndarray] | None) -> None:
-        """Write one graph: the template with its site tensors folded with ``masks`` (None: graph 0)."""
+    def _fold(self, masks: dict[str, np.ndarray] | None) -> None:
+        """Set the site tensors to this graph's: folded with ``masks`` (None: graph 0's originals)."""
         for (site, role), init in self.where.items():
             arr = self.originals[(site, role)]
             if masks is not None:
@@ -623,7 +689,26 @@ class Fp16Template:
             init.raw_data = self._to(init.data_type, self._layout(role, arr)).tobytes()
             del init.float_data[:]
             del init.int32_data[:]
+
+    def write(self, path: Path, masks: dict[str, np.ndarray] | None) -> None:
+        """Write one graph with all its tensors inline (the reference :meth:`write_shared` is tested against)."""
+        self._fold(masks)
         path.write_bytes(self.model.SerializeToString())  # < 2 GB, as convert_precision's onnx.save
+
+    def write_shared(self, path: Path, masks: dict[str, np.ndarray] | None, writer: WeightsWriter) -> None:
+        """:meth:`write` and then :func:`_share_weights` on that file, byte for byte, without serialising the
+        whole model and reading it back: the tensors every graph shares are named (hashed) once, and only the
+        graph's own folded tensors go to ``writer`` (tests/test_fp16.py compares the two ways)."""
+        self._fold(masks)
+        inits = self.model.graph.initializer
+        keep, rename = _externalised(inits, writer, self._names)
+        if self._names is None:  # content names of the tensors no graph changes, for the next graphs
+            own = {init.name for init in self.where.values()}
+            self._names = {i: rename[init.name] for i, init in enumerate(inits)
+                           if init.name in rename and init.name not in own}
+        out = _without_initializers(self.model)
+        _set_initializers(out, keep, rename)
+        path.write_bytes(out.SerializeToString())
 
 
 def at_mask_matmuls(path: Path) -> list[str]:

@@ -224,6 +224,43 @@ def test_faster_fp16_conversion_gives_the_same_fused_graph(tiny_roberta_src, tmp
     assert outs["lifted"].SerializeToString() == outs["ort"].SerializeToString()
 
 
+def test_template_writes_its_weights_as_share_weights_would(tiny_roberta_src, tmp_path):
+    """Fp16Template.write_shared (the export's path: each graph's external references made from the template
+    in memory, the shared tensors hashed once) against writing every graph whole and then _share_weights:
+    the same graph files and weights.bin, byte for byte, and the same tensor table. Graph 2 holds the same
+    masks as graph 1, so its folded tensors must be found in the file, not stored again."""
+    import cliptune_export.exporter as ex
+    import onnx
+    from cliptune_export.wrapper import ARCHS, dropout_sites
+    from transformers import AutoModelForMaskedLM
+
+    mlm = AutoModelForMaskedLM.from_pretrained(str(tiny_roberta_src), attn_implementation="eager").eval()
+    opts = ex.ExportOptions(k=2, n_prompt=10, precision="fp16")
+    template = ex.Fp16Template.build(mlm, ARCHS["roberta"], tmp_path, contract_inputs_for(mlm), opts)
+    assert template is not None
+    sites = [s[0] for s in dropout_sites(mlm, ARCHS["roberta"])]
+    masks = [None, ex.draw_masks(sites, mlm.config.hidden_size, 0.2, 1), ex.draw_masks(sites, mlm.config.hidden_size,
+                                                                                        0.2, 1)]
+    files = [f"graph_{i}.onnx" for i in range(3)]
+    shared, whole = tmp_path / "shared", tmp_path / "whole"
+    shared.mkdir()
+    whole.mkdir()
+    writer = ex.WeightsWriter(shared / "weights.bin")
+    for f, m in zip(files, masks):
+        template.write_shared(shared / f, m, writer)
+    table = writer.close()
+    for f, m in zip(files, masks):
+        template.write(whole / f, m)
+    assert ex._share_weights(whole, files) == table
+    for f in files + ["weights.bin"]:
+        assert (shared / f).read_bytes() == (whole / f).read_bytes(), f
+    assert sorted(p.name for p in shared.iterdir()) == sorted(p.name for p in whole.iterdir())
+    # graph 1 added its own tensors; graph 2 (the same masks) none
+    assert len({t["name"] for t in table}) == len(table)
+    names = [{t.name for t in onnx.load(str(shared / f), load_external_data=False).graph.initializer} for f in files]
+    assert names[1] == names[2] and names[0] != names[1]
+
+
 def contract_inputs_for(mlm):
     """Example inputs (torch) of the contract for tracing ``mlm``'s ContractModel."""
     import torch
