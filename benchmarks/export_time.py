@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -60,7 +61,7 @@ def phases(log: str) -> dict[str, float]:
             name = next((p for start, p in PHASES if m.group(2).startswith(start)), "other")
             marks.append((float(m.group(1)), name))
     out: dict[str, float] = {}
-    for (t, name), (t_next, _) in zip(marks, marks[1:]):
+    for (t, name), (t_next, _) in itertools.pairwise(marks):
         if name is not None:
             out[name] = round(out.get(name, 0.0) + t_next - t, 2)
     return out
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                                                           else [])))
                 p = subprocess.run([sys.executable, "-c", CHILD, json.dumps(
                     {"src": str(src), "out": str(out), "opts": {"k": args.k, "precision": args.precision}})],
-                    capture_output=True, text=True, env=env, cwd=str(work))
+                    check=False, capture_output=True, text=True, env=env, cwd=str(work))
                 if p.returncode:
                     sys.stderr.write(p.stderr[-3000:])
                     raise SystemExit(f"export_time: the export of checkout {name} failed (rc {p.returncode})")

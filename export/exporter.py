@@ -257,7 +257,7 @@ class WeightsWriter:
 
     def __init__(self, path: Path):
         self.path = path
-        self._f = open(path, "wb")
+        self._f = open(path, "wb")  # noqa: SIM115 (closed by close(), after the last graph)
         self.table: dict[str, dict] = {}
         self.offset = 0
 

@@ -52,8 +52,9 @@ def test_export_time_phases_parse_the_log():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from export_time import phases
 
-    log = "\n".join(["[export]    0.0 s  loading x", "noise", "[export]    2.0 s  exporting graph_0.onnx (full)",
-                     "[export]    5.0 s  exporting graph_1.onnx (thinned)", "[export]    9.0 s  sharing weights across graphs",
-                     "[export]   10.5 s  validating every graph", "[export]   12.0 s    graph_0.onnx: max |ort - torch|",
-                     "[export]   13.0 s  wrote out (2 graphs) in 13.0 s"])
+    lines = ["[export]    0.0 s  loading x", "noise", "[export]    2.0 s  exporting graph_0.onnx (full)",
+             "[export]    5.0 s  exporting graph_1.onnx (thinned)", "[export]    9.0 s  sharing weights across graphs",
+             "[export]   10.5 s  validating every graph", "[export]   12.0 s    graph_0.onnx: max |ort - torch|",
+             "[export]   13.0 s  wrote out (2 graphs) in 13.0 s"]
+    log = "\n".join(lines)
     assert phases(log) == {"load": 2.0, "trace": 7.0, "share weights": 1.5, "validate": 2.5}
