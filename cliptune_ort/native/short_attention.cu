@@ -458,28 +458,29 @@ int PipeGrid(int cap) {
                                   : 0,
                               2 * 3 * kMaxSeq * kPitch * static_cast<int>(sizeof(__half)));
     // the carveout: a hint that the SM's unified memory go to shared memory (two blocks of two stages each)
-    limit[dev] = want > 0 &&
-                         cudaFuncSetAttribute(PipeAttentionKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, want) ==
-                             cudaSuccess &&
-                         cudaFuncSetAttribute(PipeAttentionKernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                              cudaSharedmemCarveoutMaxShared) == cudaSuccess
-                     ? want
-                     : -1;
-    if (limit[dev] < 0) cudaGetLastError();
+    // cudaGetLastError only after a call of ours failed: it also clears an error left by someone else's launch
+    bool failed = false;
+    if (want > 0) {
+      failed = cudaFuncSetAttribute(PipeAttentionKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, want) !=
+                   cudaSuccess ||
+               cudaFuncSetAttribute(PipeAttentionKernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                    cudaSharedmemCarveoutMaxShared) != cudaSuccess;
+      if (failed) cudaGetLastError();
+    }
+    limit[dev] = want > 0 && !failed ? want : -1;
   }
   int& g = grid[dev][cap / 16];
   if (g == 0) {
     const int bytes = 2 * 3 * cap * kPitch * static_cast<int>(sizeof(__half));
     int sms = 0, per_sm = 0;
-    if (bytes <= limit[dev] && cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess &&
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, PipeAttentionKernel, kPipeWarps * 32, bytes) ==
-            cudaSuccess &&
-        per_sm > 0 && sms > 0) {
-      g = per_sm * sms;
-    } else {
-      g = -1;
-      cudaGetLastError();
+    bool failed = false;
+    if (bytes <= limit[dev]) {
+      failed = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+               cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, PipeAttentionKernel, kPipeWarps * 32, bytes) !=
+                   cudaSuccess;
+      if (failed) cudaGetLastError();
     }
+    g = !failed && per_sm > 0 && sms > 0 ? per_sm * sms : -1;
   }
   return g > 0 ? g : 0;
 }
