@@ -403,7 +403,7 @@ def export_model(model: str, out: str | os.PathLike, opts: ExportOptions | None 
     mlm, tok, arch = _load(model, opts)
     cfg = mlm.config
     hidden, vocab = cfg.hidden_size, cfg.vocab_size
-    max_pos = cfg.max_position_embeddings - (cfg.pad_token_id + 1 if arch.model_type == "roberta" else 0)
+    max_pos = cfg.max_position_embeddings - (cfg.pad_token_id + 1 if arch.family == "roberta" else 0)
     if opts.placeholder_offset + opts.n_prompt > vocab:
         raise ConfigError(f"placeholder ids {opts.placeholder_offset}..{opts.placeholder_offset + opts.n_prompt - 1} "
                           f"exceed the vocabulary ({vocab}): lower --n-prompt")

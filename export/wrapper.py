@@ -40,11 +40,15 @@ class Arch:
 
     model_type: str
     base_attr: str  # attribute of the *ForMaskedLM holding the encoder model
+    family: str  # "bert" (BERT's modules and MLM head) or "roberta" (RoBERTa's: position ids after the padding id)
 
 
 ARCHS = {
-    "bert": Arch("bert", "bert"),
-    "roberta": Arch("roberta", "roberta"),
+    "bert": Arch("bert", "bert", "bert"),
+    "roberta": Arch("roberta", "roberta", "roberta"),
+    # RoBERTa's modules under other names and vocabularies (multilingual, French): the same export
+    "xlm-roberta": Arch("xlm-roberta", "roberta", "roberta"),
+    "camembert": Arch("camembert", "roberta", "roberta"),
 }
 
 
@@ -193,7 +197,7 @@ def fold_mask(parent: nn.Module, mask: torch.Tensor) -> None:
 
 def lm_head_parts(mlm: nn.Module, arch: Arch):
     """(transform, decoder weight [vocab, hidden], decoder bias [vocab]) of the MLM head."""
-    if arch.model_type == "bert":
+    if arch.family == "bert":
         pred = mlm.cls.predictions
         bias = pred.decoder.bias if pred.decoder.bias is not None else pred.bias
         return pred.transform, pred.decoder.weight, bias
