@@ -45,7 +45,7 @@ print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mb": resource.ge
 """
 
 #: a log line's start -> the phase it opens
-PHASES = (("loading", "load"), ("exporting the graph template", "trace"), ("exporting graph_", "trace"),
+PHASES = (("loading", "load"), ("exporting the ", "trace"), ("exporting graph_", "trace"),
           ("converting", "convert"), ("writing graph_", "write graphs"), ("sharing weights", "share weights"),
           ("validating", "validate"), ("  graph_", "validate"), ("packing", "pack"), ("wrote ", None))
 PHASE_NAMES = list(dict.fromkeys(p for _, p in PHASES if p))

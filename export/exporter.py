@@ -5,6 +5,11 @@ into one shared external-data file -> validate every graph against the hook-base
 with the same mask -> write the manifest. Everything is written into a temporary folder that is
 renamed into place at the very end: a failed export leaves nothing behind.
 
+A graph is traced once per structure, not once per graph: fp32 (masks as Mul nodes) traces graph 0 and
+one thinned graph (:class:`MaskTemplate`) and writes every thinned graph from the latter with its own
+masks; each graph's weights go straight into the shared file (:class:`WeightsWriter`), the tensors the
+graphs share hashed once. The files are the ones tracing every graph gives, byte for byte (tests).
+
 fp16 (the CUDA path): masks folded into the weights, ONNX Runtime's transformer fusions (one
 Attention per full-sequence layer, SkipLayerNormalization, BiasGelu), float16 weights, float32
 inputs and outputs; graph 0 is traced and fused once and every graph written from it
@@ -364,23 +369,28 @@ def _share_weights(tmp: Path, graph_files: list[str]) -> list[dict]:
     hand each tensor to all sessions once (``SessionOptions.add_initializer``). Returns the table of
     shared tensors: name, dtype, shape, offset, length.
     """
-    import onnx
-
     writer = WeightsWriter(tmp / WEIGHTS_NAME)
     try:
         for gf in graph_files:
-            m = onnx.load(str(tmp / gf), load_external_data=True)
-            _set_initializers(m, *_externalised(m.graph.initializer, writer))
-            for old in tmp.glob(gf + "*.data"):
-                old.unlink()
-            with open(tmp / gf, "wb") as f:
-                f.write(m.SerializeToString())
-            del m
+            _externalise_file(tmp, gf, writer)
     finally:
         table = writer.close()
     for leftover in tmp.glob("*.onnx.data"):
         leftover.unlink()
     return table
+
+
+def _externalise_file(tmp: Path, gf: str, writer: WeightsWriter) -> None:
+    """Rewrite graph file ``gf`` with its large initializers in ``writer``'s shared file (its own external data
+    files removed)."""
+    import onnx
+
+    m = onnx.load(str(tmp / gf), load_external_data=True)
+    _set_initializers(m, *_externalised(m.graph.initializer, writer))
+    for old in tmp.glob(gf + "*.data"):
+        old.unlink()
+    with open(tmp / gf, "wb") as f:
+        f.write(m.SerializeToString())
 
 
 def export_model(model: str, out: str | os.PathLike, opts: ExportOptions | None = None) -> dict:
@@ -432,7 +442,10 @@ def export_model(model: str, out: str | os.PathLike, opts: ExportOptions | None 
         # write each graph with its own folded tensors (None: not applicable, trace every graph)
         template = Fp16Template.build(mlm, arch, tmp, args, opts) if (
             opts.precision == "fp16" and opts.resolved_fold()) else None
-        writer = WeightsWriter(tmp / WEIGHTS_NAME) if template is not None else None
+        # fp32, masks as Mul nodes: graph 0 traced, every thinned graph written from one traced thinned graph
+        thinned = MaskTemplate.build(mlm, arch, tmp, args, opts, site_names, hidden) if (
+            opts.precision == "fp32" and not opts.resolved_fold() and opts.k >= 2) else None
+        writer = WeightsWriter(tmp / WEIGHTS_NAME) if template is not None or thinned is not None else None
         for g in graphs:
             gf = f"graph_{g['index']}.onnx"
             masks = None
@@ -445,15 +458,23 @@ def export_model(model: str, out: str | os.PathLike, opts: ExportOptions | None 
                      "its weights into the shared file")
                 template.write_shared(tmp / gf, masks_np.get(g["index"]), writer)
                 continue
+            if thinned is not None and g["kind"] == "thinned":
+                _log(f"writing {gf} (thinned): the traced thinned graph with this graph's masks, its weights into "
+                     "the shared file")
+                thinned.write_shared(tmp / gf, masks_np[g["index"]], writer)
+                continue
             wrapped = ContractModel(copy.deepcopy(mlm), arch, masks, fold_masks=opts.resolved_fold(),
                                     share_prefix=opts.traced_share_prefix()).eval()
             _log(f"exporting {gf} ({g['kind']})")
             trace_graph(wrapped, args, tmp / gf, opts.opset)
             del wrapped
+            if thinned is not None:  # graph 0: its weights first into the shared file, as _share_weights would
+                _externalise_file(tmp, gf, writer)
+                continue
             if opts.precision != "fp32":
                 _log(f"converting {gf} to {opts.precision}")
                 convert_precision(tmp / gf, opts.precision, cfg.num_attention_heads, hidden)
-        del template
+        del template, thinned
         if writer is not None:
             weights = writer.close()
         else:
@@ -589,7 +610,92 @@ def trace_graph(wrapped, args: tuple, path: Path, opset: int) -> None:
         )
 
 
-class Fp16Template:
+class _Template:
+    """A traced graph held in memory (weights inline) that several graphs of an export are written from: each
+    differs from it only in the initializers ``where`` names, which :meth:`_fold` sets for that graph."""
+
+    model: object  # the ModelProto
+    where: dict  # key -> initializer proto in self.model
+    _names: dict[int, str] | None  # initializer index -> content name, for the ones no graph changes (once known)
+
+    def _fold(self, masks: dict[str, np.ndarray] | None) -> None:
+        raise NotImplementedError
+
+    def write_shared(self, path: Path, masks: dict[str, np.ndarray] | None, writer: WeightsWriter) -> None:
+        """One graph with its weights in ``writer``'s shared file: what writing the graph whole and then
+        :func:`_share_weights` on it gives, byte for byte, without serialising the whole model and reading it
+        back: the tensors every graph shares are named (hashed) once, and only the graph's own tensors go to
+        ``writer`` (tests/test_fp16.py and tests/test_export.py compare the two ways)."""
+        self._fold(masks)
+        inits = self.model.graph.initializer
+        keep, rename = _externalised(inits, writer, self._names)
+        if self._names is None:  # content names of the tensors no graph changes, for the next graphs
+            own = {init.name for init in self.where.values()}
+            self._names = {i: rename[init.name] for i, init in enumerate(inits)
+                           if init.name in rename and init.name not in own}
+        out = _without_initializers(self.model)
+        _set_initializers(out, keep, rename)
+        path.write_bytes(out.SerializeToString())
+
+
+class MaskTemplate(_Template):
+    """One traced thinned graph that every thinned graph of an fp32 export (masks not folded: a Mul by a [hidden]
+    mask at every site) is written from. Tracing a large model costs about 16 s a graph (roberta-large, 2 cores),
+    for the same graph each time: so one thinned network is traced with unique random *tag* masks, each tag is
+    found again among its initializers (exactly once, or :meth:`build` returns None and every graph is traced),
+    and each thinned graph is that graph with its own masks in their place. Graph 0 (no Mul nodes) is traced on
+    its own. Every graph is still validated against the masked PyTorch reference."""
+
+    def __init__(self, model, where: dict):
+        self.model = model  # the traced ModelProto (all data inline)
+        self.where = where  # site -> initializer proto (float32 [hidden]) in self.model
+        self._names = None
+
+    @classmethod
+    def build(cls, mlm, arch, tmp: Path, args: tuple, opts: ExportOptions, site_names: list[str],
+              hidden: int) -> MaskTemplate | None:
+        import onnx
+        import torch
+        from onnx import numpy_helper
+
+        from .wrapper import ContractModel
+
+        rng = np.random.default_rng(20240612)
+        # |tag| in [0.5, 1.5) with random signs: never a mask value (0 or 1/(1-p) > 0 for every site at once)
+        tags = {name: (rng.uniform(0.5, 1.5, hidden) * rng.choice([-1.0, 1.0], hidden)).astype(np.float32)
+                for name in site_names}
+        wrapped = ContractModel(copy.deepcopy(mlm), arch, {k: torch.from_numpy(v) for k, v in tags.items()},
+                                fold_masks=False, share_prefix=opts.traced_share_prefix()).eval()
+        path = tmp / "mask_template.onnx"
+        _log("exporting the thinned-graph template (masks as tags: traced once for every thinned graph)")
+        trace_graph(wrapped, args, path, opts.opset)
+        del wrapped
+        model = onnx.load(str(path), load_external_data=True)
+        path.unlink()
+        for leftover in tmp.glob("mask_template.onnx*.data"):
+            leftover.unlink()
+        by_bytes: dict[bytes, list] = {}
+        for init in model.graph.initializer:
+            if init.data_type == onnx.TensorProto.FLOAT and list(init.dims) == [hidden]:
+                by_bytes.setdefault(numpy_helper.to_array(init).tobytes(), []).append(init)
+        where = {}
+        for name, tag in tags.items():
+            found = by_bytes.get(tag.tobytes(), [])
+            if len(found) != 1:
+                _log(f"template: the mask of {name} found {len(found)} times in the traced graph (expected once); "
+                     "tracing every graph instead")
+                return None
+            where[name] = found[0]
+        return cls(model, where)
+
+    def _fold(self, masks: dict[str, np.ndarray] | None) -> None:
+        """Set every site's mask initializer to this graph's mask."""
+        for site, init in self.where.items():
+            init.raw_data = np.ascontiguousarray(masks[site], dtype=np.float32).tobytes()
+            del init.float_data[:]
+
+
+class Fp16Template(_Template):
     """One traced, fused fp16 graph that every graph of an fp16 export (masks folded) is written from.
 
     With the masks folded into the weights, the K+1 graphs differ only in the tensors the mask sites
@@ -694,21 +800,6 @@ class Fp16Template:
         """Write one graph with all its tensors inline (the reference :meth:`write_shared` is tested against)."""
         self._fold(masks)
         path.write_bytes(self.model.SerializeToString())  # < 2 GB, as convert_precision's onnx.save
-
-    def write_shared(self, path: Path, masks: dict[str, np.ndarray] | None, writer: WeightsWriter) -> None:
-        """:meth:`write` and then :func:`_share_weights` on that file, byte for byte, without serialising the
-        whole model and reading it back: the tensors every graph shares are named (hashed) once, and only the
-        graph's own folded tensors go to ``writer`` (tests/test_fp16.py compares the two ways)."""
-        self._fold(masks)
-        inits = self.model.graph.initializer
-        keep, rename = _externalised(inits, writer, self._names)
-        if self._names is None:  # content names of the tensors no graph changes, for the next graphs
-            own = {init.name for init in self.where.values()}
-            self._names = {i: rename[init.name] for i, init in enumerate(inits)
-                           if init.name in rename and init.name not in own}
-        out = _without_initializers(self.model)
-        _set_initializers(out, keep, rename)
-        path.write_bytes(out.SerializeToString())
 
 
 def at_mask_matmuls(path: Path) -> list[str]:

@@ -183,3 +183,37 @@ def test_rows_with_another_prefix_are_run_apart(splade_dir, tmp_path):
     a = got.logits(0, prompts, fb, verb)
     b = want.logits(0, prompts, want.prepare(enc, n_buckets=2), verb)
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("external_min", [4096, 256])
+def test_thinned_graphs_from_one_trace_equal_tracing_each(tiny_roberta_src, tmp_path, monkeypatch, external_min):
+    """An fp32 export traces graph 0 and one thinned graph (MaskTemplate) and writes every thinned graph from the
+    latter with its own masks: the files must be those that tracing every graph gives, byte for byte (the export
+    id fixed), with the masks inline (hidden 64: 256 bytes) and, at a lower threshold, in weights.bin."""
+    import uuid
+
+    import cliptune_export.exporter as ex
+    from cliptune_export import ExportOptions, export_model
+
+    monkeypatch.setattr(ex, "EXTERNAL_MIN_BYTES", external_min)
+    monkeypatch.setattr(ex.uuid, "uuid4", lambda: uuid.UUID(int=7))
+    opts = {"k": 3, "p": 0.2, "seed": 5, "n_prompt": 10}
+    calls = []
+    real = ex.MaskTemplate.build.__func__
+    monkeypatch.setattr(ex.MaskTemplate, "build", classmethod(lambda cls, *a, **k: calls.append(1) or real(cls, *a, **k)))
+    export_model(str(tiny_roberta_src), tmp_path / "template", ExportOptions(**opts))
+    assert calls == [1]
+    monkeypatch.setattr(ex.MaskTemplate, "build", classmethod(lambda cls, *a, **k: None))
+    export_model(str(tiny_roberta_src), tmp_path / "traced", ExportOptions(**opts))
+    files = sorted(p.name for p in (tmp_path / "traced").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "template").iterdir())
+    for f in files:
+        if f != "manifest.json":
+            assert (tmp_path / "template" / f).read_bytes() == (tmp_path / "traced" / f).read_bytes(), f
+    a, b = (read_json(tmp_path / d / "manifest.json") for d in ("template", "traced"))
+    for m in (a, b):
+        for key in ("created_at", "export_seconds", "manifest_sha256"):
+            m.pop(key, None)
+    assert a == b
+    masks_outside = any(t["shape"] == [64] for t in a["weights"]["tensors"])
+    assert masks_outside == (external_min <= 256)
