@@ -185,15 +185,22 @@ def test_rows_with_another_prefix_are_run_apart(splade_dir, tmp_path):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("external_min", [4096, 256])
-def test_thinned_graphs_from_one_trace_equal_tracing_each(tiny_roberta_src, tmp_path, monkeypatch, external_min):
+@pytest.mark.parametrize(("source", "external_min"), [("roberta", 4096), ("roberta", 256), ("splade", 512)])
+def test_thinned_graphs_from_one_trace_equal_tracing_each(tiny_roberta_src, tmp_path, monkeypatch, source,
+                                                          external_min):
     """An fp32 export traces graph 0 and one thinned graph (MaskTemplate) and writes every thinned graph from the
     latter with its own masks: the files must be those that tracing every graph gives, byte for byte (the export
-    id fixed), with the masks inline (hidden 64: 256 bytes) and, at a lower threshold, in weights.bin."""
+    id fixed), with the masks inline (the tiny RoBERTa's hidden 64: 256 bytes) and in weights.bin (a lower
+    threshold; splade-tiny, a BERT: hidden 128, 512 bytes)."""
     import uuid
 
     import cliptune_export.exporter as ex
     from cliptune_export import ExportOptions, export_model
+
+    from .conftest import SPLADE
+
+    src = tiny_roberta_src if source == "roberta" else SPLADE
+    hidden = 64 if source == "roberta" else 128
 
     monkeypatch.setattr(ex, "EXTERNAL_MIN_BYTES", external_min)
     monkeypatch.setattr(ex.uuid, "uuid4", lambda: uuid.UUID(int=7))
@@ -201,10 +208,10 @@ def test_thinned_graphs_from_one_trace_equal_tracing_each(tiny_roberta_src, tmp_
     calls = []
     real = ex.MaskTemplate.build.__func__
     monkeypatch.setattr(ex.MaskTemplate, "build", classmethod(lambda cls, *a, **k: calls.append(1) or real(cls, *a, **k)))
-    export_model(str(tiny_roberta_src), tmp_path / "template", ExportOptions(**opts))
+    export_model(str(src), tmp_path / "template", ExportOptions(**opts))
     assert calls == [1]
     monkeypatch.setattr(ex.MaskTemplate, "build", classmethod(lambda cls, *a, **k: None))
-    export_model(str(tiny_roberta_src), tmp_path / "traced", ExportOptions(**opts))
+    export_model(str(src), tmp_path / "traced", ExportOptions(**opts))
     files = sorted(p.name for p in (tmp_path / "traced").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "template").iterdir())
     for f in files:
@@ -215,5 +222,12 @@ def test_thinned_graphs_from_one_trace_equal_tracing_each(tiny_roberta_src, tmp_
         for key in ("created_at", "export_seconds", "manifest_sha256"):
             m.pop(key, None)
     assert a == b
-    masks_outside = any(t["shape"] == [64] for t in a["weights"]["tensors"])
-    assert masks_outside == (external_min <= 256)
+    import onnx
+
+    inits = [{t.name: t for t in onnx.load(str(tmp_path / "template" / f"graph_{i}.onnx"),
+                                           load_external_data=False).graph.initializer} for i in (0, 1)]
+    # graph 1's own [hidden] tensors: its masks, one per site (the embeddings, two per layer)
+    masks = [inits[1][n] for n in set(inits[1]) - set(inits[0]) if list(inits[1][n].dims) == [hidden]]
+    assert len(masks) == len(a["mask_sites"])
+    outside = {m.data_location == onnx.TensorProto.EXTERNAL for m in masks}
+    assert outside == {external_min <= hidden * 4}
