@@ -701,7 +701,7 @@ def export_unsupported_model_type(c):
     (c.tmp / "src").mkdir()
     (c.tmp / "src" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     shutil.copy(SPLADE / "tokenizer.json", c.tmp / "src")
-    return _export(c, c.tmp / "src"), "model_type 'gpt2' is not supported: expected one of ['bert', 'roberta']"
+    return _export(c, c.tmp / "src"), "model_type 'gpt2' is not supported: expected one of ['bert', 'camembert', 'roberta', 'xlm-roberta']"
 
 
 @case
