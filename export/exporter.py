@@ -5,10 +5,11 @@ into one shared external-data file -> validate every graph against the hook-base
 with the same mask -> write the manifest. Everything is written into a temporary folder that is
 renamed into place at the very end: a failed export leaves nothing behind.
 
-A graph is traced once per structure, not once per graph: fp32 (masks as Mul nodes) traces graph 0 and
-one thinned graph (:class:`MaskTemplate`) and writes every thinned graph from the latter with its own
-masks; each graph's weights go straight into the shared file (:class:`WeightsWriter`), the tensors the
-graphs share hashed once. The files are the ones tracing every graph gives, byte for byte (tests).
+A graph is traced once per structure, not once per graph: fp32 and int8 (masks as Mul nodes) trace (and
+quantise) graph 0 and one thinned graph (:class:`MaskTemplate`) and write every thinned graph from the
+latter with its own masks; each graph's weights go straight into the shared file (:class:`WeightsWriter`),
+the tensors the graphs share hashed once. The files are the ones tracing every graph gives, byte for byte
+(tests).
 
 fp16 (the CUDA path): masks folded into the weights, ONNX Runtime's transformer fusions (one
 Attention per full-sequence layer, SkipLayerNormalization, BiasGelu), float16 weights, float32
@@ -442,9 +443,10 @@ def export_model(model: str, out: str | os.PathLike, opts: ExportOptions | None 
         # write each graph with its own folded tensors (None: not applicable, trace every graph)
         template = Fp16Template.build(mlm, arch, tmp, args, opts) if (
             opts.precision == "fp16" and opts.resolved_fold()) else None
-        # fp32, masks as Mul nodes: graph 0 traced, every thinned graph written from one traced thinned graph
+        # fp32 or int8, masks as Mul nodes: graph 0 traced, every thinned graph written from one traced thinned
+        # graph (int8: quantised once)
         thinned = MaskTemplate.build(mlm, arch, tmp, args, opts, site_names, hidden) if (
-            opts.precision == "fp32" and not opts.resolved_fold() and opts.k >= 2) else None
+            opts.precision in ("fp32", "int8") and not opts.resolved_fold() and opts.k >= 2) else None
         writer = WeightsWriter(tmp / WEIGHTS_NAME) if template is not None or thinned is not None else None
         for g in graphs:
             gf = f"graph_{g['index']}.onnx"
@@ -468,12 +470,11 @@ def export_model(model: str, out: str | os.PathLike, opts: ExportOptions | None 
             _log(f"exporting {gf} ({g['kind']})")
             trace_graph(wrapped, args, tmp / gf, opts.opset)
             del wrapped
-            if thinned is not None:  # graph 0: its weights first into the shared file, as _share_weights would
-                _externalise_file(tmp, gf, writer)
-                continue
             if opts.precision != "fp32":
                 _log(f"converting {gf} to {opts.precision}")
                 convert_precision(tmp / gf, opts.precision, cfg.num_attention_heads, hidden)
+            if thinned is not None:  # graph 0: its weights first into the shared file, as _share_weights would
+                _externalise_file(tmp, gf, writer)
         del template, thinned
         if writer is not None:
             weights = writer.close()
@@ -639,9 +640,10 @@ class _Template:
 
 
 class MaskTemplate(_Template):
-    """One traced thinned graph that every thinned graph of an fp32 export (masks not folded: a Mul by a [hidden]
-    mask at every site) is written from. Tracing a large model costs about 16 s a graph (roberta-large, 2 cores),
-    for the same graph each time: so one thinned network is traced with unique random *tag* masks, each tag is
+    """One traced thinned graph that every thinned graph of an fp32 or int8 export (masks not folded: a Mul by a
+    [hidden] mask at every site) is written from. Tracing a large model costs about 16 s a graph (roberta-large,
+    2 cores), and int8's quantisation more, for the same graph each time: so one thinned network is traced (and
+    quantised) with unique random *tag* masks, each tag is
     found again among its initializers (exactly once, or :meth:`build` returns None and every graph is traced),
     and each thinned graph is that graph with its own masks in their place. Graph 0 (no Mul nodes) is traced on
     its own. Every graph is still validated against the masked PyTorch reference."""
@@ -670,6 +672,9 @@ class MaskTemplate(_Template):
         _log("exporting the thinned-graph template (masks as tags: traced once for every thinned graph)")
         trace_graph(wrapped, args, path, opts.opset)
         del wrapped
+        if opts.precision != "fp32":  # int8: the MatMul weights quantised once; the masks stay float Mul inputs
+            _log(f"converting the thinned-graph template to {opts.precision}")
+            convert_precision(path, opts.precision, mlm.config.num_attention_heads, hidden)
         model = onnx.load(str(path), load_external_data=True)
         path.unlink()
         for leftover in tmp.glob("mask_template.onnx*.data"):

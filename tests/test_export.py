@@ -185,13 +185,15 @@ def test_rows_with_another_prefix_are_run_apart(splade_dir, tmp_path):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize(("source", "external_min"), [("roberta", 4096), ("roberta", 256), ("splade", 512)])
+@pytest.mark.parametrize(("source", "external_min", "precision"), [
+    ("roberta", 4096, "fp32"), ("roberta", 256, "fp32"), ("splade", 512, "fp32"), ("splade", 4096, "int8"),
+    ("roberta", 256, "int8")])
 def test_thinned_graphs_from_one_trace_equal_tracing_each(tiny_roberta_src, tmp_path, monkeypatch, source,
-                                                          external_min):
+                                                          external_min, precision):
     """An fp32 export traces graph 0 and one thinned graph (MaskTemplate) and writes every thinned graph from the
     latter with its own masks: the files must be those that tracing every graph gives, byte for byte (the export
     id fixed), with the masks inline (the tiny RoBERTa's hidden 64: 256 bytes) and in weights.bin (a lower
-    threshold; splade-tiny, a BERT: hidden 128, 512 bytes)."""
+    threshold; splade-tiny, a BERT: hidden 128, 512 bytes); int8 quantises the template once."""
     import uuid
 
     import cliptune_export.exporter as ex
@@ -204,7 +206,7 @@ def test_thinned_graphs_from_one_trace_equal_tracing_each(tiny_roberta_src, tmp_
 
     monkeypatch.setattr(ex, "EXTERNAL_MIN_BYTES", external_min)
     monkeypatch.setattr(ex.uuid, "uuid4", lambda: uuid.UUID(int=7))
-    opts = {"k": 3, "p": 0.2, "seed": 5, "n_prompt": 10}
+    opts = {"k": 3, "p": 0.2, "seed": 5, "n_prompt": 10, "precision": precision}
     calls = []
     real = ex.MaskTemplate.build.__func__
     monkeypatch.setattr(ex.MaskTemplate, "build", classmethod(lambda cls, *a, **k: calls.append(1) or real(cls, *a, **k)))
@@ -224,10 +226,17 @@ def test_thinned_graphs_from_one_trace_equal_tracing_each(tiny_roberta_src, tmp_
     assert a == b
     import onnx
 
-    inits = [{t.name: t for t in onnx.load(str(tmp_path / "template" / f"graph_{i}.onnx"),
-                                           load_external_data=False).graph.initializer} for i in (0, 1)]
-    # graph 1's own [hidden] tensors: its masks, one per site (the embeddings, two per layer)
-    masks = [inits[1][n] for n in set(inits[1]) - set(inits[0]) if list(inits[1][n].dims) == [hidden]]
-    assert len(masks) == len(a["mask_sites"])
+    from onnx import numpy_helper
+
+    g1 = onnx.load(str(tmp_path / "template" / "graph_1.onnx"), load_external_data=False).graph.initializer
+
+    def is_mask(t):  # a [hidden] float tensor of 0 and 1/(1-p) only
+        if list(t.dims) != [hidden] or t.data_type != onnx.TensorProto.FLOAT:
+            return False
+        values = set(numpy_helper.to_array(t, base_dir=str(tmp_path / "template")).tolist())
+        return values <= {0.0, float(np.float32(1 / 0.8))} and len(values) == 2
+
+    masks = [t for t in g1 if is_mask(t)]
+    assert len(masks) == len(a["mask_sites"])  # one per site: the embeddings, two per layer
     outside = {m.data_location == onnx.TensorProto.EXTERNAL for m in masks}
     assert outside == {external_min <= hidden * 4}
