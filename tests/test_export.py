@@ -225,7 +225,6 @@ def test_thinned_graphs_from_one_trace_equal_tracing_each(tiny_roberta_src, tmp_
             m.pop(key, None)
     assert a == b
     import onnx
-
     from onnx import numpy_helper
 
     g1 = onnx.load(str(tmp_path / "template" / "graph_1.onnx"), load_external_data=False).graph.initializer
