@@ -622,6 +622,21 @@ class _Template:
     def _fold(self, masks: dict[str, np.ndarray] | None) -> None:
         raise NotImplementedError
 
+    @staticmethod
+    def converted(path: Path, precision: str, heads: int, hidden: int, what: str):
+        """The traced graph at ``path`` converted to ``precision`` (unless fp32) and loaded with its data inline;
+        its files removed."""
+        import onnx
+
+        if precision != "fp32":
+            _log(f"converting {what} to {precision}")
+            convert_precision(path, precision, heads, hidden)
+        model = onnx.load(str(path), load_external_data=True)
+        path.unlink()
+        for leftover in path.parent.glob(path.name + "*.data"):
+            leftover.unlink()
+        return model
+
     def write_shared(self, path: Path, masks: dict[str, np.ndarray] | None, writer: WeightsWriter) -> None:
         """One graph with its weights in ``writer``'s shared file: what writing the graph whole and then
         :func:`_share_weights` on it gives, byte for byte, without serialising the whole model and reading it
@@ -672,13 +687,9 @@ class MaskTemplate(_Template):
         _log("exporting the thinned-graph template (masks as tags: traced once for every thinned graph)")
         trace_graph(wrapped, args, path, opts.opset)
         del wrapped
-        if opts.precision != "fp32":  # int8: the MatMul weights quantised once; the masks stay float Mul inputs
-            _log(f"converting the thinned-graph template to {opts.precision}")
-            convert_precision(path, opts.precision, mlm.config.num_attention_heads, hidden)
-        model = onnx.load(str(path), load_external_data=True)
-        path.unlink()
-        for leftover in tmp.glob("mask_template.onnx*.data"):
-            leftover.unlink()
+        # int8: the MatMul weights quantised once; the masks stay float Mul inputs
+        model = _Template.converted(path, opts.precision, mlm.config.num_attention_heads, hidden,
+                                    "the thinned-graph template")
         by_bytes: dict[bytes, list] = {}
         for init in model.graph.initializer:
             if init.data_type == onnx.TensorProto.FLOAT and list(init.dims) == [hidden]:
@@ -766,12 +777,8 @@ class Fp16Template(_Template):
         _log("exporting the graph template (fp16, masks folded: traced and fused once for every graph)")
         trace_graph(wrapped, args, path, opts.opset)
         del wrapped, tagged
-        _log("converting the template to fp16")
-        convert_precision(path, "fp16", mlm.config.num_attention_heads, mlm.config.hidden_size)
-        model = onnx.load(str(path), load_external_data=True)
-        path.unlink()
-        for leftover in tmp.glob("template.onnx*.data"):
-            leftover.unlink()
+        model = _Template.converted(path, "fp16", mlm.config.num_attention_heads, mlm.config.hidden_size,
+                                    "the template")
         by_bytes: dict[tuple, list] = {}
         for init in model.graph.initializer:
             if init.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT):
