@@ -658,10 +658,10 @@ class MaskTemplate(_Template):
     """One traced thinned graph that every thinned graph of an fp32 or int8 export (masks not folded: a Mul by a
     [hidden] mask at every site) is written from. Tracing a large model costs about 16 s a graph (roberta-large,
     2 cores), and int8's quantisation more, for the same graph each time: so one thinned network is traced (and
-    quantised) with unique random *tag* masks, each tag is
-    found again among its initializers (exactly once, or :meth:`build` returns None and every graph is traced),
-    and each thinned graph is that graph with its own masks in their place. Graph 0 (no Mul nodes) is traced on
-    its own. Every graph is still validated against the masked PyTorch reference."""
+    quantised) with unique random *tag* masks, each tag is found again among its initializers (exactly once, or
+    :meth:`build` returns None and every graph is traced), and each thinned graph is that graph with its own
+    masks in their place. Graph 0 (no Mul nodes) is traced on its own. Every graph is still validated against
+    the masked PyTorch reference."""
 
     def __init__(self, model, where: dict):
         self.model = model  # the traced ModelProto (all data inline)
