@@ -118,3 +118,25 @@ def test_a_tune_reads_texts_through_the_sentencepiece_tokenizer(sp_export, tmp_p
     assert res["model_dir"] == str(out.resolve())
     rows = json.loads((tmp_path / "run" / "config.json").read_text())["resolved_model_dir"]
     assert rows == str(out.resolve())
+
+
+def test_deployed_classifier_reads_the_sentencepiece_vocabulary(sp_export, tmp_path):
+    """A tuned run deployed as a standalone classifier: its probabilities equal the run's own predictions
+    (graph 0 with the prompt input) on SST-2 test sentences, through the SentencePiece tokenizer."""
+    from cliptune_export.deploy import deploy_run
+
+    from cliptune_ort.config import build_config
+    from cliptune_ort.deploy import DeployedClassifier
+    from cliptune_ort.predict import predict
+    from cliptune_ort.tuner import tune
+
+    _, _, out, _ = sp_export
+    run = tmp_path / "run"
+    tune(build_config(task="sst2", method="bbt", budget=8, popsize=4, d=10, eval_every=4, plot=False), run,
+         model_dir=out, progress=False)
+    deploy_run(run, tmp_path / "clf.onnx")
+    texts = ["a gripping , beautiful film", "dull and far too long", "it was neither good nor bad"]
+    got = DeployedClassifier(tmp_path / "clf.onnx").predict_proba(texts)
+    ref = np.array([list(r["probs"].values()) for r in predict(run, texts)])  # label-id order, 6 decimals
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
+
