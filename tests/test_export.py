@@ -239,3 +239,34 @@ def test_thinned_graphs_from_one_trace_equal_tracing_each(tiny_roberta_src, tmp_
     assert len(masks) == len(a["mask_sites"])  # one per site: the embeddings, two per layer
     outside = {m.data_location == onnx.TensorProto.EXTERNAL for m in masks}
     assert outside == {external_min <= hidden * 4}
+
+
+def test_a_tag_found_twice_falls_back_to_tracing_every_graph(tiny_roberta_src, tmp_path, monkeypatch, capsys):
+    """Where a tag mask is not found exactly once in the traced template (here: a second copy of one added), the
+    export says so and traces every graph: the same files as the plain traced path."""
+    import uuid
+
+    import cliptune_export.exporter as ex
+    from cliptune_export import ExportOptions, export_model
+
+    monkeypatch.setattr(ex.uuid, "uuid4", lambda: uuid.UUID(int=7))
+    real = ex._Template.converted
+
+    def doubled(path, *a, **k):
+        model = real(path, *a, **k)
+        if path.name == "mask_template.onnx":
+            first = next(t for t in model.graph.initializer if list(t.dims) == [64] and t.data_type == 1
+                         and len({t.raw_data[i:i + 4] for i in range(0, len(t.raw_data), 4)}) > 2)
+            twin = model.graph.initializer.add()
+            twin.CopyFrom(first)
+            twin.name = first.name + "_twin"
+        return model
+
+    monkeypatch.setattr(ex._Template, "converted", staticmethod(doubled))
+    opts = {"k": 2, "p": 0.2, "seed": 5, "n_prompt": 10}
+    export_model(str(tiny_roberta_src), tmp_path / "fallback", ExportOptions(**opts))
+    assert "found 2 times in the traced graph (expected once); tracing every graph instead" in capsys.readouterr().err
+    monkeypatch.setattr(ex.MaskTemplate, "build", classmethod(lambda cls, *a, **k: None))
+    export_model(str(tiny_roberta_src), tmp_path / "traced", ExportOptions(**opts))
+    for f in ("graph_0.onnx", "graph_1.onnx", "graph_2.onnx", "weights.bin"):
+        assert (tmp_path / "fallback" / f).read_bytes() == (tmp_path / "traced" / f).read_bytes(), f
