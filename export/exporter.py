@@ -630,7 +630,7 @@ class _Template:
 
         if precision != "fp32":
             _log(f"converting {what} to {precision}")
-            convert_precision(path, precision, heads, hidden)
+            return convert_precision(path, precision, heads, hidden, keep=False)
         model = onnx.load(str(path), load_external_data=True)
         path.unlink()
         for leftover in path.parent.glob(path.name + "*.data"):
@@ -946,9 +946,11 @@ def _copy_field(dst, field, value) -> None:
         setattr(dst, field.name, value)
 
 
-def convert_precision(path: Path, precision: str, heads: int, hidden: int) -> None:
+def convert_precision(path: Path, precision: str, heads: int, hidden: int, keep: bool = True):
     """Rewrite one fp32 graph in place as fp16 (ORT transformer fusions, then float16 weights; inputs
-    and outputs stay float32) or int8 (dynamic per-channel quantisation of the MatMul weights)."""
+    and outputs stay float32) or int8 (dynamic per-channel quantisation of the MatMul weights). Returns the
+    converted ModelProto; ``keep=False`` removes the graph's files instead of writing it (a caller that holds
+    the model in memory: no save and load of the whole model)."""
     import onnx
 
     tmp_out = path.with_suffix(".conv.onnx")
@@ -978,7 +980,11 @@ def convert_precision(path: Path, precision: str, heads: int, hidden: int) -> No
         old.unlink()
     for old in path.parent.glob("*.onnx.data"):
         old.unlink()
-    onnx.save(model, str(path))
+    if keep:
+        onnx.save(model, str(path))
+    else:
+        path.unlink()
+    return model
 
 
 def _stamp_metadata(tmp: Path, graphs: list[dict], export_id: str) -> None:
