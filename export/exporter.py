@@ -262,22 +262,15 @@ class WeightsWriter:
     in any graph share one name and one copy, at a 64-byte aligned offset, in order of first appearance."""
 
     def __init__(self, path: Path):
-        self.path = path
         self._f = open(path, "wb")  # noqa: SIM115 (closed by close(), after the last graph)
         self.table: dict[str, dict] = {}
         self.offset = 0
 
-    @staticmethod
-    def name_of(arr: np.ndarray) -> str:
+    def add(self, arr: np.ndarray) -> str:
+        """Store ``arr`` unless a tensor of the same content is stored; returns its name."""
         arr = np.ascontiguousarray(arr)
         key = hashlib.sha256(str(arr.dtype).encode() + str(arr.shape).encode() + arr.data).hexdigest()
-        return f"w_{key[:24]}"
-
-    def add(self, arr: np.ndarray, name: str | None = None) -> str:
-        """Store ``arr`` unless a tensor of the same content is stored; returns its name (``name``: its
-        :meth:`name_of`, where the caller has it already)."""
-        arr = np.ascontiguousarray(arr)
-        name = name or self.name_of(arr)
+        name = f"w_{key[:24]}"
         if name not in self.table:
             pad = (-self.offset) % 64  # 64-byte alignment for every tensor
             if pad:
