@@ -303,18 +303,26 @@ def model_source(shape: str) -> tuple[str, dict]:
     raise ValueError(f"unknown shape {shape!r}: expected one of {', '.join(SHAPES)}")
 
 
-def export_dir(shape: str, k: int = 4, precision: str = "fp32", p: float = 0.1, seed: int = 0) -> Path:
+def export_dir(shape: str, k: int = 4, precision: str = "fp32", p: float = 0.1, seed: int = 0,
+               int8_weights: str | None = None) -> Path:
     """The model dir of ``shape`` exported with K thinned graphs at ``precision`` (made once, cached).
 
     ``precision`` is fp32 | fp16 | int8, or ``int8fix``: the name the committed results use for the
-    current int8 recipe (MatMul only, at-mask tail fp32), which is now simply the exporter's int8. The
-    export runs in a child process so the caller's memory and thread pools stay clean.
+    current int8 recipe (MatMul only, at-mask tail fp32), which is now simply the exporter's int8.
+    ``int8_weights`` (int8 only): the weights' format (manifest.INT8_WEIGHTS; None = the exporter's default),
+    part of the cache name. The export runs in a child process so the caller's memory and thread pools stay clean.
     """
+    from cliptune_ort.manifest import DEFAULT_INT8_WEIGHTS
     from cliptune_ort.models import (
         EXPORT_FORMAT,  # a newer exporter's graphs get a new cache entry
     )
 
-    out = bench_cache() / "exports" / f"{shape}_k{k}_p{p:g}_s{seed}_{precision}_f{EXPORT_FORMAT}"
+    is_int8 = precision in ("int8", "int8fix")
+    if int8_weights is not None and not is_int8:
+        raise ValueError(f"int8_weights={int8_weights!r} needs an int8 precision, got {precision!r}")
+    weights = (int8_weights or DEFAULT_INT8_WEIGHTS) if is_int8 else None
+    kind = precision + (f"-{weights}" if weights else "")
+    out = bench_cache() / "exports" / f"{shape}_k{k}_p{p:g}_s{seed}_{kind}_f{EXPORT_FORMAT}"
     if (out / "manifest.json").is_file():
         return out
     if precision not in ("fp32", "fp16", "int8", "int8fix"):
@@ -323,8 +331,9 @@ def export_dir(shape: str, k: int = 4, precision: str = "fp32", p: float = 0.1, 
     code = ("import sys, json; from cliptune_export import ExportOptions, export_model; "
             "a = json.loads(sys.argv[1]); export_model(a.pop('model'), a.pop('out'), ExportOptions(**a))")
     args = {"model": model, "out": str(out), "k": k, "p": p, "seed": seed, "overwrite": True,
-            "precision": "int8" if precision == "int8fix" else precision, **extra}
-    print(f"[bench] exporting {shape} K={k} {precision} -> {out}", file=sys.stderr, flush=True)
+            "precision": "int8" if precision == "int8fix" else precision, **extra,
+            **({"int8_weights": weights} if weights else {})}
+    print(f"[bench] exporting {shape} K={k} {kind} -> {out}", file=sys.stderr, flush=True)
     res = subprocess.run([sys.executable, "-c", code, json.dumps(args)],
                          stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
     if res.returncode != 0:

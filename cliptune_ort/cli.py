@@ -19,6 +19,7 @@ from pathlib import Path
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from .errors import CliptuneError, ConfigError
+from .manifest import DEFAULT_INT8_WEIGHTS, INT8_WEIGHTS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -100,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--random-init", action="store_true", help="random weights from config.json (benchmarks)")
     e.add_argument("--tokenizer", help="tokenizer folder/id when it differs from the model's")
     e.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32", help="graph precision")
+    e.add_argument("--int8-weights", choices=INT8_WEIGHTS, default=DEFAULT_INT8_WEIGHTS,
+                   help="int8: the weights' format (default int7: no saturation on AVX2 CPUs without VNNI; int8 "
+                        "is exact only with VNNI or on ARM)")
     e.add_argument("--atol", type=float, default=None, help="parity tolerance (default 1e-4 fp32, 2e-2 fp16)")
     e.add_argument("--fold-masks", action=argparse.BooleanOptionalAction, default=None,
                    help="fold masks into weights (default: on for fp16, off otherwise)")
@@ -185,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("run_dir", help="finished bbt/clip run dir")
     dp.add_argument("--out", required=True, help="classifier file, e.g. classifier.onnx (sidecar: classifier.json)")
     dp.add_argument("--int8", action="store_true", help="dynamic per-channel int8 weights (agreement is reported)")
+    dp.add_argument("--int8-weights", choices=INT8_WEIGHTS, default=DEFAULT_INT8_WEIGHTS,
+                    help="with --int8: the weights' format (as `cliptune export --int8-weights`; default int7)")
     dp.add_argument("--check-split", choices=("train", "dev", "test", "none"), default="dev",
                     help="split checked against the run's full graph (default dev)")
     dp.add_argument("--overwrite", action="store_true", help="replace an existing classifier and sidecar")
@@ -266,7 +272,7 @@ def cmd_export(a) -> int:
                           "pip install torch==2.13.0 && pip install -e '.[export]'") from None
     opts = ExportOptions(k=a.k, p=a.p, seed=a.seed, n_prompt=a.n_prompt, random_init=a.random_init,
                          tokenizer=a.tokenizer, overwrite=a.overwrite, precision=a.precision,
-                         fold_masks=a.fold_masks, share_prefix=a.share_prefix, packed=a.packed)
+                         int8_weights=a.int8_weights, fold_masks=a.fold_masks, share_prefix=a.share_prefix, packed=a.packed)
     if a.packed_kernel is not None:
         opts.packed_kernel = a.packed_kernel
     opts.packed_ffn = a.packed_ffn
@@ -501,7 +507,7 @@ def cmd_deploy(a) -> int:
     except ImportError as e:
         raise ConfigError(f"`cliptune deploy` needs the onnx package ({e.name} is missing): "
                           "pip install -e '.[export]' (or pip install onnx)") from None
-    opts = DeployOptions(int8=a.int8, check_split=None if a.check_split == "none" else a.check_split,
+    opts = DeployOptions(int8=a.int8, int8_weights=a.int8_weights, check_split=None if a.check_split == "none" else a.check_split,
                          overwrite=a.overwrite, model_dir=a.model_dir)
     meta = deploy_run(a.run_dir, a.out, opts)
     print(json.dumps({"out": a.out, "sidecar": str(Path(a.out).with_suffix(".json")), "task": meta["task"],

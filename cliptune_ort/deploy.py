@@ -105,6 +105,11 @@ class DeployedClassifier:
             raise ModelDirError(f"ONNX Runtime cannot load {self.path} ({msg[:300]}): the file is damaged; "
                                 "redeploy with `cliptune deploy`") from None
         self.provider = self.session.get_providers()[0]
+        onnx_meta = meta.get("onnx") or {}
+        if onnx_meta.get("precision") == "int8":  # deploys before int8_weights was recorded: full-range int8
+            from .sessions import int8_saturation_warning
+
+            int8_saturation_warning(onnx_meta.get("int8_weights", "int8"), str(self.path))
         got_id = self.session.get_modelmeta().custom_metadata_map.get(META_DEPLOY_ID)
         if got_id != meta.get("deploy_id"):
             raise IntegrityError(f"{self.path} has deploy id {got_id}, its sidecar {sidecar_path(self.path).name} "

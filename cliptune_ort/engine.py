@@ -32,6 +32,7 @@ from .sessions import (
     attention_kernel,
     check_contract,
     env_flag,
+    int8_saturation_warning,
     make_session,
     resolve_device,
     warn,
@@ -250,6 +251,8 @@ class Engine:
             if self.cuda_graph and not manifest.host_packing:
                 raise ConfigError("packed-attention graphs cannot be captured as CUDA graphs (RemovePadding reads "
                                   "the token count back every run): drop cuda_graph, or export with --packed host")
+        if self.device == "cpu":
+            int8_saturation_warning(manifest.int8_weights, str(manifest.root))
         try:
             self._open_sessions()
         except ProviderError:

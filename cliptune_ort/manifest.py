@@ -86,6 +86,13 @@ PACKED_FRONTS = ("gather", "fused")
 #: the kernels that project Q, K and V apart from the attention op (the key bias dropped, the value bias folded
 #: into the output bias; their query projection keeps its bias as MatMul + Add or FusedDense)
 SPLIT_KERNELS = ("flash", *LIBRARY_KERNELS)
+#: an int8 export's weight format (manifest int8_weights; ``--int8-weights``). Activations are uint8 (dynamic
+#: quantisation). ONNX Runtime's x86 kernels for uint8 x int8 on a CPU without VNNI (plain AVX2 / AVX-512) add
+#: pairs of products in 16 bits, which full-range int8 weights overflow: "int7" (onnxruntime's reduce_range) keeps
+#: them in -64..63 and cannot saturate on any CPU; "uint8" runs ONNX Runtime's uint8 x uint8 kernels (no
+#: saturation); "int8" is exact only with VNNI (AVX512-VNNI, AVX-VNNI, AMX) or on ARM
+INT8_WEIGHTS = ("int7", "uint8", "int8")
+DEFAULT_INT8_WEIGHTS = "int7"
 
 
 @dataclass
@@ -114,6 +121,13 @@ class Manifest:
     @property
     def precision(self) -> str:
         return str(self.data["precision"])
+
+    @property
+    def int8_weights(self) -> str | None:
+        """An int8 export's weight format (INT8_WEIGHTS; int8 exports before it was recorded: "int8"), else None."""
+        if self.precision != "int8":
+            return None
+        return str(self.data.get("int8_weights", "int8"))
 
     @property
     def prompt_dtype(self) -> str:
@@ -225,6 +239,8 @@ def _check_structure(mpath: Path, data: dict[str, Any]) -> None:
     if data.get("packed_q_bias", "projection") not in Q_BIAS_PLACES or (
             data.get("packed_q_bias") == "attention" and data.get("packed_kernel") not in QKV_KERNELS):
         raise bad("packed_q_bias", "'projection', or 'attention' with a QKV kernel (" + ", ".join(QKV_KERNELS) + ")")
+    if data.get("int8_weights", "int8") not in INT8_WEIGHTS or ("int8_weights" in data and data["precision"] != "int8"):
+        raise bad("int8_weights", "one of " + ", ".join(f"'{w}'" for w in INT8_WEIGHTS) + " in an int8 export only")
     pdt = data.get("prompt_dtype", "float32")
     if pdt not in PROMPT_DTYPES or (pdt == "float16" and data["precision"] != "fp16"):
         raise bad("prompt_dtype", "'float32', or 'float16' for an fp16 export")

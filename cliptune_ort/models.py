@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .errors import ConfigError, ModelDirError
-from .manifest import MANIFEST_NAME
+from .manifest import DEFAULT_INT8_WEIGHTS, MANIFEST_NAME
 
 EMBEDDED_MODEL = Path(__file__).resolve().parent / "assets" / "models" / "splade-tiny"
 
@@ -30,7 +30,10 @@ EXPORT_FORMAT = 3
 
 
 def embedded_export_dir(k: int, p: float, seed: int = 0, precision: str = "fp32") -> Path:
-    tag = f"splade-tiny_k{k}_p{p:g}_s{seed}" + ("" if precision == "fp32" else f"_{precision}") + f"_f{EXPORT_FORMAT}"
+    kind = "" if precision == "fp32" else f"_{precision}"
+    if precision == "int8":  # the weights' format: an export cached with full-range int8 weights is not reused
+        kind += f"-{DEFAULT_INT8_WEIGHTS}"
+    tag = f"splade-tiny_k{k}_p{p:g}_s{seed}{kind}_f{EXPORT_FORMAT}"
     return cache_dir() / "exports" / tag
 
 

@@ -46,8 +46,9 @@ from cliptune_ort.deploy import (DEPLOY_FORMAT, DEPLOY_VERSION, META_DEPLOY_ID, 
                                  sidecar_path)
 from cliptune_ort.errors import ConfigError
 from cliptune_ort.fileio import atomic_write_bytes, atomic_write_json, sha256_file
+from cliptune_ort.manifest import DEFAULT_INT8_WEIGHTS
 
-from .exporter import ExportError
+from .exporter import ExportError, int8_weight_args
 from .packing import ensure_ms_opset, topo_sort
 
 #: above this the graph cannot be one protobuf: weights go to ``<out>.data`` next to it
@@ -60,6 +61,7 @@ class DeployOptions:
     """Every deploy default in one place."""
 
     int8: bool = False  # dynamic per-channel int8 weights (quantize_dynamic) instead of fp32
+    int8_weights: str = DEFAULT_INT8_WEIGHTS  # their format (manifest.INT8_WEIGHTS; exporter.int8_weight_args)
     check_split: str | None = "dev"  # split the deployed graph is checked on against the full graph; None = skip
     atol: float = 1e-5  # fp32: max |probs_deployed - probs_runtime| accepted by the check
     batch_size: int = 64  # rows per session run in the check
@@ -271,16 +273,16 @@ def _save_onnx(model, out: Path) -> None:
     onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True, location=data)
 
 
-def _quantize(model, workdir: Path):
-    """Dynamic per-channel int8 weights (MatMul, Gather), float activations."""
+def _quantize(model, workdir: Path, weights: str = DEFAULT_INT8_WEIGHTS):
+    """Dynamic per-channel int8 weights (MatMul, Gather) in the format ``weights`` names, float activations."""
     import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import quantize_dynamic
 
     src, dst = workdir / "fp32.onnx", workdir / "int8.onnx"
     onnx.save_model(model, str(src))
     logging.disable(logging.WARNING)  # its "consider pre-processing" hint goes to the root logger
     try:
-        quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8,
+        quantize_dynamic(str(src), str(dst), per_channel=True, **int8_weight_args(weights),
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     finally:
         logging.disable(logging.NOTSET)
@@ -322,6 +324,8 @@ def deploy_run(run_dir: str | os.PathLike, out: str | os.PathLike, opts: DeployO
     t0 = time.perf_counter()
     cfg, ws, prompt = _load_run(run_dir, opts.model_dir)
     man = ws.manifest
+    if opts.int8:
+        int8_weight_args(opts.int8_weights)  # a bad format fails here, before the graph surgery
     if opts.int8 and man.precision != "fp32":
         raise ConfigError(f"--int8 quantises an fp32 graph, the run's model dir is {man.precision}: deploy without "
                           "--int8, or tune on an fp32 export")
@@ -336,7 +340,7 @@ def deploy_run(run_dir: str | os.PathLike, out: str | os.PathLike, opts: DeployO
     out.parent.mkdir(parents=True, exist_ok=True)
     if opts.int8:
         with tempfile.TemporaryDirectory(prefix=".deploy.", dir=str(out.parent)) as d:
-            model = _quantize(model, Path(d))
+            model = _quantize(model, Path(d), opts.int8_weights)
         precision = "int8"
     deploy_id = uuid.uuid4().hex
     for k, v in ((META_DEPLOY_ID, deploy_id), ("cliptune.task", ws.task.name),
@@ -361,6 +365,7 @@ def deploy_run(run_dir: str | os.PathLike, out: str | os.PathLike, opts: DeployO
         "created_by": f"cliptune-ort {__version__}",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "onnx": {"file": out.name, "sha256": sha256_file(out), "bytes": out.stat().st_size, "precision": precision,
+                 **({"int8_weights": opts.int8_weights} if opts.int8 else {}),
                  "opset": next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
                  "inputs": {"input_ids": "int64 [batch, seq]", "attention_mask": "int64 [batch, seq]"},
                  "outputs": {"probs": "float32 [batch, labels] (softmax; NaN where the [MASK] is not found)",

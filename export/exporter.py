@@ -36,7 +36,8 @@ import numpy as np
 from cliptune_ort import __version__
 from cliptune_ort.errors import CliptuneError, ConfigError, ModelDirError
 from cliptune_ort.fileio import atomic_write_json
-from cliptune_ort.manifest import MANIFEST_NAME, SCHEMA_VERSION, WEIGHTS_NAME, pin_sha256, seal_manifest
+from cliptune_ort.manifest import (DEFAULT_INT8_WEIGHTS, INT8_WEIGHTS, MANIFEST_NAME, SCHEMA_VERSION, WEIGHTS_NAME,
+                                   pin_sha256, seal_manifest)
 
 #: initializers at least this large go to the shared weight file; smaller ones (masks, biases of
 #: small models) stay inside each graph
@@ -70,6 +71,7 @@ class ExportOptions:
     tokenizer: str | None = None  # tokenizer folder/id when it differs from the model's
     overwrite: bool = False
     precision: str = "fp32"  # fp32 | fp16 (CUDA) | int8 (dynamic per-channel quantisation, CPU edge mode)
+    int8_weights: str = DEFAULT_INT8_WEIGHTS  # int8: the weights' format (manifest.INT8_WEIGHTS: int7 | uint8 | int8)
     packed: bool | str = False  # fp16 only: ORT's packed (padding-free) attention, CUDA provider only
     # (packing.py): True / "device" = RemovePadding in the graph; "host" = the runtime feeds the packing
     # (CUDA-graph capturable); the graphs are validated against PyTorch before they are packed
@@ -96,6 +98,8 @@ class ExportOptions:
             raise ConfigError(f"--n-prompt must be an integer >= 1, got {self.n_prompt!r}")
         if self.precision not in ("fp32", "fp16", "int8"):
             raise ConfigError(f"--precision must be fp32, fp16 or int8, got {self.precision!r}")
+        if self.int8_weights not in INT8_WEIGHTS:
+            raise ConfigError(f"--int8-weights must be one of {', '.join(INT8_WEIGHTS)}, got {self.int8_weights!r}")
         if self.atol is not None and self.atol <= 0:
             raise ConfigError(f"--atol must be > 0, got {self.atol!r}")
         if self.packed not in (False, True, "", "device", "host"):
@@ -465,7 +469,8 @@ def export_model(model: str, out: str | os.PathLike, opts: ExportOptions | None 
             del wrapped
             if opts.precision != "fp32":
                 _log(f"converting {gf} to {opts.precision}")
-                convert_precision(tmp / gf, opts.precision, cfg.num_attention_heads, hidden)
+                convert_precision(tmp / gf, opts.precision, cfg.num_attention_heads, hidden,
+                                  int8_weights=opts.int8_weights)
             if thinned is not None:  # graph 0: its weights first into the shared file, as _share_weights would
                 _externalise_file(tmp, gf, writer)
         del template, thinned
@@ -508,7 +513,8 @@ def export_model(model: str, out: str | os.PathLike, opts: ExportOptions | None 
                                   f"(> atol {atol}): the export is wrong; please report it")
             if opts.precision == "int8" and rel > opts.int8_rel_rms:
                 raise ExportError(f"{g['file']} (int8) drifts {rel:.3f} relative RMS from the reference "
-                                  f"(> {opts.int8_rel_rms}): use --precision fp32 for this model")
+                                  f"(> {opts.int8_rel_rms}): use --precision fp32 for this model"
+                                  + ("" if opts.int8_weights == "int7" else ", or --int8-weights int7"))
             del sess
         for i in range(len(graphs)):
             for j in range(i + 1, len(graphs)):
@@ -558,6 +564,7 @@ def export_model(model: str, out: str | os.PathLike, opts: ExportOptions | None 
             "opset": opts.opset,
             "dtype": "float32",  # of the prompt_embeds input and logits output (all precisions)
             "precision": opts.precision,
+            **({"int8_weights": opts.int8_weights} if opts.precision == "int8" else {}),
             "masks_folded": opts.resolved_fold(),
             "attention": ("packed_host" if opts.packed == "host" else "packed") if opts.packed else "padded",
             **({"packed_kernel": opts.packed_kernel, "packed_ffn": opts.packed_ffn,
@@ -616,14 +623,15 @@ class _Template:
         raise NotImplementedError
 
     @staticmethod
-    def converted(path: Path, precision: str, heads: int, hidden: int, what: str):
+    def converted(path: Path, precision: str, heads: int, hidden: int, what: str,
+                  int8_weights: str = DEFAULT_INT8_WEIGHTS):
         """The traced graph at ``path`` converted to ``precision`` (unless fp32) and loaded with its data inline;
         its files removed."""
         import onnx
 
         if precision != "fp32":
             _log(f"converting {what} to {precision}")
-            return convert_precision(path, precision, heads, hidden, keep=False)
+            return convert_precision(path, precision, heads, hidden, keep=False, int8_weights=int8_weights)
         model = onnx.load(str(path), load_external_data=True)
         path.unlink()
         for leftover in path.parent.glob(path.name + "*.data"):
@@ -682,7 +690,7 @@ class MaskTemplate(_Template):
         del wrapped
         # int8: the MatMul weights quantised once; the masks stay float Mul inputs
         model = _Template.converted(path, opts.precision, mlm.config.num_attention_heads, hidden,
-                                    "the thinned-graph template")
+                                    "the thinned-graph template", opts.int8_weights)
         by_bytes: dict[bytes, list] = {}
         for init in model.graph.initializer:
             if init.data_type == onnx.TensorProto.FLOAT and list(init.dims) == [hidden]:
@@ -939,7 +947,19 @@ def _copy_field(dst, field, value) -> None:
         setattr(dst, field.name, value)
 
 
-def convert_precision(path: Path, precision: str, heads: int, hidden: int, keep: bool = True):
+def int8_weight_args(weights: str) -> dict:
+    """``quantize_dynamic``'s arguments for an int8 weight format (manifest.INT8_WEIGHTS: int7 = signed weights in
+    -64..63, onnxruntime's reduce_range; uint8; int8 = full range, which saturates on AVX2 CPUs without VNNI)."""
+    from onnxruntime.quantization import QuantType
+
+    if weights not in INT8_WEIGHTS:
+        raise ConfigError(f"--int8-weights must be one of {', '.join(INT8_WEIGHTS)}, got {weights!r}")
+    return {"weight_type": QuantType.QUInt8 if weights == "uint8" else QuantType.QInt8,
+            "reduce_range": weights == "int7"}
+
+
+def convert_precision(path: Path, precision: str, heads: int, hidden: int, keep: bool = True,
+                      int8_weights: str = DEFAULT_INT8_WEIGHTS):
     """Rewrite one fp32 graph in place as fp16 (ORT transformer fusions, then float16 weights; inputs
     and outputs stay float32) or int8 (dynamic per-channel quantisation of the MatMul weights). Returns the
     converted ModelProto; ``keep=False`` removes the graph's files instead of writing it (a caller that holds
@@ -956,13 +976,13 @@ def convert_precision(path: Path, precision: str, heads: int, hidden: int, keep:
             opt.convert_float_to_float16(keep_io_types=True)
         model = opt.model
     elif precision == "int8":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+        from onnxruntime.quantization import quantize_dynamic
 
         # MatMul weights only: quantising the embedding Gathers and the verbalizer rows buys no speed and
         # scrambles the loss ranking; the at-mask tail (pop*batch rows) stays fp32 for the same reason.
         # Measured (benchmarks/latency.py, splade-tiny SST-2): relative logit error 1.9e-2 -> 9.6e-3 at the
         # same speed; roberta-base 462 ms either way.
-        quantize_dynamic(str(path), str(tmp_out), per_channel=True, weight_type=QuantType.QInt8,
+        quantize_dynamic(str(path), str(tmp_out), per_channel=True, **int8_weight_args(int8_weights),
                          op_types_to_quantize=["MatMul"], nodes_to_exclude=at_mask_matmuls(path),
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         model = onnx.load(str(tmp_out), load_external_data=True)

@@ -213,6 +213,7 @@ def test_int8_agreement_and_size(deployed, deployed_int8, runtime):
     (out, _meta), (out8, meta8) = deployed, deployed_int8
     ws, _ = runtime
     assert meta8["onnx"]["precision"] == "int8" and meta8["check"]["split"] == "dev"
+    assert meta8["onnx"]["int8_weights"] == "int7"  # full-range int8 agreed 0.65 on an AVX2 CPU without VNNI
     assert out8.stat().st_size < 0.35 * out.stat().st_size
     texts = _test_texts(ws)
     p32 = DeployedClassifier(out).predict_proba(texts)
@@ -220,6 +221,28 @@ def test_int8_agreement_and_size(deployed, deployed_int8, runtime):
     agree = float(np.mean(p32.argmax(1) == p8.argmax(1)))
     assert agree >= 0.9, agree  # measured 0.98 on this tiny run; quantisation is not exact
     assert 0 < np.max(np.abs(p32 - p8)) < 0.2
+
+
+def test_int8_deploy_saturation_warning(deployed_int8, tmp_path, monkeypatch):
+    """A classifier deployed with full-range int8 weights (or before the format was recorded) warns on a CPU
+    whose ONNX Runtime kernels saturate them; the default (int7) does not."""
+    import warnings
+
+    from cliptune_ort import sessions
+    from cliptune_ort.deploy import DeployedClassifier
+
+    out8, _meta8 = deployed_int8
+    old = tmp_path / "old.onnx"
+    shutil.copy(out8, old)
+    side = json.loads(out8.with_suffix(".json").read_text())
+    del side["onnx"]["int8_weights"]
+    old.with_suffix(".json").write_text(json.dumps(side))
+    monkeypatch.setattr(sessions, "cpu_flags", lambda: {"avx2", "fma"})
+    with pytest.warns(RuntimeWarning, match="full-range int8 weights.*--int8-weights int7"):
+        DeployedClassifier(old)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        DeployedClassifier(out8)
 
 
 def test_mask_location_rules(deployed, run_dir):

@@ -168,6 +168,7 @@ def test_int8_edge_mode_on_the_embedded_model(tmp_path):
 
     man = load_manifest(res["model_dir"])
     assert man.precision == "int8" and man.root == embedded_export_dir(4, 0.1, precision="int8")
+    assert man.int8_weights == "int7" and man.root.name.endswith("_int8-int7_f3")  # no saturation on AVX2 CPUs
 
 
 def test_a_finished_run_closes_its_sessions(splade_dir, tmp_path, monkeypatch):
