@@ -161,7 +161,7 @@ def main() -> int:
     harness.write_json(out.with_suffix(".json"), payload)
     table = harness.markdown_table(rows, [
         ("format", "weights"), ("export_rel_rms_max", "export drift (rel RMS, worst graph)", 4),
-        ("spearman_min", "tune ranking vs fp32 (min Spearman)", 3), ("max_abs_loss_diff", "max |loss diff|", 4),
+        ("spearman_min", "tune ranking vs fp32 (min Spearman)", 3), ("max_abs_loss_diff", "max abs loss diff", 4),
         ("pop20_p50_ms", "pop-20 K=4 p50 ms"), ("pop20_p90_ms", "p90 ms"), ("pop20_p99_ms", "p99 ms"),
         ("deploy_agreement", "deploy agreement vs fp32", 4), ("deploy_max_prob_diff", "max prob diff", 3),
         ("deploy_p50_ms", "deploy 872 texts p50 ms"), ("deploy_mb", "deploy MB", 1)])
