@@ -534,6 +534,11 @@ def cmd_env(a) -> int:
     # the custom-op library (`cliptune build-ops`): built variants, for --packed-ffn cublaslt exports
     info["ops_library"] = {v: str(ops_dir() / lib_name(v)) if (ops_dir() / lib_name(v)).is_file() else None
                            for v in VARIANTS}
+    from .sessions import cpu_flags, int8_saturates
+
+    # whether ONNX Runtime's int8 kernels here saturate full-range int8 weights (--int8-weights; None: unknown CPU)
+    flags = cpu_flags()
+    info["int8_full_range_saturates"] = None if flags is None else int8_saturates("int8", flags)
     print(json.dumps(info, indent=1))
     return 0
 

@@ -208,3 +208,15 @@ def test_int8_weights_bad_values(splade_dir, tmp_path):
     with pytest.raises(ModelDirError, match="field int8_weights is 'int7', expected one of 'int7', 'uint8', 'int8' "
                                             "in an int8 export only"):
         load_manifest(d)
+
+
+@pytest.mark.parametrize("flags,want", [({"avx2", "fma"}, True), ({"avx2", "avx512_vnni"}, False), (None, None)])
+def test_env_says_whether_full_range_int8_saturates(monkeypatch, capsys, flags, want):
+    import json
+
+    from cliptune_ort import sessions
+    from cliptune_ort.cli import main
+
+    monkeypatch.setattr(sessions, "cpu_flags", lambda: flags)
+    assert main(["env"]) == 0
+    assert json.loads(capsys.readouterr().out)["int8_full_range_saturates"] is want
