@@ -64,16 +64,12 @@ def cpu_model() -> str:
 
 
 def cpu_flags() -> list[str]:
-    """The SIMD features that decide which kernels ORT/PyTorch pick (AVX2, AVX-512, VNNI, BF16)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                keep = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile")
-                return [f for f in keep if f in flags]
-    except OSError:
-        pass
-    return []
+    """The SIMD features that decide which kernels ORT/PyTorch pick (AVX2, AVX-512, VNNI, BF16, AMX)."""
+    from cliptune_ort.sessions import cpu_flags as read_flags
+
+    flags = read_flags() or set()
+    keep = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8")
+    return [f for f in keep if f in flags]
 
 
 def machine_info() -> dict[str, Any]:

@@ -272,7 +272,8 @@ def cmd_export(a) -> int:
                           "pip install torch==2.13.0 && pip install -e '.[export]'") from None
     opts = ExportOptions(k=a.k, p=a.p, seed=a.seed, n_prompt=a.n_prompt, random_init=a.random_init,
                          tokenizer=a.tokenizer, overwrite=a.overwrite, precision=a.precision,
-                         int8_weights=a.int8_weights, fold_masks=a.fold_masks, share_prefix=a.share_prefix, packed=a.packed)
+                         int8_weights=a.int8_weights, fold_masks=a.fold_masks, share_prefix=a.share_prefix,
+                         packed=a.packed)
     if a.packed_kernel is not None:
         opts.packed_kernel = a.packed_kernel
     opts.packed_ffn = a.packed_ffn
@@ -507,8 +508,9 @@ def cmd_deploy(a) -> int:
     except ImportError as e:
         raise ConfigError(f"`cliptune deploy` needs the onnx package ({e.name} is missing): "
                           "pip install -e '.[export]' (or pip install onnx)") from None
-    opts = DeployOptions(int8=a.int8, int8_weights=a.int8_weights, check_split=None if a.check_split == "none" else a.check_split,
-                         overwrite=a.overwrite, model_dir=a.model_dir)
+    opts = DeployOptions(int8=a.int8, int8_weights=a.int8_weights,
+                         check_split=None if a.check_split == "none" else a.check_split, overwrite=a.overwrite,
+                         model_dir=a.model_dir)
     meta = deploy_run(a.run_dir, a.out, opts)
     print(json.dumps({"out": a.out, "sidecar": str(Path(a.out).with_suffix(".json")), "task": meta["task"],
                       "precision": meta["onnx"]["precision"], "bytes": meta["onnx"]["bytes"], "check": meta["check"]}))

@@ -285,5 +285,5 @@ def int8_saturation_warning(weights: str | None, what: str) -> None:
     """One warning when :func:`int8_saturates` on this CPU, saying how to fix it."""
     if int8_saturates(weights):
         warn(f"{what} has full-range int8 weights, which ONNX Runtime's int8 kernels saturate on this CPU (AVX2 "
-             "without VNNI; measured 65% agreement with fp32 on SST-2): re-export with --int8-weights int7 (the "
-             "default) or uint8")
+             "without VNNI; a deployed SST-2 classifier agreed with fp32 on 65% of the test set): re-export "
+             "(or redeploy) with --int8-weights int7 (the default) or uint8")
