@@ -57,7 +57,8 @@ def test_bench_times_the_tuners_scoring(bench_cfg):
     for pop in ("1", "3"):
         g = res["generation"][pop]
         assert g["n"] == 2 and 0 < g["p50_ms"] <= g["p90_ms"] <= g["p99_ms"] and g["first_call_ms"] > 0
-        assert g["forward_passes_per_s"] == pytest.approx(int(pop) * 2 / (g["p50_ms"] / 1e3), rel=1e-3)
+        # rounded to 0.1 from the same p50: at most 0.05 off (rel=1e-3 failed at 42.2 vs 42.157 on a slow CI box)
+        assert g["forward_passes_per_s"] == pytest.approx(int(pop) * 2 / (g["p50_ms"] / 1e3), abs=0.0501)
     assert res["optimizer"]["name"] == "cma" and res["optimizer"]["eigen"] == "sync"  # auto on the CPU
     assert res["dev_eval"]["n"] == 2 and res["dev_eval"]["p50_ms"] > 0
     # the losses it timed are the tuner's own for the same candidates (drawn from the seed)
