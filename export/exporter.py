@@ -384,11 +384,15 @@ def _externalise_file(tmp: Path, gf: str, writer: WeightsWriter) -> None:
     import onnx
 
     m = onnx.load(str(tmp / gf), load_external_data=True)
-    _set_initializers(m, *_externalised(m.graph.initializer, writer))
     for old in tmp.glob(gf + "*.data"):
         old.unlink()
-    with open(tmp / gf, "wb") as f:
-        f.write(m.SerializeToString())
+    _write_externalised(m, tmp / gf, writer)
+
+
+def _write_externalised(model, path: Path, writer: WeightsWriter) -> None:
+    """Write ``model`` (data inline) to ``path`` with its large initializers in ``writer``'s shared file."""
+    _set_initializers(model, *_externalised(model.graph.initializer, writer))
+    path.write_bytes(model.SerializeToString())
 
 
 def export_model(model: str, out: str | os.PathLike, opts: ExportOptions | None = None) -> dict:
@@ -467,12 +471,15 @@ def export_model(model: str, out: str | os.PathLike, opts: ExportOptions | None 
             _log(f"exporting {gf} ({g['kind']})")
             trace_graph(wrapped, args, tmp / gf, opts.opset)
             del wrapped
-            if opts.precision != "fp32":
+            if thinned is not None:  # graph 0, converted in memory: its weights first into the shared file
+                model_0 = _Template.converted(tmp / gf, opts.precision, cfg.num_attention_heads, hidden, gf,
+                                              opts.int8_weights)
+                _write_externalised(model_0, tmp / gf, writer)
+                del model_0
+            elif opts.precision != "fp32":
                 _log(f"converting {gf} to {opts.precision}")
                 convert_precision(tmp / gf, opts.precision, cfg.num_attention_heads, hidden,
                                   int8_weights=opts.int8_weights)
-            if thinned is not None:  # graph 0: its weights first into the shared file, as _share_weights would
-                _externalise_file(tmp, gf, writer)
         del template, thinned
         if writer is not None:
             weights = writer.close()
